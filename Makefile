@@ -1,0 +1,32 @@
+# Two entry points for a new user (README "Quick start"):
+#   make demo   set up .venv and run the main job end to end on the built-in phantom
+#   make test   set up .venv and run the test suite (what .ci/run calls)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_DIR ?= data/phantom
+STUDIES  ?= 40
+PYTEST_ARGS ?= -n 2
+
+.PHONY: venv demo test clean
+
+venv: $(VENV)/.installed
+
+# Reinstall whenever the dependency list changes.
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "spinemri needs Python >= 3.11, found " + sys.version.split()[0]'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	$(BIN)/spinemri data synth --out $(DEMO_DIR) --studies $(STUDIES) --seed 0
+	$(BIN)/spinemri data check $(DEMO_DIR)
+	$(BIN)/spinemri data prepare $(DEMO_DIR) --img-size 128 --workers 2
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

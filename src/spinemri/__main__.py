@@ -1,0 +1,3 @@
+from spinemri.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""The `spinemri` command: thin shells over library functions (see `spinemri COMMAND --help`)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import click
+
+from spinemri.data import cache, phantom, readers
+from spinemri.data.dicom import ImageReadError
+from spinemri.data.preprocess import EQUALIZE, MODES, PreprocessConfig
+
+USER_ERRORS = (readers.DatasetError, ImageReadError, cache.PrepareError, FileExistsError, ValueError)
+
+
+def user_errors(command):
+    """Turn the errors a user can cause into one clear message and exit status 1, no traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spinemri")
+def main() -> None:
+    """spinemri: lumbar-spine MRI datasets, models and experiments tracked with MLflow.
+
+    Start with `spinemri data synth --out data/phantom` to get a synthetic dataset in the
+    RSNA 2024 layout, `spinemri data check` to validate a dataset, and `spinemri data prepare`
+    to build the preprocessed cache that training reads.
+    """
+
+
+@main.group()
+def data() -> None:
+    """Create, validate and preprocess datasets."""
+
+
+@data.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to create (RSNA layout: train.csv, ..., train_images/).")
+@click.option("--studies", default=40, show_default=True, type=click.IntRange(min=1), help="Number of studies.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, identical files.")
+@click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=1),
+              help="Processes writing studies in parallel (the output does not depend on it).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def synth(out_dir, studies, seed, workers, overwrite, as_json) -> None:
+    """Write a synthetic lumbar-spine MRI dataset (real DICOM files) in the RSNA 2024 layout.
+
+    Sagittal T1, Sagittal T2/STIR and Axial T2 series whose anatomy changes with each label:
+    stenosis narrows the canal, foraminal narrowing shrinks the foramen, subarticular stenosis
+    narrows the recess, at the coordinate given in train_label_coordinates.csv.
+    """
+    started = time.perf_counter()
+    summary = phantom.synthesize(out_dir, phantom.PhantomConfig(studies=studies, seed=seed),
+                                 workers=workers, overwrite=overwrite, progress=not as_json and sys.stderr.isatty())
+    result = {**asdict(summary), "seconds": round(time.perf_counter() - started, 2)}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"wrote {result['studies']} studies, {result['series']} series, {result['images']} DICOM files, "
+                   f"{result['labelled_points']} labelled points to {out_dir} in {result['seconds']} s")
+
+
+@data.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--decode", is_flag=True, help="Decode every labelled image (slower), not only its header.")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Threads reading files.")
+def check(path, as_json, decode, workers) -> None:
+    """Validate a dataset: an RSNA-layout folder or the thesis's flat CSV.
+
+    Prints studies, series per description, labelled points per condition, blank labels,
+    missing and unreadable files. Exits with status 1 on structural problems (missing CSV or
+    column, labels pointing at absent series/instances, unknown condition or level), each named
+    with its file, row and fix. Never prints patient-identifying DICOM tags.
+    """
+    report = readers.check_dataset(path, decode=decode, workers=workers)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        click.echo(f"{report.path} ({report.layout} layout)")
+        for key, value in report.summary.items():
+            click.echo(f"  {key}: {value}")
+        for line in report.warnings:
+            click.echo(f"warning: {line}")
+        for line in report.problems:
+            click.echo(f"error: {line}", err=True)
+        click.echo("OK" if report.ok else f"{len(report.problems)} problem line(s): fix them and run check again")
+    sys.exit(0 if report.ok else 1)
+
+
+@data.command()
+@click.argument("path", type=click.Path())
+@click.option("--img-size", default=128, show_default=True, type=int, help="Output side in pixels.")
+@click.option("--mode", default="roi", show_default=True, type=click.Choice(MODES),
+              help="roi: a square around each labelled point; slice: the whole slice (the thesis).")
+@click.option("--roi-mm", default=60.0, show_default=True, type=float, help="ROI side in millimetres.")
+@click.option("--channels", default=1, show_default=True, type=click.Choice(["1", "3"]),
+              help="3 = neighbouring slices i-1, i, i+1 as channels.")
+@click.option("--equalize", default="none", show_default=True, type=click.Choice(EQUALIZE),
+              help="Histogram equalisation after windowing (the thesis used 'hist').")
+@click.option("--dicom-window", is_flag=True, help="Apply the files' own VOI window first.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes.")
+@click.option("--on-bad-file", default="stop", show_default=True, type=click.Choice(cache.ON_BAD_FILE),
+              help="stop at the first unreadable file, or skip its samples and list them in the manifest.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where caches live [default: $SPINEMRI_CACHE_DIR or ~/.cache/spinemri/prepared].")
+@click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True,
+              help="train,val,test fractions of studies.")
+@click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the study-level split.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@user_errors
+def prepare(path, img_size, mode, roi_mm, channels, equalize, dicom_window, workers, on_bad_file,
+            cache_dir, split_fractions, split_seed, as_json) -> None:
+    """Preprocess a dataset into the on-disk cache that training streams from.
+
+    The same command reuses the cache; changing the data or any preprocessing option builds a
+    new one. Prints the cache folder and the number of samples per split (study-level split,
+    stratified by each study's worst grade).
+    """
+    fractions = _fractions(split_fractions)
+    config = PreprocessConfig(img_size=img_size, mode=mode, roi_mm=roi_mm, channels=int(channels),
+                              equalize=equalize, dicom_window=dicom_window)
+    started = time.perf_counter()
+    dataset = cache.prepare(path, config, cache_dir=cache_dir, workers=workers, on_bad_file=on_bad_file,
+                            split_fractions=fractions, split_seed=split_seed,
+                            progress=not as_json and sys.stderr.isatty())
+    per_split = dataset.samples_with_split(fractions, split_seed)["split"].value_counts()
+    result = {
+        "cache": str(dataset.path),
+        "reused": dataset.reused,
+        "samples": dataset.manifest["samples"],
+        "skipped": sum(len(s["rows"]) for s in dataset.manifest["skipped"]),
+        "samples_per_split": {s: int(per_split.get(s, 0)) for s in ("train", "val", "test")},
+        "studies_per_split": {k: int(v) for k, v in dataset.splits(fractions, split_seed)["split"].value_counts().items()},
+        "shape": dataset.manifest["shape"],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{'reused' if dataset.reused else 'built'} cache {result['cache']} in {result['seconds']} s")
+    click.echo(f"  samples: {result['samples']} ({result['skipped']} skipped), tensor shape {result['shape']}")
+    click.echo("  samples per split: " + ", ".join(f"{k} {v}" for k, v in result["samples_per_split"].items()))
+    for failure in dataset.manifest["skipped"][:10]:
+        click.echo(f"  skipped: {failure['path']} {failure['reason']}")
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three comma-separated numbers such as 0.8,0.1,0.1, got {text!r}",
+                                 param_hint="--split") from None
+    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise click.BadParameter(f"expected three non-negative fractions summing to 1, got {text!r}", param_hint="--split")
+    return values
+
+
+if __name__ == "__main__":
+    main()
