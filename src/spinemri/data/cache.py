@@ -1,0 +1,293 @@
+"""The preprocessed cache: model-ready uint8 tensors on disk, keyed by a fingerprint.
+
+``prepare(data_dir, config)`` reads the sample table, decodes each series once, runs
+:func:`spinemri.data.preprocess.preprocess` for every sample and writes
+
+    <cache_dir>/<fingerprint>/
+        images.npy        uint8 (N, S, S, C), memory-mappable (training never loads it whole)
+        samples.csv       the sample table + ``index`` (row in images.npy)
+        splits_seed<seed>_<train>-<val>-<test>.csv   study -> train/val/test
+        manifest.json     preprocessing, counts, skipped files, timings
+
+The fingerprint covers the preprocessing parameters, the label tables and the name, size and
+modification time of every image file used, so the same command reuses the cache and any change
+builds a new one. Everything is written into a temporary folder that is renamed into place only
+when complete: a killed run never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spinemri.data import readers
+from spinemri.data.dicom import ImageReadError, read_image, series_order
+from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
+from spinemri.data.splits import split_studies
+
+CACHE_VERSION = 1  # bump when preprocessing code changes what a cached tensor contains
+ON_BAD_FILE = ("stop", "skip")
+
+
+class PrepareError(RuntimeError):
+    """A sample that could not be preprocessed (with --on-bad-file=stop)."""
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A finished cache folder."""
+
+    path: Path
+    manifest: dict
+    reused: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def config(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.manifest["preprocess"])
+
+    def images(self) -> np.ndarray:
+        """Read-only memory map, uint8 (N, S, S, C); index it with ``samples()['index']``."""
+        return np.load(self.path / "images.npy", mmap_mode="r")
+
+    def samples(self) -> pd.DataFrame:
+        frame = pd.read_csv(self.path / "samples.csv")
+        frame["severity"] = frame["severity"].astype("Int64")
+        return frame
+
+    def splits(self, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> pd.DataFrame:
+        """Study-level split table (computed once per seed and fractions, then read from disk)."""
+        path = self.path / split_file_name(fractions, seed)
+        if not path.is_file():
+            table = split_studies(self.samples(), fractions, seed)
+            _atomic_csv(table, path)
+        return pd.read_csv(path)
+
+    def samples_with_split(self, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> pd.DataFrame:
+        return self.samples().merge(self.splits(fractions, seed)[["study_id", "split"]], on="study_id", how="left")
+
+
+def default_cache_dir() -> Path:
+    """$SPINEMRI_CACHE_DIR, else $XDG_CACHE_HOME/spinemri/prepared, else ~/.cache/spinemri/prepared."""
+    if os.environ.get("SPINEMRI_CACHE_DIR"):
+        return Path(os.environ["SPINEMRI_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "spinemri" / "prepared"
+
+
+def split_file_name(fractions, seed: int) -> str:
+    parts = "-".join(str(int(round(100 * f))) for f in fractions)
+    return f"splits_seed{seed}_{parts}.csv"
+
+
+def fingerprint(samples: pd.DataFrame, config: PreprocessConfig) -> str:
+    """sha256 over the cache version, preprocessing, sample table and the stat of every image used."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": CACHE_VERSION, "preprocess": config.to_dict()}, sort_keys=True).encode())
+    root = samples.attrs.get("root", "")
+    table = samples.assign(path=[os.path.relpath(p, root) if root else p for p in samples["path"]])
+    digest.update(table.to_csv(index=False).encode())
+    for path in sorted(_files_used(samples, config)):
+        stat = os.stat(path)
+        rel = os.path.relpath(path, root) if root else path
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def prepare(data_dir: str | Path, config: PreprocessConfig = PreprocessConfig(), *,
+            cache_dir: str | Path | None = None, workers: int = 1, on_bad_file: str = "stop",
+            split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), split_seed: int = 0,
+            progress: bool = False) -> PreparedDataset:
+    """Build (or reuse) the cache for a dataset; see the module docstring for the layout."""
+    if on_bad_file not in ON_BAD_FILE:
+        raise ValueError(f"on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    samples = readers.load_samples(data_dir)
+    if samples.empty:
+        raise readers.DatasetError([f"{data_dir} has no labelled samples"])
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = fingerprint(samples, config)
+    final = cache_dir / key
+    if (final / "manifest.json").is_file():
+        dataset = PreparedDataset(final, json.loads((final / "manifest.json").read_text()), reused=True)
+        dataset.splits(split_fractions, split_seed)
+        return dataset
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(cache_dir, key)
+    staging = cache_dir / f"{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    staging.mkdir()
+    started = time.perf_counter()
+    try:
+        manifest = _build(samples, config, staging, workers=workers, on_bad_file=on_bad_file, progress=progress)
+        manifest.update(fingerprint=key, data_dir=str(Path(data_dir).resolve()), cache_version=CACHE_VERSION,
+                        seconds=round(time.perf_counter() - started, 2), workers=workers)
+        dataset = PreparedDataset(staging, manifest)
+        dataset.splits(split_fractions, split_seed)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            staging.rename(final)
+        except OSError:  # another process finished the same cache first: use theirs
+            if not (final / "manifest.json").is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+
+
+# --- building ----------------------------------------------------------------------------------
+
+def _build(samples: pd.DataFrame, config: PreprocessConfig, staging: Path, *, workers: int,
+           on_bad_file: str, progress: bool) -> dict:
+    samples = samples.reset_index(drop=True)
+    shape = (len(samples), config.img_size, config.img_size, config.channels)
+    images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
+    groups = [(config, group) for _, group in samples.groupby(["study_id", "series_id"], sort=True)]
+    done = np.zeros(len(samples), dtype=bool)
+    failures: list[dict] = []
+    bar = _bar(progress, len(samples))
+    try:
+        if workers > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for result in pool.map(_prepare_group, groups, chunksize=4):
+                    _collect(result, images, done, failures, on_bad_file, bar)
+        else:
+            for result in map(_prepare_group, groups):
+                _collect(result, images, done, failures, on_bad_file, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    images.flush()
+    del images
+    kept = samples[done].assign(index=np.flatnonzero(done))
+    kept = kept.assign(path=[os.path.relpath(p, samples.attrs.get("root", "")) for p in kept["path"]])
+    _atomic_csv(kept, staging / "samples.csv")
+    return {
+        "preprocess": config.to_dict(),
+        "shape": list(shape),
+        "samples": int(done.sum()),
+        "samples_total": len(samples),
+        "skipped": failures,
+        "dataset_root": samples.attrs.get("root", ""),
+    }
+
+
+def _prepare_group(job) -> tuple[list[int], list[np.ndarray], list[dict]]:
+    """Preprocess all samples of one series: each needed slice is decoded once."""
+    config, group = job
+    indices, arrays, failures = [], [], []
+    decoded: dict[str, object] = {}
+
+    def load(path):
+        if path not in decoded:
+            try:
+                decoded[path] = read_image(path, voi=config.dicom_window)
+            except ImageReadError as exc:
+                decoded[path] = exc
+        return decoded[path]
+
+    order = None
+    if config.channels == 3:
+        folder = Path(group["path"].iloc[0]).parent
+        try:
+            order = [p for _, p, _ in series_order(sorted(folder.glob("*.dcm")))]
+        except ImageReadError as exc:
+            return [], [], [dict(path=exc.path, reason=exc.reason, rows=group.index.tolist())]
+    for row, sample in group.iterrows():
+        paths = [sample["path"]]
+        if order is not None:
+            try:
+                centre = order.index(sample["path"])
+            except ValueError:
+                centre = None
+            paths = [sample["path"]] * 3 if centre is None else [order[i] for i in neighbor_indices(centre, len(order), 3)]
+        loaded = [load(p) for p in paths]
+        bad = next((img for img in loaded if isinstance(img, ImageReadError)), None)
+        if bad is not None:
+            failures.append(dict(path=bad.path, reason=bad.reason, rows=[int(row)]))
+            continue
+        if config.mode == "roi" and (pd.isna(sample["x"]) or pd.isna(sample["y"])):
+            failures.append(dict(path=sample["path"], reason="has no x/y coordinate (roi mode needs one; use --mode slice)",
+                                 rows=[int(row)]))
+            continue
+        try:
+            slices = [img.pixels for img in loaded]
+            x = None if pd.isna(sample["x"]) else float(sample["x"])
+            y = None if pd.isna(sample["y"]) else float(sample["y"])
+            arrays.append(preprocess(slices, loaded[len(loaded) // 2].pixel_spacing, config, x, y))
+            indices.append(int(row))
+        except ValueError as exc:
+            failures.append(dict(path=sample["path"], reason=str(exc), rows=[int(row)]))
+    return indices, arrays, failures
+
+
+def _collect(result, images, done, failures, on_bad_file, bar) -> None:
+    indices, arrays, group_failures = result
+    for index, array in zip(indices, arrays):
+        images[index] = array
+        done[index] = True
+    if group_failures and on_bad_file == "stop":
+        first = group_failures[0]
+        raise PrepareError(f"{first['path']} {first['reason']}; skip bad files with --on-bad-file=skip")
+    failures.extend(group_failures)
+    if bar is not None:
+        bar.update(len(indices) + sum(len(f["rows"]) for f in group_failures))
+
+
+def _files_used(samples: pd.DataFrame, config: PreprocessConfig) -> set[str]:
+    files = set(samples["path"])
+    if config.channels == 3:  # neighbours count too
+        for folder in {str(Path(p).parent) for p in samples["path"]}:
+            files.update(str(p) for p in Path(folder).glob("*.dcm"))
+    return {f for f in files if os.path.exists(f)}
+
+
+def _remove_stale_partials(cache_dir: Path, key: str) -> None:
+    """Delete leftovers of killed runs for this fingerprint (their process no longer exists)."""
+    for partial in cache_dir.glob(f"{key}.partial-*"):
+        try:
+            pid = int(partial.name.split(".partial-")[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="preprocessing", unit="sample")

@@ -1,0 +1,310 @@
+"""DICOM decoding: one file (or frame) to a display-ready 2-D array, and a series to an ordered stack.
+
+Every error a user can cause with a bad file is raised as :class:`DicomReadError`, which names the
+file, the reason and what to do about it; no pydicom traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+SKIP_HINT = "skip it with --on-bad-file=skip"
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be turned into an image. ``str()`` names the file, the reason and the fix."""
+
+    def __init__(self, path: str | Path, reason: str, hint: str | None = SKIP_HINT):
+        self.path = str(path)
+        self.reason = reason
+        self.hint = hint
+        message = f"{self.path} {reason}"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(message)
+
+
+class DicomReadError(ImageReadError):
+    """A DICOM file that cannot be decoded (not DICOM, truncated, no pixels, no decoder, ...)."""
+
+
+@dataclass(frozen=True)
+class DicomImage:
+    """One decoded slice.
+
+    ``pixels`` is float32 (H, W) in MONOCHROME2 orientation (higher = brighter), after the modality
+    LUT (RescaleSlope/Intercept) and, if requested, the VOI LUT or window.
+    """
+
+    pixels: np.ndarray
+    path: str
+    instance_number: int | None
+    position: tuple[float, float, float] | None  # ImagePositionPatient, mm
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (row cosines, column cosines)
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) in mm; (1, 1) if absent
+    frame: int = 0
+
+
+@dataclass(frozen=True)
+class SeriesStack:
+    """A series ordered along the slice normal. ``pixels`` is float32 (N, H, W)."""
+
+    pixels: np.ndarray
+    instance_numbers: tuple[int, ...]
+    positions: tuple[float, ...]  # position of each slice along the normal, mm (index order if absent)
+    pixel_spacing: tuple[float, float]
+
+    def index_of(self, instance_number: int) -> int:
+        """Slice index (in position order) of an InstanceNumber; KeyError names the series' instances."""
+        try:
+            return self.instance_numbers.index(int(instance_number))
+        except ValueError:
+            raise KeyError(
+                f"instance {instance_number} is not in this series "
+                f"(instances: {sorted(self.instance_numbers)})"
+            ) from None
+
+
+BITMAP_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_image(path: str | Path, *, voi: bool = False) -> DicomImage:
+    """Read a DICOM file, or a PNG/JPEG export (the thesis's flat-CSV datasets), as one slice.
+
+    Bitmaps carry no geometry: their pixel spacing is taken as 1 mm.
+    """
+    if Path(path).suffix.lower() not in BITMAP_SUFFIXES:
+        return read_dicom(path, voi=voi)
+    if not Path(path).is_file():
+        raise ImageReadError(path, "does not exist", None)
+    pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    if pixels is None or pixels.size == 0:
+        raise ImageReadError(path, "is not a readable PNG/JPEG image")
+    return DicomImage(
+        pixels=pixels.astype(np.float32), path=str(path), instance_number=None,
+        position=None, orientation=None, pixel_spacing=(1.0, 1.0),
+    )
+
+
+def read_header(path: str | Path) -> Dataset:
+    """Read a file's tags without its pixel data (for ordering and validation)."""
+    return _dcmread(path, stop_before_pixels=True)
+
+
+def read_dicom(path: str | Path, *, voi: bool = False, frame: int | None = None) -> DicomImage:
+    """Decode one single-frame DICOM file (or one ``frame`` of a multi-frame file).
+
+    ``voi=True`` applies the file's VOI LUT or window (what a viewer shows); the default keeps the
+    full modality range, which the percentile window in preprocessing handles more robustly.
+    """
+    ds = _dcmread(path)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frame is None:
+        if n_frames > 1:
+            raise DicomReadError(
+                path, f"is a multi-frame file with {n_frames} frames",
+                "read it with read_frames() or pass frame=<index>",
+            )
+        frame = 0
+    if not 0 <= frame < n_frames:
+        raise DicomReadError(path, f"has {n_frames} frame(s); frame {frame} does not exist", None)
+    return _decode(ds, path, voi=voi, frames=[frame])[0]
+
+
+def read_frames(path: str | Path, *, voi: bool = False) -> list[DicomImage]:
+    """Decode every frame of a (possibly multi-frame) file; a single-frame file gives one image."""
+    ds = _dcmread(path)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return _decode(ds, path, voi=voi, frames=list(range(n_frames)))
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit normal of an image plane from its ImageOrientationPatient."""
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
+    normal = np.cross(row, col)
+    norm = np.linalg.norm(normal)
+    return normal / norm if norm > 0 else normal
+
+
+def series_order(paths: Iterable[str | Path]) -> list[tuple[int, str, float]]:
+    """Order a series' files along the slice normal from their headers alone.
+
+    Returns ``(instance_number, path, position_mm)`` sorted by position. Files without
+    ImagePositionPatient/ImageOrientationPatient fall back to InstanceNumber order, because
+    instance numbers may be non-contiguous or reversed relative to anatomy.
+    """
+    entries = []
+    for path in paths:
+        ds = read_header(path)
+        if "InstanceNumber" not in ds or ds.InstanceNumber in (None, ""):
+            raise DicomReadError(path, "has no InstanceNumber, so labels cannot be matched to it")
+        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        entries.append((int(ds.InstanceNumber), str(path), ipp, iop))
+    if entries and all(ipp is not None and iop is not None for _, _, ipp, iop in entries):
+        normal = slice_normal(entries[0][3])
+        ordered = [(n, p, float(np.dot(np.asarray(ipp, float), normal))) for n, p, ipp, _ in entries]
+    else:
+        ordered = [(n, p, float(n)) for n, p, _, _ in entries]
+    ordered.sort(key=lambda e: (e[2], e[0]))
+    return ordered
+
+
+def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) -> SeriesStack:
+    """Read a series (a folder of .dcm files, or a list of files) into a stack ordered by position."""
+    if isinstance(paths, (str, Path)):
+        folder = Path(paths)
+        paths = sorted(folder.glob("*.dcm"))
+        if not paths:
+            raise DicomReadError(folder, "contains no .dcm files", None)
+    order = series_order(paths)
+    images = [read_dicom(path, voi=voi) for _, path, _ in order]
+    shapes = {img.pixels.shape for img in images}
+    if len(shapes) > 1:
+        raise DicomReadError(
+            Path(order[0][1]).parent, f"mixes image sizes {sorted(shapes)} in one series", None
+        )
+    return SeriesStack(
+        pixels=np.stack([img.pixels for img in images]),
+        instance_numbers=tuple(n for n, _, _ in order),
+        positions=tuple(pos for _, _, pos in order),
+        pixel_spacing=images[0].pixel_spacing,
+    )
+
+
+# --- internals -----------------------------------------------------------------------------------
+
+def _dcmread(path: str | Path, *, stop_before_pixels: bool = False) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise DicomReadError(path, "does not exist", None)
+    if path.stat().st_size == 0:
+        raise DicomReadError(path, "is empty (0 bytes)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError:
+            raise DicomReadError(
+                path, "is not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
+            ) from None
+        except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise DicomReadError(path, f"is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    truncated = any("End of file" in str(w.message) for w in caught)
+    if not stop_before_pixels and not _has_pixels(ds):
+        if truncated:
+            raise DicomReadError(path, "is truncated: the file ends inside its pixel data")
+        sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
+        raise DicomReadError(path, f"has no pixel data (SOP class {sop})")
+    return ds
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> list[DicomImage]:
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows == 0 or cols == 0:
+        raise DicomReadError(path, f"has a zero-size image (Rows={rows}, Columns={cols})")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomReadError(
+            path, f"is a {photometric} image; spinemri reads grayscale MR (MONOCHROME1/2) only"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stored = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise DicomReadError(
+            path,
+            f"uses transfer syntax '{name}', which no installed decoder can read ({exc})",
+            "install the pylibjpeg plugins (pip install pylibjpeg pylibjpeg-libjpeg "
+            f"pylibjpeg-openjpeg) or {SKIP_HINT}",
+        ) from None
+    except (ValueError, EOFError, AttributeError, TypeError) as exc:
+        msg = str(exc)
+        if "less than expected" in msg or "truncat" in msg.lower():
+            raise DicomReadError(path, f"is truncated: {msg.split(' - ')[0]}") from None
+        raise DicomReadError(path, f"has pixel data that cannot be decoded ({msg})") from None
+
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if n_frames == 1:
+        stored = stored[np.newaxis]
+    spacing = _pixel_spacing(ds)
+    orientation = _floats(ds.get("ImageOrientationPatient"))
+    position = _floats(ds.get("ImagePositionPatient"))
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    number = ds.get("InstanceNumber")
+    low, high = _modality_range(ds)
+
+    images = []
+    for frame in frames:
+        values = apply_modality_lut(stored[frame], ds).astype(np.float32)
+        frame_low, frame_high = low, high
+        if voi and ("WindowCenter" in ds or "VOILUTSequence" in ds):
+            values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float32)
+            frame_low, frame_high = float(values.min()), float(values.max())
+        if photometric == "MONOCHROME1":  # 0 is white: flip so that higher is brighter
+            values = (frame_high + frame_low) - values
+        frame_position = position
+        if per_frame is not None and frame < len(per_frame):
+            plane = per_frame[frame].get("PlanePositionSequence")
+            if plane:
+                frame_position = _floats(plane[0].get("ImagePositionPatient"))
+        images.append(DicomImage(
+            pixels=np.ascontiguousarray(values),
+            path=str(path),
+            instance_number=int(number) if number not in (None, "") else None,
+            position=tuple(frame_position) if frame_position else None,
+            orientation=tuple(orientation) if orientation else None,
+            pixel_spacing=spacing,
+            frame=frame,
+        ))
+    return images
+
+
+def _modality_range(ds: Dataset) -> tuple[float, float]:
+    """Range of modality-LUT output implied by BitsStored/PixelRepresentation and the rescale."""
+    bits = int(ds.get("BitsStored", 16) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    ends = sorted((lo * slope + intercept, hi * slope + intercept))
+    return ends[0], ends[1]
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
+    spacing = ds.get("PixelSpacing")
+    if spacing is None:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        try:
+            spacing = shared[0].PixelMeasuresSequence[0].PixelSpacing
+        except (TypeError, AttributeError, IndexError, KeyError):
+            spacing = None
+    values = _floats(spacing)
+    if values and len(values) == 2 and all(v > 0 for v in values):
+        return float(values[0]), float(values[1])
+    return 1.0, 1.0
+
+
+def _floats(value) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None

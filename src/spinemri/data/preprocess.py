@@ -1,0 +1,150 @@
+"""The one place where pixels become a model input, for training (the cache) and serving alike.
+
+``preprocess(slices, pixel_spacing, config, x, y)`` takes the centre slice (and, for 3 channels,
+its neighbours) as decoded by :mod:`spinemri.data.dicom` and returns uint8 (S, S, C):
+
+    percentile window -> ROI crop in mm around (x, y), or the whole slice -> resize keeping the
+    physical aspect ratio (zero padding outside the image) -> optional equalisation -> uint8
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+MODES = ("roi", "slice")
+EQUALIZE = ("none", "hist", "clahe")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that decides what a model input looks like (part of the cache fingerprint)."""
+
+    img_size: int = 128  # output is img_size x img_size
+    mode: str = "roi"  # "roi": a square of roi_mm around the labelled point; "slice": the whole slice
+    roi_mm: float = 60.0  # side of the ROI square in millimetres (via PixelSpacing)
+    channels: int = 1  # 1, or 3 = slices i-1, i, i+1
+    p_low: float = 0.5  # intensity percentiles mapped to 0 and 255
+    p_high: float = 99.5
+    equalize: str = "none"  # "none", "hist" (the thesis) or "clahe"
+    dicom_window: bool = False  # apply the file's own VOI window before the percentile window
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.img_size, int) or not 8 <= self.img_size <= 1024:
+            problems.append(f"img_size must be an integer from 8 to 1024, got {self.img_size!r}")
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not self.roi_mm > 0:
+            problems.append(f"roi_mm must be > 0 millimetres, got {self.roi_mm!r}")
+        if self.channels not in (1, 3):
+            problems.append(f"channels must be 1 or 3, got {self.channels!r}")
+        if not 0 <= self.p_low < self.p_high <= 100:
+            problems.append(f"need 0 <= p_low < p_high <= 100, got p_low={self.p_low}, p_high={self.p_high}")
+        if self.equalize not in EQUALIZE:
+            problems.append(f"equalize must be one of {', '.join(EQUALIZE)}, got {self.equalize!r}")
+        if problems:
+            raise ValueError("invalid preprocessing: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PreprocessConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+
+def neighbor_indices(index: int, n_slices: int, channels: int) -> list[int]:
+    """Slice indices feeding each channel: [i] or [i-1, i, i+1], repeating the edge slice at the ends."""
+    if not 0 <= index < n_slices:
+        raise IndexError(f"slice index {index} outside a series of {n_slices} slices")
+    if channels == 1:
+        return [index]
+    return [max(index - 1, 0), index, min(index + 1, n_slices - 1)]
+
+
+def percentile_window(image: np.ndarray, p_low: float, p_high: float) -> tuple[float, float]:
+    """Intensities at the two percentiles; a flat image gives a window of width 1."""
+    low, high = np.percentile(image, [p_low, p_high])
+    if not high > low:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def preprocess(
+    slices: Sequence[np.ndarray],
+    pixel_spacing: tuple[float, float],
+    config: PreprocessConfig,
+    x: float | None = None,
+    y: float | None = None,
+) -> np.ndarray:
+    """Model input from 1 (or 3: previous, centre, next) float 2-D slices of equal shape.
+
+    ``x``, ``y`` are the site centre in pixels (column, row) of the centre slice; in ROI mode they
+    default to the image centre. Returns uint8 (img_size, img_size, channels).
+    """
+    if len(slices) != config.channels:
+        raise ValueError(f"expected {config.channels} slice(s) for channels={config.channels}, got {len(slices)}")
+    centre = slices[len(slices) // 2]
+    if centre.ndim != 2 or 0 in centre.shape:
+        raise ValueError(f"expected a non-empty 2-D slice, got shape {centre.shape}")
+    if any(s.shape != centre.shape for s in slices):
+        raise ValueError(f"neighbouring slices differ in shape: {[s.shape for s in slices]}")
+    height, width = centre.shape
+    row_mm, col_mm = pixel_spacing
+    if config.mode == "roi":
+        x = (width - 1) / 2 if x is None else float(x)
+        y = (height - 1) / 2 if y is None else float(y)
+        if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
+            raise ValueError(f"site ({x:.1f}, {y:.1f}) lies outside the {width}x{height} image")
+        extent = (config.roi_mm / col_mm, config.roi_mm / row_mm)
+    else:  # the whole slice, letterboxed so that a millimetre is as wide as it is high
+        x, y = (width - 1) / 2, (height - 1) / 2
+        side_mm = max(width * col_mm, height * row_mm)
+        extent = (side_mm / col_mm, side_mm / row_mm)
+
+    low, high = percentile_window(centre, config.p_low, config.p_high)
+    channels = []
+    for image in slices:
+        windowed = np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+        resampled = _resample(windowed, (x, y), extent, config.img_size)
+        u8 = np.round(resampled * 255.0).astype(np.uint8)
+        channels.append(_equalize(u8, config.equalize))
+    return np.stack(channels, axis=-1)
+
+
+def _resample(image: np.ndarray, centre: tuple[float, float], extent: tuple[float, float], size: int) -> np.ndarray:
+    """Square of ``extent`` (width, height) pixels around ``centre`` to size x size; zeros outside."""
+    cx, cy = centre
+    ex, ey = extent
+    shrink = int(min(ex, ey) / size)
+    if shrink >= 2:  # area-average first so that a large downscale does not alias
+        h, w = image.shape
+        new_w, new_h = max(1, round(w / shrink)), max(1, round(h / shrink))
+        fx, fy = new_w / w, new_h / h
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        cx, cy = (cx + 0.5) * fx - 0.5, (cy + 0.5) * fy - 0.5
+        ex, ey = ex * fx, ey * fy
+    sx, sy = ex / size, ey / size
+    # Output pixel j's centre sits at input coordinate cx - ex/2 + (j + 0.5) * sx.
+    matrix = np.array([[sx, 0.0, cx - ex / 2 + 0.5 * sx], [0.0, sy, cy - ey / 2 + 0.5 * sy]])
+    return cv2.warpAffine(
+        image, matrix, (size, size),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=0.0,
+    )
+
+
+def _equalize(image: np.ndarray, method: str) -> np.ndarray:
+    if method == "hist":
+        return cv2.equalizeHist(image)
+    if method == "clahe":
+        return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(image)
+    return image

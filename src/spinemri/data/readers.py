@@ -1,0 +1,415 @@
+"""Dataset readers: an RSNA 2024 LSDC folder, or the thesis's flat CSV, into one tidy sample table.
+
+The sample table has one row per labelled point (``schema.SAMPLE_COLUMNS``): study_id, series_id,
+series_description, instance_number, condition (a key of ``schema.CONDITIONS``, or missing for a
+flat-CSV slice without a finding), level ("L4/L5"), severity (0/1/2, or missing for a blank
+label), x and y (pixels), and the image path. Structural problems raise :class:`DatasetError`
+naming the file, the row and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spinemri.data import schema
+from spinemri.data.dicom import ImageReadError, read_header, read_image
+
+MAX_LISTED = 10  # problems of one kind listed before "... and N more"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def detect_layout(path: str | Path) -> str:
+    """'rsna' for a folder with train.csv + train_series_descriptions.csv, 'flat' for a CSV file."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return "flat"
+    if path.is_dir():
+        if (path / schema.TRAIN_CSV).is_file() or (path / schema.COORDINATES_CSV).is_file():
+            return "rsna"
+        flat = [p for p in path.glob("*.csv") if _looks_flat(p)]
+        if len(flat) == 1:
+            return "flat"
+        raise DatasetError([
+            f"{path}: no {schema.TRAIN_CSV} / {schema.COORDINATES_CSV} (RSNA layout) and no single flat CSV "
+            f"with columns {', '.join(schema.FLAT_COLUMNS)}; point to the competition folder or to the CSV file"
+        ])
+    raise DatasetError([f"{path} does not exist; pass a dataset folder or a flat CSV file"])
+
+
+def load_samples(path: str | Path) -> pd.DataFrame:
+    """The sample table of a dataset in either layout (see the module docstring)."""
+    path = Path(path)
+    if detect_layout(path) == "rsna":
+        return load_rsna(path)
+    if path.is_dir():
+        path = next(p for p in path.glob("*.csv") if _looks_flat(p))
+    return load_flat_csv(path)
+
+
+def load_rsna(root: str | Path) -> pd.DataFrame:
+    """Read an RSNA-layout folder; raises DatasetError on missing files, columns or references."""
+    root = Path(root)
+    tables = _read_rsna_tables(root)
+    problems = _rsna_problems(root, tables)
+    if problems:
+        raise DatasetError(problems)
+    return _rsna_samples(root, tables)
+
+
+def load_flat_csv(csv_path: str | Path) -> pd.DataFrame:
+    """Read the thesis's flat CSV (images as PNG/JPEG/DICOM paths relative to the CSV's folder)."""
+    csv_path = Path(csv_path)
+    frame = _read_csv(csv_path, required=[c for c in schema.FLAT_COLUMNS if c != "label"])
+    problems = []
+    frame["condition_key"] = [_condition_key(v) for v in frame["condition"]]
+    for row, (raw, key) in enumerate(zip(frame["condition"], frame["condition_key"]), start=2):
+        if key is None and not _blank(raw):
+            problems.append(f"{csv_path} row {row}: unknown condition {raw!r}; use one of "
+                            f"{', '.join(schema.CONDITION_NAMES.values())} (or leave it blank for a normal slice)")
+    frame["level_name"] = [_level_name(v) for v in frame["level"]]
+    for row, (raw, level, key) in enumerate(zip(frame["level"], frame["level_name"], frame["condition_key"]), start=2):
+        if key is not None and level is None:
+            problems.append(f"{csv_path} row {row}: unknown level {raw!r}; use one of {', '.join(schema.LEVELS)}")
+    severity = []
+    for row, name in enumerate(frame["label_name"], start=2):
+        grade = _FLAT_SEVERITY.get(str(name).strip().lower()) if not _blank(name) else None
+        if grade is None and not _blank(name):
+            problems.append(f"{csv_path} row {row}: unknown label_name {name!r}; use Normal/Mild, Moderate or Severe")
+        severity.append(grade)
+    paths = [str(p if Path(p).is_absolute() else (csv_path.parent / p)) for p in frame["image_path"].astype(str)]
+    missing = [(row, p) for row, p in enumerate(paths, start=2) if not Path(p).is_file()]
+    problems += _listed(missing, lambda m: f"{csv_path} row {m[0]}: image {m[1]} does not exist",
+                        "fix image_path (relative paths are read from the CSV's folder)")
+    if problems:
+        raise DatasetError(problems)
+    samples = pd.DataFrame({
+        "study_id": frame["study_id"].astype("int64"),
+        "series_id": frame["series_id"].astype("int64"),
+        "series_description": frame["scan_type"].astype(str),
+        "instance_number": frame["instance_number"].astype("int64"),
+        "condition": frame["condition_key"],
+        "level": frame["level_name"],
+        "severity": pd.array(severity, dtype="Int64"),
+        "x": pd.to_numeric(frame["x"], errors="coerce"),
+        "y": pd.to_numeric(frame["y"], errors="coerce"),
+        "path": paths,
+    })
+    samples.attrs["root"] = str(csv_path.parent)
+    return samples
+
+
+@dataclass
+class CheckReport:
+    """What ``spinemri data check`` prints: a summary, structural problems (fatal) and warnings."""
+
+    path: str
+    layout: str
+    summary: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "ok": self.ok}, indent=2, default=_json_default)
+
+
+def check_dataset(path: str | Path, *, decode: bool = False, workers: int = 4) -> CheckReport:
+    """Validate a dataset without changing it.
+
+    Reads every labelled image's header (``decode=True``: its pixels too) to count unreadable
+    files. Only the file names, reasons and counts are reported: never patient tags.
+    """
+    path = Path(path)
+    try:
+        layout = detect_layout(path)
+    except DatasetError as exc:
+        return CheckReport(str(path), "unknown", problems=exc.problems)
+    report = CheckReport(str(path), layout)
+    if layout == "rsna":
+        tables = _read_rsna_tables(path, report.problems)
+        if report.problems:
+            return report
+        report.problems += _rsna_problems(path, tables)
+        report.summary = _rsna_summary(path, tables)
+        if report.problems:
+            return report
+        samples = _rsna_samples(path, tables)
+    else:
+        try:
+            samples = load_samples(path)
+        except DatasetError as exc:
+            report.problems += exc.problems
+            return report
+        report.summary = {"studies": int(samples["study_id"].nunique()),
+                          "series": int(samples["series_id"].nunique())}
+    report.summary["labelled_points"] = _points_per_condition(samples)
+    report.summary["graded_points"] = int(samples["severity"].notna().sum())
+
+    unreadable = _unreadable(sorted(set(samples["path"])), decode=decode, workers=workers)
+    report.summary["files_unreadable"] = len(unreadable)
+    report.warnings += _listed(unreadable, lambda u: f"unreadable: {u}",
+                               "prepare with --on-bad-file=skip to leave these samples out")
+    return report
+
+
+# --- RSNA layout internals --------------------------------------------------------------------
+
+_FLAT_SEVERITY = {"normal/mild": 0, "normal": 0, "mild": 0, "moderate": 1, "severe": 2}
+
+
+def _read_rsna_tables(root: Path, problems: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    collect = problems is not None
+    problems = [] if problems is None else problems
+    tables = {}
+    specs = {
+        schema.TRAIN_CSV: ["study_id"],
+        schema.SERIES_CSV: list(schema.SERIES_COLUMNS),
+        schema.COORDINATES_CSV: list(schema.COORDINATE_COLUMNS),
+    }
+    for name, required in specs.items():
+        try:
+            tables[name] = _read_csv(root / name, required=required)
+        except DatasetError as exc:
+            problems += exc.problems
+    if problems and not collect:
+        raise DatasetError(problems)
+    return tables
+
+
+def _rsna_problems(root: Path, tables: dict[str, pd.DataFrame]) -> list[str]:
+    train, series, coords = tables[schema.TRAIN_CSV], tables[schema.SERIES_CSV], tables[schema.COORDINATES_CSV]
+    train_csv, coords_csv, series_csv = (root / schema.TRAIN_CSV, root / schema.COORDINATES_CSV, root / schema.SERIES_CSV)
+    problems = []
+
+    unknown = [c for c in train.columns if c != "study_id" and schema.parse_label_column(c) is None]
+    missing = [c for c in schema.LABEL_COLUMNS if c not in train.columns]
+    if unknown:
+        problems.append(f"{train_csv}: unknown column(s) {', '.join(unknown)}; label columns are "
+                        f"<condition>_<level> such as spinal_canal_stenosis_l4_l5")
+    if missing:
+        problems.append(f"{train_csv}: missing label column(s) {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; the competition file has all 25")
+    bad_grades = []
+    for column in [c for c in schema.LABEL_COLUMNS if c in train.columns]:
+        for row, value in zip(train.index, train[column]):
+            if not _blank(value) and str(value).strip() not in schema.SEVERITY_INDEX:
+                bad_grades.append((row + 2, column, value))
+    problems += _listed(bad_grades, lambda b: f"{train_csv} row {b[0]}: {b[1]} = {b[2]!r} is not a severity",
+                        f"use one of {', '.join(schema.SEVERITIES)} or leave the cell blank")
+    duplicates = train["study_id"][train["study_id"].duplicated()].tolist()
+    problems += _listed(duplicates, lambda s: f"{train_csv}: study {s} appears more than once", "keep one row per study")
+
+    bad_desc = [(i + 2, d) for i, d in zip(series.index, series["series_description"])
+                if str(d) not in schema.SERIES_DESCRIPTIONS]
+    problems += _listed(bad_desc, lambda b: f"{series_csv} row {b[0]}: unknown series_description {b[1]!r}",
+                        f"use one of {', '.join(schema.SERIES_DESCRIPTIONS)}")
+
+    rows = coords.index + 2
+    bad_condition = [(r, c) for r, c in zip(rows, coords["condition"]) if c not in schema.CONDITION_KEYS]
+    problems += _listed(bad_condition, lambda b: f"{coords_csv} row {b[0]}: unknown condition {b[1]!r}",
+                        f"use one of {', '.join(schema.CONDITION_NAMES.values())}")
+    bad_level = [(r, lv) for r, lv in zip(rows, coords["level"]) if lv not in schema.LEVELS]
+    problems += _listed(bad_level, lambda b: f"{coords_csv} row {b[0]}: unknown level {b[1]!r}",
+                        f"use one of {', '.join(schema.LEVELS)}")
+    xy = coords[["x", "y"]].apply(pd.to_numeric, errors="coerce")
+    bad_xy = [r for r, ok in zip(rows, np.isfinite(xy.to_numpy(float)).all(axis=1)) if not ok]
+    problems += _listed(bad_xy, lambda r: f"{coords_csv} row {r}: x/y are not finite numbers", "fix or drop the row")
+
+    known_studies = set(train["study_id"])
+    known_series = set(zip(series["study_id"], series["series_id"]))
+    no_study = [(r, s) for r, s in zip(rows, coords["study_id"]) if s not in known_studies]
+    problems += _listed(no_study, lambda b: f"{coords_csv} row {b[0]}: study {b[1]} is not in {schema.TRAIN_CSV}",
+                        "add its labels or drop its coordinates")
+    no_series = [(r, s, se) for r, s, se in zip(rows, coords["study_id"], coords["series_id"])
+                 if (s, se) not in known_series]
+    problems += _listed(no_series, lambda b: f"{coords_csv} row {b[0]}: series {b[1]}/{b[2]} is not in {schema.SERIES_CSV}",
+                        "add the series' description or drop the row")
+    images = root / schema.IMAGES_DIR
+    if not images.is_dir():
+        problems.append(f"{images} does not exist; the DICOM files go in {schema.IMAGES_DIR}/<study_id>/<series_id>/<instance>.dcm")
+        return problems
+    absent_series = sorted({(s, se) for s, se in zip(coords["study_id"], coords["series_id"])
+                            if not (images / str(s) / str(se)).is_dir()})
+    problems += _listed(absent_series, lambda b: f"labels point at absent series folder {images / str(b[0]) / str(b[1])}",
+                        "restore the series or drop its rows from the CSVs")
+    absent_files = sorted({(r, str(_image_path(root, s, se, n)))
+                           for r, s, se, n in zip(rows, coords["study_id"], coords["series_id"], coords["instance_number"])
+                           if (s, se) not in absent_series and not _image_path(root, s, se, n).is_file()})
+    problems += _listed(absent_files, lambda b: f"{coords_csv} row {b[0]}: labelled instance {b[1]} does not exist",
+                        "restore the file or drop the row")
+    return problems
+
+
+def _rsna_samples(root: Path, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    train, series, coords = tables[schema.TRAIN_CSV], tables[schema.SERIES_CSV], tables[schema.COORDINATES_CSV]
+    grades = train.melt(id_vars="study_id", value_vars=[c for c in schema.LABEL_COLUMNS if c in train.columns],
+                        var_name="column", value_name="grade")
+    parsed = grades["column"].map(schema.parse_label_column)
+    grades["condition"] = parsed.str[0]
+    grades["level"] = parsed.str[1]
+    grades["severity"] = grades["grade"].map(lambda g: None if _blank(g) else schema.SEVERITY_INDEX[str(g).strip()])
+
+    samples = coords.assign(condition=coords["condition"].map(schema.CONDITION_KEYS))
+    samples = samples.merge(series, on=["study_id", "series_id"], how="left")
+    samples = samples.merge(grades[["study_id", "condition", "level", "severity"]],
+                            on=["study_id", "condition", "level"], how="left")
+    samples["severity"] = samples["severity"].astype("Int64")
+    samples["path"] = [str(_image_path(root, s, se, n)) for s, se, n in
+                       zip(samples["study_id"], samples["series_id"], samples["instance_number"])]
+    samples = samples[list(schema.SAMPLE_COLUMNS)].astype({"instance_number": "int64", "x": float, "y": float})
+    samples = samples.sort_values(["study_id", "series_id", "instance_number", "condition", "level"], ignore_index=True)
+    samples.attrs["root"] = str(root)
+    return samples
+
+
+def _rsna_summary(root: Path, tables: dict[str, pd.DataFrame]) -> dict:
+    train, series, coords = tables[schema.TRAIN_CSV], tables[schema.SERIES_CSV], tables[schema.COORDINATES_CSV]
+    label_cols = [c for c in schema.LABEL_COLUMNS if c in train.columns]
+    per_study = series.groupby("study_id").size()
+    graded = train.melt(id_vars="study_id", value_vars=label_cols).dropna(subset=["value"])
+    graded_keys = set(zip(graded["study_id"], graded["variable"]))
+    pointed = {(s, schema.label_column(schema.CONDITION_KEYS.get(c, c), lv))
+               for s, c, lv in zip(coords["study_id"], coords["condition"], coords["level"])}
+    series_files = Counter()
+    images = root / schema.IMAGES_DIR
+    for s, se, d in zip(series["study_id"], series["series_id"], series["series_description"]):
+        folder = images / str(s) / str(se)
+        series_files[d] += len(list(folder.glob("*.dcm"))) if folder.is_dir() else 0
+    non_contiguous = 0
+    for (s, se), group in coords.groupby(["study_id", "series_id"]):
+        folder = images / str(s) / str(se)
+        numbers = sorted(int(p.stem) for p in folder.glob("*.dcm") if p.stem.isdigit()) if folder.is_dir() else []
+        if numbers and (numbers[0] != 1 or numbers[-1] - numbers[0] + 1 != len(numbers)):
+            non_contiguous += 1
+    return {
+        "studies": int(train["study_id"].nunique()),
+        "series": int(len(series)),
+        "series_per_description": {str(k): int(v) for k, v in series["series_description"].value_counts().sort_index().items()},
+        "series_per_study": {str(k): int(v) for k, v in per_study.value_counts().sort_index().items()},
+        "studies_without_series": int(len(set(train["study_id"]) - set(series["study_id"]))),
+        "dicom_files": int(sum(series_files.values())),
+        "dicom_files_per_description": dict(sorted(series_files.items())),
+        "blank_labels": int(train[label_cols].isna().sum().sum()),
+        "studies_with_blank_labels": int(train[label_cols].isna().any(axis=1).sum()),
+        "graded_labels_without_coordinates": int(len(graded_keys - pointed)),
+        "severity_counts": {k: int(v) for k, v in graded["value"].value_counts().reindex(schema.SEVERITIES, fill_value=0).items()},
+        "series_with_non_contiguous_instances": non_contiguous,
+    }
+
+
+def _image_path(root: Path, study_id, series_id, instance_number) -> Path:
+    return root / schema.IMAGES_DIR / str(int(study_id)) / str(int(series_id)) / f"{int(instance_number)}.dcm"
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+def _read_csv(path: Path, *, required: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise DatasetError([f"{path} is missing; an RSNA-layout dataset needs {schema.TRAIN_CSV}, "
+                            f"{schema.SERIES_CSV} and {schema.COORDINATES_CSV}"])
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetError([f"{path} is not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0]})"]) from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DatasetError([f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"])
+    problems = []
+    for column in ("study_id", "series_id", "instance_number"):
+        if column in frame.columns:
+            values = pd.to_numeric(frame[column], errors="coerce")
+            bad = [i + 2 for i, v in zip(frame.index, values) if not np.isfinite(v) or v != int(v)]
+            problems += _listed(bad, lambda r, c=column: f"{path} row {r}: {c} is not an integer", "fix or drop the row")
+            if not bad:
+                frame[column] = values.astype("int64")
+    if problems:
+        raise DatasetError(problems)
+    return frame
+
+
+def _looks_flat(path: Path) -> bool:
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except Exception:  # noqa: BLE001 - any unreadable CSV simply is not the flat layout
+        return False
+    return {"image_path", "scan_type", "label_name"} <= set(header)
+
+
+def _condition_key(value) -> str | None:
+    if _blank(value):
+        return None
+    text = str(value).strip()
+    if text in schema.CONDITION_KEYS:
+        return schema.CONDITION_KEYS[text]
+    snake = text.lower().replace(" ", "_")
+    return snake if snake in schema.CONDITIONS else None
+
+
+def _level_name(value) -> str | None:
+    if _blank(value):
+        return None
+    text = str(value).strip().upper().replace("_", "/")
+    return text if text in schema.LEVELS else None
+
+
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip()) or value is pd.NA
+
+
+def _listed(items, describe, fix: str) -> list[str]:
+    """One line per problem (at most MAX_LISTED), the fix on the first, a count of the rest."""
+    items = list(items)
+    lines = [describe(item) for item in items[:MAX_LISTED]]
+    if lines:
+        lines[0] += f" ({fix})"
+    if len(items) > MAX_LISTED:
+        lines.append(f"... and {len(items) - MAX_LISTED} more of the same kind")
+    return lines
+
+
+def _points_per_condition(samples: pd.DataFrame) -> dict[str, int]:
+    counts = samples["condition"].fillna("none (normal slice)").value_counts()
+    return {str(k): int(v) for k, v in counts.sort_index().items()}
+
+
+def _unreadable(paths: list[str], *, decode: bool, workers: int) -> list[str]:
+    def probe(path: str) -> str | None:
+        try:
+            if decode or not path.lower().endswith(".dcm"):
+                read_image(path)
+            else:
+                header = read_header(path)
+                if not any(k in header for k in ("Rows", "Columns")):
+                    return f"{path} has no image attributes (Rows/Columns)"
+        except ImageReadError as exc:
+            return str(exc.path) + " " + exc.reason
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [r for r in pool.map(probe, paths) if r is not None]
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return str(value)

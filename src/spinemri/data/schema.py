@@ -1,0 +1,88 @@
+"""The RSNA 2024 LSDC vocabulary: conditions, levels, severities, series types and file names."""
+
+from __future__ import annotations
+
+import re
+
+# Condition keys as they appear in train.csv column names and submission row_ids.
+CONDITIONS: tuple[str, ...] = (
+    "spinal_canal_stenosis",
+    "left_neural_foraminal_narrowing",
+    "right_neural_foraminal_narrowing",
+    "left_subarticular_stenosis",
+    "right_subarticular_stenosis",
+)
+# The same conditions as written in train_label_coordinates.csv.
+CONDITION_NAMES: dict[str, str] = {
+    "spinal_canal_stenosis": "Spinal Canal Stenosis",
+    "left_neural_foraminal_narrowing": "Left Neural Foraminal Narrowing",
+    "right_neural_foraminal_narrowing": "Right Neural Foraminal Narrowing",
+    "left_subarticular_stenosis": "Left Subarticular Stenosis",
+    "right_subarticular_stenosis": "Right Subarticular Stenosis",
+}
+CONDITION_KEYS: dict[str, str] = {name: key for key, name in CONDITION_NAMES.items()}
+
+LEVELS: tuple[str, ...] = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
+SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
+SEVERITY_INDEX: dict[str, int] = {name: i for i, name in enumerate(SEVERITIES)}
+
+SAGITTAL_T1 = "Sagittal T1"
+SAGITTAL_T2 = "Sagittal T2/STIR"
+AXIAL_T2 = "Axial T2"
+SERIES_DESCRIPTIONS: tuple[str, ...] = (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2)
+
+# Which series type each condition is graded on (the competition's convention).
+CONDITION_SERIES: dict[str, str] = {
+    "spinal_canal_stenosis": SAGITTAL_T2,
+    "left_neural_foraminal_narrowing": SAGITTAL_T1,
+    "right_neural_foraminal_narrowing": SAGITTAL_T1,
+    "left_subarticular_stenosis": AXIAL_T2,
+    "right_subarticular_stenosis": AXIAL_T2,
+}
+
+# File names of an RSNA-layout dataset folder.
+TRAIN_CSV = "train.csv"
+SERIES_CSV = "train_series_descriptions.csv"
+COORDINATES_CSV = "train_label_coordinates.csv"
+IMAGES_DIR = "train_images"
+
+SERIES_COLUMNS: tuple[str, ...] = ("study_id", "series_id", "series_description")
+COORDINATE_COLUMNS: tuple[str, ...] = (
+    "study_id", "series_id", "instance_number", "condition", "level", "x", "y",
+)
+# The seed thesis's flat CSV (its Figure 3.1), images exported as PNG/JPEG.
+FLAT_COLUMNS: tuple[str, ...] = (
+    "study_id", "series_id", "instance_number", "image_path", "scan_type",
+    "condition", "level", "x", "y", "label", "label_name",
+)
+# The tidy sample table every reader returns: one row per labelled point.
+SAMPLE_COLUMNS: tuple[str, ...] = (
+    "study_id", "series_id", "series_description", "instance_number",
+    "condition", "level", "severity", "x", "y", "path",
+)
+
+
+def level_slug(level: str) -> str:
+    """'L4/L5' -> 'l4_l5' (the suffix used in train.csv and row_ids)."""
+    return level.lower().replace("/", "_")
+
+
+def label_column(condition: str, level: str) -> str:
+    """train.csv column for a condition key and level, e.g. 'spinal_canal_stenosis_l4_l5'."""
+    return f"{condition}_{level_slug(level)}"
+
+
+LABEL_COLUMNS: tuple[str, ...] = tuple(label_column(c, lv) for c in CONDITIONS for lv in LEVELS)
+
+_LABEL_COLUMN_RE = re.compile(r"^(?P<condition>[a-z_]+)_(?P<level>l\d_[ls]\d)$")
+
+
+def parse_label_column(column: str) -> tuple[str, str] | None:
+    """'spinal_canal_stenosis_l4_l5' -> ('spinal_canal_stenosis', 'L4/L5'); None if not a label column."""
+    match = _LABEL_COLUMN_RE.match(column)
+    if not match:
+        return None
+    level = match["level"].upper().replace("_", "/")
+    if match["condition"] not in CONDITIONS or level not in LEVELS:
+        return None
+    return match["condition"], level

@@ -1,0 +1,64 @@
+"""Patient-level splits: every study in exactly one of train/val/test, stratified by its worst grade.
+
+The thesis split slices at random, so slices of one patient sat in train and test; here the unit
+of splitting is the study, so no patient leaks across splits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+SPLITS = ("train", "val", "test")
+
+
+def split_studies(samples: pd.DataFrame, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                  seed: int = 0) -> pd.DataFrame:
+    """Assign each study to train/val/test.
+
+    ``samples`` needs ``study_id`` and ``severity``. Returns one row per study: study_id,
+    worst_severity (its highest grade; 0 when it has none) and split. Strata too small to split
+    are merged (Severe into Moderate, then no stratification), so tiny datasets still split.
+    Deterministic for a given seed.
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    studies = (
+        samples.assign(severity=samples["severity"].astype("Float64").fillna(0))
+        .groupby("study_id")["severity"].max().astype(int).rename("worst_severity").reset_index()
+        .sort_values("study_id", ignore_index=True)
+    )
+    n = len(studies)
+    n_test = _count(n, fractions[2])
+    n_val = _count(n, fractions[1])
+    if n - n_test - n_val < 1:
+        raise ValueError(f"{n} studies are too few for splits {fractions}: every split needs at least one study")
+
+    rest, test = _split(studies, n_test, seed)
+    train, val = _split(rest, n_val, seed + 1)
+    out = pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
+    return out.sort_values("study_id", ignore_index=True)
+
+
+def _count(n: int, fraction: float) -> int:
+    """Studies in a split: rounded, but at least one whenever the fraction is positive."""
+    return 0 if fraction == 0 else max(1, int(round(n * fraction)))
+
+
+def _split(studies: pd.DataFrame, n_out: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if n_out == 0:
+        return studies, studies.iloc[0:0]
+    for strata in (studies["worst_severity"], studies["worst_severity"].clip(upper=1), None):
+        if strata is not None and not _stratifiable(strata, n_out):
+            continue
+        keep, out = train_test_split(studies, test_size=n_out, random_state=seed, stratify=strata)
+        return keep, out
+    raise AssertionError("unreachable: the unstratified split always applies")
+
+
+def _stratifiable(strata: pd.Series, n_out: int) -> bool:
+    counts = strata.value_counts()
+    n_keep = len(strata) - n_out
+    return counts.min() >= 2 and n_out >= len(counts) and n_keep >= len(counts)

@@ -1,0 +1,206 @@
+"""The synthetic phantom: RSNA layout and schemas, determinism, label statistics, visible severity."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from spinemri.data import schema
+from spinemri.data.dicom import read_dicom
+from spinemri.data.phantom import SEVERITY_PRIORS, PhantomConfig, sample_labels, synthesize
+
+
+def test_layout_and_csv_schemas_match_the_competition(phantom_dir):
+    assert sorted(p.name for p in phantom_dir.iterdir()) == sorted(
+        [schema.TRAIN_CSV, schema.SERIES_CSV, schema.COORDINATES_CSV, schema.IMAGES_DIR])
+    train = pd.read_csv(phantom_dir / schema.TRAIN_CSV)
+    assert list(train.columns) == ["study_id", *schema.LABEL_COLUMNS]
+    assert set(train[list(schema.LABEL_COLUMNS)].stack().dropna().unique()) <= set(schema.SEVERITIES)
+    series = pd.read_csv(phantom_dir / schema.SERIES_CSV)
+    assert list(series.columns) == list(schema.SERIES_COLUMNS)
+    assert set(series["series_description"]) == set(schema.SERIES_DESCRIPTIONS)
+    coords = pd.read_csv(phantom_dir / schema.COORDINATES_CSV)
+    assert list(coords.columns) == list(schema.COORDINATE_COLUMNS)
+    assert set(coords["condition"]) == set(schema.CONDITION_NAMES.values())
+    assert set(coords["level"]) == set(schema.LEVELS)
+    assert coords["x"].dtype == float and coords["y"].dtype == float
+    for column in ("study_id", "series_id", "instance_number"):
+        assert pd.api.types.is_integer_dtype(coords[column])
+    for study_id, series_id in zip(series["study_id"], series["series_id"]):
+        folder = phantom_dir / schema.IMAGES_DIR / str(study_id) / str(series_id)
+        assert folder.is_dir() and any(folder.glob("*.dcm"))
+
+
+def test_dicom_files_carry_the_required_tags_and_nothing_identifying(phantom_dir):
+    path = next((phantom_dir / schema.IMAGES_DIR).rglob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.MediaStorageSOPClassUID == pydicom.uid.MRImageStorage
+    assert ds.SOPClassUID == pydicom.uid.MRImageStorage
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SeriesDescription",
+                    "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                    "SliceThickness", "Rows", "Columns", "RescaleSlope", "RescaleIntercept"):
+        assert keyword in ds, keyword
+    assert ds.BitsStored in (12, 16) and ds.BitsAllocated == 16
+    assert str(ds.PatientName) == "Anonymous"
+    for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "InstitutionName",
+                    "ReferringPhysicianName", "StudyDate", "OtherPatientIDs"):
+        assert keyword not in ds, keyword
+    assert not ds.get("PatientID")
+    assert path.stem == str(ds.InstanceNumber)
+
+
+def test_coordinates_follow_the_real_conventions(phantom_dir):
+    samples = pd.read_csv(phantom_dir / schema.COORDINATES_CSV).merge(
+        pd.read_csv(phantom_dir / schema.SERIES_CSV), on=["study_id", "series_id"])
+    for name, key in schema.CONDITION_KEYS.items():
+        assert set(samples.loc[samples["condition"] == name, "series_description"]) == {schema.CONDITION_SERIES[key]}
+    # Spinal canal points: all five levels of a study on one (mid-sagittal) instance.
+    spinal = samples[samples["condition"] == "Spinal Canal Stenosis"]
+    assert (spinal.groupby("study_id")["instance_number"].nunique() == 1).all()
+    # Foraminal points: left and right on different parasagittal instances, both off the middle.
+    foraminal = samples[samples["condition"].str.contains("Foraminal")]
+    for study_id, group in foraminal.groupby("study_id"):
+        left = set(group.loc[group["condition"].str.startswith("Left"), "instance_number"])
+        right = set(group.loc[group["condition"].str.startswith("Right"), "instance_number"])
+        assert left and right and not left & right
+        mid = set(spinal.loc[spinal["study_id"] == study_id, "instance_number"])
+        assert not (left | right) & mid
+    # Every point lies inside its image.
+    for row in samples.itertuples():
+        ds = pydicom.dcmread(phantom_dir / schema.IMAGES_DIR / str(row.study_id) / str(row.series_id)
+                             / f"{row.instance_number}.dcm", stop_before_pixels=True)
+        assert 0 <= row.x < ds.Columns and 0 <= row.y < ds.Rows
+
+
+def test_real_data_quirks_appear(phantom_dir):
+    series = pd.read_csv(phantom_dir / schema.SERIES_CSV)
+    per_study = series.groupby("study_id").size()
+    assert (per_study == 3).sum() >= 1
+    assert (per_study == 4).any(), "expected a study with a second axial series"
+    assert (per_study == 2).any(), "expected a study missing a series"
+    axial_pairs = series[series["series_description"] == schema.AXIAL_T2].groupby("study_id").size()
+    assert (axial_pairs == 2).any()
+
+
+def _digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
+    config = PhantomConfig(studies=2, seed=11, image_sizes=(96,), median_sagittal_slices=9)
+    synthesize(tmp_path / "a", config, workers=1)
+    synthesize(tmp_path / "b", config, workers=2)  # the worker count must not matter
+    synthesize(tmp_path / "c", PhantomConfig(studies=2, seed=12, image_sizes=(96,), median_sagittal_slices=9))
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_refuses_to_overwrite_and_leaves_no_partial_folder(tmp_path):
+    out = tmp_path / "p"
+    config = PhantomConfig(studies=1, seed=0, image_sizes=(64,), median_sagittal_slices=9)
+    synthesize(out, config)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        synthesize(out, config)
+    synthesize(out, config, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+
+
+def test_label_frequencies_follow_the_real_priors():
+    rng = np.random.default_rng(0)
+    draws = [sample_labels(rng) for _ in range(3000)]
+    for condition, prior in SEVERITY_PRIORS.items():
+        grades = np.array([d[(condition, level)] for d in draws for level in schema.LEVELS])
+        observed = np.bincount(grades, minlength=3) / grades.size
+        assert np.allclose(observed, prior, atol=0.02), (condition, observed, prior)
+
+
+def test_neighbouring_levels_are_correlated():
+    rng = np.random.default_rng(1)
+    draws = [sample_labels(rng) for _ in range(3000)]
+    grades = np.array([[d[("spinal_canal_stenosis", level)] for level in schema.LEVELS] for d in draws])
+    neighbours = np.corrcoef(grades[:, 2], grades[:, 3])[0, 1]
+    far = np.corrcoef(grades[:, 0], grades[:, 4])[0, 1]
+    assert neighbours > 0.25 and neighbours > far
+
+
+def _canal_width_mm(phantom: Path, row) -> float:
+    """Width of the bright CSF band along the image row through a spinal canal label."""
+    image = read_dicom(phantom / schema.IMAGES_DIR / str(row.study_id) / str(row.series_id)
+                       / f"{row.instance_number}.dcm")
+    r, c = int(round(row.y)), int(round(row.x))
+    profile = image.pixels[r, :]
+    background = np.median(image.pixels)
+    bright = profile > background + 0.5 * (np.percentile(image.pixels, 99.5) - background)
+    # Walk outward from the label point while the CSF stays bright.
+    left = c
+    while left > 0 and bright[left - 1]:
+        left -= 1
+    right = c
+    while right < len(profile) - 1 and bright[right + 1]:
+        right += 1
+    return (right - left + int(bright[c])) * image.pixel_spacing[1]
+
+
+@pytest.fixture(scope="module")
+def graded_phantom(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("graded") / "p"
+    synthesize(out, PhantomConfig(studies=12, seed=5, p_blank=0, p_missing_series=0), workers=2)
+    return out
+
+
+def _grades(out: Path, condition_name: str):
+    coords = pd.read_csv(out / schema.COORDINATES_CSV)
+    coords = coords[coords["condition"] == condition_name]
+    labels = pd.read_csv(out / schema.TRAIN_CSV).set_index("study_id")
+    key = schema.CONDITION_KEYS[condition_name]
+    for row in coords.itertuples():
+        yield row, schema.SEVERITY_INDEX[labels.loc[row.study_id, schema.label_column(key, row.level)]]
+
+
+def test_spinal_canal_stenosis_narrows_the_canal_at_the_labelled_point(graded_phantom):
+    out = graded_phantom
+    widths = {0: [], 1: [], 2: []}
+    for row, grade in _grades(out, "Spinal Canal Stenosis"):
+        widths[grade].append(_canal_width_mm(out, row))
+    assert widths[0] and widths[2], "the sample needs Normal/Mild and Severe levels"
+    normal, severe = np.median(widths[0]), np.median(widths[2])
+    assert normal > 10 and severe < 0.5 * normal, (normal, severe)
+    if widths[1]:
+        assert severe < np.median(widths[1]) < normal
+
+
+def _bright_area_mm2(phantom: Path, row, radius_mm: float = 9.0) -> float:
+    """Area of fat/CSF-bright pixels within radius_mm of a labelled point."""
+    image = read_dicom(phantom / schema.IMAGES_DIR / str(row.study_id) / str(row.series_id)
+                       / f"{row.instance_number}.dcm")
+    spacing = image.pixel_spacing[0]
+    rows, cols = np.indices(image.pixels.shape)
+    near = (rows - row.y) ** 2 + (cols - row.x) ** 2 <= (radius_mm / spacing) ** 2
+    background = np.median(image.pixels)
+    threshold = background + 0.5 * (np.percentile(image.pixels, 99.5) - background)
+    return float((image.pixels[near] > threshold).sum() * spacing**2)
+
+
+@pytest.mark.parametrize("condition_name, radius_mm", [
+    ("Left Neural Foraminal Narrowing", 9.0), ("Right Neural Foraminal Narrowing", 9.0),
+    ("Left Subarticular Stenosis", 4.5), ("Right Subarticular Stenosis", 4.5),
+])
+def test_foraminal_and_subarticular_grades_shrink_the_bright_space_at_the_point(graded_phantom, condition_name,
+                                                                                radius_mm):
+    areas = {0: [], 1: [], 2: []}
+    for row, grade in _grades(graded_phantom, condition_name):
+        areas[grade].append(_bright_area_mm2(graded_phantom, row, radius_mm))
+    normal = np.median(areas[0])
+    worse = np.median(areas[1] + areas[2])
+    assert areas[1] or areas[2], "the sample needs a Moderate or Severe level"
+    assert worse < 0.75 * normal, (condition_name, normal, worse)

@@ -1,0 +1,126 @@
+"""Preprocessing: windowing, ROI crop in millimetres, aspect ratio, channels, equalisation, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, percentile_window, preprocess
+
+
+def _dot_image(shape=(200, 300), dot=(120.0, 80.0), radius=3):
+    """Dark image with one bright disk at dot=(x, y)."""
+    rows, cols = np.indices(shape)
+    image = np.zeros(shape, np.float32)
+    image[(cols - dot[0]) ** 2 + (rows - dot[1]) ** 2 <= radius**2] = 1000.0
+    image += np.linspace(0, 5, shape[1], dtype=np.float32)  # not flat, so the window is defined
+    return image
+
+
+def _centroid(channel: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(channel.shape)
+    weights = channel.astype(np.float64)
+    weights[weights < 128] = 0
+    return float((cols * weights).sum() / weights.sum()), float((rows * weights).sum() / weights.sum())
+
+
+def test_roi_is_centred_on_the_site_and_sized_in_millimetres():
+    config = PreprocessConfig(img_size=64, mode="roi", roi_mm=32.0, p_low=0.0, p_high=100.0)
+    out = preprocess([_dot_image()], (0.5, 0.5), config, x=120, y=80)
+    assert out.shape == (64, 64, 1) and out.dtype == np.uint8
+    cx, cy = _centroid(out[..., 0])
+    assert cx == pytest.approx(31.5, abs=0.6) and cy == pytest.approx(31.5, abs=0.6)
+    # 32 mm at 0.5 mm/px = 64 px -> 1:1; a 3 px radius disk keeps its ~28 px area.
+    assert 20 <= (out[..., 0] > 128).sum() <= 40
+    # At 1 mm/px the same ROI covers 32 px, shown twice as large.
+    bigger = preprocess([_dot_image()], (1.0, 1.0), config, x=120, y=80)
+    assert (bigger[..., 0] > 128).sum() > 3 * (out[..., 0] > 128).sum()
+
+
+def test_off_centre_site_moves_the_structure_and_borders_pad_with_zero():
+    config = PreprocessConfig(img_size=64, roi_mm=64.0, p_low=0.0, p_high=100.0)
+    out = preprocess([_dot_image()], (1.0, 1.0), config, x=130, y=80)  # dot 10 px left of centre
+    cx, _ = _centroid(out[..., 0])
+    assert cx == pytest.approx(21.5, abs=0.7)
+    corner = preprocess([_dot_image()], (1.0, 1.0), config, x=0, y=0)
+    assert corner[:20, :20].max() == 0  # outside the image
+
+
+def test_anisotropic_pixels_keep_the_physical_aspect():
+    # A disk 10 mm across, sampled at 0.5 mm rows x 1 mm columns, looks like an ellipse in pixels.
+    rows, cols = np.indices((200, 100))
+    image = (((cols - 50) * 1.0) ** 2 + ((rows - 100) * 0.5) ** 2 <= 25).astype(np.float32) * 100
+    out = preprocess([image], (0.5, 1.0), PreprocessConfig(img_size=64, roi_mm=40.0, p_low=0, p_high=100), 50, 100)
+    mask = out[..., 0] > 128
+    height = np.ptp(np.nonzero(mask)[0]) + 1
+    width = np.ptp(np.nonzero(mask)[1]) + 1
+    assert abs(height - width) <= 2
+
+
+def test_slice_mode_letterboxes_the_whole_slice():
+    image = np.full((100, 200), 50.0, np.float32)
+    image[0, 0] = 0
+    out = preprocess([image], (1.0, 1.0), PreprocessConfig(img_size=64, mode="slice", p_low=0, p_high=100))
+    assert out.shape == (64, 64, 1)
+    assert out[:14, :, 0].max() == 0 and out[-14:, :, 0].max() == 0  # padding above and below
+    assert out[32, 5:59, 0].min() == 255
+
+
+def test_percentile_window_is_robust_to_outliers():
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, (128, 128)).astype(np.float32)
+    image[0, 0] = 1e6
+    low, high = percentile_window(image, 0.5, 99.5)
+    assert 60 < low < 90 and 110 < high < 140
+    out = preprocess([image], (1.0, 1.0), PreprocessConfig(img_size=32, mode="slice"))
+    assert 100 < out.mean() < 155  # not crushed to black by the outlier
+
+
+def test_three_channels_follow_the_neighbours():
+    slices = [np.full((64, 64), v, np.float32) for v in (10.0, 20.0, 30.0)]
+    for s in slices:
+        s[0, 0] = 0.0
+        s[-1, -1] = 40.0
+    out = preprocess(slices, (1.0, 1.0), PreprocessConfig(img_size=32, channels=3, roi_mm=20, p_low=0, p_high=100))
+    means = out[8:24, 8:24].reshape(-1, 3).mean(axis=0)
+    assert means[0] < means[1] < means[2]
+    assert neighbor_indices(0, 5, 3) == [0, 0, 1]
+    assert neighbor_indices(4, 5, 3) == [3, 4, 4]
+    assert neighbor_indices(2, 5, 1) == [2]
+
+
+@pytest.mark.parametrize("method", ["hist", "clahe"])
+def test_equalisation_spreads_a_narrow_histogram(method):
+    rng = np.random.default_rng(1)
+    image = rng.normal(100, 2, (96, 96)).astype(np.float32)
+    image[0, 0], image[-1, -1] = 0, 400  # window wider than the content
+    plain = preprocess([image], (1, 1), PreprocessConfig(img_size=64, mode="slice", p_low=0, p_high=100))
+    equalised = preprocess([image], (1, 1), PreprocessConfig(img_size=64, mode="slice", p_low=0, p_high=100,
+                                                             equalize=method))
+    assert equalised.std() > 2 * plain.std()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(img_size=0), "img_size"),
+    (dict(mode="cube"), "mode must be one of roi, slice"),
+    (dict(roi_mm=-5), "roi_mm"),
+    (dict(channels=2), "channels must be 1 or 3"),
+    (dict(p_low=50, p_high=10), "p_low < p_high"),
+    (dict(equalize="yes"), "equalize"),
+])
+def test_bad_configuration_names_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessConfig(**kwargs)
+
+
+def test_bad_inputs_are_refused():
+    config = PreprocessConfig(img_size=32)
+    with pytest.raises(ValueError, match="outside the 64x64 image"):
+        preprocess([np.ones((64, 64), np.float32)], (1, 1), config, x=100, y=10)
+    with pytest.raises(ValueError, match="expected 1 slice"):
+        preprocess([np.ones((64, 64))] * 3, (1, 1), config)
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        preprocess([np.ones((0, 64))], (1, 1), config)
+    with pytest.raises(ValueError, match="unknown preprocessing keys"):
+        PreprocessConfig.from_dict({"img_size": 32, "colour": True})
+    assert PreprocessConfig.from_dict(config.to_dict()) == config
