@@ -1,0 +1,194 @@
+"""Tests of the `spinemri` command line: help, data synth, data check and data prepare."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from spinemri.cli import main as cli
+from spinemri.data import readers, schema
+
+
+def invoke(*args: str):
+    """Run the CLI in-process; an unhandled exception (a traceback for the user) fails the test."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"unhandled {type(result.exception).__name__}: {result.exception}\n{result.output}")
+    return result
+
+
+def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m spinemri ARGS` as a user would."""
+    return subprocess.run([sys.executable, "-m", "spinemri", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(output: str, *needles: str) -> None:
+    assert "Traceback" not in output
+    assert "Error" in output
+    for needle in needles:
+        assert needle in output, output
+
+
+def command(*names: str) -> click.Command:
+    group = cli
+    for name in names:
+        group = group.commands[name]
+    return group
+
+
+# --- help ------------------------------------------------------------------------------------------
+
+def test_entry_point_help_runs_as_a_module():
+    done = run_module("--help")
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout
+    assert "data" in done.stdout
+
+
+def test_data_group_help_lists_its_commands():
+    result = invoke("data", "--help")
+    assert result.exit_code == 0
+    for name in ("synth", "check", "prepare"):
+        assert re.search(rf"^\s+{name}\s+\S", result.output, re.MULTILINE), name
+
+
+@pytest.mark.parametrize("name", ["synth", "check", "prepare"])
+def test_subcommand_help_describes_every_option(name):
+    result = invoke("data", name, "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    options = [p for p in command("data", name).params if isinstance(p, click.Option)]
+    assert options
+    for option in options:
+        assert option.help, f"{option.name} has no help text"
+        assert option.opts[0] in text
+        assert " ".join(option.help.split()[:4]) in text, option.name
+
+
+# --- data synth ------------------------------------------------------------------------------------
+
+def test_synth_writes_layout_refuses_to_overwrite_and_overwrites(tmp_path):
+    out = tmp_path / "synth"
+    result = invoke("data", "synth", "--out", out, "--studies", "2", "--seed", "1", "--workers", "1", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["studies"] == 2
+    for name in (schema.TRAIN_CSV, schema.SERIES_CSV, schema.COORDINATES_CSV):
+        assert (out / name).is_file()
+    assert len(list((out / schema.IMAGES_DIR).iterdir())) == 2
+    assert summary["images"] == len(list((out / schema.IMAGES_DIR).glob("*/*/*.dcm")))
+    assert readers.check_dataset(out).ok
+
+    again = run_module("data", "synth", "--out", out, "--studies", "2", "--seed", "1", "--workers", "1", "--json")
+    assert again.returncode != 0
+    assert_clean_error(again.stdout + again.stderr, "--overwrite", str(out))
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+
+    replaced = invoke("data", "synth", "--out", out, "--studies", "2", "--seed", "1", "--workers", "1",
+                      "--overwrite", "--json")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.stdout)["studies"] == 2
+
+
+@pytest.mark.parametrize("args", [["--studies", "0"], ["--workers", "0"], ["--seed", "x"]])
+def test_synth_bad_options_exit_non_zero(tmp_path, args):
+    result = invoke("data", "synth", "--out", tmp_path / "x", *args)
+    assert result.exit_code != 0
+    assert_clean_error(result.output, args[0])
+    assert not (tmp_path / "x").exists()
+
+
+# --- data check ------------------------------------------------------------------------------------
+
+def test_check_phantom_exits_0(phantom_dir):
+    result = invoke("data", "check", phantom_dir)
+    assert result.exit_code == 0, result.output
+    assert "rsna layout" in result.stdout
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_check_phantom_json_is_ok(phantom_dir):
+    result = invoke("data", "check", phantom_dir, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert report["problems"] == []
+    assert report["summary"]["studies"] == 8
+
+
+def test_check_broken_dataset_exits_1_and_names_the_problem(phantom_copy):
+    (phantom_copy / schema.SERIES_CSV).unlink()
+    result = invoke("data", "check", phantom_copy)
+    assert result.exit_code == 1
+    assert f"{phantom_copy / schema.SERIES_CSV} is missing" in result.stderr
+    assert "Traceback" not in result.output
+
+    as_json = invoke("data", "check", phantom_copy, "--json")
+    assert as_json.exit_code == 1
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is False
+    assert any(schema.SERIES_CSV in p for p in report["problems"])
+
+
+def test_check_nonexistent_path_exits_1(tmp_path):
+    result = invoke("data", "check", tmp_path / "nowhere")
+    assert result.exit_code == 1
+    assert str(tmp_path / "nowhere") in result.output
+
+
+# --- data prepare ----------------------------------------------------------------------------------
+
+def test_prepare_reports_splits_and_reuses_the_cache(phantom_dir, cache_dir):
+    args = ["data", "prepare", phantom_dir, "--img-size", "32", "--cache-dir", cache_dir, "--json"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.stdout)
+    n_samples = len(readers.load_samples(phantom_dir))
+    assert result["reused"] is False
+    assert result["samples"] == n_samples
+    assert set(result["samples_per_split"]) == {"train", "val", "test"}
+    assert sum(result["samples_per_split"].values()) == n_samples
+    assert result["shape"] == [n_samples, 32, 32, 1]
+    assert result["cache"].startswith(str(cache_dir))
+
+    second = invoke(*args)
+    assert second.exit_code == 0, second.output
+    again = json.loads(second.stdout)
+    assert again["reused"] is True
+    assert again["cache"] == result["cache"]
+    assert again["samples_per_split"] == result["samples_per_split"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--img-size", "0"], "img_size"),
+    (["--split", "0.5,0.5,0.5"], "--split"),
+    (["--split", "a,b,c"], "--split"),
+    (["--mode", "cube"], "cube"),
+    (["--channels", "2"], "--channels"),
+])
+def test_prepare_bad_options_exit_non_zero(phantom_dir, cache_dir, args, needle):
+    result = invoke("data", "prepare", phantom_dir, "--cache-dir", cache_dir, *args)
+    assert result.exit_code != 0
+    assert_clean_error(result.output, needle)
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())
+
+
+def test_prepare_nonexistent_folder_names_the_path(tmp_path):
+    missing = tmp_path / "no-such-data"
+    done = run_module("data", "prepare", missing, "--cache-dir", tmp_path / "cache")
+    assert done.returncode != 0
+    assert_clean_error(done.stdout + done.stderr, str(missing))
+
+
+def test_prepare_broken_dataset_names_the_problem(phantom_copy, cache_dir):
+    (phantom_copy / schema.TRAIN_CSV).unlink()
+    result = invoke("data", "prepare", phantom_copy, "--cache-dir", cache_dir)
+    assert result.exit_code == 1
+    assert_clean_error(result.output, f"{phantom_copy / schema.TRAIN_CSV} is missing")
