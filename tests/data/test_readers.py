@@ -374,8 +374,6 @@ def test_dicom_truncated_in_pixel_data_is_found_only_when_decoding(phantom_copy)
     assert str(path) in decoded.warnings[0]
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: a DICOM truncated inside its file meta header raises "
-                                       "BytesLengthException/struct.error out of check_dataset (dicom._dcmread)")
 def test_dicom_truncated_in_its_header_is_reported_not_raised(phantom_copy):
     coords = coordinates(phantom_copy)
     path = labelled_path(phantom_copy, coords.iloc[0])
@@ -480,7 +478,6 @@ def test_detect_layout(flat_csv, phantom_dir, tmp_path):
         readers.detect_layout(tmp_path / "nowhere")
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: detect_layout says an existing non-CSV file 'does not exist'")
 def test_detect_layout_on_a_non_csv_file_does_not_claim_it_is_missing(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("study_id\n1\n")
@@ -523,8 +520,6 @@ def test_flat_csv_unknown_label_name_names_the_row(flat_csv):
     assert "row 2" not in message and "row 4" not in message
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: under pandas 3 load_flat_csv stores unknown condition/level as NaN "
-                                       "(not None), so they are not reported and the row becomes a 'normal slice'")
 def test_flat_csv_unknown_condition_and_level_name_the_row(flat_csv):
     set_cell(flat_csv, 2, "condition", "Spinal Stenosis")
     set_cell(flat_csv, 4, "level", "L6/L7")
@@ -540,8 +535,6 @@ def test_flat_csv_missing_column_is_named(flat_csv):
         readers.load_flat_csv(flat_csv)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: a (study_id, series_id) listed twice in train_series_descriptions.csv "
-                                       "passes check and duplicates every sample of that series")
 def test_duplicated_series_row_is_reported_or_harmless(phantom_copy):
     rows = read_rows(phantom_copy / schema.SERIES_CSV)
     write_rows(phantom_copy / schema.SERIES_CSV, [*rows, rows[1]])
@@ -552,3 +545,23 @@ def test_duplicated_series_row_is_reported_or_harmless(phantom_copy):
         assert f"{schema.SERIES_CSV} row {len(rows) + 1}" in str(exc)
     else:
         assert len(samples) == len(coords)
+
+
+def test_flat_csv_non_numeric_point_names_the_row(flat_csv):
+    set_cell(flat_csv, 3, "x", "left-ish")
+    message = load_error(flat_csv)
+    assert f"{flat_csv} row 3: x/y ('left-ish'" in message
+    assert "row 2" not in message
+
+
+def test_whitespace_only_label_cells_count_as_blank(phantom_copy):
+    before = readers.check_dataset(phantom_copy).summary["blank_labels"]
+    train = pd.read_csv(phantom_copy / schema.TRAIN_CSV)
+    column = schema.LABEL_COLUMNS[3]
+    graded_row = int(train[column].first_valid_index())
+    train[column] = train[column].astype(object)
+    train.loc[graded_row, column] = "   "
+    train.to_csv(phantom_copy / schema.TRAIN_CSV, index=False)
+    report = readers.check_dataset(phantom_copy)
+    assert report.ok, report.problems
+    assert report.summary["blank_labels"] == before + 1

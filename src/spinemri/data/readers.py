@@ -47,6 +47,9 @@ def detect_layout(path: str | Path) -> str:
             f"{path}: no {schema.TRAIN_CSV} / {schema.COORDINATES_CSV} (RSNA layout) and no single flat CSV "
             f"with columns {', '.join(schema.FLAT_COLUMNS)}; point to the competition folder or to the CSV file"
         ])
+    if path.exists():
+        raise DatasetError([f"{path} is neither a folder nor a .csv file; pass the dataset folder (RSNA layout) "
+                            "or the flat CSV file"])
     raise DatasetError([f"{path} does not exist; pass a dataset folder or a flat CSV file"])
 
 
@@ -75,15 +78,21 @@ def load_flat_csv(csv_path: str | Path) -> pd.DataFrame:
     csv_path = Path(csv_path)
     frame = _read_csv(csv_path, required=[c for c in schema.FLAT_COLUMNS if c != "label"])
     problems = []
-    frame["condition_key"] = [_condition_key(v) for v in frame["condition"]]
-    for row, (raw, key) in enumerate(zip(frame["condition"], frame["condition_key"]), start=2):
+    conditions = [_condition_key(v) for v in frame["condition"]]  # plain lists: None stays None
+    for row, (raw, key) in enumerate(zip(frame["condition"], conditions), start=2):
         if key is None and not _blank(raw):
             problems.append(f"{csv_path} row {row}: unknown condition {raw!r}; use one of "
                             f"{', '.join(schema.CONDITION_NAMES.values())} (or leave it blank for a normal slice)")
-    frame["level_name"] = [_level_name(v) for v in frame["level"]]
-    for row, (raw, level, key) in enumerate(zip(frame["level"], frame["level_name"], frame["condition_key"]), start=2):
-        if key is not None and level is None:
+    levels = [_level_name(v) for v in frame["level"]]
+    for row, (raw, level, key) in enumerate(zip(frame["level"], levels, conditions), start=2):
+        if level is None and (key is not None or not _blank(raw)):
             problems.append(f"{csv_path} row {row}: unknown level {raw!r}; use one of {', '.join(schema.LEVELS)}")
+    xy = frame[["x", "y"]].apply(pd.to_numeric, errors="coerce")
+    for row, (key, raw_x, raw_y, x, y) in enumerate(zip(conditions, frame["x"], frame["y"], xy["x"], xy["y"]), start=2):
+        if (key is not None and not (np.isfinite(x) and np.isfinite(y))) or \
+                (not _blank(raw_x) and not np.isfinite(x)) or (not _blank(raw_y) and not np.isfinite(y)):
+            problems.append(f"{csv_path} row {row}: x/y ({raw_x!r}, {raw_y!r}) are not finite numbers; "
+                            "a row with a condition needs the point's pixel coordinates")
     severity = []
     for row, name in enumerate(frame["label_name"], start=2):
         grade = _FLAT_SEVERITY.get(str(name).strip().lower()) if not _blank(name) else None
@@ -101,11 +110,11 @@ def load_flat_csv(csv_path: str | Path) -> pd.DataFrame:
         "series_id": frame["series_id"].astype("int64"),
         "series_description": frame["scan_type"].astype(str),
         "instance_number": frame["instance_number"].astype("int64"),
-        "condition": frame["condition_key"],
-        "level": frame["level_name"],
+        "condition": pd.Series(conditions, dtype=object),
+        "level": pd.Series(levels, dtype=object),
         "severity": pd.array(severity, dtype="Int64"),
-        "x": pd.to_numeric(frame["x"], errors="coerce"),
-        "y": pd.to_numeric(frame["y"], errors="coerce"),
+        "x": xy["x"].astype(float),
+        "y": xy["y"].astype(float),
         "path": paths,
     })
     samples.attrs["root"] = str(csv_path.parent)
@@ -213,6 +222,10 @@ def _rsna_problems(root: Path, tables: dict[str, pd.DataFrame]) -> list[str]:
                 bad_grades.append((row + 2, column, value))
     problems += _listed(bad_grades, lambda b: f"{train_csv} row {b[0]}: {b[1]} = {b[2]!r} is not a severity",
                         f"use one of {', '.join(schema.SEVERITIES)} or leave the cell blank")
+    twice = series[series.duplicated(["study_id", "series_id"])]
+    problems += _listed([(i + 2, s, se) for i, s, se in zip(twice.index, twice["study_id"], twice["series_id"])],
+                        lambda b: f"{series_csv} row {b[0]}: series {b[1]}/{b[2]} is listed more than once",
+                        "keep one row per series")
     duplicates = train["study_id"][train["study_id"].duplicated()].tolist()
     problems += _listed(duplicates, lambda s: f"{train_csv}: study {s} appears more than once", "keep one row per study")
 
@@ -329,6 +342,7 @@ def _read_csv(path: Path, *, required: list[str]) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DatasetError([f"{path} is not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0]})"]) from None
     frame.columns = [str(c).strip() for c in frame.columns]
+    frame = frame.replace(r"^\s*$", np.nan, regex=True)  # whitespace-only cells are blank
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DatasetError([f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"])
