@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/spinemri data synth --out $(DEMO_DIR) --studies $(STUDIES) --seed 0
+	@# The phantom is written once; delete $(DEMO_DIR) to regenerate it.
+	test -f $(DEMO_DIR)/train.csv || $(BIN)/spinemri data synth --out $(DEMO_DIR) --studies $(STUDIES) --seed 0
 	$(BIN)/spinemri data check $(DEMO_DIR)
 	$(BIN)/spinemri data prepare $(DEMO_DIR) --img-size 128 --workers 2
 

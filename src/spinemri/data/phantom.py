@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
@@ -243,13 +243,13 @@ def _write_study(job) -> dict:
     frame_uid = _uid(study_id, "frame")
     series_rows, coordinates, n_images = [], [], 0
     axial_seen = 0
-    for series_number, (index, description) in enumerate(zip(range(len(plan)), plan), start=1):
+    for index, description in enumerate(plan):
         series_id = int(series_ids[plan_order[index]])
         series_rows.append((study_id, series_id, description))
         folder = staging / schema.IMAGES_DIR / str(study_id) / str(series_id)
         folder.mkdir(parents=True)
         meta = dict(study_uid=study_uid, frame_uid=frame_uid, series_uid=_uid(study_id, series_id),
-                    series_number=series_number, description=description)
+                    series_number=index + 1, description=description)
         if description == AXIAL_T2:
             axial_seen += 1
             levels = list(range(5))
@@ -644,7 +644,3 @@ def _progress(iterable, total, enabled):
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc="phantom studies", unit="study")
-
-
-def config_dict(config: PhantomConfig) -> dict:
-    return asdict(config)
