@@ -34,12 +34,13 @@ from spinemri.data import readers
 from spinemri.data.dicom import ImageReadError, read_image, series_order
 from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
 from spinemri.data.splits import split_studies
+from spinemri.errors import UserError
 
 CACHE_VERSION = 1  # bump when preprocessing code changes what a cached tensor contains
 ON_BAD_FILE = ("stop", "skip")
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """A sample that could not be preprocessed (with --on-bad-file=stop)."""
 
 

@@ -1,0 +1,317 @@
+"""Experiment configuration: one YAML under experiments/, dataclasses with validation, overrides.
+
+An experiment file has the sections of :class:`ExperimentConfig` (data, preprocess, split, model,
+train, mlflow); anything it leaves out keeps the defaults below. Command-line parameters
+(``arch``, ``epochs``, ...) and ``--set section.key=value`` override it. The resolved config is
+logged with every run, so a run can be reproduced from its own record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from spinemri.data.preprocess import PreprocessConfig
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+HEADS = ("condition", "level", "severity")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the valid range."""
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""  # empty: the built-in phantom, generated once and cached
+    phantom_studies: int = 40
+    phantom_seed: int = 0
+    workers: int = 2  # preprocessing processes
+
+    def validate(self) -> None:
+        _check(self.phantom_studies >= 3, "data.phantom_studies", "must be >= 3", self.phantom_studies)
+        _check(self.workers >= 1, "data.workers", "must be >= 1", self.workers)
+
+
+@dataclass
+class SplitConfig:
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+
+    def validate(self) -> None:
+        f = tuple(self.fractions)
+        _check(len(f) == 3 and all(v >= 0 for v in f) and abs(sum(f) - 1) < 1e-6 and f[1] > 0 and f[2] > 0,
+               "split.fractions", "must be three non-negative numbers summing to 1 with val and test > 0", f)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "densenet"
+    weights: str = "none"  # none | imagenet | path to a weights file
+    dense_units: int = 256
+    dropout: float = 0.3
+    loss_weights: dict = field(default_factory=lambda: {"condition": 1.0, "level": 1.0, "severity": 1.0})
+    severity_sample_weights: bool = True  # the competition's 1/2/4 for Normal/Mild, Moderate, Severe
+
+    def validate(self) -> None:
+        _check(self.dense_units >= 1, "model.dense_units", "must be >= 1", self.dense_units)
+        _check(0 <= self.dropout < 1, "model.dropout", "must be within [0, 1)", self.dropout)
+        _check(set(self.loss_weights) == set(HEADS) and all(float(v) >= 0 for v in self.loss_weights.values()),
+               "model.loss_weights", f"needs non-negative weights for exactly {', '.join(HEADS)}", self.loss_weights)
+        if self.weights not in ("none", "imagenet"):
+            _check(Path(self.weights).is_file(), "weights",
+                   "must be 'imagenet', 'none' or the path of an existing weights file", self.weights)
+
+
+@dataclass
+class AugmentConfig:
+    rotation_deg: float = 8.0
+    shift: float = 0.06  # fraction of the image side
+    zoom: float = 0.08
+    brightness: float = 0.1
+    contrast: float = 0.1
+    flip: bool = False  # left-right flip; swaps left/right labels on axial images
+
+    def validate(self) -> None:
+        for name in ("rotation_deg", "shift", "zoom", "brightness", "contrast"):
+            value = getattr(self, name)
+            _check(value >= 0, f"train.augment.{name}", "must be >= 0", value)
+        _check(self.shift < 1 and self.zoom < 1, "train.augment", "shift and zoom must be < 1",
+               (self.shift, self.zoom))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    label_smoothing: float = 0.0
+    freeze_epochs: int = 0  # epochs with the backbone frozen before fine-tuning it
+    fine_tune_lr_factor: float = 0.1  # learning rate multiplier once the backbone is unfrozen
+    monitor: str = "val_loss"  # early stopping, LR schedule and best checkpoint watch this
+    early_stopping_patience: int = 4
+    reduce_lr_patience: int = 2
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1", self.epochs)
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size",
+               "must be an integer >= 1", self.batch_size)
+        _check(0 < self.lr < 10, "lr", "must be > 0 (and < 10)", self.lr)
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}", self.optimizer)
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be within [0, 1)", self.label_smoothing)
+        _check(0 <= self.freeze_epochs <= self.epochs, "train.freeze_epochs", f"must be within [0, epochs={self.epochs}]",
+               self.freeze_epochs)
+        _check(0 < self.fine_tune_lr_factor <= 1, "train.fine_tune_lr_factor", "must be within (0, 1]",
+               self.fine_tune_lr_factor)
+        _check(self.monitor.startswith("val_"), "train.monitor", "must be a validation metric such as val_loss",
+               self.monitor)
+        _check(self.early_stopping_patience >= 0 and self.reduce_lr_patience >= 0, "train.*_patience",
+               "must be >= 0", (self.early_stopping_patience, self.reduce_lr_patience))
+        self.augment.validate()
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "spinemri-classify"  # one experiment per task
+    registered_model: str = "spinemri"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    task: str = "classify"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: dict = field(default_factory=lambda: PreprocessConfig().to_dict())
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.preprocess)
+
+    def validate(self) -> "ExperimentConfig":
+        try:
+            self.preprocessing  # noqa: B018 - validates img_size, mode, ...
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.data.validate()
+        self.split.validate()
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.001, ...}`` for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix, value):
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+        walk("", self.to_dict())
+        return out
+
+
+# Short names accepted on the command line and in MLproject, mapped to their config keys.
+SHORTCUTS = {
+    "arch": "model.arch", "weights": "model.weights", "data_dir": "data.data_dir",
+    "img_size": "preprocess.img_size", "mode": "preprocess.mode", "epochs": "train.epochs",
+    "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+}
+
+
+def resolve_experiment(experiment: str | Path) -> Path:
+    """A name ('quick') or a path to a YAML file; an unknown name lists the available ones."""
+    path = Path(experiment)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    for folder in (Path.cwd() / "experiments", EXPERIMENTS_DIR):
+        candidate = folder / f"{experiment}.yaml"
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    raise ConfigError(f"experiment {str(experiment)!r} not found: give a YAML path or one of {', '.join(available)}")
+
+
+def load_experiment(experiment: str | Path = "quick", overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML, apply overrides (short names or dotted keys) and validate."""
+    path = resolve_experiment(experiment)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (data, preprocess, model, train, ...)")
+    raw.setdefault("name", path.stem)
+    for key, value in (overrides or {}).items():
+        if value is None or value == "":
+            continue
+        _set_dotted(raw, SHORTCUTS.get(key, key), value, path)
+    preprocess = raw.get("preprocess") or {}
+    if isinstance(preprocess, dict) and str(preprocess.get("img_size", "")).strip() in ("0", "native"):
+        from spinemri.models.backbones import get_backbone  # keras import only when needed
+
+        arch = (raw.get("model") or {}).get("arch", ModelConfig.arch)
+        try:
+            preprocess["img_size"] = get_backbone(arch).native_size
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    config = from_dict(raw, source=str(path))
+    return config.validate()
+
+
+def from_dict(raw: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    return _build(ExperimentConfig, raw, source, "")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value such as train.lr=3e-4, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+def _check(ok: bool, key: str, rule: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule}; got {value!r}")
+
+
+def _set_dotted(raw: dict, key: str, value, source) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section in {source}")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw, source: str, prefix: str):
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: {prefix or 'the file'} must be a mapping, got {raw!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} in {where}; valid: {', '.join(known)}")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING \
+            else known[name].default
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, source, key)
+        elif name == "preprocess":
+            defaults = PreprocessConfig().to_dict()
+            if not isinstance(value or {}, Mapping):
+                raise ConfigError(f"{source}: preprocess must be a mapping, got {value!r}")
+            unknown = sorted(set(value or {}) - set(defaults))
+            if unknown:
+                raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} in section 'preprocess'; "
+                                  f"valid: {', '.join(defaults)}")
+            merged = {k: _coerce(v, defaults[k], f"preprocess.{k}") for k, v in {**defaults, **(value or {})}.items()}
+            try:
+                PreprocessConfig.from_dict(merged)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: preprocess: {exc}") from None
+            values[name] = merged
+        elif name == "loss_weights":
+            values[name] = {**default, **(value or {})}
+        else:
+            values[name] = _coerce(value, default, key)
+    return cls(**values)
+
+
+def _coerce(value, default, key):
+    """Values from YAML or the command line to the default's type, with a clear error."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return lowered in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, int):
+            number = float(value)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            return tuple(float(v) for v in value)
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a {type(default).__name__}; got {value!r}") from None
+    return value
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

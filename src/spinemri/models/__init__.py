@@ -1,0 +1,1 @@
+"""Models: the backbone registry and the three-head classifier built on it."""

@@ -1,0 +1,71 @@
+"""The three-head classifier: backbone -> global pooling -> dense -> dropout -> condition/level/severity.
+
+The model takes pixel values 0..255 (float32, the cache's uint8 as floats) and does the backbone's
+own input scaling inside, so the same tensor from :func:`spinemri.data.preprocess.preprocess`
+feeds training and serving.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from spinemri.data.schema import CONDITIONS, LEVELS, SEVERITIES
+from spinemri.models.backbones import Backbone, build_backbone, get_backbone
+
+HEALTHY = "healthy"
+HEAD_CLASSES: dict[str, tuple[str, ...]] = {
+    # The thesis's six categories: the five conditions, and Healthy for a site graded Normal/Mild.
+    "condition": (*CONDITIONS, HEALTHY),
+    "level": LEVELS,
+    "severity": SEVERITIES,
+}
+BACKBONE_LAYER = "backbone"
+
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+_CAFFE_MEAN = np.array([103.939, 116.779, 123.68])
+
+
+def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none", dense_units: int = 256,
+                dropout: float = 0.3) -> keras.Model:
+    """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of softmaxes."""
+    backbone = get_backbone(arch)
+    backbone.check_size(img_size)
+    inputs = keras.Input((img_size, img_size, channels), name="image")
+    x = inputs
+    if channels == 1 and weights != "none" and arch != "tiny":  # ImageNet filters expect 3 channels
+        x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
+        channels = 3
+    for layer in _scaling_layers(backbone, channels):
+        x = layer(x)
+    features = build_backbone(backbone, (img_size, img_size, channels), weights)
+    features.name = BACKBONE_LAYER
+    x = features(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = {head: keras.layers.Dense(len(classes), activation="softmax", name=head)(x)
+               for head, classes in HEAD_CLASSES.items()}
+    return keras.Model(inputs, outputs, name=f"spinemri_{arch}")
+
+
+def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
+    model.get_layer(BACKBONE_LAYER).trainable = trainable
+
+
+def _scaling_layers(backbone: Backbone, channels: int) -> list[keras.layers.Layer]:
+    def per_channel(values):
+        return list(values) if channels == 3 else [float(np.mean(values))] * channels
+
+    if backbone.scaling == "tf":
+        return [keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")]
+    if backbone.scaling == "unit":
+        return [keras.layers.Rescaling(1 / 255.0, name="scale")]
+    if backbone.scaling == "torch":
+        return [keras.layers.Rescaling(1 / 255.0, name="scale"),
+                keras.layers.Normalization(mean=per_channel(_IMAGENET_MEAN), variance=per_channel(_IMAGENET_STD**2),
+                                           name="normalize")]
+    if backbone.scaling == "caffe":
+        return [keras.layers.Normalization(mean=per_channel(_CAFFE_MEAN), variance=[1.0] * channels, name="normalize")]
+    return []  # "raw": the application rescales inside (EfficientNet, ConvNeXt)

@@ -1,0 +1,146 @@
+"""From the preprocessed cache to tf.data: targets per head, masks, augmentation, streaming.
+
+Images are read batch by batch from the memory-mapped ``images.npy``; nothing holds the whole
+dataset in memory. Targets are class indices per head with -1 for unknown (a blank grade, a
+flat-CSV slice without a level), which become all-zero one-hot rows with sample weight 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import keras
+
+from spinemri.config import AugmentConfig
+from spinemri.data.schema import AXIAL_T2, CONDITIONS, LEVELS
+from spinemri.models.network import HEAD_CLASSES, HEALTHY
+
+SEVERITY_WEIGHTS = np.array([1.0, 2.0, 4.0], dtype=np.float32)  # the competition's sample weights
+# Left-right mirror: left_* <-> right_* conditions (spinal canal and healthy stay).
+_MIRROR = [HEAD_CLASSES["condition"].index(c.replace("left_", "@").replace("right_", "left_").replace("@", "right_"))
+           for c in HEAD_CLASSES["condition"]]
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split: rows of images.npy, targets per head (-1 = unknown) and the sample table."""
+
+    name: str
+    rows: np.ndarray
+    targets: dict[str, np.ndarray]
+    axial: np.ndarray  # image x axis is the patient's left-right (a flip swaps sides)
+    samples: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def encode_targets(samples: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Class index per head; -1 where the label is unknown."""
+    severity = samples["severity"].astype("Float64").fillna(-1).astype(int).to_numpy()
+    condition = np.full(len(samples), -1)
+    for i, (name, grade) in enumerate(zip(samples["condition"], severity)):
+        if pd.isna(name) or grade == 0:  # a normal slice, or a site graded Normal/Mild
+            condition[i] = HEAD_CLASSES["condition"].index(HEALTHY)
+        elif grade > 0:
+            condition[i] = CONDITIONS.index(name)
+    level = np.array([LEVELS.index(v) if isinstance(v, str) and v in LEVELS else -1 for v in samples["level"]])
+    return {"condition": condition, "level": level, "severity": severity}
+
+
+def split_data(samples: pd.DataFrame, split: str) -> SplitData:
+    part = samples[samples["split"] == split].reset_index(drop=True)
+    return SplitData(
+        name=split,
+        rows=part["index"].to_numpy(np.int64),
+        targets=encode_targets(part),
+        axial=(part["series_description"] == AXIAL_T2).to_numpy(),
+        samples=part,
+    )
+
+
+def sample_weights(targets: dict[str, np.ndarray], severity_weights: bool) -> dict[str, np.ndarray]:
+    """0 where a head's label is unknown; severity rows weighted 1/2/4 when asked."""
+    weights = {head: (t >= 0).astype(np.float32) for head, t in targets.items()}
+    if severity_weights:
+        weights["severity"] = weights["severity"] * SEVERITY_WEIGHTS[np.clip(targets["severity"], 0, 2)]
+    return weights
+
+
+_OPEN: dict[str, np.ndarray] = {}
+
+
+def read_rows(images_path: str, rows: np.ndarray) -> np.ndarray:
+    """uint8 (len(rows), S, S, C) from the memory map, read in file order."""
+    images = _OPEN.get(images_path)
+    if images is None:
+        images = _OPEN[images_path] = np.load(images_path, mmap_mode="r")
+    order = np.argsort(rows)
+    out = np.empty((len(rows), *images.shape[1:]), dtype=np.uint8)
+    out[order] = images[rows[order]]
+    return out
+
+
+def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, shuffle: bool, seed: int,
+                 augment: AugmentConfig | None = None, severity_weights: bool = True) -> tf.data.Dataset:
+    """Batches of (image float32 0..255, {head: one-hot}, {head: sample weight})."""
+    images_path = str(images_path)
+    shape = np.load(images_path, mmap_mode="r").shape[1:]
+    weights = sample_weights(split.targets, severity_weights)
+    ds = tf.data.Dataset.from_tensor_slices({
+        "row": split.rows, "axial": split.axial,
+        **{f"y_{h}": t for h, t in split.targets.items()}, **{f"w_{h}": w for h, w in weights.items()},
+    })
+    if shuffle:
+        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    augmenter = _augmenter(augment, seed) if augment is not None else None
+
+    def load(batch):
+        images = tf.numpy_function(lambda r: read_rows(images_path, r), [batch["row"]], tf.uint8)
+        images = tf.reshape(images, (-1, *shape))
+        x = tf.cast(images, tf.float32)
+        condition = batch["y_condition"]
+        if augmenter is not None:
+            x = tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0)
+            if augment.flip:
+                x, condition = _flip(x, condition, batch["axial"], seed)
+        y = {"condition": tf.one_hot(condition, len(HEAD_CLASSES["condition"])),
+             "level": tf.one_hot(batch["y_level"], len(HEAD_CLASSES["level"])),
+             "severity": tf.one_hot(batch["y_severity"], len(HEAD_CLASSES["severity"]))}
+        w = {h: batch[f"w_{h}"] for h in HEAD_CLASSES}
+        return x, y, w
+
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _augmenter(augment: AugmentConfig, seed: int) -> keras.Sequential:
+    layers = []
+    if augment.rotation_deg > 0:
+        layers.append(keras.layers.RandomRotation(augment.rotation_deg / 360.0, fill_mode="constant", seed=seed))
+    if augment.shift > 0:
+        layers.append(keras.layers.RandomTranslation(augment.shift, augment.shift, fill_mode="constant", seed=seed + 1))
+    if augment.zoom > 0:
+        layers.append(keras.layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed + 2))
+    if augment.brightness > 0:
+        layers.append(keras.layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed + 3))
+    if augment.contrast > 0:
+        layers.append(keras.layers.RandomContrast(augment.contrast, value_range=(0, 255), seed=seed + 4))
+    return keras.Sequential(layers or [keras.layers.Identity()], name="augment")
+
+
+def _flip(x, condition, axial, seed):
+    """Mirror left-right at random; on axial images that also swaps the side of the label.
+
+    On sagittal images the horizontal axis is anterior-posterior, so a flip changes no side.
+    """
+    flip = tf.random.uniform([tf.shape(x)[0]], seed=seed + 7) < 0.5
+    x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
+    mirrored = tf.gather(tf.constant(_MIRROR, tf.int64), tf.maximum(condition, 0))
+    swap = tf.logical_and(flip, axial)
+    condition = tf.where(tf.logical_and(swap, condition >= 0), mirrored, condition)
+    return x, condition

@@ -1,0 +1,246 @@
+"""train(config): data -> model -> compile -> fit -> evaluate -> log, in one MLflow run.
+
+The same function serves `spinemri train`, the MLproject `main` entry point and (nested, with a
+pruning callback) every Optuna trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+
+from spinemri.config import HEADS, ConfigError, ExperimentConfig
+from spinemri.data import cache
+from spinemri.data.phantom import PhantomConfig, synthesize
+from spinemri.data.readers import DatasetError
+from spinemri.data.splits import SPLITS
+from spinemri.errors import UserError
+from spinemri.models.backbones import get_backbone
+from spinemri.models.network import HEAD_CLASSES, build_model, set_backbone_trainable
+from spinemri.models.pyfunc import log_classifier
+from spinemri.training import evaluation, plots
+from spinemri.training.data import SplitData, make_dataset, read_rows, split_data
+from spinemri.training.tracking import MlflowEpochLogger, log_figure, pip_requirements, run_tags
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training could not produce a model (e.g. the loss became NaN)."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    metrics: dict[str, float]
+    model_uri: str | None
+    epochs_trained: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def phantom_dir(config: ExperimentConfig) -> Path:
+    """Where the built-in phantom for this config lives (generated once, then reused)."""
+    return cache.default_cache_dir().parent / "phantom" / f"studies{config.data.phantom_studies}-seed{config.data.phantom_seed}"
+
+
+def prepare_data(config: ExperimentConfig) -> tuple[cache.PreparedDataset, pd.DataFrame]:
+    """The cache for this config (the phantom when data_dir is empty) and its samples with splits."""
+    data_dir = config.data.data_dir
+    if not data_dir:
+        data_dir = phantom_dir(config)
+        if not (data_dir / "train.csv").is_file():
+            synthesize(data_dir, PhantomConfig(studies=config.data.phantom_studies, seed=config.data.phantom_seed),
+                       workers=config.data.workers)
+    elif not Path(data_dir).exists():
+        raise DatasetError([f"data_dir {data_dir} does not exist; give an RSNA-layout folder or a flat CSV, "
+                            "or leave data_dir empty for the built-in phantom"])
+    dataset = cache.prepare(data_dir, config.preprocessing, workers=config.data.workers,
+                            split_fractions=config.split.fractions, split_seed=config.split.seed)
+    return dataset, dataset.samples_with_split(config.split.fractions, config.split.seed)
+
+
+def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_model: bool = True) -> TrainResult:
+    """Train, evaluate on the test split and log everything to one MLflow run (see README)."""
+    config.validate()
+    backbone = get_backbone(config.model.arch)
+    backbone.check_size(config.preprocessing.img_size)
+    dataset, samples = prepare_data(config)
+    splits = {name: split_data(samples, name) for name in SPLITS}
+    for name, part in splits.items():
+        if not (part.targets["severity"] >= 0).any():
+            raise DatasetError([f"{config.data.data_dir or 'the phantom'} has no labelled samples in the {name} "
+                                f"split ({len(part)} samples); use more studies or other split.fractions"])
+    keras.utils.set_random_seed(config.train.seed)
+
+    run_name = f"{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not nested and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(config.mlflow.experiment)
+    run = mlflow.start_run(run_name=run_name, nested=nested)
+    try:
+        with _sigterm_as_interrupt():
+            result = _train_in_run(config, dataset, splits, run_name, callbacks, log_model)
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    result.run_id = run.info.run_id
+    return result
+
+
+def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
+                  run_name: str, extra_callbacks, log_model: bool) -> TrainResult:
+    cfg, pre = config.train, config.preprocessing
+    mlflow.set_tags({**run_tags(dataset.fingerprint, config.model.arch, config.task), "mlflow.runName": run_name})
+    mlflow.log_params(config.flat())
+    mlflow.log_params({f"split.{name}_samples": len(part) for name, part in splits.items()})
+    mlflow.log_params({f"split.{name}_studies": int(part.samples["study_id"].nunique()) for name, part in splits.items()})
+    mlflow.log_dict(config.to_dict(), "config.yaml")
+    mlflow.log_text(dataset.splits(config.split.fractions, config.split.seed).to_csv(index=False), "data/splits.csv")
+
+    model = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
+                        dense_units=config.model.dense_units, dropout=config.model.dropout)
+    images_path = dataset.path / "images.npy"
+    train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed,
+                            augment=cfg.augment, severity_weights=config.model.severity_sample_weights)
+    val_ds = make_dataset(images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed,
+                          severity_weights=config.model.severity_sample_weights)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        best = Path(tmp) / "best.weights.h5"
+        callbacks = [
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.ModelCheckpoint(best, monitor=cfg.monitor, save_best_only=True, save_weights_only=True),
+            keras.callbacks.EarlyStopping(monitor=cfg.monitor, patience=cfg.early_stopping_patience),
+            keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, factor=0.5, patience=cfg.reduce_lr_patience),
+            MlflowEpochLogger(),
+            *extra_callbacks,
+        ]
+        history: dict[str, list[float]] = {}
+        started = time.perf_counter()
+        stages = []
+        if cfg.freeze_epochs > 0:
+            stages.append((False, cfg.lr, 0, cfg.freeze_epochs))
+        if cfg.epochs > cfg.freeze_epochs:
+            lr = cfg.lr * cfg.fine_tune_lr_factor if cfg.freeze_epochs > 0 else cfg.lr
+            stages.append((True, lr, cfg.freeze_epochs, cfg.epochs))
+        for trainable, lr, first, last in stages:
+            set_backbone_trainable(model, trainable)
+            _compile(model, config, lr)
+            fitted = model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
+                               callbacks=callbacks, verbose=2, shuffle=False)  # the dataset shuffles
+            for key, values in fitted.history.items():
+                history.setdefault(key, []).extend(float(v) for v in values)
+            if model.stop_training or len(fitted.history.get("loss", [])) < last - first:
+                break
+        training_time = time.perf_counter() - started
+        epochs_trained = len(history.get("loss", []))
+        if any(not math.isfinite(v) for v in history.get("loss", [])):
+            raise TrainingError(f"the training loss became NaN/inf after {epochs_trained} epoch(s) "
+                                f"(lr={cfg.lr}); lower train.lr or check the data")
+        if best.is_file():
+            model.load_weights(best)
+
+    metrics = _evaluate(model, images_path, splits["test"], cfg.batch_size)
+    metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained)
+    if cfg.monitor in history:
+        metrics[f"best_{cfg.monitor}"] = float(np.nanmin(history[cfg.monitor]) if "loss" in cfg.monitor
+                                               else np.nanmax(history[cfg.monitor]))
+    mlflow.log_metrics(metrics)
+    log_figure(plots.training_curves(history, HEADS), "plots/training_curves.png")
+
+    model_uri = None
+    if log_model:
+        example = read_rows(str(images_path), splits["test"].rows[:1]).astype(np.float32)
+        meta = {"arch": config.model.arch, "input_shape": list(example.shape[1:]), "preprocess": pre.to_dict(),
+                "classes": {h: list(c) for h, c in HEAD_CLASSES.items()}, "data_fingerprint": dataset.fingerprint}
+        model_uri = log_classifier(model, meta, example, pip_requirements()).model_uri
+    return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history)
+
+
+def _compile(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
+    cfg = config.train
+    if cfg.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(lr)
+    elif cfg.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay or 0.004)
+    else:
+        optimizer = keras.optimizers.SGD(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay or None)
+    model.compile(
+        optimizer=optimizer,
+        loss={h: keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing) for h in HEADS},
+        loss_weights={h: float(config.model.loss_weights[h]) for h in HEADS},
+        weighted_metrics={h: ["accuracy"] for h in HEADS},
+    )
+
+
+def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int) -> dict[str, float]:
+    """Test metrics per head (logged as test_<head>_<metric>) and the figures/reports behind them."""
+    outputs = {h: [] for h in HEADS}
+    for start in range(0, len(test), 256):
+        batch = read_rows(str(images_path), test.rows[start:start + 256]).astype(np.float32)
+        predicted = model.predict(batch, batch_size=batch_size, verbose=0)
+        for h in HEADS:
+            outputs[h].append(predicted[h])
+    proba = {h: np.concatenate(outputs[h]) for h in HEADS}
+    metrics: dict[str, float] = {}
+    for head in HEADS:
+        classes = HEAD_CLASSES[head]
+        y = test.targets[head]
+        for name, value in evaluation.head_metrics(y, proba[head]).items():
+            metrics[f"test_{head}_{name}"] = value
+        log_figure(plots.confusion(y, proba[head], classes, f"{head}: test confusion matrix"),
+                   f"plots/confusion_{head}.png")
+        log_figure(plots.roc_curves(y, proba[head], classes, f"{head}: test ROC (one-vs-rest)"),
+                   f"plots/roc_{head}.png")
+        mlflow.log_text(evaluation.report(y, proba[head], classes), f"reports/classification_report_{head}.txt")
+    metrics["test_severity_weighted_log_loss"] = evaluation.weighted_log_loss(test.targets["severity"], proba["severity"])
+    _log_sample_predictions(images_path, test, proba)
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def _log_sample_predictions(images_path: Path, test: SplitData, proba: dict[str, np.ndarray], count: int = 18) -> None:
+    """The thesis's prediction figures: test images with true and predicted severity."""
+    rng = np.random.default_rng(0)
+    labelled = np.flatnonzero(test.targets["severity"] >= 0)
+    chosen = np.sort(rng.choice(labelled, size=min(count, len(labelled)), replace=False))
+    images = read_rows(str(images_path), test.rows[chosen])
+    classes = HEAD_CLASSES["severity"]
+    truths = [classes[test.targets["severity"][i]] for i in chosen]
+    predictions = [classes[int(proba["severity"][i].argmax())] for i in chosen]
+    probabilities = [float(proba["severity"][i].max()) for i in chosen]
+    log_figure(plots.sample_predictions(images, truths, predictions, probabilities,
+                                        "test samples: true vs predicted severity"), "plots/test_predictions.png")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """`kill` (SIGTERM) ends the run as KILLED, like Ctrl-C, instead of leaving it RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+__all__ = ["ConfigError", "TrainResult", "TrainingError", "prepare_data", "train"]
