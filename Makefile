@@ -1,5 +1,5 @@
 # Two entry points for a new user (README "Quick start"):
-#   make demo   set up .venv and run the main job end to end on the built-in phantom
+#   make demo   set up .venv and train on the built-in phantom with `mlflow run` (ARCH=densenet)
 #   make test   set up .venv and run the test suite (what .ci/run calls)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -20,11 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# One tracking store shared by training, `mlflow ui` and serving.
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+ARCH ?= densenet
+
 demo: venv
 	@# The phantom is written once; delete $(DEMO_DIR) to regenerate it.
 	test -f $(DEMO_DIR)/train.csv || $(BIN)/spinemri data synth --out $(DEMO_DIR) --studies $(STUDIES) --seed 0
 	$(BIN)/spinemri data check $(DEMO_DIR)
-	$(BIN)/spinemri data prepare $(DEMO_DIR) --img-size 128 --workers 2
+	$(BIN)/spinemri data prepare $(DEMO_DIR) --img-size 96 --workers 2
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name spinemri-classify \
+		-P arch=$(ARCH) -P data_dir=$(DEMO_DIR)
+	@echo "See the run: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ def test_quick_experiment_loads_with_its_values():
     config = load_experiment("quick")
     assert config.name == "quick"
     assert config.model.arch == "densenet" and config.model.weights == "none"
-    assert config.preprocessing.img_size == 96 and config.train.epochs == 4
+    assert config.preprocessing.img_size == 96 and config.train.epochs == 6
     assert config.data.data_dir == ""
     assert config.flat()["train.lr"] == pytest.approx(0.001)
 

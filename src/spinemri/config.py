@@ -57,10 +57,13 @@ class ModelConfig:
     dropout: float = 0.3
     loss_weights: dict = field(default_factory=lambda: {"condition": 1.0, "level": 1.0, "severity": 1.0})
     severity_sample_weights: bool = True  # the competition's 1/2/4 for Normal/Mild, Moderate, Severe
+    bn_momentum: float = 0.0  # > 0: set every BatchNormalization's momentum (0.9 settles faster in short runs)
 
     def validate(self) -> None:
         _check(self.dense_units >= 1, "model.dense_units", "must be >= 1", self.dense_units)
         _check(0 <= self.dropout < 1, "model.dropout", "must be within [0, 1)", self.dropout)
+        _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be within [0, 1) (0 keeps the backbone's)",
+               self.bn_momentum)
         _check(set(self.loss_weights) == set(HEADS) and all(float(v) >= 0 for v in self.loss_weights.values()),
                "model.loss_weights", f"needs non-negative weights for exactly {', '.join(HEADS)}", self.loss_weights)
         if self.weights not in ("none", "imagenet"):

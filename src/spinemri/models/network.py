@@ -28,8 +28,12 @@ _CAFFE_MEAN = np.array([103.939, 116.779, 123.68])
 
 
 def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none", dense_units: int = 256,
-                dropout: float = 0.3) -> keras.Model:
-    """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of softmaxes."""
+                dropout: float = 0.3, bn_momentum: float = 0.0) -> keras.Model:
+    """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of softmaxes.
+
+    ``bn_momentum`` > 0 replaces the backbone's BatchNormalization momentum (Keras applications use
+    0.99, whose moving statistics need more steps than a quick run on a few hundred images has).
+    """
     backbone = get_backbone(arch)
     backbone.check_size(img_size)
     inputs = keras.Input((img_size, img_size, channels), name="image")
@@ -41,6 +45,10 @@ def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none
         x = layer(x)
     features = build_backbone(backbone, (img_size, img_size, channels), weights)
     features.name = BACKBONE_LAYER
+    if bn_momentum > 0:
+        for layer in features.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
     x = features(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)

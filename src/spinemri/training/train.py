@@ -112,7 +112,8 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     mlflow.log_text(dataset.splits(config.split.fractions, config.split.seed).to_csv(index=False), "data/splits.csv")
 
     model = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
-                        dense_units=config.model.dense_units, dropout=config.model.dropout)
+                        dense_units=config.model.dense_units, dropout=config.model.dropout,
+                        bn_momentum=config.model.bn_momentum)
     images_path = dataset.path / "images.npy"
     train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed,
                             augment=cfg.augment, severity_weights=config.model.severity_sample_weights)

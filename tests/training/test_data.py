@@ -1,0 +1,91 @@
+"""Targets, masks and the tf.data pipeline that streams the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spinemri.config import AugmentConfig
+from spinemri.data.cache import prepare
+from spinemri.data.preprocess import PreprocessConfig
+from spinemri.models.network import HEAD_CLASSES
+from spinemri.training.data import encode_targets, make_dataset, sample_weights, split_data
+
+
+def test_targets_follow_the_thesis_categories():
+    samples = pd.DataFrame({
+        "condition": ["spinal_canal_stenosis", "left_subarticular_stenosis", "right_neural_foraminal_narrowing", None,
+                      "spinal_canal_stenosis"],
+        "level": ["L1/L2", "L5/S1", "L3/L4", None, "L2/L3"],
+        "severity": pd.array([0, 2, 1, 0, None], dtype="Int64"),
+    })
+    targets = encode_targets(samples)
+    healthy = HEAD_CLASSES["condition"].index("healthy")
+    assert targets["condition"].tolist() == [healthy, 3, 2, healthy, -1]  # graded Normal/Mild = Healthy
+    assert targets["level"].tolist() == [0, 4, 2, -1, 1]
+    assert targets["severity"].tolist() == [0, 2, 1, 0, -1]
+    weights = sample_weights(targets, severity_weights=True)
+    assert weights["severity"].tolist() == [1, 4, 2, 1, 0]
+    assert weights["condition"].tolist() == [1, 1, 1, 1, 0]
+    assert sample_weights(targets, severity_weights=False)["severity"].tolist() == [1, 1, 1, 1, 0]
+
+
+@pytest.fixture(scope="module")
+def prepared(phantom_dir, tmp_path_factory):
+    dataset = prepare(phantom_dir, PreprocessConfig(img_size=32), cache_dir=tmp_path_factory.mktemp("cache"))
+    return dataset, dataset.samples_with_split()
+
+
+def test_batches_stream_from_the_cache_with_one_hot_targets(prepared):
+    dataset, samples = prepared
+    train = split_data(samples, "train")
+    batches = list(make_dataset(dataset.path / "images.npy", train, 16, shuffle=False, seed=0))
+    assert sum(len(x) for x, _, _ in batches) == len(train)
+    x, y, w = batches[0]
+    images = dataset.images()
+    np.testing.assert_array_equal(x.numpy(), images[train.rows[:16]].astype(np.float32))
+    for head, classes in HEAD_CLASSES.items():
+        assert y[head].shape == (16, len(classes))
+        onehot = y[head].numpy()
+        known = train.targets[head][:16] >= 0
+        assert (onehot[known].argmax(axis=1) == train.targets[head][:16][known]).all()
+        assert (onehot[~known] == 0).all()
+        assert w[head].shape == (16,)
+
+
+def test_shuffle_changes_order_per_epoch_but_not_content(prepared):
+    dataset, samples = prepared
+    train = split_data(samples, "train")
+    ds = make_dataset(dataset.path / "images.npy", train, len(train), shuffle=True, seed=1)
+    first, second = [next(iter(ds))[0].numpy() for _ in range(2)]
+    assert not np.array_equal(first, second)
+    assert np.isclose(first.sum(), second.sum())
+
+
+def test_flip_swaps_sides_on_axial_images_only(prepared):
+    dataset, samples = prepared
+    train = split_data(samples, "train")
+    none = AugmentConfig(rotation_deg=0, shift=0, zoom=0, brightness=0, contrast=0, flip=True)
+    ds = make_dataset(dataset.path / "images.npy", train, len(train), shuffle=False, seed=3, augment=none)
+    x, y, _ = next(iter(ds))
+    x, condition = x.numpy(), y["condition"].numpy()
+    original = dataset.images()[train.rows].astype(np.float32)
+    flipped = np.array([not np.array_equal(x[i], original[i]) for i in range(len(x))])
+    assert 0.2 < flipped.mean() < 0.8
+    np.testing.assert_array_equal(x[flipped], original[flipped][:, :, ::-1])
+    names = HEAD_CLASSES["condition"]
+    swapped = {"left_subarticular_stenosis": "right_subarticular_stenosis",
+               "right_subarticular_stenosis": "left_subarticular_stenosis"}
+    checked = 0
+    for i in range(len(x)):
+        if train.targets["condition"][i] < 0:
+            continue
+        before = names[train.targets["condition"][i]]
+        after = names[condition[i].argmax()]
+        if flipped[i] and train.axial[i] and before in swapped:
+            assert after == swapped[before]
+            checked += 1
+        else:
+            assert after == before  # sagittal: a flip mirrors anterior-posterior, no side changes
+    assert checked > 0
