@@ -174,10 +174,15 @@ def prepare(path, img_size, mode, roi_mm, channels, equalize, dicom_window, work
 @click.option("--lr", default=None, help="Learning rate.")
 @click.option("--weights", default=None, help="imagenet, none, or a weights file.")
 @click.option("--seed", default=None, help="Random seed of training.")
+@click.option("--trials", default=None, help="N > 0: tune with an Optuna study of N trials first (0 = train once).")
+@click.option("--storage", default=None, help="Optuna storage: a journal file or postgresql://... "
+              "[default: optuna-journal.log next to the MLflow store].")
+@click.option("--workers", default=None, help="Processes working on the study at once.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other config key, e.g. --set train.freeze_epochs=2 --set model.dropout=0.5.")
 @user_errors
-def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, weights, seed, settings) -> None:
+def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, weights, seed, trials, storage, workers,
+          settings) -> None:
     """Train a backbone with the three heads and log the run to MLflow.
 
     Options left out (or empty) take the experiment's value; an experiment without a data_dir
@@ -187,16 +192,53 @@ def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, we
     from spinemri.config import load_experiment, parse_override
 
     overrides = dict(arch=arch, data_dir=data_dir, img_size=img_size, mode=mode, epochs=epochs,
-                     batch_size=batch_size, lr=lr, weights=weights, seed=seed)
+                     batch_size=batch_size, lr=lr, weights=weights, seed=seed, trials=trials, storage=storage,
+                     workers=workers)
     overrides = {k: v for k, v in overrides.items() if v not in (None, "")}
     overrides.update(parse_override(item) for item in settings)
     config = load_experiment(experiment, overrides)
-    from spinemri.training.train import train as run_training
+    if config.tuning.trials > 0:
+        from spinemri.tuning import tune as run_study
 
-    result = run_training(config)
+        study = run_study(config)
+        click.echo(f"study {study.study_name}: {study.counts}, best {config.train.monitor} {study.best_value:.4f} "
+                   f"with {study.best_params}")
+        click.echo(f"parent run {study.parent_run_id}; the best configuration retrained as run {study.final.run_id}")
+        result = study.final
+    else:
+        from spinemri.training.train import train as run_training
+
+        result = run_training(config)
     click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), model {result.model_uri}")
     for key, value in sorted(result.metrics.items()):
         click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+@main.command()
+@click.option("--experiment", default="quick", show_default=True, help="Experiment YAML (name or path).")
+@click.option("--arch", default=None, help="Backbone to tune.")
+@click.option("--trials", required=True, type=click.IntRange(min=1), help="Finished trials the study should reach.")
+@click.option("--storage", default=None, help="Optuna storage (journal file or postgresql://...).")
+@click.option("--study-name", default=None, help="Study name [default: <experiment>-<arch>].")
+@click.option("--pruner", default=None, type=click.Choice(["median", "hyperband", "none"]), help="Pruner.")
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Processes working on the study.")
+@click.option("--data-dir", default=None, help="Dataset [default: the experiment's, else the phantom].")
+@click.option("--epochs", default=None, help="Epochs per trial.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other config key.")
+@click.pass_context
+def tune(ctx, experiment, arch, trials, storage, study_name, pruner, workers, data_dir, epochs, settings) -> None:
+    """Tune hyperparameters with Optuna (search space: the experiment's tuning.search_space).
+
+    Each trial is a nested MLflow run under one parent run; pruned by the median (or hyperband)
+    pruner on the validation monitor; re-running the same command after a crash resumes the study
+    until --trials trials have finished. The best configuration is then trained and logged with
+    its model like `spinemri train`.
+    """
+    settings = list(settings) + [f"tuning.{k}={v}" for k, v in
+                                 (("study_name", study_name), ("pruner", pruner)) if v]
+    ctx.invoke(train, experiment=experiment, arch=arch, data_dir=data_dir, img_size=None, mode=None, epochs=epochs,
+               batch_size=None, lr=None, weights=None, seed=None, trials=str(trials), storage=storage,
+               workers=None if workers is None else str(workers), settings=tuple(settings))
 
 
 def _fractions(text: str) -> tuple[float, float, float]:

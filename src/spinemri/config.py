@@ -79,13 +79,14 @@ class AugmentConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     flip: bool = False  # left-right flip; swaps left/right labels on axial images
+    strength: float = 1.0  # multiplies every range above (0 = no augmentation); tunable as one knob
 
     def validate(self) -> None:
-        for name in ("rotation_deg", "shift", "zoom", "brightness", "contrast"):
+        for name in ("rotation_deg", "shift", "zoom", "brightness", "contrast", "strength"):
             value = getattr(self, name)
             _check(value >= 0, f"train.augment.{name}", "must be >= 0", value)
-        _check(self.shift < 1 and self.zoom < 1, "train.augment", "shift and zoom must be < 1",
-               (self.shift, self.zoom))
+        _check(self.shift * self.strength < 1 and self.zoom * self.strength < 1, "train.augment",
+               "shift and zoom (times strength) must be < 1", (self.shift, self.zoom, self.strength))
 
 
 @dataclass
@@ -124,6 +125,81 @@ class TrainConfig:
         self.augment.validate()
 
 
+DISTRIBUTIONS = ("float", "int", "categorical")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass
+class TuningConfig:
+    """Optuna: how many trials, how to prune, where the study lives, and the search space.
+
+    ``search_space`` maps a dotted config key to a distribution, e.g.
+    ``train.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}`` or
+    ``train.batch_size: {type: categorical, choices: [8, 16, 32]}``.
+    """
+
+    trials: int = 0  # 0: train once with the experiment's values
+    pruner: str = "median"
+    n_startup_trials: int = 2  # trials before the median pruner may prune
+    n_warmup_steps: int = 1  # epochs before a trial may be pruned
+    sampler_seed: int = 0
+    study_name: str = ""  # default: <experiment>-<arch>
+    storage: str = ""  # default: a journal file next to the MLflow store
+    workers: int = 1  # processes working on the study at once
+    search_space: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check(isinstance(self.trials, int) and self.trials >= 0, "trials", "must be an integer >= 0", self.trials)
+        _check(self.pruner in PRUNERS, "tuning.pruner", f"must be one of {', '.join(PRUNERS)}", self.pruner)
+        _check(self.n_startup_trials >= 0 and self.n_warmup_steps >= 0, "tuning.n_startup_trials/n_warmup_steps",
+               "must be >= 0", (self.n_startup_trials, self.n_warmup_steps))
+        _check(self.workers >= 1, "tuning.workers", "must be >= 1", self.workers)
+
+
+def validate_search_space(space: Mapping[str, Any], config_dict: Mapping[str, Any]) -> None:
+    """Refuse a malformed space before any training: each problem names its YAML key."""
+    if not isinstance(space, Mapping):
+        raise ConfigError(f"tuning.search_space must be a mapping of config keys to distributions, got {space!r}")
+    for key, spec in space.items():
+        where = f"tuning.search_space.{key}"
+        node = config_dict
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise ConfigError(f"{where}: {key} is not a config key (e.g. train.lr, model.dropout)")
+            node = node[part]
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where} must be a mapping with a 'type', got {spec!r}")
+        kind = spec.get("type")
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}.type must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}")
+        allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for type {kind}; valid: {', '.join(sorted(allowed))}")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, (list, tuple)) or not choices:
+                raise ConfigError(f"{where}.choices must be a non-empty list, got {choices!r}")
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise ConfigError(f"{where} needs numeric low and high, got low={low!r}, high={high!r}")
+        if low > high:
+            raise ConfigError(f"{where}: low ({low}) is greater than high ({high})")
+        if spec.get("log") and low <= 0:
+            raise ConfigError(f"{where}: a log scale needs low > 0, got {low}")
+        if kind == "int" and (int(low) != low or int(high) != high):
+            raise ConfigError(f"{where}: an int distribution needs whole-number low and high, got {low}, {high}")
+
+
+def with_values(config: "ExperimentConfig", values: Mapping[str, Any]) -> "ExperimentConfig":
+    """A copy of ``config`` with dotted keys replaced (a trial's suggestion), validated."""
+    raw = config.to_dict()
+    for key, value in values.items():
+        _set_dotted(raw, key, value, "the search space")
+    return from_dict(raw, source="trial").validate()
+
+
 @dataclass
 class MlflowConfig:
     experiment: str = "spinemri-classify"  # one experiment per task
@@ -140,6 +216,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     @property
     def preprocessing(self) -> PreprocessConfig:
@@ -154,6 +231,8 @@ class ExperimentConfig:
         self.split.validate()
         self.model.validate()
         self.train.validate()
+        self.tuning.validate()
+        validate_search_space(self.tuning.search_space, self.to_dict())
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,7 +256,9 @@ class ExperimentConfig:
 SHORTCUTS = {
     "arch": "model.arch", "weights": "model.weights", "data_dir": "data.data_dir",
     "img_size": "preprocess.img_size", "mode": "preprocess.mode", "epochs": "train.epochs",
-    "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed", "trials": "tuning.trials",
+    "storage": "tuning.storage", "study_name": "tuning.study_name", "pruner": "tuning.pruner",
+    "workers": "tuning.workers",
 }
 
 
@@ -279,6 +360,8 @@ def _build(cls, raw, source: str, prefix: str):
             except ValueError as exc:
                 raise ConfigError(f"{source}: preprocess: {exc}") from None
             values[name] = merged
+        elif name == "search_space":
+            values[name] = dict(value or {})
         elif name == "loss_weights":
             values[name] = {**default, **(value or {})}
         else:

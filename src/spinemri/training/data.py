@@ -119,17 +119,20 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
 
 
 def _augmenter(augment: AugmentConfig, seed: int) -> keras.Sequential:
+    k = augment.strength
+    rotation, shift, zoom = augment.rotation_deg * k, augment.shift * k, augment.zoom * k
+    brightness, contrast = augment.brightness * k, augment.contrast * k
     layers = []
-    if augment.rotation_deg > 0:
-        layers.append(keras.layers.RandomRotation(augment.rotation_deg / 360.0, fill_mode="constant", seed=seed))
-    if augment.shift > 0:
-        layers.append(keras.layers.RandomTranslation(augment.shift, augment.shift, fill_mode="constant", seed=seed + 1))
-    if augment.zoom > 0:
-        layers.append(keras.layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed + 2))
-    if augment.brightness > 0:
-        layers.append(keras.layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed + 3))
-    if augment.contrast > 0:
-        layers.append(keras.layers.RandomContrast(augment.contrast, value_range=(0, 255), seed=seed + 4))
+    if rotation > 0:
+        layers.append(keras.layers.RandomRotation(rotation / 360.0, fill_mode="constant", seed=seed))
+    if shift > 0:
+        layers.append(keras.layers.RandomTranslation(shift, shift, fill_mode="constant", seed=seed + 1))
+    if zoom > 0:
+        layers.append(keras.layers.RandomZoom(zoom, fill_mode="constant", seed=seed + 2))
+    if brightness > 0:
+        layers.append(keras.layers.RandomBrightness(min(brightness, 1.0), value_range=(0, 255), seed=seed + 3))
+    if contrast > 0:
+        layers.append(keras.layers.RandomContrast(min(contrast, 1.0), value_range=(0, 255), seed=seed + 4))
     return keras.Sequential(layers or [keras.layers.Identity()], name="augment")
 
 

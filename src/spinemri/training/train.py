@@ -70,8 +70,22 @@ def prepare_data(config: ExperimentConfig) -> tuple[cache.PreparedDataset, pd.Da
     return dataset, dataset.samples_with_split(config.split.fractions, config.split.seed)
 
 
-def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_model: bool = True) -> TrainResult:
-    """Train, evaluate on the test split and log everything to one MLflow run (see README)."""
+def best_value(history: dict[str, list[float]], monitor: str) -> float:
+    """The best value a metric reached: the minimum of a loss, the maximum of anything else."""
+    values = [v for v in history.get(monitor, []) if math.isfinite(v)]
+    if not values:
+        return float("nan")
+    return min(values) if "loss" in monitor else max(values)
+
+
+def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_model: bool = True,
+          evaluate_test: bool = True, own_run: bool = True) -> TrainResult:
+    """Train, evaluate on the test split and log everything to one MLflow run (see README).
+
+    ``own_run=False`` logs into the caller's active run and leaves its status to the caller
+    (an Optuna trial); ``evaluate_test=False`` skips the test split (trials are chosen on
+    validation, never on test).
+    """
     config.validate()
     backbone = get_backbone(config.model.arch)
     backbone.check_size(config.preprocessing.img_size)
@@ -84,12 +98,19 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
     keras.utils.set_random_seed(config.train.seed)
 
     run_name = f"{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not own_run:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("train(own_run=False) needs an active MLflow run")
+        result = _train_in_run(config, dataset, splits, None, callbacks, log_model, evaluate_test)
+        result.run_id = active.info.run_id
+        return result
     if not nested and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(config.mlflow.experiment)
     run = mlflow.start_run(run_name=run_name, nested=nested)
     try:
         with _sigterm_as_interrupt():
-            result = _train_in_run(config, dataset, splits, run_name, callbacks, log_model)
+            result = _train_in_run(config, dataset, splits, run_name, callbacks, log_model, evaluate_test)
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
@@ -102,9 +123,11 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
 
 
 def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
-                  run_name: str, extra_callbacks, log_model: bool) -> TrainResult:
+                  run_name: str | None, extra_callbacks, log_model: bool, evaluate_test: bool) -> TrainResult:
     cfg, pre = config.train, config.preprocessing
-    mlflow.set_tags({**run_tags(dataset.fingerprint, config.model.arch, config.task), "mlflow.runName": run_name})
+    mlflow.set_tags(run_tags(dataset.fingerprint, config.model.arch, config.task))
+    if run_name:  # a run started by `mlflow run` gets our name too
+        mlflow.set_tag("mlflow.runName", run_name)
     mlflow.log_params(config.flat())
     mlflow.log_params({f"split.{name}_samples": len(part) for name, part in splits.items()})
     mlflow.log_params({f"split.{name}_studies": int(part.samples["study_id"].nunique()) for name, part in splits.items()})
@@ -155,11 +178,10 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
         if best.is_file():
             model.load_weights(best)
 
-    metrics = _evaluate(model, images_path, splits["test"], cfg.batch_size)
+    metrics = _evaluate(model, images_path, splits["test"], cfg.batch_size) if evaluate_test else {}
     metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained)
     if cfg.monitor in history:
-        metrics[f"best_{cfg.monitor}"] = float(np.nanmin(history[cfg.monitor]) if "loss" in cfg.monitor
-                                               else np.nanmax(history[cfg.monitor]))
+        metrics[f"best_{cfg.monitor}"] = best_value(history, cfg.monitor)
     mlflow.log_metrics(metrics)
     log_figure(plots.training_curves(history, HEADS), "plots/training_curves.png")
 

@@ -1,0 +1,328 @@
+"""Optuna studies: the experiment's search space, pruning, nested MLflow runs, resume and workers.
+
+``tune(config)`` opens (or resumes) the study ``<experiment>-<arch>``, runs trials until
+``tuning.trials`` have finished (COMPLETE or PRUNED) — each trial one nested MLflow run calling the
+same :func:`spinemri.training.train.train` as the train command, watched by Optuna's
+``KerasPruningCallback`` on the same monitor as early stopping — then logs the study to the parent
+run and trains the best configuration as a normal run with its model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import multiprocessing
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import mlflow
+import optuna
+from optuna.trial import TrialState
+
+from spinemri.config import ConfigError, ExperimentConfig, with_values
+from spinemri.errors import UserError
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TuningError(UserError, RuntimeError):
+    pass
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    parent_run_id: str
+    best_value: float
+    best_params: dict[str, Any]
+    counts: dict[str, int]
+    final: Any  # the TrainResult of the best configuration
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The only place that calls ``trial.suggest_*``: one value per search-space key."""
+    values = {}
+    for key, spec in space.items():
+        kind = spec["type"]
+        if kind == "categorical":
+            values[key] = trial.suggest_categorical(key, list(spec["choices"]))
+        elif kind == "int":
+            values[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
+                                            log=bool(spec.get("log", False)))
+        else:
+            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), step=spec.get("step"),
+                                              log=bool(spec.get("log", False)))
+    return values
+
+
+def direction(monitor: str) -> str:
+    return "minimize" if "loss" in monitor else "maximize"
+
+
+def study_name(config: ExperimentConfig) -> str:
+    return config.tuning.study_name or f"{config.name}-{config.model.arch}"
+
+
+def default_storage() -> str:
+    """A journal file next to the MLflow store (safe for several processes on one machine)."""
+    tracking = mlflow.get_tracking_uri()
+    parsed = urlparse(tracking)
+    if parsed.scheme == "sqlite" and tracking.startswith("sqlite:///"):
+        folder = Path(tracking[len("sqlite:///"):]).parent
+    elif parsed.scheme in ("", "file"):
+        folder = Path(parsed.path or ".").parent
+    else:
+        folder = Path.cwd()
+    return str(folder.resolve() / "optuna-journal.log")
+
+
+def open_storage(url: str):
+    """Optuna storage for a journal file path or an RDB URL; an unreachable one fails here."""
+    if "://" in url:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind
+            raise TuningError(f"storage {url} is unreachable or invalid ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); check the URL, or leave --storage empty for a "
+                              "local journal file") from None
+    path = Path(url)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as exc:
+        raise TuningError(f"storage {url} cannot be written ({exc}); choose another --storage") from None
+
+
+def tune(config: ExperimentConfig) -> TuneResult:
+    """Run or resume the study, then train and log the best configuration (see the module docstring)."""
+    from spinemri.training.train import prepare_data, train  # TensorFlow loads only when tuning
+
+    config.validate()
+    tuning = config.tuning
+    if tuning.trials < 1:
+        raise ConfigError("trials must be >= 1 to tune (trials=0 trains once)")
+    if not tuning.search_space:
+        raise ConfigError(f"tuning.search_space is empty in experiment {config.name!r}; add keys such as "
+                          "train.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}")
+    from spinemri.models.backbones import get_backbone
+
+    get_backbone(config.model.arch).check_size(config.preprocessing.img_size)
+    storage_url = tuning.storage or default_storage()
+    study = _load_study(config, storage_url)
+    prepare_data(config)  # the phantom and the cache exist before any trial starts
+    _recover_dead(study)
+
+    name = study.study_name
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(config.mlflow.experiment)
+    parent = mlflow.start_run(run_name=f"{name}-study")
+    try:
+        mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url, "role": "study", "pid": str(os.getpid()),
+                         "host": socket.gethostname(), "arch": config.model.arch})
+        mlflow.log_params({"tuning.trials": tuning.trials, "tuning.pruner": tuning.pruner, "tuning.workers": tuning.workers,
+                           "tuning.monitor": config.train.monitor, "model.arch": config.model.arch,
+                           "experiment": config.name})
+        mlflow.log_dict(config.to_dict(), "config.yaml")
+        experiment_id = parent.info.experiment_id
+        helpers = []
+        context = multiprocessing.get_context("spawn")
+        for index in range(1, tuning.workers):
+            process = context.Process(target=_worker_main, args=(config, storage_url, parent.info.run_id,
+                                                                  experiment_id, index))
+            process.start()
+            helpers.append(process)
+        try:
+            work(config, study, parent.info.run_id, storage_url, worker_index=0)
+        finally:
+            for process in helpers:
+                process.join()
+        bad = [p.exitcode for p in helpers if p.exitcode not in (0, None)]
+        if bad:
+            raise TuningError(f"{len(bad)} worker process(es) failed (exit codes {bad}); see their output above")
+
+        study = _load_study(config, storage_url)
+        counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
+                  for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+        if counts["complete"] == 0:
+            raise TuningError(f"no trial of study {name} completed ({counts}); see the failed trials' fail_reason tags")
+        best = study.best_trial
+        mlflow.log_metric("best_value", best.value)
+        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        mlflow.set_tag("best_trial", str(best.number))
+        _log_study_plots(study)
+
+        final = train(with_values(config, best.params), nested=True)
+        mlflow.set_tag("final_run_id", final.run_id)
+        mlflow.log_metrics({f"final_{k}": v for k, v in final.metrics.items() if k.startswith("test_")})
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    return TuneResult(name, parent.info.run_id, best.value, best.params, counts, final)
+
+
+def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, storage_url: str, worker_index: int) -> None:
+    """Ask, train, tell — until the study has ``tuning.trials`` finished trials.
+
+    A lock file next to a journal storage makes "count, then ask" atomic across processes, so
+    parallel workers stop at exactly N finished trials.
+    """
+    import keras
+    from optuna_integration import KerasPruningCallback
+
+    from spinemri.training.train import best_value, train
+
+    target, monitor = config.tuning.trials, config.train.monitor
+    while True:
+        with _study_lock(storage_url):
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state in FINISHED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            failed = sum(t.state == TrialState.FAIL for t in trials)
+            if finished + running >= target:
+                return
+            if failed >= max(target, 3):
+                raise TuningError(f"{failed} trials of study {study.study_name} failed; fix the cause (see their "
+                                  "fail_reason) before tuning on")
+            trial = study.ask()
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+
+        run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id)
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        mlflow.set_tags({"optuna.study": study.study_name, "optuna.trial": str(trial.number), "role": "trial",
+                         "pid": str(os.getpid()), "host": socket.gethostname(), "worker": str(worker_index)})
+        try:
+            values = suggest(trial, config.tuning.search_space)
+            mlflow.log_params({f"trial.{k}": v for k, v in values.items()})
+            keras.backend.clear_session()
+            result = train(with_values(config, values), callbacks=[KerasPruningCallback(trial, monitor)],
+                           own_run=False, log_model=False, evaluate_test=False)
+            value = best_value(result.history, monitor)
+            if not math.isfinite(value):
+                raise TuningError(f"{monitor} was never finite in this trial")
+        except optuna.TrialPruned as exc:
+            mlflow.set_tags({"optuna.state": "PRUNED", "pruned_reason": str(exc)})
+            study.tell(trial, state=TrialState.PRUNED)
+            mlflow.end_run("FINISHED")
+        except KeyboardInterrupt:
+            _fail(study, trial, "interrupted")
+            mlflow.end_run("KILLED")
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            _fail(study, trial, reason)
+            mlflow.end_run("FAILED")
+        else:
+            mlflow.log_metric("trial_value", value)
+            mlflow.set_tag("optuna.state", "COMPLETE")
+            study.tell(trial, value)
+            mlflow.end_run("FINISHED")
+
+
+def _fail(study, trial, reason: str) -> None:
+    trial.set_user_attr("fail_reason", reason)
+    mlflow.set_tags({"optuna.state": "FAIL", "fail_reason": reason})
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def _worker_main(config, storage_url, parent_run_id, experiment_id, index) -> None:
+    """Entry point of a helper process (spawned): trials only, under the parent's MLflow run."""
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    study = _load_study(config, storage_url, seed_offset=index)
+    work(config, study, parent_run_id, storage_url, worker_index=index)
+
+
+def _load_study(config: ExperimentConfig, storage_url: str, seed_offset: int = 0) -> optuna.Study:
+    tuning = config.tuning
+    if tuning.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=tuning.n_startup_trials,
+                                             n_warmup_steps=tuning.n_warmup_steps)
+    elif tuning.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.train.epochs)
+    else:
+        pruner = optuna.pruners.NopPruner()
+    storage = open_storage(storage_url)
+    return optuna.create_study(
+        study_name=study_name(config), storage=storage, load_if_exists=True,
+        direction=direction(config.train.monitor), pruner=pruner,
+        sampler=optuna.samplers.TPESampler(seed=tuning.sampler_seed + seed_offset),
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_here(host: str | None, pid) -> bool:
+    return host == socket.gethostname() and pid not in (None, "") and not _pid_alive(int(pid))
+
+
+def _recover_dead(study: optuna.Study) -> None:
+    """Trials and runs left RUNNING by a process that died on this machine become FAIL/FAILED."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _dead_here(trial.user_attrs.get("host"), trial.user_attrs.get("pid")):
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its process died (killed or crashed)")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    client = mlflow.MlflowClient()
+    for run in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"):
+        if _dead_here(run.data.tags.get("host"), run.data.tags.get("pid")):
+            status = "KILLED" if run.data.tags.get("role") == "study" else "FAILED"
+            client.set_tag(run.info.run_id, "fail_reason", "its process died (killed or crashed)")
+            client.set_terminated(run.info.run_id, status)
+
+
+@contextlib.contextmanager
+def _study_lock(storage_url: str):
+    """An exclusive lock next to a local journal; RDB storages (several machines) go without."""
+    if "://" in storage_url:
+        yield
+        return
+    with open(f"{storage_url}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _log_study_plots(study: optuna.Study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    for name, plot in (("optimization_history", ov.plot_optimization_history),
+                       ("param_importances", ov.plot_param_importances),
+                       ("parallel_coordinate", ov.plot_parallel_coordinate)):
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. too few complete trials
+            mlflow.log_text(f"{name} not drawn: {exc}\n", f"study/{name}.txt")
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.set_size_inches(8, 5)
+        mlflow.log_figure(figure, f"study/{name}.png")
+        plt.close(figure)
+    frame = study.trials_dataframe()
+    mlflow.log_text(frame.to_csv(index=False), "study/trials.csv")
