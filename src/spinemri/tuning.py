@@ -297,7 +297,7 @@ def _study_lock(storage_url: str):
     if "://" in storage_url:
         yield
         return
-    with open(f"{storage_url}.lock", "a") as handle:
+    with open(f"{storage_url}.spinemri-lock", "a") as handle:  # not ".lock": Optuna's own journal lock
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
