@@ -134,11 +134,15 @@ def test_kill_and_resume_finishes_exactly_n_trials(phantom_dir, tmp_path, tracki
     assert sorted(r.info.status for r in runs if r.data.tags.get("role") == "study") == ["FINISHED", "KILLED"]
 
 
-def test_two_processes_share_one_study_and_stop_at_n(phantom_dir, tmp_path, tracking):
+@pytest.mark.parametrize("how", ["two commands", "--workers 2"])
+def test_two_processes_share_one_study_and_stop_at_n(phantom_dir, tmp_path, tracking, how):
     command = _tune_command(phantom_dir, tmp_path, 4, 2)
     mlflow.MlflowClient(tracking).search_experiments()  # create the store's tables before two processes race to
+    copies = 2 if how == "two commands" else 1
+    if how == "--workers 2":
+        command += ["--workers", "2"]
     processes = [subprocess.Popen(command, env=_env(tracking), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for _ in range(2)]
+                 for _ in range(copies)]
     for process in processes:
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err.decode()[-3000:]
