@@ -26,6 +26,8 @@ from optuna.trial import TrialState
 
 from spinemri.config import ConfigError, ExperimentConfig, with_values
 from spinemri.errors import UserError
+from spinemri.processes import pid_alive
+from spinemri.training.tracking import ending_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -123,7 +125,7 @@ def tune(config: ExperimentConfig) -> TuneResult:
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(config.mlflow.experiment)
     parent = mlflow.start_run(run_name=f"{name}-study")
-    try:
+    with ending_run():
         mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url, "role": "study", "pid": str(os.getpid()),
                          "host": socket.gethostname(), "arch": config.model.arch})
         mlflow.log_params({"tuning.trials": tuning.trials, "tuning.pruner": tuning.pruner, "tuning.workers": tuning.workers,
@@ -162,13 +164,6 @@ def tune(config: ExperimentConfig) -> TuneResult:
         final = train(with_values(config, best.params), nested=True)
         mlflow.set_tag("final_run_id", final.run_id)
         mlflow.log_metrics({f"final_{k}": v for k, v in final.metrics.items() if k.startswith("test_")})
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run("FINISHED")
     return TuneResult(name, parent.info.run_id, best.value, best.params, counts, final)
 
 
@@ -262,18 +257,8 @@ def _load_study(config: ExperimentConfig, storage_url: str, seed_offset: int = 0
     )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _dead_here(host: str | None, pid) -> bool:
-    return host == socket.gethostname() and pid not in (None, "") and not _pid_alive(int(pid))
+    return host == socket.gethostname() and pid not in (None, "") and not pid_alive(int(pid))
 
 
 def _recover_dead(study: optuna.Study) -> None:

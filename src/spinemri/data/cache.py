@@ -35,6 +35,7 @@ from spinemri.data.dicom import ImageReadError, read_image, series_order
 from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
 from spinemri.data.splits import split_studies
 from spinemri.errors import UserError
+from spinemri.processes import pid_alive
 
 CACHE_VERSION = 1  # bump when preprocessing code changes what a cached tensor contains
 ON_BAD_FILE = ("stop", "skip")
@@ -266,18 +267,8 @@ def _remove_stale_partials(cache_dir: Path, key: str) -> None:
             pid = int(partial.name.split(".partial-")[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -33,7 +33,7 @@ from spinemri.models.network import HEAD_CLASSES, build_model, set_backbone_trai
 from spinemri.models.pyfunc import log_classifier
 from spinemri.training import evaluation, plots
 from spinemri.training.data import SplitData, make_dataset, read_rows, split_data
-from spinemri.training.tracking import MlflowEpochLogger, log_figure, pip_requirements, run_tags
+from spinemri.training.tracking import MlflowEpochLogger, ending_run, log_figure, pip_requirements, run_tags
 
 
 class TrainingError(UserError, RuntimeError):
@@ -108,16 +108,8 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
     if not nested and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(config.mlflow.experiment)
     run = mlflow.start_run(run_name=run_name, nested=nested)
-    try:
-        with _sigterm_as_interrupt():
-            result = _train_in_run(config, dataset, splits, run_name, callbacks, log_model, evaluate_test)
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run("FINISHED")
+    with ending_run(), _sigterm_as_interrupt():
+        result = _train_in_run(config, dataset, splits, run_name, callbacks, log_model, evaluate_test)
     result.run_id = run.info.run_id
     return result
 
