@@ -43,21 +43,22 @@ def _runs(tracking_uri):
 
 
 def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_path, tracking):
-    config = _config(phantom_dir, tmp_path, 4, **{"tuning.n_startup_trials": 1, "tuning.n_warmup_steps": 0})
+    # An aggressive median pruner: from the second trial on, worse than the median at any epoch = pruned.
+    config = _config(phantom_dir, tmp_path, 6, **{"tuning.n_startup_trials": 1, "tuning.n_warmup_steps": 0})
     result = tune(config)
     study = _study(tmp_path)
     states = [t.state for t in study.trials]
-    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 4
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 6
     assert TrialState.PRUNED in states, "the aggressive median pruner should prune at least one trial"
-    assert result.counts["complete"] + result.counts["pruned"] == 4
+    assert result.counts["complete"] + result.counts["pruned"] == 6
 
     runs = _runs(tracking)
     parent = next(r for r in runs if r.data.tags.get("role") == "study")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trials = [r for r in children if r.data.tags.get("role") == "trial"]
-    assert len(trials) == 4
+    assert len(trials) == 6
     assert {r.data.tags["optuna.state"] for r in trials} >= {"COMPLETE", "PRUNED"}
-    assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == [0, 1, 2, 3]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == list(range(6))
     for run in trials:
         assert run.info.status == "FINISHED"
         assert "trial.train.lr" in run.data.params and "val_loss" in run.data.metrics
@@ -136,7 +137,7 @@ def test_kill_and_resume_finishes_exactly_n_trials(phantom_dir, tmp_path, tracki
 
 @pytest.mark.parametrize("how", ["two commands", "--workers 2"])
 def test_two_processes_share_one_study_and_stop_at_n(phantom_dir, tmp_path, tracking, how):
-    command = _tune_command(phantom_dir, tmp_path, 4, 2)
+    command = _tune_command(phantom_dir, tmp_path, 4, 3)
     mlflow.MlflowClient(tracking).search_experiments()  # create the store's tables before two processes race to
     copies = 2 if how == "two commands" else 1
     if how == "--workers 2":
