@@ -22,7 +22,6 @@ from statistics import NormalDist
 import cv2
 import numpy as np
 import pandas as pd
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 

@@ -306,7 +306,7 @@ def _rsna_summary(root: Path, tables: dict[str, pd.DataFrame]) -> dict:
         folder = images / str(s) / str(se)
         series_files[d] += len(list(folder.glob("*.dcm"))) if folder.is_dir() else 0
     non_contiguous = 0
-    for (s, se), group in coords.groupby(["study_id", "series_id"]):
+    for s, se in coords[["study_id", "series_id"]].drop_duplicates().itertuples(index=False):
         folder = images / str(s) / str(se)
         numbers = sorted(int(p.stem) for p in folder.glob("*.dcm") if p.stem.isdigit()) if folder.is_dir() else []
         if numbers and (numbers[0] != 1 or numbers[-1] - numbers[0] + 1 != len(numbers)):
