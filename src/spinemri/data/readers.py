@@ -301,14 +301,16 @@ def _rsna_summary(root: Path, tables: dict[str, pd.DataFrame]) -> dict:
     pointed = {(s, schema.label_column(schema.CONDITION_KEYS.get(c, c), lv))
                for s, c, lv in zip(coords["study_id"], coords["condition"], coords["level"])}
     series_files = Counter()
+    instance_numbers = {}  # (study, series) -> sorted InstanceNumbers from the file names; each folder listed once
     images = root / schema.IMAGES_DIR
     for s, se, d in zip(series["study_id"], series["series_id"], series["series_description"]):
         folder = images / str(s) / str(se)
-        series_files[d] += len(list(folder.glob("*.dcm"))) if folder.is_dir() else 0
+        files = list(folder.glob("*.dcm")) if folder.is_dir() else []
+        series_files[d] += len(files)
+        instance_numbers[(s, se)] = sorted(int(p.stem) for p in files if p.stem.isdigit())
     non_contiguous = 0
     for s, se in coords[["study_id", "series_id"]].drop_duplicates().itertuples(index=False):
-        folder = images / str(s) / str(se)
-        numbers = sorted(int(p.stem) for p in folder.glob("*.dcm") if p.stem.isdigit()) if folder.is_dir() else []
+        numbers = instance_numbers.get((s, se), [])
         if numbers and (numbers[0] != 1 or numbers[-1] - numbers[0] + 1 != len(numbers)):
             non_contiguous += 1
     return {
