@@ -241,6 +241,84 @@ def tune(ctx, experiment, arch, trials, storage, study_name, pruner, workers, da
                workers=None if workers is None else str(workers), settings=tuple(settings))
 
 
+@main.group()
+def registry() -> None:
+    """The MLflow Model Registry: versions, the `champion` alias, promotion by hand.
+
+    Training registers every model as a new version of the experiment's registered model
+    (default `spinemri`); `champion` moves to it only if it beats the champion's held-out metric
+    on the same held-out set, otherwise it becomes `challenger`.
+    """
+
+
+@registry.command("list")
+@click.option("--name", default="spinemri", show_default=True, help="Registered model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+@user_errors
+def registry_list(name, as_json) -> None:
+    """Versions of a registered model, newest first: aliases, metric, held-out set, run, architecture."""
+    from spinemri.registry import list_versions
+
+    rows = list_versions(name)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"{name} has no versions yet")
+        return
+    click.echo(f"{'version':>7}  {'aliases':<20} {'metric':<32} {'value':>8}  {'eval set':<16} {'arch':<14} "
+               f"{'run':<32}  created")
+    for row in rows:
+        value = "" if row["metric_value"] is None else f"{row['metric_value']:.4f}"
+        click.echo(f"{row['version']:>7}  {','.join(row['aliases']) or '-':<20} {row['metric_name'] or '-':<32} "
+                   f"{value:>8}  {row['eval_set'] or '-':<16} {row['arch'] or '-':<14} {row['run_id']:<32}  "
+                   f"{row['created']}")
+
+
+@registry.command("promote")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why this version should serve (kept as a tag on the version).")
+@click.option("--name", default="spinemri", show_default=True, help="Registered model.")
+@user_errors
+def registry_promote(version, reason, name) -> None:
+    """Point `champion` at VERSION whatever the metrics say (an explicit, recorded override).
+
+    A running `mlflow models serve -m models:/NAME@champion` keeps the model it loaded at
+    start-up: restart it to serve the new champion.
+    """
+    from spinemri.registry import promote
+
+    click.echo(str(promote(name, version, reason)))
+
+
+@main.command()
+@click.option("--model", "model_uri", default="models:/spinemri@champion", show_default=True,
+              help="Logged model URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model id>, runs:/<run>/model.")
+@click.option("--input", "input_path", required=True, type=click.Path(),
+              help="A DICOM/PNG/JPEG file or a folder searched recursively.")
+@click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="CSV to write: file, predicted condition/level/severity, one probability column per class.")
+@click.option("--sites", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Optional CSV path,x,y: the site centre in pixels per file [default: the image centre].")
+@click.option("--on-bad-file", default="stop", show_default=True, type=click.Choice(["stop", "skip"]),
+              help="stop at the first unreadable file (nothing written), or skip and list it.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@user_errors
+def predict(model_uri, input_path, out, sites, on_bad_file, batch_size) -> None:
+    """Predict many image files locally with a logged model (the same code the served model runs)."""
+    from spinemri.models.pyfunc import load_classifier
+    from spinemri.predict import predict_files
+
+    started = time.perf_counter()
+    classifier = load_classifier(model_uri)
+    summary = predict_files(classifier, input_path, out, on_bad_file=on_bad_file, sites=sites,
+                            batch_size=batch_size, progress=sys.stderr.isatty())
+    for file, reason in summary.skipped:
+        click.echo(f"skipped: {file} {reason}", err=True)
+    click.echo(f"wrote {summary.predicted} prediction(s) to {summary.out} ({len(summary.skipped)} file(s) skipped) "
+               f"in {time.perf_counter() - started:.1f} s")
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))

@@ -204,6 +204,15 @@ def with_values(config: "ExperimentConfig", values: Mapping[str, Any]) -> "Exper
 class MlflowConfig:
     experiment: str = "spinemri-classify"  # one experiment per task
     registered_model: str = "spinemri"
+    register: bool = True  # register each trained model (alias policy: spinemri.registry)
+    champion_metric: str = "test_severity_weighted_log_loss"  # held-out metric that decides `champion`
+
+    def validate(self) -> None:
+        if not self.registered_model.strip():
+            raise ConfigError("mlflow.registered_model must not be empty")
+        if not self.champion_metric.startswith("test_"):
+            raise ConfigError(f"mlflow.champion_metric must be a held-out test metric (test_...), "
+                              f"got {self.champion_metric!r}")
 
 
 @dataclass
@@ -232,6 +241,7 @@ class ExperimentConfig:
         self.model.validate()
         self.train.validate()
         self.tuning.validate()
+        self.mlflow.validate()
         validate_search_space(self.tuning.search_space, self.to_dict())
         return self
 

@@ -6,6 +6,7 @@ file, the reason and what to do about it; no pydicom traceback reaches the user.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 SKIP_HINT = "skip it with --on-bad-file=skip"
 
@@ -128,6 +130,57 @@ def read_frames(path: str | Path, *, voi: bool = False) -> list[DicomImage]:
     return _decode(ds, path, voi=voi, frames=list(range(n_frames)))
 
 
+def decode_dicom_bytes(data: bytes, name: str, *, voi: bool = False) -> DicomImage:
+    """Decode a single-frame DICOM file held in memory (an upload); errors name it ``name``."""
+    ds = _dcmread(name, data=data)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if n_frames > 1:
+        raise DicomReadError(name, f"is a multi-frame file with {n_frames} frames", "send one frame per file")
+    return _decode(ds, name, voi=voi, frames=[0])[0]
+
+
+def decode_bitmap_bytes(data: bytes, name: str) -> DicomImage:
+    """Decode an in-memory PNG/JPEG as one grayscale slice with 1 mm pixels (like :func:`read_image`)."""
+    if len(data) == 0:
+        raise ImageReadError(name, "is empty (0 bytes)", None)
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    if pixels is None or pixels.size == 0:
+        raise ImageReadError(name, "is not a PNG or JPEG image", None)
+    return DicomImage(pixels=pixels.astype(np.float32), path=name, instance_number=None,
+                      position=None, orientation=None, pixel_spacing=(1.0, 1.0))
+
+
+def encode_dicom(pixels: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> bytes:
+    """A minimal MR DICOM file holding only ``pixels`` and their spacing: no patient, study or site tags.
+
+    The values are mapped linearly onto 0..65535 (the percentile window of preprocessing does not
+    depend on that scale), so any slice can be re-encoded without carrying over a single tag.
+    """
+    values = np.asarray(pixels, dtype=np.float64)
+    if values.ndim != 2 or 0 in values.shape:
+        raise ValueError(f"expected a non-empty 2-D image, got shape {values.shape}")
+    low, high = float(values.min()), float(values.max())
+    scaled = np.round((values - low) / (high - low) * 65535.0) if high > low else np.zeros_like(values)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = values.shape
+    ds.PixelSpacing = [f"{float(v):.6g}" for v in pixel_spacing]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = scaled.astype("<u2").tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     """Unit normal of an image plane from its ImageOrientationPatient."""
     row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
@@ -183,16 +236,23 @@ def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) 
 
 # --- internals -----------------------------------------------------------------------------------
 
-def _dcmread(path: str | Path, *, stop_before_pixels: bool = False) -> Dataset:
-    path = Path(path)
-    if not path.is_file():
-        raise DicomReadError(path, "does not exist", None)
-    if path.stat().st_size == 0:
-        raise DicomReadError(path, "is empty (0 bytes)")
+def _dcmread(path: str | Path, *, stop_before_pixels: bool = False, data: bytes | None = None) -> Dataset:
+    """Parse a file, or ``data`` (the bytes of one, named ``path`` in errors), into a dataset with pixels."""
+    if data is None:
+        path = Path(path)
+        if not path.is_file():
+            raise DicomReadError(path, "does not exist", None)
+        if path.stat().st_size == 0:
+            raise DicomReadError(path, "is empty (0 bytes)")
+        source = path
+    else:
+        if len(data) == 0:
+            raise DicomReadError(path, "is empty (0 bytes)", None)
+        source = io.BytesIO(data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            ds = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
         except InvalidDicomError:
             raise DicomReadError(
                 path, "is not a DICOM file (no 'DICM' marker after the 128-byte preamble)"

@@ -1,28 +1,67 @@
-"""The logged model: an MLflow pyfunc around the Keras classifier that names its outputs by class.
+"""The logged and served model: an MLflow pyfunc that takes DICOM (or PNG/JPEG) files and names its outputs by class.
 
-``predict`` takes model-ready images — float (N, S, S, C) or (S, S, C), pixel values 0..255 as
-made by :func:`spinemri.data.preprocess.preprocess` — and returns one row per image: the
-predicted ``condition``, ``level`` and ``severity``, and one probability column per class named
-``<head>:<class>`` (e.g. ``severity:Moderate``).
+Input, one row per image (a pandas DataFrame, or JSON ``dataframe_records`` / ``dataframe_split``
+posted to ``mlflow models serve``):
+
+    dicom_b64      base64 of a DICOM file            } exactly one of the two
+    image_b64      base64 of a PNG or JPEG export    }
+    x, y           optional site centre in pixels (column, row); default: the image centre
+    neighbors_b64  optional [previous, next] slices (base64, same kind) for 3-channel models;
+                   without them the centre slice is repeated, as at the ends of a series in training
+
+Each image goes through :func:`spinemri.data.preprocess.preprocess` with the configuration the
+model was trained with (stored in the model's ``meta.json``): the same function that built the
+training cache, not a copy. Output, one row per image: the predicted ``condition``, ``level`` and
+``severity``, and one probability column per class, ``<head>:<class>`` (e.g. ``severity:Moderate``).
+
+A bad row raises :class:`InputError` (an ``MlflowException``, HTTP 400 from the scoring server)
+whose message names the row, the column and the problem.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.models import infer_signature
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 
+from spinemri.data.dicom import (DicomImage, ImageReadError, decode_bitmap_bytes, decode_dicom_bytes,
+                                 encode_dicom, read_image)
+from spinemri.data.preprocess import PreprocessConfig, preprocess
 from spinemri.models.network import HEAD_CLASSES
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+IMAGE_COLUMNS = ("dicom_b64", "image_b64")
+INPUT_SCHEMA = Schema([
+    ColSpec(DataType.string, "dicom_b64", required=False),
+    ColSpec(DataType.string, "image_b64", required=False),
+    ColSpec(DataType.double, "x", required=False),
+    ColSpec(DataType.double, "y", required=False),
+    ColSpec(Array(DataType.string), "neighbors_b64", required=False),
+])
 
 
-def probabilities_frame(outputs: dict[str, np.ndarray]) -> pd.DataFrame:
+class InputError(MlflowException):
+    """A request row the model cannot use; the scoring server answers HTTP 400 with this message."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def probabilities_frame(outputs: Mapping[str, np.ndarray]) -> pd.DataFrame:
     columns: dict[str, object] = {}
     for head, classes in HEAD_CLASSES.items():
         columns[head] = [classes[i] for i in np.asarray(outputs[head]).argmax(axis=1)]
@@ -32,6 +71,16 @@ def probabilities_frame(outputs: dict[str, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def file_row(path: str | Path, x: float | None = None, y: float | None = None) -> dict[str, Any]:
+    """A request row for an image file on disk (what ``spinemri predict`` and the README's curl send)."""
+    path = Path(path)
+    column = "image_b64" if path.suffix.lower() in (".png", ".jpg", ".jpeg") else "dicom_b64"
+    row: dict[str, Any] = {column: base64.b64encode(path.read_bytes()).decode("ascii")}
+    if x is not None and y is not None:
+        row.update(x=float(x), y=float(y))
+    return row
+
+
 class SpineClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import keras
@@ -39,31 +88,196 @@ class SpineClassifier(mlflow.pyfunc.PythonModel):
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
 
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.meta["preprocess"])
+
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        images = np.asarray(model_input, dtype=np.float32)
+        frame = _as_frame(model_input)
+        images = np.stack([self.prepare_row(row, i) for i, row in enumerate(frame.to_dict("records"))])
+        return probabilities_frame(self.predict_images(images))
+
+    def prepare_row(self, row: Mapping[str, Any], index: int) -> np.ndarray:
+        """One request row -> the model input uint8 (S, S, C); InputError names the row and column."""
+        config = self.preprocessing
+        given = [c for c in IMAGE_COLUMNS if _present(row.get(c))]
+        if len(given) != 1:
+            found = ", ".join(sorted(str(k) for k in row)) or "none"
+            what = "both" if given else "neither"
+            raise InputError(f"row {index}: give exactly one of the columns dicom_b64 (a base64 DICOM file) or "
+                             f"image_b64 (a base64 PNG/JPEG); got {what} (columns: {found})")
+        column = given[0]
+        centre = _decode(row[column], column, index, config)
+        neighbours = None
+        if config.channels == 3 and _present(row.get("neighbors_b64")):
+            values = row["neighbors_b64"]
+            if isinstance(values, str) or len(values) != 2:
+                raise InputError(f"row {index}: neighbors_b64 must be a list of two base64 files "
+                                 f"[previous, next], got {type(values).__name__}")
+            neighbours = [_decode(v, f"neighbors_b64[{k}]", index, config) for k, v in enumerate(values)]
+        x, y = _coordinate(row, "x", index), _coordinate(row, "y", index)
+        if (x is None) != (y is None):
+            raise InputError(f"row {index}: give both x and y (the site centre in pixels) or neither")
+        try:
+            return self.prepare_image(centre, neighbours, x, y)
+        except ValueError as exc:
+            raise InputError(f"row {index}: {exc}") from None
+
+    def prepare_image(self, centre: DicomImage, neighbours: Sequence[DicomImage] | None = None,
+                      x: float | None = None, y: float | None = None) -> np.ndarray:
+        """A decoded slice (and its [previous, next] neighbours) -> the model input, as in training.
+
+        A 3-channel model without neighbours gets the centre slice three times, as training does at
+        the ends of a series. Raises ValueError (e.g. a site outside the image).
+        """
+        slices = [centre.pixels]
+        if self.preprocessing.channels == 3:
+            slices = [neighbours[0].pixels, centre.pixels, neighbours[1].pixels] if neighbours else [centre.pixels] * 3
+        return preprocess(slices, centre.pixel_spacing, self.preprocessing, x, y)
+
+    def predict_images(self, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+        """Probabilities per head for model-ready images (N, S, S, C), pixel values 0..255."""
+        images = np.asarray(images, dtype=np.float32)
         expected = tuple(self.meta["input_shape"])
-        if images.shape == expected:
-            images = images[np.newaxis]
         if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
-        return probabilities_frame(self.model.predict(images, verbose=0))
+            raise InputError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
+        outputs = self.model.predict(images, batch_size=batch_size, verbose=0)
+        return {head: np.asarray(outputs[head]) for head in HEAD_CLASSES}
 
 
-def log_classifier(model, meta: dict, example: np.ndarray, pip_requirements: list[str]):
-    """Log the Keras model as a pyfunc (with the .keras file, signature and input example)."""
-    with tempfile.TemporaryDirectory() as tmp:
+def load_classifier(model_uri: str) -> SpineClassifier:
+    """The :class:`SpineClassifier` behind a logged model URI (``models:/spinemri@champion``, ``runs:/...``)."""
+    from spinemri.errors import UserError
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        raise UserError(f"cannot load model {model_uri!r} from {mlflow.get_tracking_uri()}: {exc.message}; "
+                        "see `spinemri registry list` for the versions and aliases there") from None
+    except OSError as exc:
+        raise UserError(f"cannot load model {model_uri!r}: {exc}") from None
+    classifier = model.unwrap_python_model()
+    if not isinstance(classifier, SpineClassifier):
+        raise UserError(f"{model_uri!r} is a {type(classifier).__name__}, not a spinemri classifier")
+    return classifier
+
+
+def example_row(sample: Mapping[str, Any], config: PreprocessConfig, neighbours: Sequence[str] = ()) -> dict[str, Any]:
+    """A de-identified request row made from a training sample, for the logged input example.
+
+    The slice (and its neighbours) is cropped around the site and re-encoded with
+    :func:`~spinemri.data.dicom.encode_dicom`, which writes pixels and spacing only: no tag of the
+    source file (patient, study, institution, dates) reaches the logged model.
+    """
+    image = read_image(sample["path"], voi=config.dicom_window)
+    height, width = image.pixels.shape
+    x = None if pd.isna(sample.get("x")) else float(sample["x"])
+    y = None if pd.isna(sample.get("y")) else float(sample["y"])
+    if config.mode == "roi" and x is not None and y is not None:
+        half = (0.75 * config.roi_mm / image.pixel_spacing[1], 0.75 * config.roi_mm / image.pixel_spacing[0])
+        left, top = max(0, int(x - half[0])), max(0, int(y - half[1]))
+        right, bottom = min(width, int(math.ceil(x + half[0])) + 1), min(height, int(math.ceil(y + half[1])) + 1)
+    else:
+        left, top, right, bottom = 0, 0, width, height
+        x = y = None
+
+    def crop(img: DicomImage) -> str:
+        return base64.b64encode(encode_dicom(img.pixels[top:bottom, left:right], img.pixel_spacing)).decode("ascii")
+
+    row: dict[str, Any] = {"dicom_b64": crop(image)}
+    if x is not None:
+        row.update(x=x - left, y=y - top)
+    if config.channels == 3 and len(neighbours) == 2:
+        row["neighbors_b64"] = [crop(read_image(p, voi=config.dicom_window)) for p in neighbours]
+    return row
+
+
+def log_classifier(model, meta: dict, example: dict[str, Any], pip_requirements: list[str]):
+    """Log the Keras model as a pyfunc with its preprocessing, signature and a request-row input example."""
+    classifier = SpineClassifier()
+    classifier.model, classifier.meta = model, meta
+    example_frame = pd.DataFrame([example])
+    signature = ModelSignature(inputs=INPUT_SCHEMA,
+                               outputs=_output_schema(classifier.predict(None, example_frame)))
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The schema is given explicitly above; MLflow's hint about type-hinted predict() does not apply.
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
         keras_path = Path(tmp) / "model.keras"
         model.save(keras_path)
         meta_path = Path(tmp) / "meta.json"
         meta_path.write_text(json.dumps(meta, indent=2))
-        example = example.astype(np.float32)
-        signature = infer_signature(example, probabilities_frame(model.predict(example, verbose=0)))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=SpineClassifier(),
             artifacts={"keras_model": str(keras_path), "meta": str(meta_path)},
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,
-            input_example=example,
+            input_example=example_frame,
             pip_requirements=pip_requirements,
         )
+
+
+def _output_schema(frame: pd.DataFrame) -> Schema:
+    return Schema([ColSpec(DataType.double if pd.api.types.is_float_dtype(frame[c]) else DataType.string, c)
+                   for c in frame.columns])
+
+
+def _as_frame(model_input) -> pd.DataFrame:
+    if isinstance(model_input, pd.DataFrame):
+        frame = model_input
+    elif isinstance(model_input, Mapping):
+        frame = pd.DataFrame([model_input]) if not any(isinstance(v, list) for v in model_input.values()) \
+            else pd.DataFrame(model_input)
+    elif isinstance(model_input, list) and all(isinstance(r, Mapping) for r in model_input):
+        frame = pd.DataFrame(model_input)
+    else:
+        raise InputError(f"expected a table with a dicom_b64 or image_b64 column, got {type(model_input).__name__}")
+    if not any(c in frame.columns for c in IMAGE_COLUMNS):
+        raise InputError(f"missing column: give dicom_b64 (a base64 DICOM file) or image_b64 (a base64 PNG/JPEG) "
+                         f"in every row; got columns {list(map(str, frame.columns)) or 'none'}")
+    if len(frame) == 0:
+        raise InputError("the request has no rows; send one row per image with a dicom_b64 or image_b64 column")
+    return frame
+
+
+def _present(value) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return len(value) > 0
+    return not (isinstance(value, str) and value == "")
+
+
+def _decode(value, column: str, index: int, config: PreprocessConfig) -> DicomImage:
+    name = f"row {index}: {column}"
+    if not isinstance(value, (str, bytes)):
+        raise InputError(f"{name} must be a base64 string, got {type(value).__name__}")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"{name} is not valid base64 ({exc})") from None
+    try:
+        if column == "image_b64" or (column.startswith("neighbors") and not _looks_like_dicom(data)):
+            return decode_bitmap_bytes(data, name)
+        return decode_dicom_bytes(data, name, voi=config.dicom_window)
+    except ImageReadError as exc:
+        raise InputError(f"{name} {exc.reason}") from None
+
+
+def _looks_like_dicom(data: bytes) -> bool:
+    return data[128:132] == b"DICM"
+
+
+def _coordinate(row: Mapping[str, Any], key: str, index: int) -> float | None:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"row {index}: {key} must be a number of pixels, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"row {index}: {key} must be finite, got {value!r}")
+    return number

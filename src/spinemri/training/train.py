@@ -22,15 +22,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from spinemri import registry
 from spinemri.config import HEADS, ConfigError, ExperimentConfig
 from spinemri.data import cache
+from spinemri.data.dicom import series_order
 from spinemri.data.phantom import PhantomConfig, synthesize
 from spinemri.data.readers import DatasetError
 from spinemri.data.splits import SPLITS
 from spinemri.errors import UserError
 from spinemri.models.backbones import get_backbone
 from spinemri.models.network import HEAD_CLASSES, build_model, set_backbone_trainable
-from spinemri.models.pyfunc import log_classifier
+from spinemri.models.pyfunc import example_row, log_classifier
 from spinemri.training import evaluation, plots
 from spinemri.training.data import SplitData, make_dataset, read_rows, split_data
 from spinemri.training.tracking import MlflowEpochLogger, ending_run, log_figure, pip_requirements, run_tags
@@ -47,6 +49,7 @@ class TrainResult:
     model_uri: str | None
     epochs_trained: int
     history: dict[str, list[float]] = field(default_factory=dict)
+    registered: registry.Decision | None = None
 
 
 def phantom_dir(config: ExperimentConfig) -> Path:
@@ -181,13 +184,44 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     mlflow.log_metrics(metrics)
     log_figure(plots.training_curves(history, HEADS), "plots/training_curves.png")
 
-    model_uri = None
+    model_uri, decision = None, None
     if log_model:
-        example = read_rows(str(images_path), splits["test"].rows[:1]).astype(np.float32)
-        meta = {"arch": config.model.arch, "input_shape": list(example.shape[1:]), "preprocess": pre.to_dict(),
-                "classes": {h: list(c) for h, c in HEAD_CLASSES.items()}, "data_fingerprint": dataset.fingerprint}
+        meta = {"arch": config.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
+                "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
+                "data_fingerprint": dataset.fingerprint}
+        example = _request_example(splits["test"].samples, dataset.manifest.get("dataset_root", ""), pre)
         model_uri = log_classifier(model, meta, example, pip_requirements()).model_uri
-    return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history)
+        if config.mlflow.register and evaluate_test:
+            decision = _register(config, model_uri, metrics, splits["test"].samples)
+    return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history,
+                       registered=decision)
+
+
+def _request_example(samples: pd.DataFrame, root: str, pre) -> dict:
+    """The logged input example: a de-identified crop of the first test sample (no DICOM tags)."""
+    sample = samples.iloc[0].copy()
+    sample["path"] = os.path.join(root, sample["path"])
+    neighbours: list[str] = []
+    if pre.channels == 3 and Path(sample["path"]).suffix.lower() == ".dcm":
+        order = [p for _, p, _ in series_order(sorted(Path(sample["path"]).parent.glob("*.dcm")))]
+        if sample["path"] in order:
+            i = order.index(sample["path"])
+            neighbours = [order[max(i - 1, 0)], order[min(i + 1, len(order) - 1)]]
+    return example_row(sample, pre, neighbours)
+
+
+def _register(config: ExperimentConfig, model_uri: str, metrics: dict[str, float], test: pd.DataFrame):
+    metric = config.mlflow.champion_metric
+    decision = registry.register(
+        model_uri, config.mlflow.registered_model, metric=metric, value=metrics.get(metric),
+        eval_set=registry.eval_set_hash(test),
+        tags={"arch": config.model.arch, "experiment": config.name, "eval_set_samples": str(len(test)),
+              "eval_set_studies": str(test["study_id"].nunique())},
+    )
+    mlflow.set_tags({"registered_model": decision.name, "registered_version": decision.version,
+                     "registry_alias": decision.alias})
+    print(decision, flush=True)
+    return decision
 
 
 def _compile(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
