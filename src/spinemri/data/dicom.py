@@ -89,6 +89,8 @@ def read_image(path: str | Path, *, voi: bool = False) -> DicomImage:
         return read_dicom(path, voi=voi)
     if not Path(path).is_file():
         raise ImageReadError(path, "does not exist", None)
+    if Path(path).stat().st_size == 0:
+        raise ImageReadError(path, "is empty (0 bytes)")
     pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if pixels is None or pixels.size == 0:
         raise ImageReadError(path, "is not a readable PNG/JPEG image")
