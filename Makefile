@@ -1,5 +1,6 @@
 # Two entry points for a new user (README "Quick start"):
 #   make demo   set up .venv and train on the built-in phantom with `mlflow run` (ARCH=densenet)
+#   make serve  serve models:/spinemri@champion on http://127.0.0.1:$(PORT) (after make demo)
 #   make test   set up .venv and run the test suite (what .ci/run calls)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -8,7 +9,7 @@ DEMO_DIR ?= data/phantom
 STUDIES  ?= 40
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv demo test clean
+.PHONY: venv demo serve test clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +33,11 @@ demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name spinemri-classify \
 		-P arch=$(ARCH) -P data_dir=$(DEMO_DIR)
 	@echo "See the run: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
+
+# Serve the registry's champion (after `make demo`); see README "Serving" for a curl request.
+PORT ?= 5001
+serve: venv
+	$(BIN)/mlflow models serve -m models:/spinemri@champion --env-manager local -h 127.0.0.1 -p $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

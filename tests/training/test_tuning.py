@@ -73,6 +73,10 @@ def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_pat
     assert final.info.status == "FINISHED" and "test_severity_roc_auc" in final.data.metrics
     for key, value in study.best_params.items():
         assert final.data.params[key] == str(value)
+    # Only the retrained best configuration is registered, never a trial.
+    versions = mlflow.MlflowClient().search_model_versions("name = 'spinemri'")
+    assert [v.run_id for v in versions] == [final.info.run_id]
+    assert final.data.tags["registry_alias"] == "champion"
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(phantom_dir, tmp_path, tracking):
