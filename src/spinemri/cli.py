@@ -319,6 +319,37 @@ def predict(model_uri, input_path, out, sites, on_bad_file, batch_size) -> None:
                f"in {time.perf_counter() - started:.1f} s")
 
 
+@main.command("export")
+@click.option("--model", "model_uri", default="models:/spinemri@champion", show_default=True, help="Logged model URI.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["tflite", "onnx"]), help="Mobile format.")
+@click.option("--out", required=True, type=click.Path(), help="File to write, e.g. spinemri.tflite.")
+@click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Phantom images for the parity check.")
+@click.option("--tolerance", default=1e-3, show_default=True, type=click.FloatRange(min=0),
+              help="Largest allowed |exported - Keras| probability.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file (only once the new one passes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@user_errors
+def export_command(model_uri, fmt, out, samples, tolerance, overwrite, as_json) -> None:
+    """Export a logged model to TFLite or ONNX for mobile use, with a parity check against Keras.
+
+    The exported file is run with its own runtime on phantom images preprocessed like the model's
+    training data; the file is kept only if every probability is within --tolerance of the Keras
+    model's. Inputs are model-ready images (float32 N x S x S x C, 0..255): on the device, apply
+    the preprocessing recorded in the model's meta.json first.
+    """
+    from spinemri.export import export_classifier
+
+    result = export_classifier(model_uri, fmt, out, count=samples, tolerance=tolerance, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps({**asdict(result), "path": str(result.path)}, indent=2))
+        return
+    click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.format}) in {result.seconds} s")
+    click.echo(f"parity on {result.samples} phantom images ({result.runtime}): max abs difference "
+               f"{result.max_abs_diff:.2e} (" + ", ".join(f"{h} {d:.2e}" for h, d in
+                                                         result.per_head_max_abs_diff.items()) + ")")
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))

@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -69,7 +69,7 @@ class ExportResult:
     per_head_max_abs_diff: dict[str, float]
     samples: int
     seconds: float  # conversion plus parity check
-    runtime: str = field(default="")  # what ran the exported file, e.g. "onnxruntime 1.32.0"
+    runtime: str = ""  # what ran the exported file, e.g. "onnxruntime 1.32.0"
 
 
 def export_model(model: "keras.Model", fmt: str, out: str | Path, samples: np.ndarray, *,
@@ -125,7 +125,7 @@ def check_request(fmt: str, out: str | Path, overwrite: bool = False) -> Path:
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give a file path such as {out / ('model' + SUFFIXES[fmt])}")
     if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; choose another path or pass overwrite=True (--overwrite)")
+        raise ExportError(f"{out} already exists; choose another path or pass --overwrite")
     _backend(fmt)
     return out
 
@@ -227,7 +227,7 @@ def _first_line(exc: BaseException) -> str:
 # --- formats -----------------------------------------------------------------------------------
 
 Converter = Callable[["keras.Model", Path], None]
-Runner = Callable[[Path, np.ndarray], "tuple[dict[str, np.ndarray], str]"]
+Runner = Callable[[Path, np.ndarray], tuple[dict[str, np.ndarray], str]]
 
 
 def _backend(fmt: str) -> tuple[Converter, Runner]:

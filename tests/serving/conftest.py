@@ -6,15 +6,19 @@ every DICOM file, so that tests can look for them in everything MLflow stored.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pydicom
 import pytest
 
 from spinemri.config import load_experiment
+from spinemri.data.dicom import encode_dicom
 from spinemri.data.phantom import PhantomConfig, synthesize
 
 CANARIES = {
@@ -35,6 +39,15 @@ class TrainedModel:
     cache_dir: Path
     run_id: str
     model_uri: str
+
+
+def no_pixels_dicom_b64() -> str:
+    """A valid DICOM file (base64) whose data set has no pixel data element."""
+    ds = pydicom.dcmread(io.BytesIO(encode_dicom(np.ones((8, 8)))))
+    del ds.PixelData
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def add_patient_tags(folder: Path) -> int:

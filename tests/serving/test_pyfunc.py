@@ -19,7 +19,7 @@ from spinemri.data.preprocess import PreprocessConfig, preprocess
 from spinemri.models.network import HEAD_CLASSES, build_model
 from spinemri.models.pyfunc import InputError, SpineClassifier, file_row
 
-from .conftest import CANARIES
+from .conftest import CANARIES, no_pixels_dicom_b64
 
 
 def _labelled_site(data_dir: Path) -> tuple[Path, float, float]:
@@ -68,14 +68,6 @@ def _png(pixels: np.ndarray) -> bytes:
     return cv2.imencode(".png", scaled.astype(np.uint16))[1].tobytes()
 
 
-def _no_pixels_dicom() -> str:
-    ds = pydicom.dcmread(io.BytesIO(encode_dicom(np.ones((8, 8)))))
-    del ds.PixelData
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 @pytest.mark.parametrize("row, message", [
     ({"dicom_b64": "%%% not base64 %%%"}, "row 0: dicom_b64 is not valid base64"),
     ({"dicom_b64": base64.b64encode(b"just some text, not an image").decode()}, "row 0: dicom_b64 is not a DICOM file"),
@@ -89,7 +81,7 @@ def _no_pixels_dicom() -> str:
 def test_bad_rows_raise_input_errors_naming_the_problem(row, message):
     classifier = _classifier(channels=1)
     good = base64.b64encode(encode_dicom(np.random.default_rng(0).random((64, 64)))).decode()
-    row = {k: (good if v == "ok" else _no_pixels_dicom() if v == "no-pixels" else v) for k, v in row.items()}
+    row = {k: (good if v == "ok" else no_pixels_dicom_b64() if v == "no-pixels" else v) for k, v in row.items()}
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         classifier.predict(None, pd.DataFrame([row]))
 

@@ -23,6 +23,8 @@ from spinemri.data.dicom import encode_dicom
 from spinemri.models.network import HEAD_CLASSES
 from spinemri.models.pyfunc import file_row
 
+from .conftest import no_pixels_dicom_b64
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -118,14 +120,6 @@ def test_a_phantom_dicom_gets_per_head_probabilities(server, trained):
         _assert_probabilities(prediction)
 
 
-def _no_pixels() -> str:
-    ds = pydicom.dcmread(io.BytesIO(encode_dicom(np.ones((8, 8)))))
-    del ds.PixelData
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def _empty_dicom() -> str:
     """A DICOM file with the preamble, the DICM marker and its file meta only: no data set at all."""
     ds = pydicom.dcmread(io.BytesIO(encode_dicom(np.ones((8, 8)))))
@@ -143,7 +137,7 @@ BAD_REQUESTS = {
     "not a PNG": ({"image_b64": base64.b64encode(b"\x89PNX broken").decode()}, "image_b64 is not a PNG or JPEG"),
     "empty DICOM": ({"dicom_b64": _empty_dicom()}, "dicom_b64 has no pixel data"),
     "zero bytes": ({"dicom_b64": ""}, "give exactly one of the columns dicom_b64"),
-    "DICOM without pixels": ({"dicom_b64": _no_pixels()}, "dicom_b64 has no pixel data"),
+    "DICOM without pixels": ({"dicom_b64": no_pixels_dicom_b64()}, "dicom_b64 has no pixel data"),
     "missing column": ({"file": "scan.dcm"}, "missing column: give dicom_b64"),
     "x/y outside": ("outside", "lies outside the"),
     "x without y": ("x-only", "give both x and y"),
