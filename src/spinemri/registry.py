@@ -64,11 +64,10 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
     usable = value is not None and math.isfinite(value)
     if usable:
         version_tags["metric_value"] = repr(float(value))
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="spinemri lumbar-spine classifiers (see spinemri README)")
     version = mlflow.register_model(model_uri, name, tags=version_tags).version
+    if str(version) == "1" and not client.get_registered_model(name).description:
+        client.update_registered_model(name, description="spinemri lumbar-spine classifiers: champion = best held-out "
+                                       f"{metric} (see the spinemri README, Registry and serving)")
     alias, reason = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set)
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "decision", reason)
