@@ -192,3 +192,29 @@ def test_prepare_broken_dataset_names_the_problem(phantom_copy, cache_dir):
     result = invoke("data", "prepare", phantom_copy, "--cache-dir", cache_dir)
     assert result.exit_code == 1
     assert_clean_error(result.output, f"{phantom_copy / schema.TRAIN_CSV} is missing")
+
+
+def test_score_prints_the_competition_score_of_a_submission(phantom_dir, tmp_path):
+    import pandas as pd
+
+    from spinemri.metrics import rsna_score
+
+    labels = pd.read_csv(phantom_dir / "train.csv")
+    rows = [(f"{study}_{column}", 0.6, 0.3, 0.1) for study in labels["study_id"][:4] for column in schema.LABEL_COLUMNS]
+    submission = pd.DataFrame(rows, columns=["row_id", "normal_mild", "moderate", "severe"])
+    path = tmp_path / "submission.csv"
+    submission.to_csv(path, index=False)
+    expected = rsna_score(labels[labels["study_id"].isin(labels["study_id"][:4])], submission)
+
+    result = CliRunner().invoke(cli, ["score", "--labels", str(phantom_dir / "train.csv"), "--submission", str(path),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    parts = json.loads(result.output)
+    assert parts["score"] == pytest.approx(expected)
+    assert parts["rows"]["any_severe_spinal"] == 4
+    text = CliRunner().invoke(cli, ["score", "--labels", str(phantom_dir / "train.csv"), "--submission", str(path)])
+    assert f"score {expected:.4f}" in text.output and "foraminal:" in text.output
+
+    missing = CliRunner().invoke(cli, ["score", "--labels", str(phantom_dir / "train.csv"),
+                                       "--submission", str(tmp_path / "none.csv")])
+    assert missing.exit_code == 1 and "none.csv" in missing.output and "Traceback" not in missing.output

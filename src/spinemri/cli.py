@@ -350,6 +350,31 @@ def export_command(model_uri, fmt, out, samples, tolerance, overwrite, as_json) 
                                                          result.per_head_max_abs_diff.items()) + ")")
 
 
+@main.command()
+@click.option("--labels", "labels_csv", required=True, type=click.Path(dir_okay=False),
+              help="Labels in train.csv's layout (study_id + 25 <condition>_<level> columns).")
+@click.option("--submission", "submission_csv", required=True, type=click.Path(dir_okay=False),
+              help="Predictions in sample_submission.csv's layout (row_id,normal_mild,moderate,severe).")
+@click.option("--json", "as_json", is_flag=True, help="Print the score and its four terms as JSON.")
+@user_errors
+def score(labels_csv, submission_csv, as_json) -> None:
+    """The RSNA 2024 LSDC competition score of a submission (lower is better).
+
+    The mean of four weighted log losses (weights 1/2/4 for normal_mild/moderate/severe): spinal,
+    foraminal and subarticular rows, and "any severe spinal" per study. Only the studies in the
+    submission are scored; blank labels are ignored.
+    """
+    from spinemri.metrics import score_files
+
+    parts = score_files(labels_csv, submission_csv)
+    if as_json:
+        click.echo(json.dumps(parts, indent=2))
+        return
+    click.echo(f"score {parts['score']:.4f} (lower is better)")
+    for key in ("spinal", "foraminal", "subarticular", "any_severe_spinal"):
+        click.echo(f"  {key}: {parts[key]:.4f} over {parts['rows'][key]} {'studies' if key.startswith('any') else 'rows'}")
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))

@@ -9,6 +9,9 @@ from click.testing import CliRunner
 
 from spinemri.cli import main as cli
 
+# One worker runs all serving tests: one trained model and one server instead of two of each.
+pytestmark = pytest.mark.xdist_group("serving")
+
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_export_the_champion_with_a_parity_check(store, tmp_path, fmt):

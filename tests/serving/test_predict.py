@@ -7,11 +7,15 @@ import shutil
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from spinemri.cli import main as cli
 from spinemri.models.network import HEAD_CLASSES
 from spinemri.models.pyfunc import file_row
+
+# One worker runs all serving tests: one trained model and one server instead of two of each.
+pytestmark = pytest.mark.xdist_group("serving")
 
 
 def _folder(store, tmp_path, count: int = 6):

@@ -21,6 +21,9 @@ from spinemri.models.pyfunc import InputError, SpineClassifier, file_row
 
 from .conftest import CANARIES, no_pixels_dicom_b64
 
+# One worker runs all serving tests: one trained model and one server instead of two of each.
+pytestmark = pytest.mark.xdist_group("serving")
+
 
 def _labelled_site(data_dir: Path) -> tuple[Path, float, float]:
     coords = pd.read_csv(data_dir / "train_label_coordinates.csv").iloc[0]

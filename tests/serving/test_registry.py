@@ -12,6 +12,9 @@ from mlflow import MlflowClient
 from spinemri import registry
 from spinemri.cli import main as cli
 
+# One worker runs all serving tests: one trained model and one server instead of two of each.
+pytestmark = pytest.mark.xdist_group("serving")
+
 
 def _name() -> str:
     return f"policy-{uuid.uuid4().hex[:8]}"

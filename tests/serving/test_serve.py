@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -25,6 +26,9 @@ from spinemri.models.pyfunc import file_row
 
 from .conftest import no_pixels_dicom_b64
 
+# One worker runs all serving tests: one trained model and one server instead of two of each.
+pytestmark = pytest.mark.xdist_group("serving")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -46,20 +50,22 @@ def server(trained, tmp_path_factory):
              "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    started, last_error = time.monotonic(), None
     try:
-        deadline = time.monotonic() + 180
         while True:
             if process.poll() is not None:
                 pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
                     if response.status == 200:
                         break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not answer /ping within 180 s:\n{log.read_text()[-3000:]}")
+            except (OSError, http.client.HTTPException) as exc:
+                last_error = exc
+            if time.monotonic() - started > 300:
+                pytest.fail(f"mlflow models serve on port {port} did not answer /ping within 300 s (last error: "
+                            f"{last_error!r}):\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
+        print(f"server answered /ping {time.monotonic() - started:.1f} s after start")
         yield url, process
     finally:
         import signal
