@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import keras
+import urllib.request
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,9 @@ def test_imagenet_weights_offline_fail_at_once_with_instructions(tmp_path, monke
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # an empty cache
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there: the download fails fast
+    # urllib builds its global opener once, with the proxies of that moment: drop it afterwards, or
+    # every later urlopen() in this worker would go through the dead proxy.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(WeightsUnavailable) as info:
         build_backbone(get_backbone("mobilenet_v2"), (32, 32, 3), "imagenet")
     message = str(info.value)

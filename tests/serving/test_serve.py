@@ -30,6 +30,10 @@ from .conftest import no_pixels_dicom_b64
 pytestmark = pytest.mark.xdist_group("serving")
 
 
+# Straight to 127.0.0.1, whatever proxy the environment (or an earlier test) configured.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +60,7 @@ def server(trained, tmp_path_factory):
             if process.poll() is not None:
                 pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
+                with DIRECT.open(f"{url}/ping", timeout=5) as response:
                     if response.status == 200:
                         break
             except (OSError, http.client.HTTPException) as exc:
@@ -84,7 +88,7 @@ def _post(url: str, payload) -> tuple[int, dict]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with DIRECT.open(request, timeout=60) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
