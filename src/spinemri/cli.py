@@ -375,6 +375,66 @@ def score(labels_csv, submission_csv, as_json) -> None:
         click.echo(f"  {key}: {parts[key]:.4f} over {parts['rows'][key]} {'studies' if key.startswith('any') else 'rows'}")
 
 
+@main.command()
+@click.option("--experiment", default="seed_table_quick", show_default=True,
+              help="Experiment YAML (its mlflow.experiment holds the runs), or an MLflow experiment name.")
+@click.option("--train", "do_train", is_flag=True, help="First train every backbone in compare.archs.")
+@click.option("--skip-existing", is_flag=True, help="With --train: skip backbones that already have a finished run.")
+@click.option("--head", default="condition", show_default=True, type=click.Choice(["condition", "level", "severity"]),
+              help="Head whose accuracy and ROC-AUC fill the table (the thesis reported condition).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Config overrides for --train, e.g. --set compare.archs=tiny,mobilenet_v2 --set data.data_dir=...")
+@user_errors
+def compare(experiment, do_train, skip_existing, head, settings) -> None:
+    """The thesis's Table 3.1 from MLflow runs: one row per backbone, under one protocol.
+
+    Reads the latest finished training run per architecture in the experiment and logs the table
+    (Markdown, CSV, PNG chart) to a summary run; prints the Markdown table.
+    """
+    from spinemri.compare import build_table, log_table, train_all
+    from spinemri.config import ConfigError, load_experiment, parse_override, resolve_experiment
+
+    overrides = dict(parse_override(item) for item in settings)
+    try:
+        resolve_experiment(experiment)
+    except ConfigError:
+        if do_train or overrides:
+            raise
+        config, mlflow_experiment, archs = None, experiment, None  # not a YAML: an MLflow experiment name
+    else:
+        config = load_experiment(experiment, overrides)
+        mlflow_experiment, archs = config.mlflow.experiment, config.compare.archs
+    if do_train:
+        train_all(config, skip_existing=skip_existing)
+    comparison = build_table(mlflow_experiment, head, archs)
+    run_id = log_table(comparison)
+    click.echo(comparison.markdown())
+    click.echo(f"logged compare/table.md, table.csv and chart.png to run {run_id} in {mlflow_experiment}")
+
+
+@main.command("evaluate")
+@click.option("--run", "run_id", required=True, help="MLflow run id of a training run (one with a logged model).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+              help="Split to evaluate (the run's own study-level split).")
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=100),
+              help="Bootstrap resamples of studies for the 95% confidence intervals.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of Markdown.")
+@user_errors
+def evaluate_command(run_id, split, n_boot, as_json) -> None:
+    """Evaluate a run's model on a split and log everything to that run.
+
+    Per head: accuracy, balanced accuracy, macro ROC-AUC, F1/precision/recall (macro and per class),
+    log loss (and the weighted log loss for severity), each with a 95% bootstrap confidence interval
+    over studies and beside a majority-class and a class-prior baseline; expected calibration error
+    with reliability diagrams; severity per condition and per level. Training runs this on the test
+    split automatically.
+    """
+    from spinemri.evaluate import evaluate_run, evaluation_markdown
+
+    report = evaluate_run(run_id, split, n_boot=n_boot)
+    click.echo(json.dumps(report, indent=2) if as_json else evaluation_markdown(report, split))
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))

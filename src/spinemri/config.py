@@ -215,6 +215,23 @@ class MlflowConfig:
                               f"got {self.champion_metric!r}")
 
 
+# The thesis's seven backbones (its Table 3.1), the default set of `spinemri compare --train`.
+THESIS_ARCHS = ("inception_v3", "xception", "vgg16", "nasnet_large", "resnet50", "mobilenet_v2", "densenet")
+
+
+@dataclass
+class CompareConfig:
+    archs: tuple[str, ...] = THESIS_ARCHS  # backbones trained and tabulated by `spinemri compare`
+
+    def validate(self) -> None:
+        from spinemri.models.backbones import BACKBONES
+
+        unknown = [a for a in self.archs if a not in BACKBONES]
+        if not self.archs or unknown:
+            raise ConfigError(f"compare.archs must list backbones from {', '.join(sorted(BACKBONES))}; "
+                              f"got {', '.join(self.archs) or 'none'}")
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "default"
@@ -226,6 +243,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     @property
     def preprocessing(self) -> PreprocessConfig:
@@ -242,6 +260,7 @@ class ExperimentConfig:
         self.train.validate()
         self.tuning.validate()
         self.mlflow.validate()
+        self.compare.validate()
         validate_search_space(self.tuning.search_space, self.to_dict())
         return self
 
@@ -370,6 +389,11 @@ def _build(cls, raw, source: str, prefix: str):
             except ValueError as exc:
                 raise ConfigError(f"{source}: preprocess: {exc}") from None
             values[name] = merged
+        elif name == "archs":  # a YAML list or "a,b,c" from the command line
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ConfigError(f"{key} must be a list of backbone names; got {value!r}")
+            values[name] = tuple(str(v).strip() for v in items if str(v).strip())
         elif name == "search_space":
             values[name] = dict(value or {})
         elif name == "loss_weights":

@@ -15,6 +15,7 @@ from typing import Callable
 
 import keras
 
+from spinemri.config import THESIS_ARCHS
 from spinemri.errors import UserError
 
 
@@ -88,7 +89,7 @@ BACKBONES: dict[str, Backbone] = {
     "convnext_tiny": Backbone("convnext_tiny", _app(A.ConvNeXtTiny), 224, 32, "raw", "convnext_tiny_notop.h5"),
     "tiny": Backbone("tiny", _tiny, 96, 16, "unit"),
 }
-THESIS_BACKBONES = ("inception_v3", "xception", "vgg16", "nasnet_large", "resnet50", "mobilenet_v2", "densenet")
+THESIS_BACKBONES = THESIS_ARCHS  # the thesis's seven, defined with the config that defaults to them
 
 
 def get_backbone(name: str) -> Backbone:

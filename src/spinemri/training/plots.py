@@ -31,7 +31,7 @@ def confusion(y_true: np.ndarray, proba: np.ndarray, class_names, title: str) ->
     fig, ax = plt.subplots(figsize=(1.1 * len(class_names) + 3, 1.0 * len(class_names) + 2.5))
     ConfusionMatrixDisplay.from_predictions(
         y_true[keep], proba[keep].argmax(axis=1), labels=list(range(len(class_names))),
-        display_labels=[_short(c) for c in class_names], ax=ax, colorbar=False, xticks_rotation=45)
+        display_labels=[short_name(c) for c in class_names], ax=ax, colorbar=False, xticks_rotation=45)
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -43,7 +43,7 @@ def roc_curves(y_true: np.ndarray, proba: np.ndarray, class_names, title: str) -
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for k, name in enumerate(class_names):
         if 0 < (y == k).sum() < len(y):
-            RocCurveDisplay.from_predictions(y == k, p[:, k], name=_short(name), ax=ax)
+            RocCurveDisplay.from_predictions(y == k, p[:, k], name=short_name(name), ax=ax)
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_title(title)
     fig.tight_layout()
@@ -60,12 +60,13 @@ def sample_predictions(images: np.ndarray, truths: list[str], predictions: list[
     for ax, image, truth, pred, prob in zip(axes.ravel(), images, truths, predictions, probabilities):
         ax.imshow(image[..., image.shape[-1] // 2], cmap="gray", vmin=0, vmax=255)
         color = "green" if truth == pred else "red"
-        ax.set_title(f"true {_short(truth)}\npred {_short(pred)} {prob:.2f}", fontsize=7, color=color)
+        ax.set_title(f"true {short_name(truth)}\npred {short_name(pred)} {prob:.2f}", fontsize=7, color=color)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
+    """A class name short enough for a plot label ('left_neural_foraminal_narrowing' -> 'left foraminal')."""
     return (name.replace("neural_foraminal_narrowing", "foraminal").replace("subarticular_stenosis", "subarticular")
             .replace("spinal_canal_stenosis", "spinal canal").replace("_", " "))

@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from spinemri import registry
+from spinemri import evaluate, registry
 from spinemri.config import HEADS, ConfigError, ExperimentConfig
 from spinemri.data import cache
 from spinemri.data.dicom import series_order
@@ -31,6 +31,7 @@ from spinemri.data.readers import DatasetError
 from spinemri.data.splits import SPLITS
 from spinemri.errors import UserError
 from spinemri.models.backbones import get_backbone
+from spinemri.models.gradcam import log_gradcam
 from spinemri.models.network import HEAD_CLASSES, build_model, set_backbone_trainable
 from spinemri.models.pyfunc import example_row, log_classifier
 from spinemri.training import evaluation, plots
@@ -177,8 +178,12 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
         if best.is_file():
             model.load_weights(best)
 
-    metrics = _evaluate(model, images_path, splits["test"], cfg.batch_size) if evaluate_test else {}
-    metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained)
+    metrics = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"].targets) \
+        if evaluate_test else {}
+    metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained,
+                   model_params=model.count_params())
+    if evaluate_test:
+        metrics["inference_ms_per_image"] = _inference_ms(model, images_path, splits["test"], cfg.batch_size)
     if cfg.monitor in history:
         metrics[f"best_{cfg.monitor}"] = best_value(history, cfg.monitor)
     mlflow.log_metrics(metrics)
@@ -224,6 +229,15 @@ def _register(config: ExperimentConfig, model_uri: str, metrics: dict[str, float
     return decision
 
 
+def _inference_ms(model: keras.Model, images_path: Path, test: SplitData, batch_size: int) -> float:
+    """Milliseconds per image of model.predict on up to 64 test images, after one warm-up batch."""
+    batch = read_rows(str(images_path), test.rows[:64]).astype(np.float32)
+    model.predict(batch[:batch_size], batch_size=batch_size, verbose=0)
+    started = time.perf_counter()
+    model.predict(batch, batch_size=batch_size, verbose=0)
+    return round((time.perf_counter() - started) * 1000 / len(batch), 3)
+
+
 def _compile(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
     cfg = config.train
     if cfg.optimizer == "adam":
@@ -240,8 +254,13 @@ def _compile(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
     )
 
 
-def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int) -> dict[str, float]:
-    """Test metrics per head (logged as test_<head>_<metric>) and the figures/reports behind them."""
+def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int,
+              train_targets: dict[str, np.ndarray]) -> dict[str, float]:
+    """Test metrics per head (logged as test_<head>_<metric>) and the figures/reports behind them.
+
+    Then the full evaluation (spinemri.evaluate: bootstrap CIs over studies, baselines, calibration,
+    breakdowns) and Grad-CAM heatmaps of test samples per class.
+    """
     outputs = {h: [] for h in HEADS}
     for start in range(0, len(test), 256):
         batch = read_rows(str(images_path), test.rows[start:start + 256]).astype(np.float32)
@@ -261,8 +280,24 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
                    f"plots/roc_{head}.png")
         mlflow.log_text(evaluation.report(y, proba[head], classes), f"reports/classification_report_{head}.txt")
     metrics["test_severity_weighted_log_loss"] = evaluation.weighted_log_loss(test.targets["severity"], proba["severity"])
+    report = evaluate.evaluate_predictions(test.samples, test.targets, proba, train_targets=train_targets)
+    evaluate.log_evaluation(report, "test")
+    log_gradcam(model, _Rows(images_path, test.rows), test.targets, proba, head=list(HEADS))
     _log_sample_predictions(images_path, test, proba)
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+class _Rows:
+    """Test images read on demand (Grad-CAM needs a few dozen of them, not the whole split in memory)."""
+
+    def __init__(self, images_path: Path, rows: np.ndarray):
+        self.images_path, self.rows = str(images_path), rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return read_rows(self.images_path, self.rows[index])
 
 
 def _log_sample_predictions(images_path: Path, test: SplitData, proba: dict[str, np.ndarray], count: int = 18) -> None:
