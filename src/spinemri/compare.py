@@ -73,6 +73,7 @@ def build_table(experiment: str, head: str = "condition", archs: tuple[str, ...]
             "accuracy": m.get(f"test_{head}_accuracy", math.nan),
             "accuracy_ci_low": m.get(f"test_{head}_accuracy_ci_low", math.nan),
             "accuracy_ci_high": m.get(f"test_{head}_accuracy_ci_high", math.nan),
+            "majority_accuracy": m.get(f"test_{head}_accuracy_majority", math.nan),
             "roc_auc": m.get(f"test_{head}_roc_auc", math.nan),
             "roc_auc_ci_low": m.get(f"test_{head}_roc_auc_ci_low", math.nan),
             "roc_auc_ci_high": m.get(f"test_{head}_roc_auc_ci_high", math.nan),
@@ -105,6 +106,9 @@ def markdown_table(table: pd.DataFrame, head: str) -> str:
                  str(row["img_size"]), f"{row['training_time_s']:.0f}", f"{row['final_loss']:.3f}",
                  f"{row['params'] / 1e6:.1f} M", f"{row['inference_ms_per_image']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    majority = table["majority_accuracy"].dropna()
+    if len(majority):  # the same held-out set for every run: one constant-prediction baseline
+        lines.append(f"| *majority-class baseline* | {majority.iloc[0]:.3f} | 0.500 | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +123,10 @@ def chart(comparison: Comparison):
         low = np.nan_to_num(values - table[f"{name}_ci_low"].to_numpy(float), nan=0.0)
         high = np.nan_to_num(table[f"{name}_ci_high"].to_numpy(float) - values, nan=0.0)
         ax.bar(x, values, yerr=[low, high], capsize=4, color="#4c72b0")
+        baseline = table["majority_accuracy"].dropna() if name == "accuracy" else pd.Series([0.5])
+        if len(baseline):
+            ax.axhline(baseline.iloc[0], color="#c44e52", linestyle="--", label="majority-class baseline")
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_xticks(x, table["arch"], rotation=30, ha="right")
         ax.set_ylim(0, 1)
         ax.set_title(f"test {comparison.head} {title} (95% CI, studies resampled)")

@@ -17,7 +17,7 @@ def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, 
     assert result.exit_code == 0, result.output
     table_text = result.output[result.output.index("| architecture | condition accuracy [95% CI]"):]
     rows = [line for line in table_text.splitlines()[2:] if line.startswith("| ")]
-    assert {line.split(" | ")[0].strip("| ") for line in rows} == {"tiny", "mobilenet_v2"}
+    assert {line.split(" | ")[0].strip("| ") for line in rows} == {"tiny", "mobilenet_v2", "*majority-class baseline*"}
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("spinemri-seed-table-quick")
@@ -30,6 +30,7 @@ def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, 
     assert (table["epochs"] == 1).all() and (table["batch_size"] == 32).all() and (table["img_size"] == 32).all()
     assert (table["params"] > 0).all() and (table["inference_ms_per_image"] > 0).all()
     assert table["accuracy"].between(0, 1).all() and table["final_loss"].notna().all()
+    assert table["majority_accuracy"].nunique() == 1  # one held-out set, one baseline
     assert table.loc[table["arch"] == "mobilenet_v2", "params"].item() > table.loc[table["arch"] == "tiny", "params"].item()
     with open(f"{folder}/chart.png", "rb") as png:
         assert png.read(4) == b"\x89PNG"

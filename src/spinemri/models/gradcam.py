@@ -37,8 +37,8 @@ def last_conv_layer(model: keras.Model) -> str:
     mobilenet_v2 ``out_relu``, densenet ``relu``, nasnet_large the ReLU after its last normal cell);
     for vgg16, whose backbone ends in ``block5_pool``, it is ``block5_conv3``, the layer of the
     original paper, at twice the resolution (the extras too end in their map: efficientnet_b0
-    ``top_activation``, convnext_tiny its final LayerNormalization, densenet169/201 ``relu``). This is deliberately not "the last Conv2D layer": in
-    DenseNet that is a 32-channel growth slice, in ResNet the convolution before the shortcut is
+    ``top_activation``, convnext_tiny its final LayerNormalization, densenet169/201 ``relu``).
+    This is deliberately not "the last Conv2D layer": in DenseNet that is a 32-channel growth slice, in ResNet the convolution before the shortcut is
     added, in Inception and NASNet one branch of the concatenation that the heads actually see.
     """
     backbone = _backbone(model)
