@@ -89,6 +89,15 @@ def test_bad_rows_raise_input_errors_naming_the_problem(row, message):
         classifier.predict(None, pd.DataFrame([row]))
 
 
+def test_a_dict_is_one_row_or_columns():
+    classifier = _classifier(channels=3)
+    rng = np.random.default_rng(2)
+    b64 = [base64.b64encode(encode_dicom(rng.random((40, 40)) * 100)).decode() for _ in range(3)]
+    one = classifier.predict(None, {"dicom_b64": b64[1], "neighbors_b64": [b64[0], b64[2]]})
+    many = classifier.predict(None, {"dicom_b64": b64, "x": [10.0, 20.0, 30.0], "y": [10.0, 20.0, 30.0]})
+    assert len(one) == 1 and len(many) == 3
+
+
 def test_missing_image_column_and_empty_requests():
     classifier = _classifier(channels=1)
     with pytest.raises(InputError, match="missing column: give dicom_b64"):

@@ -225,9 +225,9 @@ def _output_schema(frame: pd.DataFrame) -> Schema:
 def _as_frame(model_input) -> pd.DataFrame:
     if isinstance(model_input, pd.DataFrame):
         frame = model_input
-    elif isinstance(model_input, Mapping):
-        frame = pd.DataFrame([model_input]) if not any(isinstance(v, list) for v in model_input.values()) \
-            else pd.DataFrame(model_input)
+    elif isinstance(model_input, Mapping):  # one row, or columns when the image column holds a list
+        columns = any(isinstance(model_input.get(c), (list, tuple)) for c in IMAGE_COLUMNS)
+        frame = pd.DataFrame(model_input) if columns else pd.DataFrame([model_input])
     elif isinstance(model_input, list) and all(isinstance(r, Mapping) for r in model_input):
         frame = pd.DataFrame(model_input)
     else:
