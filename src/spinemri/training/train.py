@@ -186,7 +186,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
         metrics["inference_ms_per_image"] = _inference_ms(model, images_path, splits["test"], cfg.batch_size)
     if cfg.monitor in history:
         metrics[f"best_{cfg.monitor}"] = best_value(history, cfg.monitor)
-    mlflow.log_metrics(metrics)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test_")})  # test_*: logged above
     log_figure(plots.training_curves(history, HEADS), "plots/training_curves.png")
 
     model_uri, decision = None, None
@@ -256,10 +256,9 @@ def _compile(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
 
 def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int,
               train_targets: dict[str, np.ndarray]) -> dict[str, float]:
-    """Test metrics per head (logged as test_<head>_<metric>) and the figures/reports behind them.
-
-    Then the full evaluation (spinemri.evaluate: bootstrap CIs over studies, baselines, calibration,
-    breakdowns) and Grad-CAM heatmaps of test samples per class.
+    """Predict the test split; log the figures and reports per head, the full evaluation
+    (spinemri.evaluate: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
+    breakdowns) and Grad-CAM heatmaps. Returns the point values of the test_<head>_<metric> metrics.
     """
     outputs = {h: [] for h in HEADS}
     for start in range(0, len(test), 256):
@@ -268,23 +267,20 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
         for h in HEADS:
             outputs[h].append(predicted[h])
     proba = {h: np.concatenate(outputs[h]) for h in HEADS}
-    metrics: dict[str, float] = {}
     for head in HEADS:
         classes = HEAD_CLASSES[head]
         y = test.targets[head]
-        for name, value in evaluation.head_metrics(y, proba[head]).items():
-            metrics[f"test_{head}_{name}"] = value
         log_figure(plots.confusion(y, proba[head], classes, f"{head}: test confusion matrix"),
                    f"plots/confusion_{head}.png")
         log_figure(plots.roc_curves(y, proba[head], classes, f"{head}: test ROC (one-vs-rest)"),
                    f"plots/roc_{head}.png")
         mlflow.log_text(evaluation.report(y, proba[head], classes), f"reports/classification_report_{head}.txt")
-    metrics["test_severity_weighted_log_loss"] = evaluation.weighted_log_loss(test.targets["severity"], proba["severity"])
     report = evaluate.evaluate_predictions(test.samples, test.targets, proba, train_targets=train_targets)
-    evaluate.log_evaluation(report, "test")
+    evaluate.log_evaluation(report, "test")  # logs test_<head>_<metric> with its CI and baselines
     log_gradcam(model, _Rows(images_path, test.rows), test.targets, proba, head=list(HEADS))
     _log_sample_predictions(images_path, test, proba)
-    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    return {f"test_{head}_{name}": float(entry["value"]) for head, result in report["heads"].items()
+            for name, entry in result["metrics"].items() if entry["value"] is not None}
 
 
 class _Rows:
