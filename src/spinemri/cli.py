@@ -178,11 +178,15 @@ def prepare(path, img_size, mode, roi_mm, channels, equalize, dicom_window, work
 @click.option("--storage", default=None, help="Optuna storage: a journal file or postgresql://... "
               "[default: optuna-journal.log next to the MLflow store].")
 @click.option("--workers", default=None, help="Processes working on the study at once.")
+@click.option("--task", default=None, type=click.Choice(["", "classify", "localize"]),
+              help="classify (default): the ROI classifier; localize: the stage-1 localizer of --series.")
+@click.option("--series", default=None, type=click.Choice(["", "sagittal_t2", "sagittal_t1", "axial_t2"]),
+              help="With --task localize: the series type whose sites the localizer learns.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other config key, e.g. --set train.freeze_epochs=2 --set model.dropout=0.5.")
 @user_errors
 def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, weights, seed, trials, storage, workers,
-          settings) -> None:
+          settings, task=None, series=None) -> None:
     """Train a backbone with the three heads and log the run to MLflow.
 
     Options left out (or empty) take the experiment's value; an experiment without a data_dir
@@ -193,10 +197,23 @@ def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, we
 
     overrides = dict(arch=arch, data_dir=data_dir, img_size=img_size, mode=mode, epochs=epochs,
                      batch_size=batch_size, lr=lr, weights=weights, seed=seed, trials=trials, storage=storage,
-                     workers=workers)
+                     workers=workers, task=task, series=series)
     overrides = {k: v for k, v in overrides.items() if v not in (None, "")}
     overrides.update(parse_override(item) for item in settings)
+    if overrides.get("task") == "localize" and img_size not in (None, ""):
+        overrides["localize.img_size"] = overrides.pop("img_size")  # --img-size means the localizer's input
     config = load_experiment(experiment, overrides)
+    if config.task == "localize":
+        if config.tuning.trials > 0:
+            raise click.UsageError("tuning a localizer (--task localize with --trials) is not implemented yet; "
+                                   "train it with --trials 0 and set its hyperparameters with --set")
+        from spinemri.localization.train import train_localizer
+
+        result = train_localizer(config)
+        click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), localizer {result.model_uri}")
+        for key, value in sorted(result.metrics.items()):
+            click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        return
     if config.tuning.trials > 0:
         from spinemri.tuning import tune as run_study
 

@@ -215,6 +215,38 @@ class MlflowConfig:
                               f"got {self.champion_metric!r}")
 
 
+TASKS = ("classify", "localize")
+LOCALIZE_SERIES = ("sagittal_t2", "sagittal_t1", "axial_t2")  # spinemri.localization.sites.SERIES_TASKS
+
+
+@dataclass
+class LocalizeConfig:
+    """Stage 1 of study-level diagnosis (``task: localize``): find the sites on one series type.
+
+    The localizer sees whole slices: preprocessing uses mode ``slice`` at ``img_size`` with
+    ``channels``, and the preprocess section's windowing (p_low, p_high, equalize, dicom_window).
+    """
+
+    series: str = "sagittal_t2"  # sagittal_t2 | sagittal_t1 | axial_t2
+    img_size: int = 128
+    channels: int = 1
+    slice_sigma: float = 1.0  # width, in slices, of the soft target around the labelled slice
+    point_slices: int = 1  # slices either side of the labelled one that also learn its points
+    point_loss_weight: float = 10.0
+    slice_loss_weight: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.series in LOCALIZE_SERIES, "localize.series", f"must be one of {', '.join(LOCALIZE_SERIES)}",
+               self.series)
+        _check(isinstance(self.img_size, int) and 16 <= self.img_size <= 1024, "localize.img_size",
+               "must be an integer from 16 to 1024", self.img_size)
+        _check(self.channels in (1, 3), "localize.channels", "must be 1 or 3", self.channels)
+        _check(self.slice_sigma > 0, "localize.slice_sigma", "must be > 0", self.slice_sigma)
+        _check(self.point_slices >= 0, "localize.point_slices", "must be >= 0", self.point_slices)
+        _check(self.point_loss_weight >= 0 and self.slice_loss_weight >= 0, "localize.*_loss_weight",
+               "must be >= 0", (self.point_loss_weight, self.slice_loss_weight))
+
+
 # The thesis's seven backbones (its Table 3.1), the default set of `spinemri compare --train`.
 THESIS_ARCHS = ("inception_v3", "xception", "vgg16", "nasnet_large", "resnet50", "mobilenet_v2", "densenet")
 
@@ -244,10 +276,17 @@ class ExperimentConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
 
     @property
     def preprocessing(self) -> PreprocessConfig:
+        """The classifier's preprocessing; a localizer's is :attr:`localizer_preprocessing`."""
         return PreprocessConfig.from_dict(self.preprocess)
+
+    @property
+    def localizer_preprocessing(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict({**self.preprocess, "mode": "slice", "img_size": self.localize.img_size,
+                                           "channels": self.localize.channels})
 
     def validate(self) -> "ExperimentConfig":
         try:
@@ -261,6 +300,8 @@ class ExperimentConfig:
         self.tuning.validate()
         self.mlflow.validate()
         self.compare.validate()
+        self.localize.validate()
+        _check(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
         validate_search_space(self.tuning.search_space, self.to_dict())
         return self
 
@@ -287,7 +328,7 @@ SHORTCUTS = {
     "img_size": "preprocess.img_size", "mode": "preprocess.mode", "epochs": "train.epochs",
     "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed", "trials": "tuning.trials",
     "storage": "tuning.storage", "study_name": "tuning.study_name", "pruner": "tuning.pruner",
-    "workers": "tuning.workers",
+    "workers": "tuning.workers", "task": "task", "series": "localize.series",
 }
 
 

@@ -57,8 +57,13 @@ def eval_set_hash(samples: pd.DataFrame) -> str:
 
 
 def register(model_uri: str, name: str, *, metric: str, value: float | None, eval_set: str,
-             tags: dict[str, str] | None = None) -> Decision:
-    """Register ``model_uri`` as a new version of ``name`` and apply the alias policy."""
+             tags: dict[str, str] | None = None, champion: str = CHAMPION,
+             challenger: str = CHALLENGER) -> Decision:
+    """Register ``model_uri`` as a new version of ``name`` and apply the alias policy.
+
+    ``champion``/``challenger`` name the two aliases; the localizers keep one pair per series type
+    in one registered model (``sagittal_t2`` / ``sagittal_t2-challenger``, ...).
+    """
     client = MlflowClient()
     version_tags = {"metric_name": metric, "metric_goal": metric_goal(metric), "eval_set": eval_set, **(tags or {})}
     usable = value is not None and math.isfinite(value)
@@ -68,20 +73,22 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
     if str(version) == "1" and not client.get_registered_model(name).description:
         client.update_registered_model(name, description="spinemri lumbar-spine classifiers: champion = best held-out "
                                        f"{metric} (see the spinemri README, Registry and serving)")
-    alias, reason = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set)
+    alias, reason = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set,
+                            champion, challenger)
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "decision", reason)
     return Decision(name=name, version=str(version), alias=alias, reason=reason)
 
 
 def _decide(client: MlflowClient, name: str, version: str, metric: str, value: float | None,
-            eval_set: str) -> tuple[str, str]:
+            eval_set: str, champion_alias: str = CHAMPION, challenger_alias: str = CHALLENGER) -> tuple[str, str]:
+    CHAMPION, CHALLENGER = champion_alias, challenger_alias  # noqa: N806 - the policy below reads as for the defaults
     if value is None:
         return CHALLENGER, f"it has no finite {metric} to compare"
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return CHAMPION, f"first version with a champion metric ({metric} = {value:.4f})"
+        return CHAMPION, f"first version with a {CHAMPION} metric ({metric} = {value:.4f})"
     tags = champion.tags
     if tags.get("metric_name") != metric:
         return CHALLENGER, (f"not comparable: champion v{champion.version} was judged on {tags.get('metric_name')}, "

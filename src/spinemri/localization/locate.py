@@ -1,0 +1,200 @@
+"""From a localizer's outputs on every slice of a study's series to one site per (condition, level).
+
+For each slice group the slice with the highest score over all series of the type wins (a study
+with two axial series is searched as one); each point is read from the winning slice of its group
+and mapped back to that slice's pixels. The same code serves evaluation (on cached slices), the
+``predict-study`` command and the served study model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from spinemri.data.dicom import SeriesStack
+from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
+from spinemri.errors import UserError
+from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
+from spinemri.models.pyfunc import PACKAGE_DIR
+
+
+@dataclass(frozen=True)
+class SeriesSlices:
+    """One series as the localizer saw it: its slices in position order and their frame."""
+
+    series_id: int
+    instance_numbers: tuple[int, ...]
+    frame: SliceFrame
+
+
+@dataclass(frozen=True)
+class Site:
+    condition: str
+    level: str
+    series_id: int
+    instance_number: int
+    slice_index: int  # position of the slice in its series (0 = first along the normal)
+    x: float  # pixels of that slice
+    y: float
+    slice_score: float
+
+
+def choose_sites(task: SeriesTask, series: Sequence[SeriesSlices], points: Sequence[np.ndarray],
+                 scores: Sequence[np.ndarray]) -> list[Site]:
+    """``points[k]`` (n_k, P, 2) and ``scores[k]`` (n_k, G) are the outputs on series k's slices."""
+    sites = []
+    for condition, level, group, point in task.sites:
+        best = None
+        for k, info in enumerate(series):
+            if len(scores[k]) == 0:
+                continue
+            i = int(np.argmax(scores[k][:, group]))
+            if best is None or scores[k][i, group] > best[2]:
+                best = (k, i, float(scores[k][i, group]))
+        if best is None:
+            continue
+        k, i, score = best
+        x, y = series[k].frame.to_pixels(*points[k][i, point])
+        sites.append(Site(condition, level, series[k].series_id, int(series[k].instance_numbers[i]), i,
+                          float(x), float(y), score))
+    return sites
+
+
+def relative_positions(n: int) -> np.ndarray:
+    """Each slice's place in its series, 0 (first along the normal) to 1 (last), as the model's input."""
+    return (np.arange(n, dtype=np.float32) / max(n - 1, 1))[:, None]
+
+
+class SpineLocalizer(mlflow.pyfunc.PythonModel):
+    """A logged localizer: the Keras model and meta.json (series type, preprocessing)."""
+
+    def load_context(self, context) -> None:
+        import keras
+
+        from spinemri.localization import model as _  # noqa: F401 - registers SoftArgmax
+
+        self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
+        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+
+    @property
+    def task(self) -> SeriesTask:
+        return get_task(self.meta["series"])
+
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.meta["preprocess"])
+
+    def series_images(self, stack: SeriesStack) -> np.ndarray:
+        config = self.preprocessing
+        n = len(stack.instance_numbers)
+        return np.stack([preprocess([stack.pixels[j] for j in neighbor_indices(i, n, config.channels)],
+                                    stack.pixel_spacing, config) for i in range(n)])
+
+    def outputs(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Outputs on the slices of one series, given in position order."""
+        if len(images) == 0:
+            return np.zeros((0, self.task.points, 2)), np.zeros((0, len(self.task.groups)))
+        out = self.model.predict({"image": np.asarray(images, np.float32), "position": relative_positions(len(images))},
+                                 batch_size=batch_size, verbose=0)
+        return np.asarray(out["points"]), np.asarray(out["slice"])
+
+    def locate(self, stacks: Sequence[tuple[int, SeriesStack]]) -> list[Site]:
+        """Sites on a study's series of this localizer's type, given as (series_id, decoded stack)."""
+        series, points, scores = [], [], []
+        for series_id, stack in stacks:
+            height, width = stack.pixels.shape[1:]
+            series.append(SeriesSlices(int(series_id), tuple(stack.instance_numbers),
+                                       SliceFrame(width, height, *stack.pixel_spacing)))
+            p, s = self.outputs(self.series_images(stack))
+            points.append(p)
+            scores.append(s)
+        return choose_sites(self.task, series, points, scores)
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        """Rows with ``dicom_b64``: every slice of one series -> one row per site found."""
+        from spinemri.models.pyfunc import InputError
+        from spinemri.study import stack_from_bytes
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "dicom_b64" not in frame.columns or frame.empty:
+            raise InputError("send one row per slice of a series, each with a dicom_b64 column (a base64 DICOM file)")
+        stack = stack_from_bytes(list(frame["dicom_b64"]))
+        return pd.DataFrame([asdict(s) for s in self.locate([(0, stack)])])
+
+
+def log_localizer(model, meta: dict, pip_requirements: list[str]):
+    """Log a trained localizer as a pyfunc model (Keras file + meta.json + the spinemri package)."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+        keras_path = Path(tmp) / "model.keras"
+        model.save(keras_path)
+        meta_path = Path(tmp) / "meta.json"
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return mlflow.pyfunc.log_model(name="model", python_model=SpineLocalizer(),
+                                       artifacts={"keras_model": str(keras_path), "meta": str(meta_path)},
+                                       code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements)
+
+
+def load_localizer(model_uri: str) -> SpineLocalizer:
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        raise UserError(f"cannot load localizer {model_uri!r} from {mlflow.get_tracking_uri()}: {exc.message}; "
+                        "train one with `spinemri train --task localize --series SERIES`") from None
+    except OSError as exc:
+        raise UserError(f"cannot load localizer {model_uri!r}: {exc}") from None
+    localizer = model.unwrap_python_model()
+    if not isinstance(localizer, SpineLocalizer):
+        raise UserError(f"{model_uri!r} is a {type(localizer).__name__}, not a spinemri localizer "
+                        "(pass the classifier with --classifier)")
+    return localizer
+
+
+def point_errors(sites: Sequence[Site], truth: pd.DataFrame, frames: dict[tuple[int, int], SliceFrame],
+                 positions: dict[tuple[int, int, int], int]) -> pd.DataFrame:
+    """One row per labelled point of ``truth`` (one study): the found site's slice and in-plane error.
+
+    ``frames[(study, series)]`` and ``positions[(study, series, instance)]`` describe the series.
+    ``error_mm`` is measured on the labelled slice's frame; it is NaN when the site was found on
+    another series (a study with two axial series) or not at all, and ``slice_ok`` is then False.
+    """
+    found = {(s.condition, s.level): s for s in sites}
+    rows = []
+    for point in truth.itertuples(index=False):
+        site = found.get((point.condition, point.level))
+        key = (point.study_id, point.series_id)
+        same_series = site is not None and site.series_id == point.series_id and key in frames
+        error = slice_off = math.nan
+        if same_series:
+            error = float(frames[key].distance_mm(site.x, site.y, point.x, point.y))
+            true_position = positions.get((point.study_id, point.series_id, int(point.instance_number)))
+            if true_position is not None:
+                slice_off = abs(site.slice_index - true_position)
+        rows.append(dict(study_id=point.study_id, condition=point.condition, level=point.level,
+                         error_mm=error, slices_off=slice_off,
+                         slice_ok=bool(same_series and not math.isnan(slice_off) and slice_off <= 1)))
+    return pd.DataFrame(rows)
+
+
+def summarize_errors(errors: pd.DataFrame) -> dict[str, float]:
+    """Mean/median point error (mm), shares within 5 and 10 mm, slice accuracy (within one slice)."""
+    measured = errors["error_mm"].dropna()
+    n = max(len(errors), 1)
+    return {
+        "point_error_mm": float(measured.mean()) if len(measured) else math.nan,
+        "point_error_mm_median": float(measured.median()) if len(measured) else math.nan,
+        "within_5mm": float((measured <= 5).sum() / n),
+        "within_10mm": float((measured <= 10).sum() / n),
+        "slice_accuracy": float(errors["slice_ok"].sum() / n),
+        "points": float(len(errors)),
+    }

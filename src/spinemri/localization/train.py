@@ -1,0 +1,353 @@
+"""train_localizer(config): slice cache -> localizer -> fit -> held-out point errors -> MLflow -> registry.
+
+One MLflow run per series type (``spinemri train --task localize --series sagittal_t2``), in the
+experiment ``spinemri-localize``. The held-out studies are the classifier's test studies (same
+split function, same label table, same seed), so stage 1 and stage 2 are judged on the same
+patients. Metrics, per series type ``<s>``:
+
+    test_<s>_point_error_mm (mean), _median, test_<s>_within_5mm, _within_10mm,
+    test_<s>_slice_accuracy (the labelled slice found within one slice), and the same for a
+    baseline that always answers the training set's mean position (test_<s>_baseline_...);
+    val_point_error_mm / val_slice_accuracy per epoch (step 0 = before training).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import keras
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from spinemri import registry
+from spinemri.config import ExperimentConfig, MlflowConfig
+from spinemri.data.phantom import PhantomConfig, synthesize
+from spinemri.data.readers import DatasetError
+from spinemri.localization.dataset import LocalizerDataset, prepare_localizer, slice_targets, study_splits
+from spinemri.localization.locate import SeriesSlices, choose_sites, log_localizer, point_errors, summarize_errors
+from spinemri.localization.model import build_localizer, point_loss, slice_loss
+from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
+from spinemri.training.data import read_rows
+from spinemri.training.tracking import MlflowEpochLogger, ending_run, log_figure, pip_requirements, run_tags
+from spinemri.training.train import TrainingError, _sigterm_as_interrupt, phantom_dir
+
+DEFAULT_EXPERIMENT = "spinemri-localize"
+DEFAULT_REGISTERED_MODEL = "spinemri-localizer"
+MONITOR = "val_point_error_mm"  # best checkpoint, early stopping and LR schedule (what users care about)
+
+
+@dataclass
+class LocalizeResult:
+    run_id: str
+    metrics: dict[str, float]
+    model_uri: str | None
+    epochs_trained: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+    registered: registry.Decision | None = None
+
+
+@dataclass
+class _Split:
+    """One split of the slice cache with its targets and ground truth."""
+
+    slices: pd.DataFrame  # rows of slices.csv
+    targets: dict[str, np.ndarray]
+    truth: pd.DataFrame  # labelled points of this series type in these studies
+
+
+def experiment_name(config: ExperimentConfig) -> str:
+    return DEFAULT_EXPERIMENT if config.mlflow.experiment == MlflowConfig.experiment else config.mlflow.experiment
+
+
+def registered_model_name(config: ExperimentConfig) -> str:
+    name = config.mlflow.registered_model
+    return DEFAULT_REGISTERED_MODEL if name == MlflowConfig.registered_model else name
+
+
+def prepare(config: ExperimentConfig) -> tuple[LocalizerDataset, dict[str, _Split]]:
+    """The slice cache for ``config.localize.series`` and its train/val/test splits (study level)."""
+    task = get_task(config.localize.series)
+    data_dir = config.data.data_dir
+    if not data_dir:
+        data_dir = phantom_dir(config)
+        if not (data_dir / "train.csv").is_file():
+            synthesize(data_dir, PhantomConfig(studies=config.data.phantom_studies, seed=config.data.phantom_seed),
+                       workers=config.data.workers)
+    elif not Path(data_dir).exists():
+        raise DatasetError([f"data_dir {data_dir} does not exist; give an RSNA-layout folder, "
+                            "or leave data_dir empty for the built-in phantom"])
+    dataset, samples = prepare_localizer(data_dir, task.name, config.localizer_preprocessing,
+                                         workers=config.data.workers)
+    split_of = dict(study_splits(samples, config.split.fractions, config.split.seed)[["study_id", "split"]]
+                    .itertuples(index=False))
+    slices = dataset.slices()
+    targets = slice_targets(slices, samples, task, config.localize.slice_sigma, config.localize.point_slices)
+    conditions = {c for c, *_ in task.sites}
+    truth = samples[samples["condition"].isin(conditions) & (samples["series_description"] == task.description)]
+    splits = {}
+    for name in ("train", "val", "test"):
+        keep = slices["study_id"].map(split_of).eq(name).to_numpy()
+        studies = set(slices.loc[keep, "study_id"])
+        splits[name] = _Split(slices[keep].reset_index(drop=True), {k: v[keep] for k, v in targets.items()},
+                              truth[truth["study_id"].isin(studies)].reset_index(drop=True))
+        if not len(splits[name].slices) or splits[name].truth.empty:
+            raise DatasetError([f"{config.data.data_dir or 'the phantom'} has no labelled {task.description} series in "
+                                f"the {name} split; use more studies or other split.fractions"])
+    return dataset, splits
+
+
+def make_dataset(images_path: Path, split: _Split, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """Batches of (image float32 0..255, {points: (B, P, 3) u/v/mask, slice: (B, G, 2) target/mask})."""
+    images_path = str(images_path)
+    shape = np.load(images_path, mmap_mode="r").shape[1:]
+    t = split.targets
+    y_points = np.concatenate([t["points"], t["point_mask"][..., None]], axis=-1)
+    y_slice = np.stack([t["slice_target"], t["slice_mask"]], axis=-1)
+    ds = tf.data.Dataset.from_tensor_slices((split.slices["index"].to_numpy(np.int64), positions(split.slices),
+                                             y_points, y_slice))
+    if shuffle:
+        ds = ds.shuffle(len(split.slices), seed=seed, reshuffle_each_iteration=True)
+
+    def load(rows, position, points, slice_targets_):
+        images = tf.numpy_function(lambda r: read_rows(images_path, r), [rows], tf.uint8)
+        images = tf.cast(tf.reshape(images, (-1, *shape)), tf.float32)
+        return {"image": images, "position": position}, {"points": points, "slice": slice_targets_}
+
+    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def positions(slices: pd.DataFrame) -> np.ndarray:
+    """The model's position input: each slice's place in its series, 0..1 (see locate.relative_positions)."""
+    return (slices["position"].to_numpy(np.float32) / np.maximum(slices["n_slices"].to_numpy(np.float32) - 1, 1))[:, None]
+
+
+def split_outputs(model: keras.Model, images_path: Path, split: _Split, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    points, scores = [], []
+    rows = split.slices["index"].to_numpy(np.int64)
+    where = positions(split.slices)
+    for start in range(0, len(rows), 256):
+        out = model.predict({"image": read_rows(str(images_path), rows[start:start + 256]).astype(np.float32),
+                             "position": where[start:start + 256]}, batch_size=batch_size, verbose=0)
+        points.append(np.asarray(out["points"]))
+        scores.append(np.asarray(out["slice"]))
+    return np.concatenate(points), np.concatenate(scores)
+
+
+def split_errors(task: SeriesTask, split: _Split, points: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """Choose the sites of every study of the split from per-slice outputs; one error row per labelled point."""
+    slices = split.slices
+    frames, positions = {}, {}
+    for row in slices.itertuples(index=False):
+        frames.setdefault((row.study_id, row.series_id), SliceFrame(int(row.width), int(row.height),
+                                                                     float(row.row_mm), float(row.col_mm)))
+        positions[(row.study_id, row.series_id, int(row.instance_number))] = int(row.position)
+    out = []
+    for study, rows in slices.groupby("study_id").indices.items():
+        study_slices = slices.iloc[rows]
+        series, p, s = [], [], []
+        for series_id, local in study_slices.groupby("series_id").indices.items():
+            index = rows[local]
+            ordered = index[np.argsort(slices["position"].to_numpy()[index])]
+            series.append(SeriesSlices(int(series_id), tuple(slices["instance_number"].to_numpy()[ordered]),
+                                       frames[(study, series_id)]))
+            p.append(points[ordered])
+            s.append(scores[ordered])
+        sites = choose_sites(task, series, p, s)
+        out.append(point_errors(sites, split.truth[split.truth["study_id"] == study], frames, positions))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def baseline_outputs(task: SeriesTask, train: _Split, split: _Split) -> tuple[np.ndarray, np.ndarray]:
+    """A model-free answer: every point at its mean training position, each group's slice at its mean
+    relative position in the series."""
+    t = train.targets
+    weight = t["point_mask"][..., None]
+    mean_points = (t["points"] * weight).sum(axis=0) / np.maximum(weight.sum(axis=0), 1)
+    relative = train.slices["position"].to_numpy() / np.maximum(train.slices["n_slices"].to_numpy() - 1, 1)
+    peak = t["slice_target"] * t["slice_mask"]
+    mean_relative = np.array([relative[peak[:, g] > 0.99].mean() if (peak[:, g] > 0.99).any() else 0.5
+                              for g in range(len(task.groups))])
+    rel = split.slices["position"].to_numpy() / np.maximum(split.slices["n_slices"].to_numpy() - 1, 1)
+    # Slightly prefer longer series, so that a study with two series of the type picks one consistently.
+    scores = -np.abs(rel[:, None] - mean_relative[None, :]) + 1e-3 * split.slices["n_slices"].to_numpy()[:, None]
+    return np.repeat(mean_points[None], len(split.slices), axis=0), scores
+
+
+class ValidationErrors(keras.callbacks.Callback):
+    """Point error (mm) and slice accuracy on the validation studies, before training and after each epoch."""
+
+    def __init__(self, task: SeriesTask, images_path: Path, split: _Split, batch_size: int):
+        super().__init__()
+        self.task, self.images_path, self.split, self.batch_size = task, images_path, split, batch_size
+        self.history: list[dict[str, float]] = []
+
+    def _measure(self, step: int) -> dict[str, float]:
+        summary = summarize_errors(split_errors(self.task, self.split,
+                                                *split_outputs(self.model, self.images_path, self.split, self.batch_size)))
+        values = {f"val_{k}": v for k, v in summary.items() if k != "points" and math.isfinite(v)}
+        self.history.append(values)
+        return values
+
+    def on_train_begin(self, logs=None):
+        if not self.history:
+            mlflow.log_metrics(self._measure(0), step=0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Into the epoch's logs: checkpointing and early stopping watch val_point_error_mm, and
+        # MlflowEpochLogger logs it with the losses (step = epoch, 1-based).
+        logs.update(self._measure(epoch + 1))
+
+
+def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> LocalizeResult:
+    config.validate()
+    if config.task != "localize":
+        raise ValueError(f"train_localizer needs task: localize, got {config.task!r}")
+    task = get_task(config.localize.series)
+    dataset, splits = prepare(config)
+    keras.utils.set_random_seed(config.train.seed)
+    run_name = f"localize-{task.name}-{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not nested and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment_name(config))
+    run = mlflow.start_run(run_name=run_name, nested=nested)
+    with ending_run(), _sigterm_as_interrupt():
+        result = _train_in_run(config, task, dataset, splits, run_name)
+    result.run_id = run.info.run_id
+    return result
+
+
+def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerDataset, splits: dict[str, _Split],
+                  run_name: str) -> LocalizeResult:
+    cfg, loc, pre = config.train, config.localize, config.localizer_preprocessing
+    mlflow.set_tags({**run_tags(dataset.fingerprint, config.model.arch, "localize"), "localize.series": task.name,
+                     "mlflow.runName": run_name})
+    flat = config.flat()
+    mlflow.log_params({k: v for k, v in flat.items() if k.split(".")[0] in ("data", "split", "model", "train", "localize",
+                                                                           "preprocess", "task", "name")})
+    mlflow.log_params({f"split.{n}_studies": int(s.slices["study_id"].nunique()) for n, s in splits.items()})
+    mlflow.log_params({f"split.{n}_slices": len(s.slices) for n, s in splits.items()})
+    mlflow.log_dict(config.to_dict(), "config.yaml")
+
+    images_path = dataset.path / "images.npy"
+    model = build_localizer(config.model.arch, loc.img_size, loc.channels, task, weights=config.model.weights,
+                            dense_units=config.model.dense_units, dropout=config.model.dropout)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss={"points": point_loss, "slice": slice_loss},
+                  loss_weights={"points": loc.point_loss_weight, "slice": loc.slice_loss_weight})
+    train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val_ds = make_dataset(images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed)
+    monitor = ValidationErrors(task, images_path, splits["val"], cfg.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        best = Path(tmp) / "best.weights.h5"
+        callbacks = [
+            monitor,  # first: adds val_point_error_mm to the epoch logs the others read
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.ModelCheckpoint(best, monitor=MONITOR, mode="min", save_best_only=True,
+                                            save_weights_only=True),
+            keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min", patience=cfg.early_stopping_patience),
+            keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="min", factor=0.5,
+                                              patience=cfg.reduce_lr_patience),
+            MlflowEpochLogger(step_offset=1),
+        ]
+        started = time.perf_counter()
+        fitted = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=2)
+        training_time = time.perf_counter() - started
+        history = {k: [float(v) for v in values] for k, values in fitted.history.items()}
+        if any(not math.isfinite(v) for v in history.get("loss", [])):
+            raise TrainingError(f"the localizer's loss became NaN/inf (lr={cfg.lr}); lower train.lr or check the data")
+        if best.is_file():
+            model.load_weights(best)
+
+    test = splits["test"]
+    errors = split_errors(task, test, *split_outputs(model, images_path, test, cfg.batch_size))
+    baseline = split_errors(task, test, *baseline_outputs(task, splits["train"], test))
+    summary, base_summary = summarize_errors(errors), summarize_errors(baseline)
+    metrics = {f"test_{task.name}_{k}": v for k, v in summary.items() if math.isfinite(v)}
+    metrics.update({f"test_{task.name}_baseline_{k}": v for k, v in base_summary.items()
+                    if k != "points" and math.isfinite(v)})
+    initial = monitor.history[0].get("val_point_error_mm") if monitor.history else None
+    metrics.update(training_time_s=round(training_time, 2), epochs_trained=len(history.get("loss", [])),
+                   model_params=model.count_params())
+    if initial is not None:
+        metrics["val_point_error_mm_untrained"] = initial
+    mlflow.log_metrics(metrics)
+    mlflow.log_text(errors.to_csv(index=False), "localize/test_errors.csv")
+    log_figure(_curves(history, monitor.history), "plots/localizer_curves.png")
+    log_figure(_sites_figure(dataset, task, test, errors, model, cfg.batch_size), "plots/test_sites.png")
+
+    meta = {"series": task.name, "arch": config.model.arch, "preprocess": pre.to_dict(),
+            "input_shape": [loc.img_size, loc.img_size, loc.channels], "groups": list(task.groups),
+            "sites": [list(s) for s in task.sites], "data_fingerprint": dataset.fingerprint}
+    model_uri = log_localizer(model, meta, pip_requirements()).model_uri
+    decision = None
+    if config.mlflow.register:
+        metric = f"test_{task.name}_point_error_mm"
+        decision = registry.register(
+            model_uri, registered_model_name(config), metric=metric, value=metrics.get(metric),
+            eval_set=registry.eval_set_hash(test.truth), champion=task.name, challenger=f"{task.name}-challenger",
+            tags={"arch": config.model.arch, "series": task.name, "experiment": config.name,
+                  "eval_set_studies": str(test.truth["study_id"].nunique())})
+        mlflow.set_tags({"registered_model": decision.name, "registered_version": decision.version,
+                         "registry_alias": decision.alias})
+        print(decision, flush=True)
+    return LocalizeResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],
+                          history={**history, "val_point_error_mm_by_step": [h.get("val_point_error_mm", math.nan)
+                                                                             for h in monitor.history]},
+                          registered=decision)
+
+
+def _curves(history: dict[str, list[float]], errors: list[dict[str, float]]) -> plt.Figure:
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key in zip(axes[:2], ("points_loss", "slice_loss")):
+        for prefix, style in (("", "-o"), ("val_", "--o")):
+            values = history.get(prefix + key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, ms=3, label="validation" if prefix else "train")
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.legend()
+    axes[2].plot(range(len(errors)), [e.get("val_point_error_mm", math.nan) for e in errors], "-o", ms=3)
+    axes[2].set_title("validation point error (mm)")
+    axes[2].set_xlabel("epoch (0 = untrained)")
+    fig.tight_layout()
+    return fig
+
+
+def _sites_figure(dataset: LocalizerDataset, task: SeriesTask, test: _Split, errors: pd.DataFrame,
+                  model: keras.Model, batch_size: int, count: int = 4) -> plt.Figure:
+    """Test slices with the labelled points (green) and the localizer's (red) on the labelled slice."""
+    truth = test.truth.drop_duplicates(["study_id", "series_id", "instance_number"]).head(count)
+    fig, axes = plt.subplots(1, max(len(truth), 1), figsize=(3.2 * max(len(truth), 1), 3.4), squeeze=False)
+    images = dataset.images()
+    size = images.shape[1]
+    for ax, point in zip(axes[0], truth.itertuples(index=False)):
+        row = test.slices[(test.slices["study_id"] == point.study_id) & (test.slices["series_id"] == point.series_id)
+                          & (test.slices["instance_number"] == point.instance_number)]
+        if row.empty:
+            continue
+        row = row.iloc[0]
+        full = np.asarray(images[int(row["index"])])
+        image = full[..., full.shape[-1] // 2]
+        out = model.predict({"image": full[None].astype(np.float32), "position": positions(row.to_frame().T)},
+                            verbose=0)
+        frame = SliceFrame(int(row["width"]), int(row["height"]), float(row["row_mm"]), float(row["col_mm"]))
+        here = test.truth[(test.truth["study_id"] == point.study_id) & (test.truth["instance_number"] == point.instance_number)
+                          & (test.truth["series_id"] == point.series_id)]
+        u, v = frame.to_unit(here["x"].to_numpy(), here["y"].to_numpy())
+        ax.imshow(image, cmap="gray")
+        ax.scatter(u * size - 0.5, v * size - 0.5, s=14, c="lime", label="label")
+        predicted = np.asarray(out["points"])[0]
+        ax.scatter(predicted[:, 0] * size - 0.5, predicted[:, 1] * size - 0.5, s=14, c="red", marker="x", label="model")
+        ax.set_title(f"study {point.study_id}\ninstance {point.instance_number}", fontsize=8)
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{task.description}: test slices, labels vs localizer (this slice's output)", fontsize=9)
+    fig.tight_layout()
+    return fig
