@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 
@@ -450,6 +451,123 @@ def evaluate_command(run_id, split, n_boot, as_json) -> None:
 
     report = evaluate_run(run_id, split, n_boot=n_boot)
     click.echo(json.dumps(report, indent=2) if as_json else evaluation_markdown(report, split))
+
+
+@main.command("predict-study")
+@click.option("--data", "data_dir", required=True, type=click.Path(),
+              help="Dataset folder (train_images/ or test_images/ + *_series_descriptions.csv) or <study>/<series>/*.dcm.")
+@click.option("--study", "study_ids", multiple=True, help="Study id to predict (repeatable) [default: every study].")
+@click.option("--split", default="all", show_default=True, type=click.Choice(["all", "train", "val", "test"]),
+              help="Only the studies of this split of the classifier's own study-level split (checked against "
+                   "the localizers' training studies); 'all': every study in --data.")
+@click.option("--localizer", "localizers", multiple=True, default=("models:/spinemri-localizer",), show_default=True,
+              help="Localizer model URI (repeatable); models:/NAME means its aliases sagittal_t2, sagittal_t1, axial_t2.")
+@click.option("--classifier", default="models:/spinemri@champion", show_default=True, help="ROI classifier model URI.")
+@click.option("--out", default="submission.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="Submission CSV (row_id,normal_mild,moderate,severe); the sites go to <out>.sites.csv.")
+@user_errors
+def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> None:
+    """Two-stage study-level diagnosis: localize the 25 sites, grade each, write the submission.
+
+    Writes sample_submission.csv's format, 25 rows per study. Rows whose series is missing or
+    unreadable (or whose series type has no localizer) get the prior, the best constant under the
+    competition metric; their number and reasons are printed and listed in <out>.sites.csv.
+    """
+    from spinemri.models.pyfunc import load_classifier
+    from spinemri.study import StudyError, StudyPredictor, classifier_prior, find_studies, predict_studies, resolve_localizers
+    from spinemri.study_model import held_out
+
+    started = time.perf_counter()
+    if split != "all":
+        if study_ids:
+            raise StudyError("give --study or --split, not both")
+        studies = held_out(data_dir, split, classifier, list(localizers))[0]
+    else:
+        studies = find_studies(data_dir, list(study_ids) or None)
+    model = load_classifier(classifier)
+    prior, source = classifier_prior(model)
+    predictor = StudyPredictor(resolve_localizers(localizers), model, prior)
+    summary = predict_studies(predictor, studies, out, progress=sys.stderr.isatty(), prior_source=source)
+    click.echo(f"wrote {summary.rows} rows for {summary.studies} studies to {summary.out} (sites: {summary.sites}) "
+               f"in {time.perf_counter() - started:.1f} s")
+    click.echo(f"  {summary.from_prior} row(s) from the prior ({source})")
+    for reason, count in sorted(summary.reasons.items(), key=lambda r: -r[1]):
+        click.echo(f"    {count:>4}  {reason}")
+
+
+@main.command("evaluate-study")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset folder whose train.csv labels the submitted studies.")
+@click.option("--submission", required=True, type=click.Path(exists=True, dir_okay=False), help="Submission CSV.")
+@click.option("--sites", default=None, type=click.Path(dir_okay=False),
+              help="predict-study's sites table [default: <submission>.sites.csv if present].")
+@click.option("--no-log", is_flag=True, help="Print only; do not log a run to the spinemri-study experiment.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def evaluate_study(data_dir, submission, sites, no_log, as_json) -> None:
+    """Score a submission on its studies with the competition metric, next to the prior baseline.
+
+    The baseline is the best constant prediction under the metric (p ∝ class count x weight 1/2/4
+    per condition), learnt from the labels of every study NOT in the submission.
+    """
+    import pandas as pd
+
+    from spinemri.metrics import MetricError
+    from spinemri.study import evaluate_submission, log_study_evaluation
+
+    labels_path = os.path.join(data_dir, "train.csv")
+    if not os.path.isfile(labels_path):
+        raise MetricError(f"{labels_path} is missing; evaluate-study needs the studies' labels")
+    labels = pd.read_csv(labels_path, dtype={"study_id": str})
+    table = pd.read_csv(submission, dtype={"row_id": str})
+    if "row_id" not in table.columns:
+        raise MetricError(f"{submission} has no row_id column; expected row_id,normal_mild,moderate,severe")
+    studies = set(table["row_id"].astype(str).str.split("_", n=1).str[0])
+    report = evaluate_submission(labels, table, labels[~labels["study_id"].isin(studies)])
+    sites_path = sites or os.path.join(os.path.dirname(submission) or ".",
+                                       os.path.splitext(os.path.basename(submission))[0] + ".sites.csv")
+    run_id = None if no_log else log_study_evaluation(report, Path(submission), Path(sites_path),
+                                                      {"data_dir": str(data_dir)})
+    if as_json:
+        click.echo(json.dumps({**report, "run_id": run_id}, indent=2))
+        return
+    model, base = report["model"], report["prior_baseline"]
+    click.echo(f"{report['studies']} studies scored; prior learnt from {report['prior_studies']} other studies")
+    click.echo(f"  {'term':<20} {'model':>8} {'prior':>8}")
+    for key in ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score"):
+        click.echo(f"  {key:<20} {model[key]:>8.4f} {base[key]:>8.4f}")
+    verdict = "better" if model["score"] < base["score"] else "NOT better"
+    click.echo(f"the submission is {verdict} than the prior baseline (lower wins)"
+               + (f"; logged to run {run_id} in spinemri-study" if run_id else ""))
+
+
+@main.command("package-study")
+@click.option("--localizer", "localizers", multiple=True, default=("models:/spinemri-localizer",), show_default=True,
+              help="Localizer model URI (repeatable); models:/NAME means its per-series aliases.")
+@click.option("--classifier", default="models:/spinemri@champion", show_default=True, help="ROI classifier model URI.")
+@click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Evaluate on this dataset's --split studies first (their score decides the champion alias).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]),
+              help="Held-out split of the classifier's study-level split.")
+@click.option("--name", default="spinemri-study", show_default=True, help="Registered model name.")
+@click.option("--no-register", is_flag=True, help="Log the model without registering it.")
+@user_errors
+def package_study(localizers, classifier, data_dir, split, name, no_register) -> None:
+    """Log the two-stage model as one pyfunc (a zipped DICOM study in, 25 rows out) and register it.
+
+    Serve it with `mlflow models serve -m models:/spinemri-study@champion --env-manager local`.
+    """
+    from spinemri.study_model import package_study as package
+
+    result = package(list(localizers), classifier, data_dir=data_dir, split=split, name=name,
+                     register=not no_register)
+    click.echo(f"logged the study model {result['model_uri']} (run {result['run_id']}), localizing "
+               f"{', '.join(result['series_localized'])}")
+    if "score" in result:
+        click.echo(f"  held-out {split}: {result['studies']} studies, rsna_score {result['score']:.4f} vs prior "
+                   f"{result['prior_score']:.4f}; {result['rows_from_prior']} row(s) from the prior")
+    if "decision" in result:
+        click.echo(f"  {result['decision']}")
 
 
 def _fractions(text: str) -> tuple[float, float, float]:

@@ -235,6 +235,9 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
     mlflow.log_params({f"split.{n}_studies": int(s.slices["study_id"].nunique()) for n, s in splits.items()})
     mlflow.log_params({f"split.{n}_slices": len(s.slices) for n, s in splits.items()})
     mlflow.log_dict(config.to_dict(), "config.yaml")
+    split_table = pd.concat([pd.DataFrame({"study_id": sorted(s.slices["study_id"].unique()), "split": n})
+                             for n, s in splits.items()], ignore_index=True)
+    mlflow.log_text(split_table.to_csv(index=False), "data/splits.csv")  # predict-study checks it for leaks
 
     images_path = dataset.path / "images.npy"
     model = build_localizer(config.model.arch, loc.img_size, loc.channels, task, weights=config.model.weights,

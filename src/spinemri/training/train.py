@@ -36,6 +36,7 @@ from spinemri.models.network import HEAD_CLASSES, build_model, set_backbone_trai
 from spinemri.models.pyfunc import example_row, log_classifier
 from spinemri.training import evaluation, plots
 from spinemri.training.data import SplitData, make_dataset, read_rows, split_data
+from spinemri.study import prior_from_samples
 from spinemri.training.tracking import MlflowEpochLogger, ending_run, log_figure, pip_requirements, run_tags
 
 
@@ -193,7 +194,9 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     if log_model:
         meta = {"arch": config.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
                 "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
-                "data_fingerprint": dataset.fingerprint}
+                "data_fingerprint": dataset.fingerprint,
+                # the fallback of study-level prediction where no site can be seen (spinemri.study)
+                "severity_prior": prior_from_samples(splits["train"].samples)}
         example = _request_example(splits["test"].samples, dataset.manifest.get("dataset_root", ""), pre)
         model_uri = log_classifier(model, meta, example, pip_requirements()).model_uri
         if config.mlflow.register and evaluate_test:

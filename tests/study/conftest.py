@@ -1,0 +1,71 @@
+"""One small two-stage system per test session: three localizers and a classifier on one phantom,
+in their own sqlite MLflow store (all study tests run on one xdist worker)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from spinemri.config import load_experiment
+from spinemri.data.phantom import PhantomConfig, synthesize
+
+# Enough studies for 4 held-out ones with every series type; second axial series made common.
+STUDY_PHANTOM = PhantomConfig(studies=30, seed=11, p_second_axial=0.35, p_missing_series=0.0)
+LOCALIZER = {"localize.img_size": 64, "train.epochs": 10, "model.dense_units": 32, "train.batch_size": 16,
+             "data.workers": 1}
+CLASSIFIER = {"arch": "tiny", "img_size": 64, "epochs": 12, "batch_size": 16, "lr": 0.002, "data.workers": 1,
+              "train.early_stopping_patience": 4, "train.augment.strength": 0.5}
+
+
+@dataclass
+class TwoStage:
+    tracking_uri: str
+    data_dir: Path
+    cache_dir: Path
+    localizers: dict = field(default_factory=dict)  # series -> LocalizeResult
+    classifier: object = None  # TrainResult
+
+
+@pytest.fixture(scope="session")
+def two_stage(tmp_path_factory) -> TwoStage:
+    root = tmp_path_factory.mktemp("two_stage")
+    data_dir = root / "data"
+    synthesize(data_dir, STUDY_PHANTOM, workers=1)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "SPINEMRI_CACHE_DIR", "MLFLOW_EXPERIMENT_ID",
+                                            "MLFLOW_RUN_ID")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, SPINEMRI_CACHE_DIR=str(root / "cache"))
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    system = TwoStage(uri, data_dir, root / "cache")
+    try:
+        from spinemri.localization.train import train_localizer
+        from spinemri.training.train import train
+
+        mlflow.set_tracking_uri(uri)
+        for series in ("sagittal_t2", "sagittal_t1", "axial_t2"):
+            config = load_experiment("localize", {**LOCALIZER, "data_dir": str(data_dir), "series": series})
+            system.localizers[series] = train_localizer(config)
+        config = load_experiment("quick", {**CLASSIFIER, "data_dir": str(data_dir)})
+        system.classifier = train(config)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return system
+
+
+@pytest.fixture
+def study_store(two_stage, monkeypatch) -> TwoStage:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", two_stage.tracking_uri)
+    monkeypatch.setenv("SPINEMRI_CACHE_DIR", str(two_stage.cache_dir))
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(two_stage.tracking_uri)
+    return two_stage

@@ -1,0 +1,116 @@
+"""Stage 1 without training: site definitions, the slice frame, targets from labels, site choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spinemri.data import readers
+from spinemri.data.dicom import read_series
+from spinemri.data.preprocess import PreprocessConfig, preprocess
+from spinemri.data.schema import CONDITIONS, LEVELS
+from spinemri.localization.dataset import prepare_localizer, slice_targets
+from spinemri.localization.locate import SeriesSlices, choose_sites, point_errors, summarize_errors
+from spinemri.localization.sites import SERIES_TASKS, SliceFrame, get_task, site_of
+
+
+def test_the_three_series_types_cover_each_competition_site_once():
+    sites = [(c, lv) for task in SERIES_TASKS.values() for c, lv, *_ in task.sites]
+    assert sorted(sites) == sorted((c, lv) for c in CONDITIONS for lv in LEVELS)
+    assert [get_task(n).points for n in ("sagittal_t2", "sagittal_t1", "axial_t2")] == [5, 10, 2]
+    assert site_of("left_subarticular_stenosis").name == "axial_t2"
+    with pytest.raises(ValueError, match="choose one of sagittal_t2"):
+        get_task("coronal")
+
+
+@pytest.mark.parametrize("shape,spacing", [((120, 80), (0.5, 0.5)), ((64, 100), (0.8, 0.6))])
+def test_slice_frame_maps_a_pixel_to_where_preprocess_draws_it(shape, spacing):
+    """A bright dot at (x, y) lands at (u, v) * size in the slice-mode input."""
+    frame = SliceFrame(shape[1], shape[0], *spacing)
+    x, y = 0.7 * shape[1], 0.3 * shape[0]
+    image = np.zeros(shape, np.float32)
+    image[int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2] = 1000.0
+    config = PreprocessConfig(img_size=96, mode="slice", p_low=0, p_high=100)
+    out = preprocess([image], spacing, config)[..., 0].astype(float)
+    row, col = np.unravel_index(np.argmax(out), out.shape)
+    u, v = frame.to_unit(int(x), int(y))
+    assert abs(col + 0.5 - u * 96) <= 1.5 and abs(row + 0.5 - v * 96) <= 1.5
+    back = frame.to_pixels(u, v)
+    assert np.allclose(back, (int(x), int(y)))
+    assert frame.distance_mm(0, 0, 3, 4) == pytest.approx(np.hypot(3 * spacing[1], 4 * spacing[0]))
+
+
+def test_targets_point_at_the_labelled_slice_and_coordinates(phantom_dir, cache_dir):
+    config = PreprocessConfig(img_size=48, mode="slice")
+    for series in ("sagittal_t1", "axial_t2"):
+        task = get_task(series)
+        dataset, samples = prepare_localizer(phantom_dir, series, config, cache_dir=cache_dir)
+        slices = dataset.slices()
+        assert dataset.images().shape == (len(slices), 48, 48, 1)
+        targets = slice_targets(slices, samples, task)
+        truth = samples[samples["series_description"] == task.description]
+        site = {(c, lv): (g, p) for c, lv, g, p in task.sites}
+        for point in truth.itertuples(index=False):
+            g, p = site[(point.condition, point.level)]
+            row = np.flatnonzero((slices["study_id"] == point.study_id) & (slices["series_id"] == point.series_id)
+                                 & (slices["instance_number"] == point.instance_number))[0]
+            assert targets["slice_target"][row, g] == pytest.approx(1.0)
+            assert targets["point_mask"][row, p] == 1.0
+            frame = SliceFrame(*slices.loc[row, ["width", "height"]].astype(int), *slices.loc[row, ["row_mm", "col_mm"]])
+            assert np.allclose(frame.to_pixels(*targets["points"][row, p]), (point.x, point.y), atol=1e-3)
+        # Points are learnt only within one slice of their labelled slice.
+        far = (targets["slice_target"].max(axis=1) < 0.1) & (targets["point_mask"].sum(axis=1) > 0)
+        assert not far.any()
+    assert prepare_localizer(phantom_dir, "axial_t2", config, cache_dir=cache_dir)[0].reused
+
+
+def test_the_cache_rows_are_the_slices_in_position_order(phantom_dir, cache_dir):
+    config = PreprocessConfig(img_size=32, mode="slice")
+    dataset, _ = prepare_localizer(phantom_dir, "sagittal_t2", config, cache_dir=cache_dir)
+    slices = dataset.slices()
+    first = slices.groupby(["study_id", "series_id"]).head(100).iloc[0]
+    series = slices[(slices["study_id"] == first["study_id"]) & (slices["series_id"] == first["series_id"])]
+    stack = read_series(phantom_dir / "train_images" / str(first["study_id"]) / str(first["series_id"]))
+    assert list(series["instance_number"]) == list(stack.instance_numbers)
+    expected = preprocess([stack.pixels[3]], stack.pixel_spacing, config)
+    assert np.array_equal(dataset.images()[series["index"].iloc[3]], expected)
+
+
+def test_localizer_cache_refuses_roi_mode_and_flat_csv(phantom_dir, cache_dir, tmp_path):
+    with pytest.raises(ValueError, match="mode must be 'slice'"):
+        prepare_localizer(phantom_dir, "sagittal_t2", PreprocessConfig(mode="roi"), cache_dir=cache_dir)
+    flat = tmp_path / "flat.csv"
+    flat.write_text("study_id,series_id,instance_number,image_path,scan_type,condition,level,x,y,label,label_name\n")
+    with pytest.raises(readers.DatasetError, match="needs whole series"):
+        prepare_localizer(flat, "sagittal_t2", PreprocessConfig(mode="slice"), cache_dir=cache_dir)
+
+
+def test_choose_sites_searches_every_series_of_the_type():
+    task = get_task("axial_t2")
+    frame = SliceFrame(100, 100, 1.0, 1.0)
+    a = SeriesSlices(11, (1, 2, 3), frame)
+    b = SeriesSlices(22, (7, 8), frame)
+    scores_a = np.full((3, 5), 0.1)
+    scores_b = np.full((2, 5), 0.1)
+    scores_a[2, 0] = 0.9  # L1/L2 on series 11, slice 2
+    scores_b[1, 4] = 0.8  # L5/S1 on series 22, slice 1
+    points_a = np.full((3, 2, 2), 0.25)
+    points_b = np.full((2, 2, 2), 0.75)
+    sites = {(s.condition, s.level): s for s in choose_sites(task, [a, b], [points_a, points_b], [scores_a, scores_b])}
+    assert len(sites) == 10
+    assert (sites[("left_subarticular_stenosis", "L1/L2")].series_id, sites[("left_subarticular_stenosis", "L1/L2")].instance_number) == (11, 3)
+    right = sites[("right_subarticular_stenosis", "L5/S1")]
+    assert (right.series_id, right.instance_number, right.slice_index) == (22, 8, 1)
+    assert (right.x, right.y) == pytest.approx(frame.to_pixels(0.75, 0.75))
+
+    truth = pd.DataFrame([dict(study_id=1, series_id=22, instance_number=8, condition="right_subarticular_stenosis",
+                               level="L5/S1", x=right.x + 3, y=right.y + 4),
+                          dict(study_id=1, series_id=11, instance_number=1, condition="left_subarticular_stenosis",
+                               level="L5/S1", x=10.0, y=10.0)])
+    errors = point_errors(list(sites.values()), truth, {(1, 22): frame, (1, 11): frame},
+                          {(1, 22, 7): 0, (1, 22, 8): 1, (1, 11, 1): 0})
+    assert errors["error_mm"].iloc[0] == pytest.approx(5.0)
+    assert errors["slice_ok"].tolist() == [True, False]  # the second was found on the other series
+    summary = summarize_errors(errors)
+    assert summary["within_5mm"] == 0.5 and summary["slice_accuracy"] == 0.5

@@ -1,0 +1,216 @@
+"""The two-stage pipeline on a phantom: localizers learn, predict-study writes the competition file,
+evaluate-study beats the prior baseline, the packaged study model is served over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from spinemri.cli import main
+from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1
+from spinemri.localization.locate import load_localizer
+from spinemri.metrics import PROBABILITY_COLUMNS
+from spinemri.study import find_studies
+
+pytestmark = pytest.mark.xdist_group("study")
+
+
+def _cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def _valid(submission: pd.DataFrame, studies) -> None:
+    assert len(submission) == 25 * len(studies)
+    assert set(submission["row_id"].str.split("_", n=1).str[0]) == {str(s) for s in studies}
+    assert submission.groupby(submission["row_id"].str.split("_", n=1).str[0]).size().eq(25).all()
+    probs = submission[list(PROBABILITY_COLUMNS)].to_numpy(float)
+    assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_localizer_error_shrinks_with_training_and_beats_the_mean_position(study_store):
+    client = MlflowClient()
+    for series, result in study_store.localizers.items():
+        steps = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_point_error_mm"),
+                                         key=lambda m: m.step)]
+        assert steps[0] == pytest.approx(result.metrics["val_point_error_mm_untrained"])
+        assert min(steps[1:]) < 0.5 * steps[0], (series, steps)  # error at least halves with training
+        m = result.metrics
+        assert m[f"test_{series}_point_error_mm"] < m[f"test_{series}_baseline_point_error_mm"], (series, m)
+        assert 0 <= m[f"test_{series}_within_5mm"] <= m[f"test_{series}_within_10mm"] <= 1
+        assert m[f"test_{series}_slice_accuracy"] >= 0.75, (series, m)
+        run = client.get_run(result.run_id)
+        assert run.data.tags["localize.series"] == series and run.data.tags["task"] == "localize"
+        assert result.registered.alias == series  # the first version of each series type
+        artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+        assert {"plots/localizer_curves.png", "plots/test_sites.png"} <= artifacts
+
+
+def test_a_logged_localizer_finds_sites_on_base64_slices(study_store):
+    localizer = load_localizer("models:/spinemri-localizer@sagittal_t2")
+    study = find_studies(study_store.data_dir)[0]
+    series = next(s for s in study.series if s.description == "Sagittal T2/STIR")
+    rows = pd.DataFrame({"dicom_b64": [base64.b64encode(p.read_bytes()).decode() for p in reversed(series.files)]})
+    model = mlflow.pyfunc.load_model("models:/spinemri-localizer@sagittal_t2")
+    sites = model.predict(rows)
+    assert list(sites["level"]) == ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
+    assert sites["instance_number"].nunique() == 1  # the mid-sagittal slice
+    assert localizer.task.name == "sagittal_t2"
+
+
+def _held_out(study_store, tmp_path):
+    out = tmp_path / "submission.csv"
+    result = _cli("predict-study", "--data", study_store.data_dir, "--split", "test", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_predict_study_writes_25_rows_per_held_out_study(study_store, tmp_path):
+    out, output = _held_out(study_store, tmp_path)
+    submission = pd.read_csv(out, dtype={"row_id": str})
+    splits = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=study_store.classifier.run_id,
+                                                             artifact_path="data/splits.csv"))
+    held_out = splits.loc[splits["split"] == "test", "study_id"]
+    _valid(submission, held_out)
+    sites = pd.read_csv(out.with_name("submission.sites.csv"), dtype={"row_id": str})
+    assert (sites["source"] == "model").all(), output  # every held-out study has its three series
+    assert "0 row(s) from the prior" in output
+
+
+def test_a_study_missing_a_series_or_with_two_axials_still_gets_25_rows(study_store, tmp_path):
+    data = tmp_path / "studies"
+    images = study_store.data_dir / "train_images"
+    series = pd.read_csv(study_store.data_dir / "train_series_descriptions.csv")
+    two_axial = series[series["series_description"] == AXIAL_T2].groupby("study_id").size()
+    two_axial = int(two_axial[two_axial == 2].index[0])
+    other = next(int(s) for s in sorted(series["study_id"].unique()) if s != two_axial)
+    for study in (two_axial, other):
+        shutil.copytree(images / str(study), data / "train_images" / str(study))
+    series[series["study_id"].isin([two_axial, other])].to_csv(data / "train_series_descriptions.csv", index=False)
+    t1 = series[(series["study_id"] == other) & (series["series_description"] == SAGITTAL_T1)]["series_id"].iloc[0]
+    shutil.rmtree(data / "train_images" / str(other) / str(t1))
+
+    out = tmp_path / "sub.csv"
+    result = _cli("predict-study", "--data", data, "--out", out)
+    assert result.exit_code == 0, result.output
+    submission = pd.read_csv(out, dtype={"row_id": str})
+    _valid(submission, [two_axial, other])
+    sites = pd.read_csv(tmp_path / "sub.sites.csv", dtype={"row_id": str}).set_index("row_id")
+    foraminal = sites[sites.index.str.startswith(f"{other}_") & sites.index.str.contains("foraminal")]
+    assert len(foraminal) == 10 and (foraminal["source"] == "prior").all()
+    assert (foraminal["reason"] == "no Sagittal T1 series").all()
+    assert "10 row(s) from the prior" in result.output
+    # The foraminal rows hold the prior, which is the classifier's weight-aware training prior.
+    from spinemri.models.pyfunc import load_classifier
+
+    prior = load_classifier("models:/spinemri@champion").meta["severity_prior"]
+    row = submission.set_index("row_id").loc[f"{other}_left_neural_foraminal_narrowing_l4_l5"]
+    assert row.to_numpy(float) == pytest.approx(prior["left_neural_foraminal_narrowing"], abs=1e-6)
+    subarticular = sites[sites.index.str.startswith(f"{two_axial}_") & sites.index.str.contains("subarticular")]
+    assert (subarticular["source"] == "model").all()
+    axial_ids = set(series[(series["study_id"] == two_axial) & (series["series_description"] == AXIAL_T2)]["series_id"])
+    assert set(subarticular["series_id"].astype(int)) <= axial_ids
+
+
+def test_held_out_score_beats_the_prior_baseline_and_is_logged(study_store, tmp_path):
+    out, _ = _held_out(study_store, tmp_path)
+    result = _cli("evaluate-study", "--data", study_store.data_dir, "--submission", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["model"]["score"] < report["prior_baseline"]["score"], report
+    run = MlflowClient().get_run(report["run_id"])
+    assert run.data.metrics["study_rsna_score"] == pytest.approx(report["model"]["score"])
+    assert run.data.metrics["prior_rsna_score"] == pytest.approx(report["prior_baseline"]["score"])
+    assert run.data.metrics["rows_from_prior"] == 0
+
+
+def test_predict_study_refuses_localizers_that_trained_on_the_held_out_studies(study_store, tmp_path):
+    from spinemri.config import load_experiment
+    from spinemri.localization.train import train_localizer
+    from tests.study.conftest import LOCALIZER
+
+    config = load_experiment("localize", {**LOCALIZER, "train.epochs": 1, "data_dir": str(study_store.data_dir),
+                                          "series": "axial_t2", "split.seed": 7, "mlflow.register": False})
+    leaky = train_localizer(config)
+    result = _cli("predict-study", "--data", study_store.data_dir, "--split", "test", "--out", tmp_path / "x.csv",
+                  "--localizer", leaky.model_uri, "--localizer", "models:/spinemri-localizer@sagittal_t2")
+    assert result.exit_code == 1
+    assert "trained on" in result.output and "same split.seed" in result.output
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_predict_study_errors_name_the_problem(study_store, tmp_path):
+    result = _cli("predict-study", "--data", study_store.data_dir, "--study", "123", "--out", tmp_path / "x.csv")
+    assert result.exit_code == 1 and "no study folder 123" in result.output
+    result = _cli("predict-study", "--data", study_store.data_dir, "--out", tmp_path / "x.csv",
+                  "--localizer", "models:/spinemri@champion")
+    assert result.exit_code == 1 and "not a spinemri localizer" in result.output
+    result = _cli("predict-study", "--data", study_store.data_dir, "--out", tmp_path / "x.csv",
+                  "--localizer", "models:/no-such-model")
+    assert result.exit_code == 1 and "cannot load localizer 'models:/no-such-model'" in result.output
+    result = _cli("predict-study", "--data", study_store.data_dir, "--out", tmp_path / "x.csv",
+                  "--localizer", "models:/spinemri")
+    assert result.exit_code == 1 and "registered model spinemri has no alias sagittal_t2" in result.output
+    assert not (tmp_path / "x.csv").exists()
+
+
+def zip_study(folder: Path, top: str | None = None) -> str:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.rglob("*.dcm")):
+            name = path.relative_to(folder.parent if top is None else folder).as_posix()
+            archive.write(path, name if top is None else f"{top}/{name}")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def study_model(two_stage):
+    """package-study once: evaluated on the held-out studies, registered as spinemri-study v1."""
+    mlflow.set_tracking_uri(two_stage.tracking_uri)
+    result = _cli("package-study", "--data", two_stage.data_dir)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_packaged_study_model_matches_predict_study(study_store, study_model, tmp_path):
+    assert "spinemri-study version 1 -> champion" in study_model
+    out, _ = _held_out(study_store, tmp_path)
+    model = mlflow.pyfunc.load_model("models:/spinemri-study@champion")
+    expected = pd.read_csv(out, dtype={"row_id": str}).set_index("row_id")
+    study = expected.index[0].split("_", 1)[0]
+    rows = model.predict(pd.DataFrame({"study_zip_b64": [zip_study(study_store.data_dir / "train_images" / study)]}))
+    assert len(rows) == 25 and set(rows["source"]) == {"model"}
+    got = rows.set_index("row_id")[list(PROBABILITY_COLUMNS)]
+    assert np.allclose(got.to_numpy(float), expected.loc[got.index].to_numpy(float), atol=1e-5)
+    version = MlflowClient().get_model_version_by_alias("spinemri-study", "champion")
+    assert float(version.tags["metric_value"]) == pytest.approx(
+        MlflowClient().get_run(version.run_id).data.metrics["test_rsna_score"])
+
+
+def test_the_study_model_is_served_over_http(study_store, study_model, tmp_path):
+    from tests.serving.server import post, serve_model
+
+    study = sorted(p.name for p in (study_store.data_dir / "train_images").iterdir())[0]
+    with serve_model("models:/spinemri-study@champion", study_store.tracking_uri, tmp_path / "serve.log") as (url, _):
+        payload = {"dataframe_records": [{"study_zip_b64": zip_study(study_store.data_dir / "train_images" / study,
+                                                                     top="anything"), "study_id": study}]}
+        status, body = post(url, payload)
+        assert status == 200, body
+        rows = pd.DataFrame(body["predictions"])
+        _valid(rows, [study])
+        status, body = post(url, {"dataframe_records": [{"study_zip_b64": base64.b64encode(b"not a zip").decode()}]})
+        assert status == 400 and "row 0: study_zip_b64 is not a zip archive" in body["message"]
+        status, body = post(url, {"dataframe_records": [{"study_id": "1"}]})
+        assert status == 400 and "study_zip_b64" in body["message"]
