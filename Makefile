@@ -1,6 +1,7 @@
 # Two entry points for a new user (README "Quick start"):
 #   make demo   set up .venv and train on the built-in phantom with `mlflow run` (ARCH=densenet)
 #   make serve  serve models:/spinemri@champion on http://127.0.0.1:$(PORT) (after make demo)
+#   make study-demo  the two-stage study-level pipeline on the same phantom (runs make demo first if needed)
 #   make test   set up .venv and run the test suite (what .ci/run calls)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -9,7 +10,7 @@ DEMO_DIR ?= data/phantom
 STUDIES  ?= 40
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: venv demo serve test clean
+.PHONY: venv demo study-demo serve serve-study test clean
 
 venv: $(VENV)/.installed
 
@@ -34,10 +35,28 @@ demo: venv
 		-P arch=$(ARCH) -P data_dir=$(DEMO_DIR)
 	@echo "See the run: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
 
+# Stage 1 localizers (one MLflow run per series type, through MLproject), then study-level
+# prediction on the classifier's held-out studies, the competition score against the prior
+# baseline, and the packaged two-stage model (registered as spinemri-study).
+study-demo: venv
+	@$(BIN)/spinemri registry list --name spinemri >/dev/null 2>&1 || $(MAKE) demo
+	for series in sagittal_t2 sagittal_t1 axial_t2; do \
+		PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name spinemri-localize \
+			-P experiment=localize -P task=localize -P series=$$series -P data_dir=$(DEMO_DIR) || exit 1; \
+	done
+	$(BIN)/spinemri predict-study --data $(DEMO_DIR) --split test --out submission.csv
+	$(BIN)/spinemri evaluate-study --data $(DEMO_DIR) --submission submission.csv
+	$(BIN)/spinemri package-study --data $(DEMO_DIR) --split test
+
 # Serve the registry's champion (after `make demo`); see README "Serving" for a curl request.
 PORT ?= 5001
 serve: venv
 	$(BIN)/mlflow models serve -m models:/spinemri@champion --env-manager local -h 127.0.0.1 -p $(PORT)
+
+# Serve the two-stage study model (after make study-demo): a zipped DICOM study in, 25 rows out.
+STUDY_PORT ?= 5002
+serve-study: venv
+	$(BIN)/mlflow models serve -m models:/spinemri-study@champion --env-manager local -h 127.0.0.1 -p $(STUDY_PORT)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -214,3 +214,17 @@ def test_the_study_model_is_served_over_http(study_store, study_model, tmp_path)
         assert status == 400 and "row 0: study_zip_b64 is not a zip archive" in body["message"]
         status, body = post(url, {"dataframe_records": [{"study_id": "1"}]})
         assert status == 400 and "study_zip_b64" in body["message"]
+
+
+def test_mlflow_run_trains_a_localizer(study_store, tmp_path):
+    from tests.test_mlproject import _mlflow_run
+
+    result = _mlflow_run("main", {"experiment": "localize", "task": "localize", "series": "sagittal_t1",
+                                  "data_dir": study_store.data_dir, "img_size": 48, "epochs": 1},
+                         study_store.tracking_uri, {"SPINEMRI_CACHE_DIR": str(study_store.cache_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(study_store.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("data").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["localize.series"] == "sagittal_t1" and run.data.params["localize.img_size"] == "48"
+    assert "test_sagittal_t1_point_error_mm" in run.data.metrics

@@ -1,0 +1,125 @@
+"""Study-level pieces without models: the prior, reading studies from folders and zips, scoring."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from spinemri.data.schema import AXIAL_T2, CONDITIONS, LABEL_COLUMNS, SAGITTAL_T1, SAGITTAL_T2
+from spinemri.metrics import rsna_score
+from spinemri.study import (StudyError, _header_description, evaluate_submission, find_studies, prior_from_labels,
+                            prior_submission, study_from_zip, weighted_prior)
+
+
+def test_the_weighted_prior_is_the_best_constant_under_the_weighted_log_loss():
+    counts = {c: (50, 12, 6) for c in CONDITIONS}
+    prior = np.asarray(weighted_prior(counts)[CONDITIONS[0]])
+    assert prior == pytest.approx(np.array([51, 13 * 2, 7 * 4]) / (51 + 26 + 28))
+    n = np.array([51, 13, 7])  # the smoothed counts the prior is optimal for
+    w = np.array([1.0, 2.0, 4.0])
+
+    def loss(p):
+        return -(n * w * np.log(p)).sum() / (n * w).sum()
+    rng = np.random.default_rng(0)
+    for other in rng.dirichlet(np.ones(3), size=500):
+        assert loss(prior) <= loss(other) + 1e-12
+    frequencies = n / n.sum()
+    assert loss(prior) < loss(frequencies)  # the plain class frequencies are not the best constant
+
+
+def _labels(studies, rng):
+    grades = rng.choice(["Normal/Mild", "Moderate", "Severe"], size=(len(studies), len(LABEL_COLUMNS)), p=[.7, .2, .1])
+    return pd.DataFrame(grades, columns=list(LABEL_COLUMNS)).assign(study_id=[str(s) for s in studies])
+
+
+def test_evaluate_submission_scores_against_a_prior_learnt_elsewhere():
+    rng = np.random.default_rng(1)
+    labels = _labels(range(100, 130), rng)
+    scored, others = labels.iloc[:5], labels.iloc[5:]
+    prior = prior_from_labels(others)
+    submission = prior_submission(scored["study_id"], prior)
+    report = evaluate_submission(labels, submission, others)
+    assert report["model"]["score"] == pytest.approx(report["prior_baseline"]["score"])
+    assert report["prior_baseline"]["score"] == pytest.approx(rsna_score(scored, submission))
+    assert report["studies"] == 5 and report["prior_studies"] == 25
+    with pytest.raises(StudyError, match="must not see them"):
+        evaluate_submission(labels, submission, labels)
+    with pytest.raises(StudyError, match="do not have 1 submitted"):
+        evaluate_submission(labels, prior_submission(["999"], prior), others)
+
+
+def test_find_studies_reads_descriptions_and_names_missing_studies(phantom_dir):
+    studies = find_studies(phantom_dir)
+    assert len(studies) == 8
+    described = {s.description for study in studies for s in study.series}
+    assert described == {SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2}
+    with pytest.raises(StudyError, match="no study folder 42"):
+        find_studies(phantom_dir, ["42"])
+
+
+def test_find_studies_falls_back_to_the_series_description_tag(phantom_dir, phantom_copy):
+    (phantom_copy / "train_series_descriptions.csv").unlink()
+    table = pd.read_csv(phantom_dir / "train_series_descriptions.csv").set_index("series_id")["series_description"]
+    for study in find_studies(phantom_copy):
+        for series in study.series:
+            assert series.description == table[series.series_id]
+
+
+@pytest.mark.parametrize("text,expected", [("SAG T2 STIR", SAGITTAL_T2), ("Sag T1 FSE", SAGITTAL_T1),
+                                           ("AX T2 FRFSE", AXIAL_T2), ("Sagittal T2/STIR", SAGITTAL_T2),
+                                           ("COR T1", None)])
+def test_series_types_from_header_descriptions(tmp_path, phantom_dir, text, expected):
+    source = next((phantom_dir / "train_images").rglob("*.dcm"))
+    ds = pydicom.dcmread(source)
+    ds.SeriesDescription = text
+    ds.save_as(tmp_path / "x.dcm")
+    assert _header_description(tmp_path / "x.dcm") == expected
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_a_zipped_study_is_grouped_by_series_whatever_its_layout(phantom_dir, tmp_path):
+    study = find_studies(phantom_dir)[0]
+    files = {}
+    for k, series in enumerate(study.series):
+        for j, path in enumerate(series.files):
+            files[f"export/{'nested/' * (k % 2)}s{k}_{j}.dcm"] = path.read_bytes()
+    files["export/README.txt"] = b"not dicom"
+    work = tmp_path / "w"
+    work.mkdir()
+    unzipped = study_from_zip(_zip(files), None, work)
+    assert unzipped.study_id == "export"
+    assert sorted(len(s.files) for s in unzipped.series) == sorted(len(s.files) for s in study.series)
+    assert sorted(s.description for s in unzipped.series) == sorted(s.description for s in study.series)
+    (tmp_path / "w2").mkdir()
+    named = study_from_zip(_zip({f"{study.study_id}/{s.series_id}/{p.name}": p.read_bytes()
+                                 for s in study.series for p in s.files}), "77", tmp_path / "w2")
+    assert named.study_id == "77"
+    assert sorted(s.series_id for s in named.series) == sorted(s.series_id for s in study.series)
+
+
+def test_bad_archives_are_refused_by_name(tmp_path):
+    with pytest.raises(StudyError, match="is not a zip archive"):
+        study_from_zip(b"plain bytes", None, tmp_path)
+    with pytest.raises(StudyError, match="holds no files"):
+        study_from_zip(_zip({}), None, tmp_path)
+    with pytest.raises(StudyError, match="none of the 1 files in the archive is a DICOM file"):
+        study_from_zip(_zip({"a.txt": b"hello"}), None, tmp_path)
+
+
+def test_predict_study_refuses_a_folder_without_studies(tmp_path):
+    with pytest.raises(StudyError, match="holds no study folders"):
+        find_studies(tmp_path)
+    with pytest.raises(StudyError, match="is not a folder"):
+        find_studies(tmp_path / "missing")
