@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -32,3 +34,24 @@ def phantom_copy(phantom_dir, tmp_path) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
+
+
+@contextlib.contextmanager
+def isolated_tracking(uri: str, cache_dir: Path):
+    """Point MLflow and the cache at a session fixture's own store, then restore the environment."""
+    import mlflow
+
+    keys = ("MLFLOW_TRACKING_URI", "SPINEMRI_CACHE_DIR", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, SPINEMRI_CACHE_DIR=str(cache_dir))
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pydicom
 import pytest
 
 from spinemri.config import load_experiment
+from tests.conftest import isolated_tracking
 from spinemri.data.dicom import encode_dicom
 from spinemri.data.phantom import PhantomConfig, synthesize
 
@@ -68,24 +68,12 @@ def trained(tmp_path_factory) -> TrainedModel:
     synthesize(data_dir, PhantomConfig(studies=10, seed=5), workers=1)
     assert add_patient_tags(data_dir / "train_images") > 100
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "SPINEMRI_CACHE_DIR", "MLFLOW_EXPERIMENT_ID",
-                                            "MLFLOW_RUN_ID")}
-    os.environ.update(MLFLOW_TRACKING_URI=uri, SPINEMRI_CACHE_DIR=str(root / "cache"))
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
+    with isolated_tracking(uri, root / "cache"):
         from spinemri.training.train import train
 
-        mlflow.set_tracking_uri(uri)
         config = load_experiment("quick", {"arch": "tiny", "data_dir": str(data_dir), "img_size": 48, "epochs": 1,
                                            "batch_size": 32})
         result = train(config)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return TrainedModel(tracking_uri=uri, data_dir=data_dir, cache_dir=root / "cache", run_id=result.run_id,
                         model_uri=result.model_uri)
 

@@ -33,5 +33,5 @@ def test_export_errors_name_the_fix(store, tmp_path):
     assert missing.exit_code == 1 and "does not exist; create it first" in missing.output
     unknown = CliRunner().invoke(cli, ["export", "--model", "models:/nope@champion", "--format", "tflite",
                                        "--out", str(tmp_path / "m.tflite")])
-    assert unknown.exit_code == 1 and "cannot load model 'models:/nope@champion'" in unknown.output
+    assert unknown.exit_code == 1 and "cannot load classifier 'models:/nope@champion'" in unknown.output
     assert not (tmp_path / "m.tflite").exists()

@@ -88,5 +88,5 @@ def test_predict_input_errors_are_clear(store, tmp_path):
     assert no_dir.exit_code == 1 and "does not exist; create it first" in no_dir.output
     bad_model = runner.invoke(cli, ["predict", "--model", "models:/spinemri@nosuchalias", "--input", str(folder),
                                     "--out", str(tmp_path / "p.csv")])
-    assert bad_model.exit_code == 1 and "cannot load model 'models:/spinemri@nosuchalias'" in bad_model.output
+    assert bad_model.exit_code == 1 and "cannot load classifier 'models:/spinemri@nosuchalias'" in bad_model.output
     assert "Traceback" not in bad_model.output

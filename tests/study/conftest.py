@@ -3,7 +3,6 @@ in their own sqlite MLflow store (all study tests run on one xdist worker)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import mlflow
 import pytest
 
 from spinemri.config import load_experiment
+from tests.conftest import isolated_tracking
 from spinemri.data.phantom import PhantomConfig, synthesize
 
 # Enough studies for 4 held-out ones with every series type; second axial series made common.
@@ -36,28 +36,16 @@ def two_stage(tmp_path_factory) -> TwoStage:
     data_dir = root / "data"
     synthesize(data_dir, STUDY_PHANTOM, workers=1)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "SPINEMRI_CACHE_DIR", "MLFLOW_EXPERIMENT_ID",
-                                            "MLFLOW_RUN_ID")}
-    os.environ.update(MLFLOW_TRACKING_URI=uri, SPINEMRI_CACHE_DIR=str(root / "cache"))
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    os.environ.pop("MLFLOW_RUN_ID", None)
     system = TwoStage(uri, data_dir, root / "cache")
-    try:
+    with isolated_tracking(uri, root / "cache"):
         from spinemri.localization.train import train_localizer
         from spinemri.training.train import train
 
-        mlflow.set_tracking_uri(uri)
         for series in ("sagittal_t2", "sagittal_t1", "axial_t2"):
             config = load_experiment("localize", {**LOCALIZER, "data_dir": str(data_dir), "series": series})
             system.localizers[series] = train_localizer(config)
         config = load_experiment("quick", {**CLASSIFIER, "data_dir": str(data_dir)})
         system.classifier = train(config)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return system
 
 

@@ -8,24 +8,17 @@ and mapped back to that slice's pixels. The same code serves evaluation (on cach
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
-import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from spinemri.data.dicom import SeriesStack
 from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
-from spinemri.errors import UserError
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
-from spinemri.models.pyfunc import PACKAGE_DIR
+from spinemri.models.pyfunc import KerasWithMeta, load_python_model, log_keras_pyfunc
 
 
 @dataclass(frozen=True)
@@ -75,16 +68,13 @@ def relative_positions(n: int) -> np.ndarray:
     return (np.arange(n, dtype=np.float32) / max(n - 1, 1))[:, None]
 
 
-class SpineLocalizer(mlflow.pyfunc.PythonModel):
+class SpineLocalizer(KerasWithMeta):
     """A logged localizer: the Keras model and meta.json (series type, preprocessing)."""
 
     def load_context(self, context) -> None:
-        import keras
+        from spinemri.localization import model as _  # noqa: F401 - registers its custom layers
 
-        from spinemri.localization import model as _  # noqa: F401 - registers SoftArgmax
-
-        self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
-        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        super().load_context(context)
 
     @property
     def task(self) -> SeriesTask:
@@ -134,30 +124,13 @@ class SpineLocalizer(mlflow.pyfunc.PythonModel):
 
 def log_localizer(model, meta: dict, pip_requirements: list[str]):
     """Log a trained localizer as a pyfunc model (Keras file + meta.json + the spinemri package)."""
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
-        keras_path = Path(tmp) / "model.keras"
-        model.save(keras_path)
-        meta_path = Path(tmp) / "meta.json"
-        meta_path.write_text(json.dumps(meta, indent=2))
-        return mlflow.pyfunc.log_model(name="model", python_model=SpineLocalizer(),
-                                       artifacts={"keras_model": str(keras_path), "meta": str(meta_path)},
-                                       code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements)
+    return log_keras_pyfunc(SpineLocalizer(), model, meta, pip_requirements=pip_requirements)
 
 
 def load_localizer(model_uri: str) -> SpineLocalizer:
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as exc:
-        raise UserError(f"cannot load localizer {model_uri!r} from {mlflow.get_tracking_uri()}: {exc.message}; "
-                        "train one with `spinemri train --task localize --series SERIES`") from None
-    except OSError as exc:
-        raise UserError(f"cannot load localizer {model_uri!r}: {exc}") from None
-    localizer = model.unwrap_python_model()
-    if not isinstance(localizer, SpineLocalizer):
-        raise UserError(f"{model_uri!r} is a {type(localizer).__name__}, not a spinemri localizer "
-                        "(pass the classifier with --classifier)")
-    return localizer
+    return load_python_model(model_uri, SpineLocalizer, "localizer",
+                             "train one with `spinemri train --task localize --series SERIES`; a classifier "
+                             "goes to --classifier")
 
 
 def point_errors(sites: Sequence[Site], truth: pd.DataFrame, frames: dict[tuple[int, int], SliceFrame],

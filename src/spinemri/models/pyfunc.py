@@ -81,12 +81,48 @@ def file_row(path: str | Path, x: float | None = None, y: float | None = None) -
     return row
 
 
-class SpineClassifier(mlflow.pyfunc.PythonModel):
+class KerasWithMeta(mlflow.pyfunc.PythonModel):
+    """A pyfunc whose artifacts are a Keras file and meta.json (preprocessing, classes, ...)."""
+
     def load_context(self, context) -> None:
         import keras
 
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+
+
+def log_keras_pyfunc(python_model: KerasWithMeta, model, meta: dict, **log_model_kwargs):
+    """Save ``model`` and ``meta`` as the artifacts of ``python_model`` and log it as ``model``."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # Schemas are given explicitly where needed; MLflow's hint about type-hinted predict() does not apply.
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+        keras_path = Path(tmp) / "model.keras"
+        model.save(keras_path)
+        meta_path = Path(tmp) / "meta.json"
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return mlflow.pyfunc.log_model(name="model", python_model=python_model,
+                                       artifacts={"keras_model": str(keras_path), "meta": str(meta_path)},
+                                       code_paths=[str(PACKAGE_DIR)], **log_model_kwargs)
+
+
+def load_python_model(model_uri: str, cls: type, what: str, hint: str):
+    """The ``cls`` instance behind a logged model URI, or a UserError naming the URI and the fix."""
+    from spinemri.errors import UserError
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        raise UserError(f"cannot load {what} {model_uri!r} from {mlflow.get_tracking_uri()}: {exc.message}; "
+                        f"{hint}") from None
+    except OSError as exc:
+        raise UserError(f"cannot load {what} {model_uri!r}: {exc}") from None
+    python_model = model.unwrap_python_model()
+    if not isinstance(python_model, cls):
+        raise UserError(f"{model_uri!r} is a {type(python_model).__name__}, not a spinemri {what}")
+    return python_model
+
+
+class SpineClassifier(KerasWithMeta):
 
     @property
     def preprocessing(self) -> PreprocessConfig:
@@ -147,19 +183,8 @@ class SpineClassifier(mlflow.pyfunc.PythonModel):
 
 def load_classifier(model_uri: str) -> SpineClassifier:
     """The :class:`SpineClassifier` behind a logged model URI (``models:/spinemri@champion``, ``runs:/...``)."""
-    from spinemri.errors import UserError
-
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as exc:
-        raise UserError(f"cannot load model {model_uri!r} from {mlflow.get_tracking_uri()}: {exc.message}; "
-                        "see `spinemri registry list` for the versions and aliases there") from None
-    except OSError as exc:
-        raise UserError(f"cannot load model {model_uri!r}: {exc}") from None
-    classifier = model.unwrap_python_model()
-    if not isinstance(classifier, SpineClassifier):
-        raise UserError(f"{model_uri!r} is a {type(classifier).__name__}, not a spinemri classifier")
-    return classifier
+    return load_python_model(model_uri, SpineClassifier, "classifier",
+                             "see `spinemri registry list` for the versions and aliases there")
 
 
 def example_row(sample: Mapping[str, Any], config: PreprocessConfig, neighbours: Sequence[str] = ()) -> dict[str, Any]:
@@ -199,22 +224,8 @@ def log_classifier(model, meta: dict, example: dict[str, Any], pip_requirements:
     example_frame = pd.DataFrame([example])
     signature = ModelSignature(inputs=INPUT_SCHEMA,
                                outputs=_output_schema(classifier.predict(None, example_frame)))
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # The schema is given explicitly above; MLflow's hint about type-hinted predict() does not apply.
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
-        keras_path = Path(tmp) / "model.keras"
-        model.save(keras_path)
-        meta_path = Path(tmp) / "meta.json"
-        meta_path.write_text(json.dumps(meta, indent=2))
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=SpineClassifier(),
-            artifacts={"keras_model": str(keras_path), "meta": str(meta_path)},
-            code_paths=[str(PACKAGE_DIR)],
-            signature=signature,
-            input_example=example_frame,
-            pip_requirements=pip_requirements,
-        )
+    return log_keras_pyfunc(SpineClassifier(), model, meta, signature=signature, input_example=example_frame,
+                            pip_requirements=pip_requirements)
 
 
 def _output_schema(frame: pd.DataFrame) -> Schema:
