@@ -94,9 +94,16 @@ class SpineLocalizer(KerasWithMeta):
         """Outputs on the slices of one series, given in position order."""
         if len(images) == 0:
             return np.zeros((0, self.task.points, 2)), np.zeros((0, len(self.task.groups)))
-        out = self.model.predict({"image": np.asarray(images, np.float32), "position": relative_positions(len(images))},
-                                 batch_size=batch_size, verbose=0)
-        return np.asarray(out["points"]), np.asarray(out["slice"])
+        n = len(images)
+        # Full batches only (padded with the last slice): one traced graph for every series length.
+        pad = -n % batch_size
+        images = np.asarray(images, np.float32)
+        positions = relative_positions(n)
+        if pad:
+            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+            positions = np.concatenate([positions, np.repeat(positions[-1:], pad, axis=0)])
+        out = self.model.predict({"image": images, "position": positions}, batch_size=batch_size, verbose=0)
+        return np.asarray(out["points"])[:n], np.asarray(out["slice"])[:n]
 
     def locate(self, stacks: Sequence[tuple[int, SeriesStack]]) -> list[Site]:
         """Sites on a study's series of this localizer's type, given as (series_id, decoded stack)."""

@@ -231,7 +231,7 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
                      "mlflow.runName": run_name})
     flat = config.flat()
     mlflow.log_params({k: v for k, v in flat.items() if k.split(".")[0] in ("data", "split", "model", "train", "localize",
-                                                                           "preprocess", "task", "name")})
+                                                                           "preprocess", "name")})  # task: a tag
     mlflow.log_params({f"split.{n}_studies": int(s.slices["study_id"].nunique()) for n, s in splits.items()})
     mlflow.log_params({f"split.{n}_slices": len(s.slices) for n, s in splits.items()})
     mlflow.log_dict(config.to_dict(), "config.yaml")

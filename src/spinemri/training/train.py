@@ -125,8 +125,9 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     mlflow.set_tags(run_tags(dataset.fingerprint, config.model.arch, config.task))
     if run_name:  # a run started by `mlflow run` gets our name too
         mlflow.set_tag("mlflow.runName", run_name)
-    # The search space stays in config.yaml: as params it would be dozens of columns.
-    mlflow.log_params({k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space.")})
+    # The search space stays in config.yaml; the task is a tag (and an MLproject parameter that
+    # `mlflow run` logs as given, possibly empty).
+    mlflow.log_params({k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space.") and k != "task"})
     mlflow.log_params({f"split.{name}_samples": len(part) for name, part in splits.items()})
     mlflow.log_params({f"split.{name}_studies": int(part.samples["study_id"].nunique()) for name, part in splits.items()})
     mlflow.log_dict(config.to_dict(), "config.yaml")
