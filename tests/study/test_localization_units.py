@@ -114,3 +114,44 @@ def test_choose_sites_searches_every_series_of_the_type():
     assert errors["slice_ok"].tolist() == [True, False]  # the second was found on the other series
     summary = summarize_errors(errors)
     assert summary["within_5mm"] == 0.5 and summary["slice_accuracy"] == 0.5
+
+
+def test_soft_argmax_returns_the_peak_cell_centre():
+    from spinemri.localization.model import SoftArgmax
+
+    logits = np.full((1, 4, 8, 2), -50.0, np.float32)
+    logits[0, 1, 6, 0] = 50.0  # point 0 at row 1, column 6
+    logits[0, 3, 0, 1] = 50.0  # point 1 at row 3, column 0
+    out = np.asarray(SoftArgmax()(logits))
+    assert out.shape == (1, 2, 2)
+    assert out[0, 0] == pytest.approx([6.5 / 8, 1.5 / 4], abs=1e-4)
+    assert out[0, 1] == pytest.approx([0.5 / 8, 3.5 / 4], abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "densenet"])
+def test_the_localizer_builds_on_registry_backbones_and_survives_saving(arch, tmp_path):
+    import keras
+
+    from spinemri.localization.model import build_localizer, point_loss, slice_loss
+
+    task = get_task("sagittal_t1")
+    model = build_localizer(arch, 64, 1, task, dense_units=8)
+    batch = {"image": np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)).astype(np.float32),
+             "position": np.array([[0.0], [1.0]], np.float32)}
+    out = model.predict(batch, verbose=0)
+    assert out["points"].shape == (2, 10, 2) and out["slice"].shape == (2, 2)
+    assert ((out["points"] >= 0) & (out["points"] <= 1)).all()
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    assert np.allclose(again.predict(batch, verbose=0)["points"], out["points"], atol=1e-5)
+    # Losses use only the labelled entries: an unlabelled point or group changes nothing.
+    y_points = np.zeros((2, 10, 3), np.float32)
+    y_points[0, 3] = (0.5, 0.5, 1.0)
+    moved = y_points.copy()
+    moved[1, 4, :2] = (0.9, 0.1)  # mask 0
+    assert float(np.sum(point_loss(y_points, out["points"]))) == pytest.approx(float(np.sum(point_loss(moved, out["points"]))))
+    y_slice = np.zeros((2, 2, 2), np.float32)
+    y_slice[:, 0, 1] = 1.0  # group 0 labelled, group 1 not
+    other = y_slice.copy()
+    other[:, 1, 0] = 1.0
+    assert np.allclose(slice_loss(y_slice, out["slice"]), slice_loss(other, out["slice"]))
