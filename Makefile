@@ -51,12 +51,12 @@ study-demo: venv
 # Serve the registry's champion (after `make demo`); see README "Serving" for a curl request.
 PORT ?= 5001
 serve: venv
-	$(BIN)/mlflow models serve -m models:/spinemri@champion --env-manager local -h 127.0.0.1 -p $(PORT)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m models:/spinemri@champion --env-manager local -h 127.0.0.1 -p $(PORT)
 
 # Serve the two-stage study model (after make study-demo): a zipped DICOM study in, 25 rows out.
 STUDY_PORT ?= 5002
 serve-study: venv
-	$(BIN)/mlflow models serve -m models:/spinemri-study@champion --env-manager local -h 127.0.0.1 -p $(STUDY_PORT)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m models:/spinemri-study@champion --env-manager local -h 127.0.0.1 -p $(STUDY_PORT)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
