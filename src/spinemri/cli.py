@@ -22,6 +22,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 USER_ERRORS = (readers.DatasetError, ImageReadError, cache.PrepareError, FileExistsError, ValueError, UserError)
 
 
+def exit_on_interrupt(command):
+    """Ctrl-C or `kill` during training: the run is already marked KILLED; leave at once.
+
+    A plain interpreter shutdown can wait forever on tf.data worker threads that are blocked in a
+    Python callback, so the process ends with os._exit(130) after flushing its output.
+    """
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the MLflow run is marked KILLED", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+    return wrapper
+
+
 def user_errors(command):
     """Turn the errors a user can cause into one clear message and exit status 1, no traceback."""
     @functools.wraps(command)
@@ -186,6 +204,7 @@ def prepare(path, img_size, mode, roi_mm, channels, equalize, dicom_window, work
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other config key, e.g. --set train.freeze_epochs=2 --set model.dropout=0.5.")
 @user_errors
+@exit_on_interrupt
 def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, weights, seed, trials, storage, workers,
           settings, task=None, series=None) -> None:
     """Train a backbone with the three heads and log the run to MLflow.
