@@ -178,11 +178,14 @@ def prepare(path, img_size, mode, roi_mm, channels, equalize, dicom_window, work
 @click.option("--storage", default=None, help="Optuna storage: a journal file or postgresql://... "
               "[default: optuna-journal.log next to the MLflow store].")
 @click.option("--workers", default=None, help="Processes working on the study at once.")
+@click.option("--strategy", default=None, help="default (one device) or mirrored (all visible GPUs; "
+              "--batch-size is the global batch).")
+@click.option("--mixed-precision", default=None, help="auto (mixed_float16 iff a GPU is visible), on or off.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other config key, e.g. --set train.freeze_epochs=2 --set model.dropout=0.5.")
 @user_errors
 def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, weights, seed, trials, storage, workers,
-          settings) -> None:
+          settings, strategy=None, mixed_precision=None) -> None:
     """Train a backbone with the three heads and log the run to MLflow.
 
     Options left out (or empty) take the experiment's value; an experiment without a data_dir
@@ -193,7 +196,7 @@ def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, we
 
     overrides = dict(arch=arch, data_dir=data_dir, img_size=img_size, mode=mode, epochs=epochs,
                      batch_size=batch_size, lr=lr, weights=weights, seed=seed, trials=trials, storage=storage,
-                     workers=workers)
+                     workers=workers, strategy=strategy, mixed_precision=mixed_precision)
     overrides = {k: v for k, v in overrides.items() if v not in (None, "")}
     overrides.update(parse_override(item) for item in settings)
     config = load_experiment(experiment, overrides)
