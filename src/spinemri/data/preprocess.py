@@ -119,11 +119,15 @@ def preprocess(
     config: PreprocessConfig,
     x: float | None = None,
     y: float | None = None,
+    *,
+    window: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Model input from 1 (or 3: previous, centre, next) float 2-D slices of equal shape.
 
     ``x``, ``y`` are the site centre in pixels (column, row) of the centre slice; in ROI mode they
-    default to the image centre. Returns uint8 (img_size, img_size, channels).
+    default to the image centre. ``window`` is ``percentile_window(centre, config.p_low,
+    config.p_high)`` when the caller already has it (the cache computes it once per slice for all
+    the sites on it); it depends on the centre slice only. Returns uint8 (img_size, img_size, channels).
     """
     if len(slices) != config.channels:
         raise ValueError(f"expected {config.channels} slice(s) for channels={config.channels}, got {len(slices)}")
@@ -145,7 +149,7 @@ def preprocess(
         side_mm = max(width * col_mm, height * row_mm)
         extent = (side_mm / col_mm, side_mm / row_mm)
 
-    low, high = percentile_window(centre, config.p_low, config.p_high)
+    low, high = window if window is not None else percentile_window(centre, config.p_low, config.p_high)
     channels = []
     for image in slices:
         windowed = np.subtract(image, low, dtype=np.float32)  # in place below: one array per slice
