@@ -2,7 +2,8 @@
 
 Each run is a fresh `python -m spinemri train` process (default: mobilenet_v2, 128 px, 3 channels,
 1 epoch, batch 32, evaluation and model logging included); its peak RSS is ``ru_maxrss`` from
-``os.wait4``, the kernel's own figure for that process. The preprocessed caches are built first, in
+``os.wait4``, the kernel's own figure for that process (forked from a small launcher, since the
+mark survives fork and exec). The preprocessed caches are built first, in
 this process, so the peaks are those of training (streaming, evaluation, logging) alone. Ratio =
 peak(10·N) / peak(N). Target (issue 8): < 1.10 — memory does not grow with the dataset.
 
@@ -15,20 +16,38 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import _common
 
 TARGET = 1.10
 
 
+# Linux keeps a process's peak-RSS mark across fork and exec, so a child forked straight from a
+# big process reports at least that process's size. A small launcher forks the command instead.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def peak_rss(command: list[str], env: dict | None = None) -> tuple[int, float, int]:
-    """(peak RSS in bytes, seconds, exit status) of one child process, its output sent to stderr."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=sys.stderr, stderr=sys.stderr, env=env)
-    _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage, not all children's
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss * 1024, time.perf_counter() - started, process.returncode  # Linux: KiB
+    """(peak RSS in bytes, seconds, exit status) of one command, its output sent to stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *command], stdout=sys.stderr,
+                       stderr=sys.stderr, env=env, check=True)
+        seconds = time.perf_counter() - started
+        kib, status = (int(v) for v in report.read_text().split())
+    return kib * 1024, seconds, status  # Linux reports ru_maxrss in KiB
 
 
 def peak_rss_of_training(data_dir, args) -> tuple[int, float]:

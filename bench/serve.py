@@ -48,6 +48,7 @@ def start_server(model_uri: str, log_path: Path) -> tuple[subprocess.Popen, str]
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["PYTHONPATH"] = os.pathsep.join([str(_common.ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["PATH"] = f"{mlflow_cli.parent}{os.pathsep}{env.get('PATH', '')}"  # it starts `uvicorn` from PATH
     with open(log_path, "wb") as out:
         process = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local",
                                     "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
