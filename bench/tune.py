@@ -30,6 +30,7 @@ def run_study(pruner: str, args, data_dir, storage: str) -> dict:
         "arch": args.arch, "img_size": args.img_size, "epochs": args.epochs, "data_dir": str(data_dir),
         "trials": args.trials, "pruner": pruner, "storage": storage, "study_name": f"bench-{pruner}",
         "tuning.sampler_seed": args.seed, "tuning.n_startup_trials": args.startup,
+        "tuning.n_warmup_steps": args.warmup,
     })
     result = tune(config)
     study = optuna.load_study(study_name=f"bench-{pruner}", storage=open_storage(storage))
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed (both studies)")
     parser.add_argument("--startup", type=int, default=2, help="trials before the median pruner may prune")
+    parser.add_argument("--warmup", type=int, default=1, help="epochs before a trial may be pruned (n_warmup_steps)")
     args = parser.parse_args()
     if args.quick:
         args.trials, args.epochs, args.img_size, args.studies, args.startup = 4, 3, 32, 8, 1
@@ -66,7 +68,8 @@ def main() -> None:
     ok_epochs, ok_value = fewer >= TARGET_FEWER, worse <= TOLERANCE
     _common.emit("tune", {
         "arch": args.arch, "img_size": args.img_size, "max_epochs": args.epochs, "studies_in_phantom": args.studies,
-        "sampler_seed": args.seed, "monitor": "val_loss", "without_pruning": unpruned, "with_pruning": pruned,
+        "sampler_seed": args.seed, "n_startup_trials": args.startup, "n_warmup_steps": args.warmup,
+        "monitor": "val_loss", "without_pruning": unpruned, "with_pruning": pruned,
         "ratios": {
             "fewer_epochs": {"value": round(fewer, 3), "target": f">= {TARGET_FEWER}", "result": _common.verdict(ok_epochs)},
             "best_value_worse_by": {"value": round(worse, 4), "target": f"<= {TOLERANCE}", "result": _common.verdict(ok_value)},
