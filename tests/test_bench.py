@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+# One worker runs them all: the quick phantom is written once per module.
+pytestmark = pytest.mark.xdist_group("bench")
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +26,9 @@ def bench_env(tmp_path_factory) -> dict:
     return env
 
 
-def run_quick(name: str, env: dict) -> tuple[dict, str]:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"], capture_output=True,
-                          text=True, env=env, timeout=600, cwd=ROOT)
+def run_quick(name: str, env: dict, *extra: str) -> tuple[dict, str]:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", *extra],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2, done.stdout  # exactly: the JSON line and the summary line
@@ -48,9 +50,8 @@ def test_preprocess_quick_reports_ratios_of_its_own_timings(bench_env):
     assert ratios["prepare_vs_naive"]["result"] in summary
 
 
-@pytest.mark.xdist_group("bench-pipeline")
 def test_pipeline_quick_compares_cache_and_memory_feeds(bench_env):
-    record, _ = run_quick("pipeline", bench_env)
+    record, _ = run_quick("pipeline", bench_env, "--archs", "tiny")  # the smallest model: the feeds are under test
     [result] = record["results"]
     rates = result["images_per_s"]
     assert rates["cache"] > 0 and rates["memory"] > 0
