@@ -43,10 +43,15 @@ def phantom(studies: int, seed: int = 0) -> Path:
 
 @contextlib.contextmanager
 def private_store():
-    """A fresh sqlite MLflow store and preprocessed-cache folder; yields the temp folder."""
+    """A fresh sqlite MLflow store and preprocessed-cache folder; yields the temp folder.
+
+    The working directory moves there too: a sqlite store puts run artifacts under ./mlruns.
+    """
     keys = ("MLFLOW_TRACKING_URI", "SPINEMRI_CACHE_DIR", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
     saved = {k: os.environ.get(k) for k in keys}
+    cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="spinemri-bench-") as tmp:
+        os.chdir(tmp)
         os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", SPINEMRI_CACHE_DIR=f"{tmp}/cache")
         os.environ.pop("MLFLOW_RUN_ID", None)
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
@@ -56,6 +61,7 @@ def private_store():
         try:
             yield Path(tmp)
         finally:
+            os.chdir(cwd)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)

@@ -29,12 +29,13 @@ main(sys.argv[1:], prog_name="spinemri")
 """
 
 
-def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phantom40, tracking):
+def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phantom40, tracking, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", TWO_CPUS, "train", "--arch", "tiny", "--data-dir", str(phantom40),
                "--img-size", "48", "--epochs", "1", "--batch-size", "32", "--strategy", "mirrored",
                "--set", "mlflow.experiment=mirrored"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    # cwd: a sqlite store keeps run artifacts under ./mlruns
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     client = mlflow.MlflowClient(tracking)
