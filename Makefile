@@ -3,6 +3,7 @@
 #   make serve  serve models:/spinemri@champion on http://127.0.0.1:$(PORT) (after make demo)
 #   make study-demo  the two-stage study-level pipeline on the same phantom (runs make demo first if needed)
 #   make test   set up .venv and run the test suite (what .ci/run calls)
+#   make bench  the five benchmarks of docs/benchmarks.md (BENCH_ARGS=--quick for a smoke run)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ DEMO_DIR ?= data/phantom
 STUDIES  ?= 40
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: venv demo study-demo serve serve-study test clean
+.PHONY: venv demo study-demo serve serve-study test bench clean
 
 venv: $(VENV)/.installed
 
@@ -60,6 +61,12 @@ serve-study: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# One JSON line and one summary line per benchmark; stdout collects them, stderr has the logs.
+BENCHMARKS ?= preprocess pipeline memory serve tune
+BENCH_ARGS ?=
+bench: venv
+	@for name in $(BENCHMARKS); do $(BIN)/python bench/$$name.py $(BENCH_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -201,12 +201,15 @@ def prepare(path, img_size, mode, roi_mm, channels, equalize, dicom_window, work
               help="classify (default): the ROI classifier; localize: the stage-1 localizer of --series.")
 @click.option("--series", default=None, type=click.Choice(["", "sagittal_t2", "sagittal_t1", "axial_t2"]),
               help="With --task localize: the series type whose sites the localizer learns.")
+@click.option("--strategy", default=None, help="default (one device) or mirrored (all visible GPUs; "
+              "--batch-size is the global batch).")
+@click.option("--mixed-precision", default=None, help="auto (mixed_float16 iff a GPU is visible), on or off.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other config key, e.g. --set train.freeze_epochs=2 --set model.dropout=0.5.")
 @user_errors
 @exit_on_interrupt
 def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, weights, seed, trials, storage, workers,
-          settings, task=None, series=None) -> None:
+          settings, task=None, series=None, strategy=None, mixed_precision=None) -> None:
     """Train a backbone with the three heads and log the run to MLflow.
 
     Options left out (or empty) take the experiment's value; an experiment without a data_dir
@@ -217,7 +220,8 @@ def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, we
 
     overrides = dict(arch=arch, data_dir=data_dir, img_size=img_size, mode=mode, epochs=epochs,
                      batch_size=batch_size, lr=lr, weights=weights, seed=seed, trials=trials, storage=storage,
-                     workers=workers, task=task, series=series)
+                     workers=workers, task=task, series=series, strategy=strategy,
+                     mixed_precision=mixed_precision)
     overrides = {k: v for k, v in overrides.items() if v not in (None, "")}
     overrides.update(parse_override(item) for item in settings)
     if overrides.get("task") == "localize" and img_size not in (None, ""):

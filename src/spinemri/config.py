@@ -20,6 +20,8 @@ from spinemri.data.preprocess import PreprocessConfig
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 HEADS = ("condition", "level", "severity")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+STRATEGIES = ("default", "mirrored")
+MIXED_PRECISION = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -105,8 +107,20 @@ class TrainConfig:
     reduce_lr_patience: int = 2
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    strategy: str = "default"  # default: one device; mirrored: MirroredStrategy over all visible GPUs
+    mixed_precision: str = "auto"  # auto: mixed_float16 iff a GPU is visible; on (needs a GPU) | off
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads a bare on/off as a boolean (and --set passes it through YAML): take it as meant.
+        if isinstance(self.mixed_precision, bool) or str(self.mixed_precision) in ("True", "False"):
+            self.mixed_precision = "on" if str(self.mixed_precision) == "True" else "off"
 
     def validate(self) -> None:
+        _check(self.strategy in STRATEGIES, "train.strategy", f"must be one of {', '.join(STRATEGIES)} "
+               "(mirrored = all visible GPUs of this machine)", self.strategy)
+        _check(self.mixed_precision in MIXED_PRECISION, "train.mixed_precision",
+               f"must be one of {', '.join(MIXED_PRECISION)} (auto = mixed_float16 when a GPU is visible)",
+               self.mixed_precision)
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1", self.epochs)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size",
                "must be an integer >= 1", self.batch_size)
@@ -328,7 +342,8 @@ SHORTCUTS = {
     "img_size": "preprocess.img_size", "mode": "preprocess.mode", "epochs": "train.epochs",
     "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed", "trials": "tuning.trials",
     "storage": "tuning.storage", "study_name": "tuning.study_name", "pruner": "tuning.pruner",
-    "workers": "tuning.workers", "task": "task", "series": "localize.series",
+    "workers": "tuning.workers", "task": "task", "series": "localize.series", "strategy": "train.strategy",
+    "mixed_precision": "train.mixed_precision",
 }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, percentile_window, preprocess
+from spinemri.data.preprocess import (PreprocessConfig, _integer_percentiles, neighbor_indices, percentile_window,
+                                      preprocess)
 
 
 def _dot_image(shape=(200, 300), dot=(120.0, 80.0), radius=3):
@@ -124,3 +125,22 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="unknown preprocessing keys"):
         PreprocessConfig.from_dict({"img_size": 32, "colour": True})
     assert PreprocessConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_percentile_window_equals_numpy_percentile_on_integer_and_other_images(dtype):
+    # The histogram path must give np.percentile's values bit for bit: cached tensors and served
+    # inputs stay identical to those of CACHE_VERSION 1.
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        shape = tuple(rng.integers(1, 120, 2))
+        image = rng.integers(-2000, rng.choice([2, 40, 4096, 60000]), shape).astype(dtype)
+        if trial % 5 == 0:
+            image = image * 0.37  # non-integer: the np.percentile fallback
+        if trial % 7 == 0:
+            image[0, 0] = np.nan
+        p_low, p_high = sorted(rng.uniform(0, 100, 2)) if trial % 2 else (0.5, 99.5)
+        expected = np.percentile(image, [p_low, p_high])
+        got = _integer_percentiles(image, p_low, p_high)
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == expected.dtype

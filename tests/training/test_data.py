@@ -89,3 +89,26 @@ def test_flip_swaps_sides_on_axial_images_only(prepared):
         else:
             assert after == before  # sagittal: a flip mirrors anterior-posterior, no side changes
     assert checked > 0
+
+
+def test_read_rows_returns_the_rows_asked_for_in_any_order(prepared):
+    from spinemri.training.data import read_rows
+
+    dataset, _ = prepared
+    images = np.load(dataset.path / "images.npy")
+    rows = np.array([5, 3, 4, 0, len(images) - 1, 3, 17, 16])  # runs, reversed order, a duplicate, the last row
+    np.testing.assert_array_equal(read_rows(str(dataset.path / "images.npy"), rows), images[rows])
+    assert read_rows(str(dataset.path / "images.npy"), np.array([], dtype=np.int64)).shape == (0, *images.shape[1:])
+    with pytest.raises(IndexError, match="rows outside"):
+        read_rows(str(dataset.path / "images.npy"), np.array([len(images)]))
+
+
+def test_read_rows_sees_a_replaced_cache_file(tmp_path):
+    from spinemri.training.data import read_rows
+
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((4, 2, 2, 1), np.uint8))
+    assert read_rows(str(path), np.array([1])).max() == 0
+    path.unlink()
+    np.save(path, np.full((4, 2, 2, 1), 7, np.uint8))
+    assert read_rows(str(path), np.array([1])).max() == 7

@@ -32,7 +32,7 @@ import pandas as pd
 
 from spinemri.data import readers
 from spinemri.data.dicom import ImageReadError, read_image, series_order
-from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
+from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, percentile_window, preprocess
 from spinemri.data.splits import split_studies
 from spinemri.errors import UserError
 from spinemri.processes import pid_alive
@@ -191,10 +191,11 @@ def _build(samples: pd.DataFrame, config: PreprocessConfig, staging: Path, *, wo
 
 
 def _prepare_group(job) -> tuple[list[int], list[np.ndarray], list[dict]]:
-    """Preprocess all samples of one series: each needed slice is decoded once."""
+    """Preprocess all samples of one series: each needed slice is decoded, and windowed, once."""
     config, group = job
     indices, arrays, failures = [], [], []
     decoded: dict[str, object] = {}
+    windows: dict[str, tuple[float, float]] = {}  # centre path -> percentile window (shared by its sites)
 
     def load(path):
         if path not in decoded:
@@ -211,7 +212,7 @@ def _prepare_group(job) -> tuple[list[int], list[np.ndarray], list[dict]]:
             order = [p for _, p, _ in series_order(sorted(folder.glob("*.dcm")))]
         except ImageReadError as exc:
             return [], [], [dict(path=exc.path, reason=exc.reason, rows=group.index.tolist())]
-    for row, sample in group.iterrows():
+    for row, sample in zip(group.index, group[["path", "x", "y"]].to_dict("records")):
         paths = [sample["path"]]
         if order is not None:
             try:
@@ -232,7 +233,10 @@ def _prepare_group(job) -> tuple[list[int], list[np.ndarray], list[dict]]:
             slices = [img.pixels for img in loaded]
             x = None if pd.isna(sample["x"]) else float(sample["x"])
             y = None if pd.isna(sample["y"]) else float(sample["y"])
-            arrays.append(preprocess(slices, loaded[len(loaded) // 2].pixel_spacing, config, x, y))
+            middle = loaded[len(loaded) // 2]
+            if middle.path not in windows and middle.pixels.ndim == 2 and middle.pixels.size:  # else preprocess says why
+                windows[middle.path] = percentile_window(middle.pixels, config.p_low, config.p_high)
+            arrays.append(preprocess(slices, middle.pixel_spacing, config, x, y, window=windows.get(middle.path)))
             indices.append(int(row))
         except ValueError as exc:
             failures.append(dict(path=sample["path"], reason=str(exc), rows=[int(row)]))

@@ -29,7 +29,10 @@ _CAFFE_MEAN = np.array([103.939, 116.779, 123.68])
 
 def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none", dense_units: int = 256,
                 dropout: float = 0.3, bn_momentum: float = 0.0) -> keras.Model:
-    """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of softmaxes.
+    """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of float32 softmaxes.
+
+    Built under Keras's global dtype policy: with ``mixed_float16`` the backbone computes in float16
+    and the three heads stay float32.
 
     ``bn_momentum`` > 0 replaces the backbone's BatchNormalization momentum (Keras applications use
     0.99, whose moving statistics need more steps than a quick run on a few hundred images has).
@@ -53,7 +56,8 @@ def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = {head: keras.layers.Dense(len(classes), activation="softmax", name=head)(x)
+    # float32 heads: under mixed_float16 a float16 softmax underflows and the losses lose precision.
+    outputs = {head: keras.layers.Dense(len(classes), activation="softmax", name=head, dtype="float32")(x)
                for head, classes in HEAD_CLASSES.items()}
     return keras.Model(inputs, outputs, name=f"spinemri_{arch}")
 

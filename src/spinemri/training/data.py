@@ -1,12 +1,14 @@
 """From the preprocessed cache to tf.data: targets per head, masks, augmentation, streaming.
 
-Images are read batch by batch from the memory-mapped ``images.npy``; nothing holds the whole
-dataset in memory. Targets are class indices per head with -1 for unknown (a blank grade, a
+Images are read batch by batch from ``images.npy`` with ``pread`` (see :func:`read_rows`); nothing
+holds the whole dataset in memory, and the resident set does not grow with it. Targets are class indices per head with -1 for unknown (a blank grade, a
 flat-CSV slice without a level), which become all-zero one-hot rows with sample weight 0.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,25 +73,77 @@ def sample_weights(targets: dict[str, np.ndarray], severity_weights: bool) -> di
     return weights
 
 
-_OPEN: dict[str, np.ndarray] = {}
+_OPEN: dict[str, tuple] = {}  # path -> (fd, st_dev, st_ino, shape, dtype, data offset)
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_images(images_path: str) -> tuple[int, tuple[int, ...], np.dtype, int]:
+    """A file descriptor on images.npy, its (N, S, S, C) shape, dtype and data offset (opened once per file)."""
+    stat = os.stat(images_path)
+    with _OPEN_LOCK:
+        entry = _OPEN.get(images_path)
+        if entry is not None and entry[1:3] == (stat.st_dev, stat.st_ino):
+            return entry[0], *entry[3:]
+        if entry is not None:  # the file was replaced: a new cache at the same path
+            os.close(entry[0])
+        with open(images_path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+        if fortran:
+            raise ValueError(f"{images_path} is Fortran-ordered; rebuild the cache with `spinemri data prepare`")
+        fd = os.open(images_path, os.O_RDONLY)
+        _OPEN[images_path] = (fd, stat.st_dev, stat.st_ino, tuple(shape), np.dtype(dtype), offset)
+        return fd, tuple(shape), np.dtype(dtype), offset
 
 
 def read_rows(images_path: str, rows: np.ndarray) -> np.ndarray:
-    """uint8 (len(rows), S, S, C) from the memory map, read in file order."""
-    images = _OPEN.get(images_path)
-    if images is None:
-        images = _OPEN[images_path] = np.load(images_path, mmap_mode="r")
-    order = np.argsort(rows)
-    out = np.empty((len(rows), *images.shape[1:]), dtype=np.uint8)
-    out[order] = images[rows[order]]
+    """uint8 (len(rows), S, S, C) from the cache's images.npy, read in file order.
+
+    Plain ``pread`` calls into a fresh array (one per run of consecutive rows), not a memory map:
+    pages of a map stay in the process's resident set once touched, so an epoch over a memory map
+    grows RSS with the dataset, while read pages live only in the kernel's page cache. Safe to call
+    from tf.data's parallel threads.
+    """
+    fd, shape, dtype, offset = _open_images(images_path)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= shape[0]):
+        raise IndexError(f"rows outside 0..{shape[0] - 1} of {images_path}")
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    chunk = np.empty((len(rows), *shape[1:]), dtype=dtype)
+    row_bytes = chunk[0].nbytes if len(rows) else 0
+    start = 0
+    while start < len(ordered):
+        stop = start + 1
+        while stop < len(ordered) and ordered[stop] == ordered[stop - 1] + 1:
+            stop += 1
+        target = memoryview(chunk[start:stop].reshape(-1).view(np.uint8))
+        position = offset + int(ordered[start]) * row_bytes
+        while len(target):  # pread may return fewer bytes than asked
+            done = os.preadv(fd, [target], position)
+            if done == 0:
+                raise OSError(f"{images_path} ends early (truncated cache?); rebuild it with `spinemri data prepare`")
+            target, position = target[done:], position + done
+        start = stop
+    out = np.empty_like(chunk)
+    out[order] = chunk
     return out
 
 
 def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, shuffle: bool, seed: int,
-                 augment: AugmentConfig | None = None, severity_weights: bool = True) -> tf.data.Dataset:
-    """Batches of (image float32 0..255, {head: one-hot}, {head: sample weight})."""
+                 augment: AugmentConfig | None = None, severity_weights: bool = True,
+                 min_batch: int = 1) -> tf.data.Dataset:
+    """Batches of (image float32 0..255, {head: one-hot}, {head: sample weight}).
+
+    ``min_batch`` > 1 drops a last batch smaller than that: under MirroredStrategy with R replicas
+    a batch of fewer than R images leaves a replica an empty batch, which Keras 3 cannot run
+    (at most R - 1 samples per epoch are left out; with shuffling, different ones each epoch).
+    """
     images_path = str(images_path)
-    shape = np.load(images_path, mmap_mode="r").shape[1:]
+    shape = _open_images(images_path)[1][1:]
     weights = sample_weights(split.targets, severity_weights)
     ds = tf.data.Dataset.from_tensor_slices({
         "row": split.rows, "axial": split.axial,
@@ -98,6 +152,8 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
     if shuffle:
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
+    if min_batch > 1:
+        ds = ds.filter(lambda batch: tf.shape(batch["row"])[0] >= min_batch)
     augmenter = _augmenter(augment, seed) if augment is not None else None
 
     def load(batch):

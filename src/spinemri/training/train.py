@@ -92,6 +92,7 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
     validation, never on test).
     """
     config.validate()
+    check_devices(config.train)
     backbone = get_backbone(config.model.arch)
     backbone.check_size(config.preprocessing.img_size)
     dataset, samples = prepare_data(config)
@@ -133,14 +134,106 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     mlflow.log_dict(config.to_dict(), "config.yaml")
     mlflow.log_text(dataset.splits(config.split.fractions, config.split.seed).to_csv(index=False), "data/splits.csv")
 
+    with distribution(cfg) as (strategy, tags):
+        mlflow.set_tags(tags)
+        replicas = strategy.num_replicas_in_sync
+        with strategy.scope():
+            model, history, epochs_trained, training_time = _fit(config, dataset, splits, extra_callbacks, replicas)
+        if replicas > 1:
+            # Evaluation, Grad-CAM and the logged model run on one device: a mirrored model cannot
+            # predict a batch smaller than its replica count, and serving has one device anyway.
+            model = _single_device_copy(model, config)
+
+    images_path = dataset.path / "images.npy"
+    metrics = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"].targets) \
+        if evaluate_test else {}
+    metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained,
+                   model_params=model.count_params())
+    if evaluate_test:
+        metrics["inference_ms_per_image"] = _inference_ms(model, images_path, splits["test"], cfg.batch_size)
+    if cfg.monitor in history:
+        metrics[f"best_{cfg.monitor}"] = best_value(history, cfg.monitor)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test_")})  # test_*: logged above
+    log_figure(plots.training_curves(history, HEADS), "plots/training_curves.png")
+
+    model_uri, decision = None, None
+    if log_model:
+        meta = {"arch": config.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
+                "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
+                "data_fingerprint": dataset.fingerprint,
+                # the fallback of study-level prediction where no site can be seen (spinemri.study)
+                "severity_prior": prior_from_samples(splits["train"].samples)}
+        example = _request_example(splits["test"].samples, dataset.manifest.get("dataset_root", ""), pre)
+        model_uri = log_classifier(model, meta, example, pip_requirements()).model_uri
+        if config.mlflow.register and evaluate_test:
+            decision = _register(config, model_uri, metrics, splits["test"].samples)
+    return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history,
+                       registered=decision)
+
+
+def check_devices(cfg) -> None:
+    """Refuse train.mixed_precision=on without a GPU: float16 on a CPU is emulated, slower than
+    float32, with no memory to gain (auto simply stays float32 there)."""
+    import tensorflow as tf
+
+    if cfg.mixed_precision == "on" and not tf.config.list_logical_devices("GPU"):
+        raise ConfigError("train.mixed_precision=on needs a GPU and TensorFlow sees none; use "
+                          "--mixed-precision auto (float32 on a CPU) or off")
+
+
+@contextlib.contextmanager
+def distribution(cfg):
+    """The device placement of one run: yields (tf.distribute strategy, run tags).
+
+    Inside, Keras's dtype policy is ``mixed_float16`` when ``train.mixed_precision`` says so (auto:
+    iff a GPU is visible); a model built and compiled in ``strategy.scope()`` is mirrored over its
+    replicas, and ``train.batch_size`` is then the global batch, split evenly over them.
+    ``mirrored`` uses every visible GPU, or every logical CPU device where there is no GPU (one on
+    a plain machine, two in the tests). The previous policy comes back on exit.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    check_devices(cfg)
+    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and bool(gpus))
+    if cfg.strategy == "mirrored":
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices)
+    else:
+        strategy = tf.distribute.get_strategy()  # the default: the one device TensorFlow picks
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    tags = {"strategy": cfg.strategy, "replicas": str(strategy.num_replicas_in_sync),
+            "mixed_precision": "mixed_float16" if mixed else "off"}
+    try:
+        yield strategy, tags
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _single_device_copy(model: keras.Model, config: ExperimentConfig) -> keras.Model:
+    """The same network with the same weights, built outside any distribution strategy."""
+    pre = config.preprocessing
+    copy = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
+                       dense_units=config.model.dense_units, dropout=config.model.dropout,
+                       bn_momentum=config.model.bn_momentum)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData], extra_callbacks,
+         replicas: int = 1):
+    """Build, compile and fit (in the caller's strategy scope); returns the best weights' model."""
+    cfg, pre = config.train, config.preprocessing
     model = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
                         dense_units=config.model.dense_units, dropout=config.model.dropout,
                         bn_momentum=config.model.bn_momentum)
     images_path = dataset.path / "images.npy"
     train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed,
-                            augment=cfg.augment, severity_weights=config.model.severity_sample_weights)
+                            augment=cfg.augment, severity_weights=config.model.severity_sample_weights,
+                            min_batch=replicas)
     val_ds = make_dataset(images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed,
-                          severity_weights=config.model.severity_sample_weights)
+                          severity_weights=config.model.severity_sample_weights, min_batch=replicas)
 
     with tempfile.TemporaryDirectory() as tmp:
         best = Path(tmp) / "best.weights.h5"
@@ -179,31 +272,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
                                 f"(lr={cfg.lr}); lower train.lr or check the data")
         if best.is_file():
             model.load_weights(best)
-
-    metrics = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"].targets) \
-        if evaluate_test else {}
-    metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained,
-                   model_params=model.count_params())
-    if evaluate_test:
-        metrics["inference_ms_per_image"] = _inference_ms(model, images_path, splits["test"], cfg.batch_size)
-    if cfg.monitor in history:
-        metrics[f"best_{cfg.monitor}"] = best_value(history, cfg.monitor)
-    mlflow.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test_")})  # test_*: logged above
-    log_figure(plots.training_curves(history, HEADS), "plots/training_curves.png")
-
-    model_uri, decision = None, None
-    if log_model:
-        meta = {"arch": config.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
-                "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
-                "data_fingerprint": dataset.fingerprint,
-                # the fallback of study-level prediction where no site can be seen (spinemri.study)
-                "severity_prior": prior_from_samples(splits["train"].samples)}
-        example = _request_example(splits["test"].samples, dataset.manifest.get("dataset_root", ""), pre)
-        model_uri = log_classifier(model, meta, example, pip_requirements()).model_uri
-        if config.mlflow.register and evaluate_test:
-            decision = _register(config, model_uri, metrics, splits["test"].samples)
-    return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history,
-                       registered=decision)
+    return model, history, epochs_trained, training_time
 
 
 def _request_example(samples: pd.DataFrame, root: str, pre) -> dict:
@@ -331,4 +400,4 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["ConfigError", "TrainResult", "TrainingError", "prepare_data", "train"]
+__all__ = ["ConfigError", "TrainResult", "TrainingError", "distribution", "prepare_data", "train"]

@@ -1,0 +1,80 @@
+"""The benchmarks in bench/: their --quick paths print one JSON line and one summary line whose
+ratios follow from their own raw numbers, and the peak-RSS measurement sees a child's memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+# One worker runs them all: the quick phantom is written once per module.
+pytestmark = pytest.mark.xdist_group("bench")
+
+
+@pytest.fixture(scope="module")
+def bench_env(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env.update(SPINEMRI_BENCH_DIR=str(tmp / "work"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'unused.db'}",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    return env
+
+
+def run_quick(name: str, env: dict, *extra: str) -> tuple[dict, str]:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", *extra],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2, done.stdout  # exactly: the JSON line and the summary line
+    record = json.loads(lines[0])
+    assert record["benchmark"] == name
+    assert record["machine"]["cores"] >= 1 and record["machine"]["tensorflow"]
+    assert name in lines[1]
+    return record, lines[1]
+
+
+def test_preprocess_quick_reports_ratios_of_its_own_timings(bench_env):
+    record, summary = run_quick("preprocess", bench_env)
+    seconds, ratios = record["seconds"], record["ratios"]
+    assert record["dicom_files"] > 0 and record["samples"] >= record["dicom_files"]
+    assert ratios["prepare_vs_naive"]["value"] == pytest.approx(seconds["naive"] / seconds["prepare_2"], rel=0.01)
+    assert ratios["per_worker_vs_bare_decode"]["value"] == pytest.approx(
+        seconds["prepare_1"] / seconds["bare_decode"], rel=0.01)
+    assert ratios["prepare_vs_naive"]["result"] == ("pass" if ratios["prepare_vs_naive"]["value"] >= 1.8 else "miss")
+    assert ratios["prepare_vs_naive"]["result"] in summary
+
+
+def test_pipeline_quick_compares_cache_and_memory_feeds(bench_env):
+    record, _ = run_quick("pipeline", bench_env, "--archs", "tiny")  # the smallest model: the feeds are under test
+    [result] = record["results"]
+    rates = result["images_per_s"]
+    assert rates["cache"] > 0 and rates["memory"] > 0
+    assert result["ratio"] == pytest.approx(rates["cache"] / rates["memory"], rel=0.01)
+    assert result["result"] == ("pass" if result["ratio"] >= 0.9 else "miss")
+
+
+def test_peak_rss_of_a_child_follows_what_it_allocates():
+    from memory import peak_rss
+
+    allocate = "import numpy as np; a = np.ones({} * 2**20, np.uint8); print(a.sum(), flush=True)"
+    small, _, status_small = peak_rss([sys.executable, "-c", allocate.format(10)])
+    large, _, status_large = peak_rss([sys.executable, "-c", allocate.format(210)])
+    assert status_small == status_large == 0
+    assert large - small > 150 * 2**20  # ~200 MiB more, seen in the child's own peak
+    _, _, failed = peak_rss([sys.executable, "-c", "raise SystemExit(3)"])
+    assert failed == 3
+
+
+# The three below train models (1-2 min each); the serving, tuning and peak-RSS tests above and in
+# tests/serving and tests/training cover the behaviour they measure.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["memory", "serve", "tune"])
+def test_training_benchmarks_quick(name, bench_env):
+    record, _ = run_quick(name, bench_env)
+    assert record["result"] in ("pass", "miss")
