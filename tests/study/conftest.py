@@ -26,7 +26,7 @@ class TwoStage:
     tracking_uri: str
     data_dir: Path
     cache_dir: Path
-    localizers: dict = field(default_factory=dict)  # series -> LocalizeResult
+    localizers: dict = field(default_factory=dict)  # series -> TrainResult of train_localizer
     classifier: object = None  # TrainResult
 
 

@@ -106,12 +106,20 @@ def test_staged_fine_tuning_lowers_the_learning_rate(phantom_dir, tracking):
     assert [round(m.value, 6) for m in sorted(history, key=lambda m: m.step)] == [0.002, 0.0002]
 
 
+def _default_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_training_ends_killed_not_running(phantom_dir, tracking, sig):
     command = [sys.executable, "-m", "spinemri", "train", "--arch", "tiny", "--data-dir", str(phantom_dir),
                "--img-size", "32", "--epochs", "200", "--set", "train.early_stopping_patience=500",
                "--set", "mlflow.experiment=interrupt"]
-    process = subprocess.Popen(command, env=_env(tracking), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # As from a terminal: SIGINT neither ignored nor blocked in the child, whatever this test
+    # worker's threads did to their own signal state (both are inherited across fork and exec).
+    process = subprocess.Popen(command, env=_env(tracking), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=_default_signals)
     deadline = time.monotonic() + 240
     client = mlflow.MlflowClient(tracking)
     while time.monotonic() < deadline:
@@ -120,8 +128,14 @@ def test_interrupted_training_ends_killed_not_running(phantom_dir, tracking, sig
         if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
             break
         time.sleep(0.5)
+    status = Path(f"/proc/{process.pid}/status")
+    masks = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
     process.send_signal(sig)
-    process.wait(timeout=60)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"training ignored {sig!r} for 60 s; its signal masks were {masks}")
     assert process.returncode != 0
     _, runs = _runs(tracking, "interrupt")
     assert [r.info.status for r in runs] == ["KILLED"]

@@ -19,8 +19,7 @@ import keras
 from keras import ops
 
 from spinemri.localization.sites import SeriesTask
-from spinemri.models.backbones import build_backbone, get_backbone
-from spinemri.models.network import BACKBONE_LAYER, _scaling_layers
+from spinemri.models.network import backbone_features
 
 
 @keras.saving.register_keras_serializable(package="spinemri")
@@ -68,27 +67,16 @@ class PositionEncoding(keras.layers.Layer):
 def build_localizer(arch: str, img_size: int, channels: int, task: SeriesTask, *, weights: str = "none",
                     dense_units: int = 128, dropout: float = 0.2) -> keras.Model:
     """Inputs {"image", "position"}; outputs {"points": (B, P, 2) unit coordinates, "slice": (B, G)}."""
-    backbone = get_backbone(arch)
-    backbone.check_size(img_size)
-    inputs = keras.Input((img_size, img_size, channels), name="image")
+    inputs, fmap = backbone_features(arch, img_size, channels, weights=weights)
     position = keras.Input((1,), name="position")
-    x = inputs
-    if channels == 1 and weights != "none" and arch != "tiny":
-        x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
-        channels = 3
-    for layer in _scaling_layers(backbone, channels):
-        x = layer(x)
-    features = build_backbone(backbone, (img_size, img_size, channels), weights)
-    features.name = BACKBONE_LAYER
-    fmap = features(x)
     heat = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="point_features")(fmap)
     heat = keras.layers.Conv2D(task.points, 1, name="point_logits")(heat)
-    points = SoftArgmax(name="points")(heat)
+    points = SoftArgmax(name="points", dtype="float32")(heat)
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(fmap)
     pooled = keras.layers.Concatenate(name="with_position")([pooled, PositionEncoding(name="position_code")(position)])
     pooled = keras.layers.Dense(dense_units, activation="relu", name="dense")(pooled)
     pooled = keras.layers.Dropout(dropout, name="dropout")(pooled)
-    slice_scores = keras.layers.Dense(len(task.groups), activation="sigmoid", name="slice")(pooled)
+    slice_scores = keras.layers.Dense(len(task.groups), activation="sigmoid", name="slice", dtype="float32")(pooled)
     return keras.Model({"image": inputs, "position": position}, {"points": points, "slice": slice_scores}, name=f"localizer_{task.name}_{arch}")
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -30,7 +30,6 @@ import tensorflow as tf
 
 from spinemri import registry
 from spinemri.config import ExperimentConfig, MlflowConfig
-from spinemri.data.phantom import PhantomConfig, synthesize
 from spinemri.data.readers import DatasetError
 from spinemri.localization.dataset import LocalizerDataset, prepare_localizer, slice_targets, study_splits
 from spinemri.localization.locate import SeriesSlices, choose_sites, log_localizer, point_errors, summarize_errors
@@ -38,21 +37,11 @@ from spinemri.localization.model import build_localizer, point_loss, slice_loss
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.training.data import read_rows
 from spinemri.training.tracking import MlflowEpochLogger, ending_run, log_figure, pip_requirements, run_tags
-from spinemri.training.train import TrainingError, _sigterm_as_interrupt, phantom_dir
+from spinemri.training.train import TrainingError, TrainResult, _sigterm_as_interrupt, resolve_data_dir
 
 DEFAULT_EXPERIMENT = "spinemri-localize"
 DEFAULT_REGISTERED_MODEL = "spinemri-localizer"
 MONITOR = "val_point_error_mm"  # best checkpoint, early stopping and LR schedule (what users care about)
-
-
-@dataclass
-class LocalizeResult:
-    run_id: str
-    metrics: dict[str, float]
-    model_uri: str | None
-    epochs_trained: int
-    history: dict[str, list[float]] = field(default_factory=dict)
-    registered: registry.Decision | None = None
 
 
 @dataclass
@@ -76,15 +65,7 @@ def registered_model_name(config: ExperimentConfig) -> str:
 def prepare(config: ExperimentConfig) -> tuple[LocalizerDataset, dict[str, _Split]]:
     """The slice cache for ``config.localize.series`` and its train/val/test splits (study level)."""
     task = get_task(config.localize.series)
-    data_dir = config.data.data_dir
-    if not data_dir:
-        data_dir = phantom_dir(config)
-        if not (data_dir / "train.csv").is_file():
-            synthesize(data_dir, PhantomConfig(studies=config.data.phantom_studies, seed=config.data.phantom_seed),
-                       workers=config.data.workers)
-    elif not Path(data_dir).exists():
-        raise DatasetError([f"data_dir {data_dir} does not exist; give an RSNA-layout folder, "
-                            "or leave data_dir empty for the built-in phantom"])
+    data_dir = resolve_data_dir(config)
     dataset, samples = prepare_localizer(data_dir, task.name, config.localizer_preprocessing,
                                          workers=config.data.workers)
     split_of = dict(study_splits(samples, config.split.fractions, config.split.seed)[["study_id", "split"]]
@@ -207,7 +188,7 @@ class ValidationErrors(keras.callbacks.Callback):
         logs.update(self._measure(epoch + 1))
 
 
-def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> LocalizeResult:
+def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> TrainResult:
     config.validate()
     if config.task != "localize":
         raise ValueError(f"train_localizer needs task: localize, got {config.task!r}")
@@ -225,7 +206,7 @@ def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> Locali
 
 
 def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerDataset, splits: dict[str, _Split],
-                  run_name: str) -> LocalizeResult:
+                  run_name: str) -> TrainResult:
     cfg, loc, pre = config.train, config.localize, config.localizer_preprocessing
     mlflow.set_tags({**run_tags(dataset.fingerprint, config.model.arch, "localize"), "localize.series": task.name,
                      "mlflow.runName": run_name})
@@ -300,7 +281,7 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
         mlflow.set_tags({"registered_model": decision.name, "registered_version": decision.version,
                          "registry_alias": decision.alias})
         print(decision, flush=True)
-    return LocalizeResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],
+    return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],
                           history={**history, "val_point_error_mm_by_step": [h.get("val_point_error_mm", math.nan)
                                                                              for h in monitor.history]},
                           registered=decision)

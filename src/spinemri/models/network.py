@@ -37,6 +37,20 @@ def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none
     ``bn_momentum`` > 0 replaces the backbone's BatchNormalization momentum (Keras applications use
     0.99, whose moving statistics need more steps than a quick run on a few hundred images has).
     """
+    inputs, x = backbone_features(arch, img_size, channels, weights=weights, bn_momentum=bn_momentum)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    # float32 heads: under mixed_float16 a float16 softmax underflows and the losses lose precision.
+    outputs = {head: keras.layers.Dense(len(classes), activation="softmax", name=head, dtype="float32")(x)
+               for head, classes in HEAD_CLASSES.items()}
+    return keras.Model(inputs, outputs, name=f"spinemri_{arch}")
+
+
+def backbone_features(arch: str, img_size: int, channels: int, *, weights: str = "none",
+                      bn_momentum: float = 0.0) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """The input 'image' (0..255) and the registry backbone's feature map on it, with the backbone's
+    own input scaling (and gray -> RGB for ImageNet weights). Shared by the classifier and the localizer."""
     backbone = get_backbone(arch)
     backbone.check_size(img_size)
     inputs = keras.Input((img_size, img_size, channels), name="image")
@@ -52,14 +66,7 @@ def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none
         for layer in features.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = bn_momentum
-    x = features(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    # float32 heads: under mixed_float16 a float16 softmax underflows and the losses lose precision.
-    outputs = {head: keras.layers.Dense(len(classes), activation="softmax", name=head, dtype="float32")(x)
-               for head, classes in HEAD_CLASSES.items()}
-    return keras.Model(inputs, outputs, name=f"spinemri_{arch}")
+    return inputs, features(x)
 
 
 def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:

@@ -59,8 +59,8 @@ def phantom_dir(config: ExperimentConfig) -> Path:
     return cache.default_cache_dir().parent / "phantom" / f"studies{config.data.phantom_studies}-seed{config.data.phantom_seed}"
 
 
-def prepare_data(config: ExperimentConfig) -> tuple[cache.PreparedDataset, pd.DataFrame]:
-    """The cache for this config (the phantom when data_dir is empty) and its samples with splits."""
+def resolve_data_dir(config: ExperimentConfig) -> Path:
+    """config.data.data_dir, or the built-in phantom (written on first use) when it is empty."""
     data_dir = config.data.data_dir
     if not data_dir:
         data_dir = phantom_dir(config)
@@ -70,6 +70,12 @@ def prepare_data(config: ExperimentConfig) -> tuple[cache.PreparedDataset, pd.Da
     elif not Path(data_dir).exists():
         raise DatasetError([f"data_dir {data_dir} does not exist; give an RSNA-layout folder or a flat CSV, "
                             "or leave data_dir empty for the built-in phantom"])
+    return Path(data_dir)
+
+
+def prepare_data(config: ExperimentConfig) -> tuple[cache.PreparedDataset, pd.DataFrame]:
+    """The cache for this config (the phantom when data_dir is empty) and its samples with splits."""
+    data_dir = resolve_data_dir(config)
     dataset = cache.prepare(data_dir, config.preprocessing, workers=config.data.workers,
                             split_fractions=config.split.fractions, split_seed=config.split.seed)
     return dataset, dataset.samples_with_split(config.split.fractions, config.split.seed)
