@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mlflow_run(entry_point: str, params: dict, tracking_uri: str, env_extra: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_extra, "MLFLOW_TRACKING_URI": tracking_uri,
+    # mlflow.set_experiment() in an earlier test of this worker exports MLFLOW_EXPERIMENT_ID, which
+    # `mlflow run --experiment-name` refuses to combine with: start from a clean environment.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env = {**inherited, **env_extra, "MLFLOW_TRACKING_URI": tracking_uri,
            # `python` in the entry point's command must be this interpreter (what an activated venv gives)
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", entry_point,

@@ -30,7 +30,8 @@ main(sys.argv[1:], prog_name="spinemri")
 
 
 def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phantom40, tracking, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env = {**inherited, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", TWO_CPUS, "train", "--arch", "tiny", "--data-dir", str(phantom40),
                "--img-size", "48", "--epochs", "1", "--batch-size", "32", "--strategy", "mirrored",
                "--set", "mlflow.experiment=mirrored"]
