@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data import cache, readers, schema
-from spinemri.data.dicom import ImageReadError, read_series
+from spinemri.data.dicom import ImageReadError, SeriesStack, read_series
 from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
 from spinemri.data.splits import split_studies
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
@@ -234,13 +234,19 @@ def _prepare_series(job):
     n = len(stack.instance_numbers)
     height, width = stack.pixels.shape[1:]
     row_mm, col_mm = stack.pixel_spacing
-    arrays, rows = [], []
+    rows = []
     by_instance = {}
     for path in paths:
         by_instance.setdefault(Path(path).stem, path)
     for i, instance in enumerate(stack.instance_numbers):
-        slices = [stack.pixels[j] for j in neighbor_indices(i, n, config.channels)]
-        arrays.append(preprocess(slices, stack.pixel_spacing, config))
         rows.append((study, series_id, instance, i, n, width, height, row_mm, col_mm,
                      by_instance.get(str(instance), paths[0])))
-    return rows, np.stack(arrays), None
+    return rows, series_inputs(stack, config), None
+
+
+def series_inputs(stack: SeriesStack, config: PreprocessConfig) -> np.ndarray:
+    """Every slice of a series as the localizer sees it (the cache and inference alike):
+    uint8 (n, S, S, C), the whole slice in ``slice`` mode, neighbours as channels when C = 3."""
+    n = len(stack.instance_numbers)
+    return np.stack([preprocess([stack.pixels[j] for j in neighbor_indices(i, n, config.channels)],
+                                stack.pixel_spacing, config) for i in range(n)])

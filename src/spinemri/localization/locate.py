@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data.dicom import SeriesStack
-from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
+from spinemri.data.preprocess import PreprocessConfig
+from spinemri.localization.dataset import series_inputs
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.models.pyfunc import KerasWithMeta, load_python_model, log_keras_pyfunc
 
@@ -85,10 +86,7 @@ class SpineLocalizer(KerasWithMeta):
         return PreprocessConfig.from_dict(self.meta["preprocess"])
 
     def series_images(self, stack: SeriesStack) -> np.ndarray:
-        config = self.preprocessing
-        n = len(stack.instance_numbers)
-        return np.stack([preprocess([stack.pixels[j] for j in neighbor_indices(i, n, config.channels)],
-                                    stack.pixel_spacing, config) for i in range(n)])
+        return series_inputs(stack, self.preprocessing)
 
     def outputs(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Outputs on the slices of one series, given in position order."""
