@@ -34,7 +34,7 @@ from spinemri.data.dicom import DicomImage, ImageReadError, SeriesStack, decode_
 from spinemri.data.schema import CONDITIONS, LEVELS
 from spinemri.errors import UserError
 from spinemri.localization.locate import SpineLocalizer, load_localizer
-from spinemri.localization.sites import BY_DESCRIPTION, SERIES_NAMES, site_of
+from spinemri.localization.sites import BY_DESCRIPTION, SERIES_NAMES, get_task, site_of
 from spinemri.metrics import PROBABILITY_COLUMNS, SEVERITY_WEIGHTS, SUBMISSION_COLUMNS, label_rows, rsna_score
 from spinemri.models.pyfunc import SpineClassifier, load_classifier
 
@@ -276,7 +276,7 @@ class StudyPredictor:
         found: dict[tuple[str, str], tuple] = {}  # (condition, level) -> (site, stack)
         reasons: dict[str, str] = {}  # series type -> why its rows fall back to the prior
         for name in SERIES_NAMES:
-            task = self._task(name)
+            task = get_task(name)
             series = [s for s in study.series if s.description == task.description and s.files]
             if not series:
                 reasons[name] = f"no {task.description} series"
@@ -297,11 +297,6 @@ class StudyPredictor:
             for site in self.localizers[name].locate(stacks):
                 found[(site.condition, site.level)] = (site, by_id[site.series_id])
         return self._grade(study.study_id, found, reasons)
-
-    def _task(self, name):
-        from spinemri.localization.sites import get_task
-
-        return get_task(name)
 
     def _grade(self, study_id: str, found: Mapping, reasons: Mapping[str, str]) -> StudyPrediction:
         crops, keys, site_rows = [], [], {}
