@@ -187,3 +187,32 @@ def test_phantom_instance_numbers_are_not_always_in_position_order(phantom_dir):
         if numbers != list(range(1, len(numbers) + 1)):
             reversed_or_gapped += 1
     assert reversed_or_gapped >= 1
+
+
+NATIVE_GRAYSCALE = ["MR_small.dcm", "MR_small_implicit.dcm", "CT_small.dcm", "MR2_UNCR.dcm", "MR2_UNCI.dcm",
+                    "693_UNCI.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm"]
+
+
+@pytest.mark.parametrize("name", NATIVE_GRAYSCALE)
+def test_uncompressed_files_decode_exactly_as_pydicom_does(name):
+    """read_dicom reads uncompressed pixels itself (speed); the values must be pydicom's, bit for bit
+    (16-bit signed and unsigned, 12 and 14 bits stored, with and without a rescale)."""
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(_file(name))
+    expected = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    np.testing.assert_array_equal(read_dicom(_file(name)).pixels, expected)
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_unused_high_bits_are_cleared_or_sign_extended_like_pydicom(tmp_path, signed):
+    ds = pydicom.dcmread(_file("MR_small.dcm"))
+    rng = np.random.default_rng(0)
+    stored = rng.integers(-2048 if signed else 0, 2048 if signed else 4096, size=(64, 64))
+    raw = (stored.astype(np.int64) & 0x0FFF) | (rng.integers(0, 16, size=stored.shape) << 12)  # junk in bits 12-15
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed
+    ds.PixelData = raw.astype("<u2").tobytes()
+    path = tmp_path / "junk_bits.dcm"
+    ds.save_as(path)
+    np.testing.assert_array_equal(read_dicom(path).pixels, pydicom.dcmread(path).pixel_array.astype(np.float32))
+    np.testing.assert_array_equal(read_dicom(path).pixels, stored.astype(np.float32))

@@ -37,7 +37,7 @@ from spinemri.data.splits import split_studies
 from spinemri.errors import UserError
 from spinemri.processes import pid_alive
 
-CACHE_VERSION = 1  # bump when preprocessing code changes what a cached tensor contains
+CACHE_VERSION = 2  # bump when preprocessing code changes what a cached tensor contains (2: ROI windowed on its crop)
 ON_BAD_FILE = ("stop", "skip")
 
 
@@ -160,7 +160,10 @@ def _build(samples: pd.DataFrame, config: PreprocessConfig, staging: Path, *, wo
     samples = samples.reset_index(drop=True)
     shape = (len(samples), config.img_size, config.img_size, config.channels)
     images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
-    groups = [(config, group) for _, group in samples.groupby(["study_id", "series_id"], sort=True)]
+    # Plain lists per series (cheap to send to a worker process; no DataFrame per group).
+    groups = [(config, rows.tolist(), samples["path"].to_numpy()[rows].tolist(),
+               samples["x"].to_numpy(float)[rows].tolist(), samples["y"].to_numpy(float)[rows].tolist())
+              for rows in samples.groupby(["study_id", "series_id"], sort=True).indices.values()]
     done = np.zeros(len(samples), dtype=bool)
     failures: list[dict] = []
     bar = _bar(progress, len(samples))
@@ -192,7 +195,7 @@ def _build(samples: pd.DataFrame, config: PreprocessConfig, staging: Path, *, wo
 
 def _prepare_group(job) -> tuple[list[int], list[np.ndarray], list[dict]]:
     """Preprocess all samples of one series: each needed slice is decoded, and windowed, once."""
-    config, group = job
+    config, rows, paths, xs, ys = job
     indices, arrays, failures = [], [], []
     decoded: dict[str, object] = {}
     windows: dict[str, tuple[float, float]] = {}  # centre path -> percentile window (shared by its sites)
@@ -207,39 +210,38 @@ def _prepare_group(job) -> tuple[list[int], list[np.ndarray], list[dict]]:
 
     order = None
     if config.channels == 3:
-        folder = Path(group["path"].iloc[0]).parent
+        folder = Path(paths[0]).parent
         try:
             order = [p for _, p, _ in series_order(sorted(folder.glob("*.dcm")))]
         except ImageReadError as exc:
-            return [], [], [dict(path=exc.path, reason=exc.reason, rows=group.index.tolist())]
-    for row, sample in zip(group.index, group[["path", "x", "y"]].to_dict("records")):
-        paths = [sample["path"]]
+            return [], [], [dict(path=exc.path, reason=exc.reason, rows=list(rows))]
+    for row, path, x, y in zip(rows, paths, xs, ys):
+        inputs = [path]
         if order is not None:
             try:
-                centre = order.index(sample["path"])
+                centre = order.index(path)
             except ValueError:
                 centre = None
-            paths = [sample["path"]] * 3 if centre is None else [order[i] for i in neighbor_indices(centre, len(order), 3)]
-        loaded = [load(p) for p in paths]
+            inputs = [path] * 3 if centre is None else [order[i] for i in neighbor_indices(centre, len(order), 3)]
+        loaded = [load(p) for p in inputs]
         bad = next((img for img in loaded if isinstance(img, ImageReadError)), None)
         if bad is not None:
             failures.append(dict(path=bad.path, reason=bad.reason, rows=[int(row)]))
             continue
-        if config.mode == "roi" and (pd.isna(sample["x"]) or pd.isna(sample["y"])):
-            failures.append(dict(path=sample["path"], reason="has no x/y coordinate (roi mode needs one; use --mode slice)",
+        x, y = (None if np.isnan(x) else x), (None if np.isnan(y) else y)
+        if config.mode == "roi" and (x is None or y is None):
+            failures.append(dict(path=path, reason="has no x/y coordinate (roi mode needs one; use --mode slice)",
                                  rows=[int(row)]))
             continue
         try:
             slices = [img.pixels for img in loaded]
-            x = None if pd.isna(sample["x"]) else float(sample["x"])
-            y = None if pd.isna(sample["y"]) else float(sample["y"])
             middle = loaded[len(loaded) // 2]
             if middle.path not in windows and middle.pixels.ndim == 2 and middle.pixels.size:  # else preprocess says why
                 windows[middle.path] = percentile_window(middle.pixels, config.p_low, config.p_high)
             arrays.append(preprocess(slices, middle.pixel_spacing, config, x, y, window=windows.get(middle.path)))
             indices.append(int(row))
         except ValueError as exc:
-            failures.append(dict(path=sample["path"], reason=str(exc), rows=[int(row)]))
+            failures.append(dict(path=path, reason=str(exc), rows=[int(row)]))
     return indices, arrays, failures
 
 

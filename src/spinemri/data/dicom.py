@@ -18,7 +18,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
 
 SKIP_HINT = "skip it with --on-bad-file=skip"
 
@@ -274,19 +274,32 @@ def _has_pixels(ds: Dataset) -> bool:
     return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
+# The tags decoding needs, each read (and converted by pydicom) once per file.
+_HEADER_TAGS = (
+    "Rows", "Columns", "PhotometricInterpretation", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+    "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
+    "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "PerFrameFunctionalGroupsSequence",
+    "InstanceNumber",
+)
+
+
 def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> list[DicomImage]:
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    tags = {name: ds.get(name) for name in _HEADER_TAGS}
+    rows, cols = int(tags["Rows"] or 0), int(tags["Columns"] or 0)
     if rows == 0 or cols == 0:
         raise DicomReadError(path, f"has a zero-size image (Rows={rows}, Columns={cols})")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    photometric = str(tags["PhotometricInterpretation"] or "MONOCHROME2")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomReadError(
             path, f"is a {photometric} image; spinemri reads grayscale MR (MONOCHROME1/2) only"
         )
+    n_frames = int(tags["NumberOfFrames"] or 1)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stored = ds.pixel_array
+        stored = _native_pixels(ds, tags, rows, cols, n_frames)
+        if stored is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                stored = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
@@ -302,21 +315,21 @@ def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> l
             raise DicomReadError(path, f"is truncated: {msg.split(' - ')[0]}") from None
         raise DicomReadError(path, f"has pixel data that cannot be decoded ({msg})") from None
 
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames == 1:
         stored = stored[np.newaxis]
-    spacing = _pixel_spacing(ds)
-    orientation = _floats(ds.get("ImageOrientationPatient"))
-    position = _floats(ds.get("ImagePositionPatient"))
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    number = ds.get("InstanceNumber")
-    low, high = _modality_range(ds)
+    spacing = _pixel_spacing(ds, tags["PixelSpacing"])
+    orientation = _floats(tags["ImageOrientationPatient"])
+    position = _floats(tags["ImagePositionPatient"])
+    per_frame = tags["PerFrameFunctionalGroupsSequence"]
+    number = tags["InstanceNumber"]
+    low, high = _modality_range(tags)
+    has_window = voi and ("WindowCenter" in ds or "VOILUTSequence" in ds)
 
     images = []
     for frame in frames:
-        values = apply_modality_lut(stored[frame], ds).astype(np.float32)
+        values = _modality(stored[frame], ds, tags)
         frame_low, frame_high = low, high
-        if voi and ("WindowCenter" in ds or "VOILUTSequence" in ds):
+        if has_window:
             values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float32)
             frame_low, frame_high = float(values.min()), float(values.max())
         if photometric == "MONOCHROME1":  # 0 is white: flip so that higher is brighter
@@ -338,19 +351,60 @@ def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> l
     return images
 
 
-def _modality_range(ds: Dataset) -> tuple[float, float]:
+_NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_NATIVE_DTYPES = {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.dtype("<u2"), (16, 1): np.dtype("<i2")}
+
+
+def _native_pixels(ds: Dataset, tags: dict, rows: int, cols: int, n_frames: int) -> np.ndarray | None:
+    """The common case without pydicom's decoder machinery: an uncompressed little-endian, single-frame,
+    one-sample 8/16-bit image read straight from PixelData. Same values as ``ds.pixel_array``
+    (unused high bits cleared, or sign-extended, the same way); None for anything else.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in _NATIVE_SYNTAXES:
+        return None
+    if int(tags["SamplesPerPixel"] or 1) != 1 or n_frames != 1:
+        return None
+    dtype = _NATIVE_DTYPES.get((int(tags["BitsAllocated"] or 0), int(tags["PixelRepresentation"] or 0)))
+    if dtype is None:
+        return None
+    data = ds.get("PixelData")
+    if not isinstance(data, bytes) or len(data) < rows * cols * np.dtype(dtype).itemsize:
+        return None  # pydicom decides, and names the problem (truncation, odd layouts)
+    pixels = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    bits = 8 * pixels.itemsize
+    unused = bits - int(tags["BitsStored"] or bits)
+    if unused > 0:  # as pydicom: shift the unused bits out and back (sign-extending signed values)
+        pixels = np.right_shift(np.left_shift(pixels, unused), unused)
+    return pixels
+
+
+def _modality(stored: np.ndarray, ds: Dataset, tags: dict) -> np.ndarray:
+    """float32 modality values: ``apply_modality_lut`` without its overhead for the usual
+    RescaleSlope/Intercept (the same float64 arithmetic, so the same float32s)."""
+    slope, intercept = tags["RescaleSlope"], tags["RescaleIntercept"]
+    if tags["ModalityLUTSequence"] or slope is None or intercept is None:
+        return apply_modality_lut(stored, ds).astype(np.float32)
+    slope, intercept = float(slope), float(intercept)
+    if slope == 1 and intercept == 0:  # integers of up to 24 bits are exact in float32
+        return stored.astype(np.float32)
+    values = stored.astype(np.float64) * slope
+    values += intercept
+    return values.astype(np.float32)
+
+
+def _modality_range(tags: dict) -> tuple[float, float]:
     """Range of modality-LUT output implied by BitsStored/PixelRepresentation and the rescale."""
-    bits = int(ds.get("BitsStored", 16) or 16)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    bits = int(tags["BitsStored"] or 16)
+    signed = int(tags["PixelRepresentation"] or 0) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = float(tags["RescaleSlope"] or 1)
+    intercept = float(tags["RescaleIntercept"] or 0)
     ends = sorted((lo * slope + intercept, hi * slope + intercept))
     return ends[0], ends[1]
 
 
-def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
-    spacing = ds.get("PixelSpacing")
+def _pixel_spacing(ds: Dataset, spacing) -> tuple[float, float]:
     if spacing is None:
         shared = ds.get("SharedFunctionalGroupsSequence")
         try:

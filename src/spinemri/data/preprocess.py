@@ -150,15 +150,35 @@ def preprocess(
         extent = (side_mm / col_mm, side_mm / row_mm)
 
     low, high = window if window is not None else percentile_window(centre, config.p_low, config.p_high)
+    (x, y), region = _source_region(centre.shape, (x, y), extent, config.img_size)
     channels = []
     for image in slices:
-        windowed = np.subtract(image, low, dtype=np.float32)  # in place below: one array per slice
+        windowed = np.subtract(image[region], low, dtype=np.float32)  # in place below: one array per slice
         windowed /= high - low
         np.clip(windowed, 0.0, 1.0, out=windowed)
         resampled = _resample(windowed, (x, y), extent, config.img_size)
         u8 = np.round(resampled * 255.0).astype(np.uint8)
         channels.append(_equalize(u8, config.equalize))
     return np.stack(channels, axis=-1)
+
+
+def _source_region(shape: tuple[int, int], centre: tuple[float, float], extent: tuple[float, float],
+                   size: int) -> tuple[tuple[float, float], tuple[slice, slice]]:
+    """The part of the image an ROI reads, so that only it is windowed: the output is the same as
+    from the whole image (bilinear sampling reads pixels within one of the square, and outside
+    the image the border is 0 either way). ``centre`` comes back relative to the part. Where
+    ``_resample`` first area-averages the whole image (a large downscale), the whole image."""
+    (cx, cy), (ex, ey) = centre, extent
+    height, width = shape
+    if int(min(ex, ey) / size) >= 2:
+        return centre, (slice(None), slice(None))
+    left = max(int(np.floor(cx - ex / 2)) - 2, 0)
+    top = max(int(np.floor(cy - ey / 2)) - 2, 0)
+    right = min(int(np.ceil(cx + ex / 2)) + 3, width)
+    bottom = min(int(np.ceil(cy + ey / 2)) + 3, height)
+    if left >= right or top >= bottom:  # wholly outside (preprocess rejects such sites): keep it simple
+        return centre, (slice(None), slice(None))
+    return (cx - left, cy - top), (slice(top, bottom), slice(left, right))
 
 
 def _resample(image: np.ndarray, centre: tuple[float, float], extent: tuple[float, float], size: int) -> np.ndarray:
