@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spinemri.data.preprocess import (PreprocessConfig, _integer_percentiles, neighbor_indices, percentile_window,
+from spinemri.data.preprocess import (PreprocessConfig, _fast_percentiles, neighbor_indices, percentile_window,
                                       preprocess)
 
 
@@ -129,19 +129,25 @@ def test_bad_inputs_are_refused():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_percentile_window_equals_numpy_percentile_on_integer_and_other_images(dtype):
-    # The histogram path must give np.percentile's values bit for bit: cached tensors and served
-    # inputs do not depend on which path computed the window.
+    # The histogram paths must give np.percentile's values bit for bit, so that cached tensors and
+    # served inputs do not depend on which path computed the window.
     rng = np.random.default_rng(3)
-    for trial in range(300):
+    specials = np.array([-0.0, 0.0, 1.5, -np.inf, np.inf, 3e38, -3e38, -1e-40, 1e-45, 7.0])
+    for trial in range(600):
         shape = tuple(rng.integers(1, 120, 2))
         image = rng.integers(-2000, rng.choice([2, 40, 4096, 60000]), shape).astype(dtype)
         if trial % 5 == 0:
-            image = image * 0.37  # non-integer: the np.percentile fallback
+            image = image * 0.37  # non-integer (a RescaleSlope): the float32 radix path
+        elif trial % 5 == 1 and trial % 3 == 0:
+            image = rng.normal(0, rng.choice([1e-3, 1, 1e4]), shape).astype(dtype)
+        elif trial % 5 == 1:
+            image = rng.choice(specials, shape).astype(dtype)  # signed zeros, infinities, subnormals, ties
         if trial % 7 == 0:
             image[0, 0] = np.nan
         p_low, p_high = sorted(rng.uniform(0, 100, 2)) if trial % 2 else (0.5, 99.5)
-        expected = np.percentile(image, [p_low, p_high])
-        got = _integer_percentiles(image, p_low, p_high)
+        with np.errstate(invalid="ignore"):
+            expected = np.percentile(image, [p_low, p_high])
+            got = _fast_percentiles(image, p_low, p_high)
         np.testing.assert_array_equal(got, expected)
         assert got.dtype == expected.dtype
 

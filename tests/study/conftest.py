@@ -13,12 +13,15 @@ from spinemri.config import load_experiment
 from tests.conftest import isolated_tracking
 from spinemri.data.phantom import PhantomConfig, synthesize
 
-# Enough studies for 4 held-out ones with every series type; second axial series made common.
-STUDY_PHANTOM = PhantomConfig(studies=30, seed=11, p_second_axial=0.35, p_missing_series=0.0)
+# 40 studies, a fifth of them held out (8): enough for every series type and a held-out score that
+# is steady from run to run; second axial series made common.
+STUDY_PHANTOM = PhantomConfig(studies=40, seed=11, p_second_axial=0.35, p_missing_series=0.0)
+SPLIT = {"split.fractions": [0.7, 0.1, 0.2]}  # the same study-level split for localizers and classifier
 LOCALIZER = {"localize.img_size": 64, "train.epochs": 10, "model.dense_units": 32, "train.batch_size": 16,
-             "data.workers": 1}
-CLASSIFIER = {"arch": "tiny", "img_size": 64, "epochs": 12, "batch_size": 16, "lr": 0.002, "data.workers": 1,
-              "train.early_stopping_patience": 4, "train.augment.strength": 0.5}
+             "data.workers": 1, **SPLIT}
+# Held-out score vs the prior (0.647) over train.seed 0-3: 0.514, 0.584, 0.573, 0.573.
+CLASSIFIER = {"arch": "tiny", "img_size": 64, "epochs": 20, "batch_size": 16, "lr": 0.002, "data.workers": 1,
+              "train.early_stopping_patience": 6, "train.augment.strength": 0.5, **SPLIT}
 
 
 @dataclass

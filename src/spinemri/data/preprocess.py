@@ -72,7 +72,7 @@ def neighbor_indices(index: int, n_slices: int, channels: int) -> list[int]:
 
 def percentile_window(image: np.ndarray, p_low: float, p_high: float) -> tuple[float, float]:
     """Intensities at the two percentiles; a flat image gives a window of width 1."""
-    low, high = _integer_percentiles(image, p_low, p_high)
+    low, high = _fast_percentiles(image, p_low, p_high)
     if not high > low:
         high = low + 1.0
     return float(low), float(high)
@@ -81,36 +81,69 @@ def percentile_window(image: np.ndarray, p_low: float, p_high: float) -> tuple[f
 _MAX_HISTOGRAM_BINS = 1 << 20
 
 
-def _integer_percentiles(image: np.ndarray, p_low: float, p_high: float) -> np.ndarray:
-    """``np.percentile(image, [p_low, p_high])`` (linear method), bit for bit, about 7x faster.
+def _fast_percentiles(image: np.ndarray, p_low: float, p_high: float) -> np.ndarray:
+    """``np.percentile(image, [p_low, p_high])`` (linear method), bit for bit, 2-7x faster.
 
-    MR pixels are integers stored as floats after the modality LUT, so the two order statistics
-    come from a histogram (one pass) instead of a partial sort of a copy; the interpolation
-    between them repeats NumPy's arithmetic. Non-integer or very wide-ranged images go to
-    ``np.percentile`` itself.
+    NumPy partially sorts a copy to find the order statistics on either side of each percentile;
+    here they come from histograms, and NumPy's interpolation between them is repeated exactly.
+    MR pixels are mostly integers stored as floats after the modality LUT: one histogram of the
+    values. Other float32 images (a non-integer RescaleSlope): a histogram of the top 16 bits of
+    each value's bit pattern, made to sort like the values, then a sort of the one or two buckets
+    that hold the wanted ranks. Anything else goes to ``np.percentile`` itself.
     """
     flat = image.ravel()
     if flat.dtype.kind != "f" or flat.size == 0:
         return np.percentile(image, [p_low, p_high])
-    with np.errstate(invalid="ignore"):  # NaN, inf and out-of-range values cast to garbage, rejected below
-        ints = flat.astype(np.int32)
-    if not np.array_equal(ints.astype(flat.dtype), flat):
-        return np.percentile(image, [p_low, p_high])
-    lowest, highest = int(ints.min()), int(ints.max())
-    if highest - lowest >= _MAX_HISTOGRAM_BINS:
-        return np.percentile(image, [p_low, p_high])
-    if lowest:
-        ints -= lowest
-    cumulative = np.cumsum(np.bincount(ints))
     virtual = (flat.size - 1) * (np.array([p_low, p_high], dtype=np.float64) / 100)
     below = np.floor(virtual)
     gamma = virtual - below
     below = below.astype(np.int64)
     above = np.minimum(below + 1, flat.size - 1)
-    a = (np.searchsorted(cumulative, below, side="right") + lowest).astype(flat.dtype)
-    b = (np.searchsorted(cumulative, above, side="right") + lowest).astype(flat.dtype)
+    stats = _integer_order_statistics(flat, np.concatenate([below, above]))
+    if stats is None and flat.dtype == np.float32:
+        stats = _float32_order_statistics(flat, np.concatenate([below, above]))
+    if stats is None:
+        return np.percentile(image, [p_low, p_high])
+    a, b = stats[:2], stats[2:]
     diff = b - a  # NumPy's _lerp: from the nearer end, so that gamma 1 gives b exactly
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
+def _integer_order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray | None:
+    """The values of the given (0-based) ranks of an integer-valued float array; None if it is not one."""
+    with np.errstate(invalid="ignore"):  # NaN, inf and out-of-range values cast to garbage, rejected below
+        ints = flat.astype(np.int32)
+    if not np.array_equal(ints.astype(flat.dtype), flat):
+        return None
+    lowest, highest = int(ints.min()), int(ints.max())
+    if highest - lowest >= _MAX_HISTOGRAM_BINS:
+        return None
+    if lowest:
+        ints -= lowest
+    cumulative = np.cumsum(np.bincount(ints))
+    return (np.searchsorted(cumulative, ranks, side="right") + lowest).astype(flat.dtype)
+
+
+_SIGN_BIT = np.uint32(0x80000000)
+
+
+def _float32_order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray | None:
+    """The values of the given (0-based) ranks of a float32 array by radix selection; None if it holds NaN."""
+    # Flip the sign bit of positive values and every bit of negative ones: the unsigned keys then
+    # sort as the floats do.
+    keys = flat.view(np.uint32) ^ ((flat.view(np.int32) >> 31).view(np.uint32) | _SIGN_BIT)
+    high = keys >> 16
+    cumulative = np.cumsum(np.bincount(high, minlength=1 << 16))
+    if cumulative[0x7E] or cumulative[-1] - cumulative[0xFF80]:  # NaN keys lie beyond the buckets of -inf, +inf
+        return None
+    buckets = np.searchsorted(cumulative, ranks, side="right")
+    first_rank = np.where(buckets > 0, cumulative[buckets - 1], 0)
+    out = np.empty(len(ranks), dtype=np.float32)
+    for bucket in np.unique(buckets):
+        members = np.sort(flat[high == bucket])
+        chosen = buckets == bucket
+        out[chosen] = members[ranks[chosen] - first_rank[chosen]]
+    return out
 
 
 def preprocess(
