@@ -37,6 +37,8 @@ def run_study(pruner: str, args, data_dir, storage: str) -> dict:
     trials = study.get_trials(deepcopy=False)
     epochs = [len(t.intermediate_values) for t in trials]
     return {"pruner": pruner, "trials": len(trials), "epochs_total": sum(epochs), "epochs_per_trial": epochs,
+            # val_loss after each epoch of each trial: where pruning stopped a trial, and what it would have done
+            "curves": [[round(t.intermediate_values[k], 4) for k in sorted(t.intermediate_values)] for t in trials],
             "states": {s: sum(t.state.name.lower() == s for t in trials) for s in ("complete", "pruned", "fail")},
             "best_value": round(result.best_value, 5), "best_params": result.best_params}
 
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed (both studies)")
     parser.add_argument("--startup", type=int, default=2, help="trials before the median pruner may prune")
     parser.add_argument("--warmup", type=int, default=1, help="epochs before a trial may be pruned (n_warmup_steps)")
+    parser.add_argument("--pruner", choices=("median", "hyperband"), default="median",
+                        help="the pruned study's pruner (the other study uses none)")
     args = parser.parse_args()
     if args.quick:
         args.trials, args.epochs, args.img_size, args.studies, args.startup = 4, 3, 32, 8, 1
@@ -59,23 +63,23 @@ def main() -> None:
     data_dir = _common.phantom(args.studies)
     studies = {}
     with _common.private_store() as tmp, _common.stdout_to_stderr():
-        for pruner in ("none", "median"):
+        for pruner in ("none", args.pruner):
             studies[pruner] = run_study(pruner, args, data_dir, str(tmp / f"optuna-{pruner}.log"))
             _common.log(f"pruner={pruner}: {studies[pruner]['epochs_total']} epochs, best {studies[pruner]['best_value']}")
-    unpruned, pruned = studies["none"], studies["median"]
+    unpruned, pruned = studies["none"], studies[args.pruner]
     fewer = 1 - pruned["epochs_total"] / unpruned["epochs_total"]
     worse = (pruned["best_value"] - unpruned["best_value"]) / abs(unpruned["best_value"])  # val_loss: lower is better
     ok_epochs, ok_value = fewer >= TARGET_FEWER, worse <= TOLERANCE
     _common.emit("tune", {
         "arch": args.arch, "img_size": args.img_size, "max_epochs": args.epochs, "studies_in_phantom": args.studies,
-        "sampler_seed": args.seed, "n_startup_trials": args.startup, "n_warmup_steps": args.warmup,
+        "sampler_seed": args.seed, "pruner": args.pruner, "n_startup_trials": args.startup, "n_warmup_steps": args.warmup,
         "monitor": "val_loss", "without_pruning": unpruned, "with_pruning": pruned,
         "ratios": {
             "fewer_epochs": {"value": round(fewer, 3), "target": f">= {TARGET_FEWER}", "result": _common.verdict(ok_epochs)},
             "best_value_worse_by": {"value": round(worse, 4), "target": f"<= {TOLERANCE}", "result": _common.verdict(ok_value)},
         },
         "result": _common.verdict(ok_epochs and ok_value)},
-        f"tune: {args.trials} trials, {pruned['epochs_total']} epochs with median pruning vs {unpruned['epochs_total']} "
+        f"tune: {args.trials} trials, {pruned['epochs_total']} epochs with {args.pruner} pruning vs {unpruned['epochs_total']} "
         f"without = {100 * fewer:.0f} % fewer (target >= {100 * TARGET_FEWER:.0f} %: {_common.verdict(ok_epochs)}); "
         f"best val_loss {pruned['best_value']:.4f} vs {unpruned['best_value']:.4f} ({100 * worse:+.1f} %, target <= "
         f"+{100 * TOLERANCE:.0f} %: {_common.verdict(ok_value)})")
