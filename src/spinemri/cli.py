@@ -270,7 +270,7 @@ def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, we
 def tune(ctx, experiment, arch, trials, storage, study_name, pruner, workers, data_dir, epochs, settings) -> None:
     """Tune hyperparameters with Optuna (search space: the experiment's tuning.search_space).
 
-    Each trial is a nested MLflow run under one parent run; pruned by the median (or hyperband)
+    Each trial is a nested MLflow run under one parent run; pruned by hyperband (or the median)
     pruner on the validation monitor; re-running the same command after a crash resumes the study
     until --trials trials have finished. The best configuration is then trained and logged with
     its model like `spinemri train`.

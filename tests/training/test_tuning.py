@@ -43,7 +43,8 @@ def _runs(tracking_uri):
 
 def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_path, tracking):
     # An aggressive median pruner: from the second trial on, worse than the median at any epoch = pruned.
-    config = _config(phantom_dir, tmp_path, 6, **{"tuning.n_startup_trials": 1, "tuning.n_warmup_steps": 0})
+    config = _config(phantom_dir, tmp_path, 6, **{"tuning.pruner": "median", "tuning.n_startup_trials": 1,
+                                                   "tuning.n_warmup_steps": 0})
     result = tune(config)
     study = _study(tmp_path)
     states = [t.state for t in study.trials]
@@ -181,3 +182,16 @@ def test_bad_trials_and_storage_fail_with_one_line(tmp_path, tracking):
         assert f"storage {url} is unreachable or invalid" in result.output and "Traceback" not in result.output
         assert time.monotonic() - started < 60
     assert _runs(tracking) == []  # nothing was started
+
+
+def test_hyperband_is_the_default_pruner_and_spans_the_epochs(phantom_dir, tmp_path):
+    """bench/tune.py measured hyperband saving 48 % of the epochs with the best value kept, where the
+    median pruner lost the best trial; it is the default, its resource being the epoch."""
+    from spinemri.tuning import _load_study
+
+    study = _load_study(_config(phantom_dir, tmp_path, 2, epochs=12), str(tmp_path / "journal.log"))
+    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
+    assert (study.pruner._min_resource, study.pruner._max_resource) == (1, 12)
+    median = _load_study(_config(phantom_dir, tmp_path, 2, **{"tuning.pruner": "median", "study_name": "m"}),
+                         str(tmp_path / "journal.log"))
+    assert isinstance(median.pruner, optuna.pruners.MedianPruner)
