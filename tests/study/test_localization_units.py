@@ -10,7 +10,7 @@ from spinemri.data import readers
 from spinemri.data.dicom import read_series
 from spinemri.data.preprocess import PreprocessConfig, preprocess
 from spinemri.data.schema import CONDITIONS, LEVELS
-from spinemri.localization.dataset import prepare_localizer, slice_targets
+from spinemri.localization.dataset import prepare_localizer, slice_targets, stack_positions
 from spinemri.localization.locate import SeriesSlices, choose_sites, point_errors, summarize_errors
 from spinemri.localization.sites import SERIES_TASKS, SliceFrame, get_task, site_of
 
@@ -75,6 +75,65 @@ def test_the_cache_rows_are_the_slices_in_position_order(phantom_dir, cache_dir)
     assert list(series["instance_number"]) == list(stack.instance_numbers)
     expected = preprocess([stack.pixels[3]], stack.pixel_spacing, config)
     assert np.array_equal(dataset.images()[series["index"].iloc[3]], expected)
+
+
+def test_stack_positions_place_a_study_s_series_in_one_stack():
+    up, down = (0.0, 0.0, 1.0), (0.0, 0.0, -1.0)
+    upper = [(0.0, 0.0, 40.0 + 4 * i) for i in range(4)]  # L1/L2..L3/L4, in its own position order
+    lower = [(0.0, 0.0, 4.0 * i) for i in range(5)]
+    assert np.allclose(stack_positions([(5, lower, up)])[0][:, 0], [0, 0.25, 0.5, 0.75, 1])  # one series: its own place
+    # Split by level: the lower series fills the bottom of the stack, the upper one the top.
+    a, b = stack_positions([(4, upper, up), (5, lower, up)])
+    assert np.allclose(a[:, 0], [5 / 8, 6 / 8, 7 / 8, 1]) and np.allclose(b[:, 0], [0, 1 / 8, 2 / 8, 3 / 8, 4 / 8])
+    # A series whose normal points the other way: its slices come in the opposite order, same places.
+    a, b = stack_positions([(4, upper, up), (5, lower[::-1], down)])
+    assert np.allclose(b[:, 0], [4 / 8, 3 / 8, 2 / 8, 1 / 8, 0])
+    # Split by side (the same levels twice): interleaved, still bottom to top.
+    a, b = stack_positions([(5, lower, up), (5, lower, up)])
+    assert np.allclose(np.sort(np.concatenate([a, b])[:, 0]), np.arange(10) / 9) and (np.abs(a - b) <= 1 / 9 + 1e-6).all()
+    # Without geometry each series keeps its own 0..1.
+    a, b = stack_positions([(4, None, None), (5, lower, up)])
+    assert np.allclose(a[:, 0], np.arange(4) / 3) and np.allclose(b[:, 0], np.arange(5) / 4)
+
+
+def test_the_cache_and_inference_give_a_slice_the_same_stack_position(phantom_dir, cache_dir):
+    """Training reads a slice's stack position from the cache, a served study computes it from the
+    decoded series: on a study with two axial series, locate() must find the sites that the model
+    gives on the cached images with the cached positions (a real, untrained model)."""
+    from spinemri.localization.locate import SpineLocalizer
+    from spinemri.localization.model import build_localizer
+
+    config = PreprocessConfig(img_size=32, mode="slice")
+    dataset, _ = prepare_localizer(phantom_dir, "axial_t2", config, cache_dir=cache_dir)
+    slices = dataset.slices()
+    per_study = slices.groupby("study_id")["series_id"].nunique()
+    study = int(per_study[per_study == 2].index[0])  # the quirky phantom has studies with two axial series
+    mine = slices[slices["study_id"] == study].sort_values(["series_id", "position"])
+    assert sorted(mine["stack_position"]) == pytest.approx(np.arange(len(mine)) / (len(mine) - 1))
+
+    task = get_task("axial_t2")
+    localizer = SpineLocalizer()
+    localizer.model = build_localizer("tiny", 32, 1, task, dense_units=16)
+    localizer.meta = {"series": "axial_t2", "preprocess": config.to_dict()}
+    series, points, scores = [], [], []
+    for series_id, rows in mine.groupby("series_id", sort=True):
+        images = np.asarray(dataset.images()[rows["index"].to_numpy()], np.float32)
+        p, sc = localizer.outputs(images, rows["stack_position"].to_numpy(np.float32)[:, None])
+        series.append(SeriesSlices(int(series_id), tuple(rows["instance_number"]),
+                                   SliceFrame(*rows[["width", "height"]].iloc[0].astype(int),
+                                              *rows[["row_mm", "col_mm"]].iloc[0])))
+        points.append(p)
+        scores.append(sc)
+    expected = choose_sites(task, series, points, scores)
+    stacks = [(int(s), read_series(phantom_dir / "train_images" / str(study) / str(s)))
+              for s in sorted(mine["series_id"].unique(), reverse=True)]  # any order: locate sorts by series id
+    got = localizer.locate(stacks)
+    assert [(s.series_id, s.instance_number) for s in got] == [(s.series_id, s.instance_number) for s in expected]
+    assert [s.slice_score for s in got] == pytest.approx([s.slice_score for s in expected], abs=1e-5)
+    # The positions matter: each series' own 0..1 gives other scores.
+    alone = [localizer.outputs(np.asarray(dataset.images()[rows["index"].to_numpy()], np.float32))[1]
+             for _, rows in mine.groupby("series_id", sort=True)]
+    assert not all(np.allclose(a, b, atol=1e-5) for a, b in zip(alone, scores))
 
 
 def test_localizer_cache_refuses_roi_mode_and_flat_csv(phantom_dir, cache_dir, tmp_path):

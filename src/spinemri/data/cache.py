@@ -37,7 +37,7 @@ from spinemri.data.splits import split_studies
 from spinemri.errors import UserError
 from spinemri.processes import pid_alive
 
-CACHE_VERSION = 2  # bump when preprocessing code changes what a cached tensor contains (2: ROI windowed on its crop)
+CACHE_VERSION = 3  # bump when a cache's contents change (2: ROI windowed on its crop; 3: slice geometry in slices.csv)
 ON_BAD_FILE = ("stop", "skip")
 
 

@@ -65,6 +65,10 @@ class SeriesStack:
     instance_numbers: tuple[int, ...]
     positions: tuple[float, ...]  # position of each slice along the normal, mm (index order if absent)
     pixel_spacing: tuple[float, float]
+    # Patient geometry, where every slice has it: each slice's ImagePositionPatient (mm) and the
+    # unit normal of the first slice's plane. Places the slices of several series in one stack.
+    origins: tuple[tuple[float, float, float], ...] | None = None
+    normal: tuple[float, float, float] | None = None
 
     def index_of(self, instance_number: int) -> int:
         """Slice index (in position order) of an InstanceNumber; KeyError names the series' instances."""
@@ -228,11 +232,14 @@ def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) 
         raise DicomReadError(
             Path(order[0][1]).parent, f"mixes image sizes {sorted(shapes)} in one series", None
         )
+    geometry = all(img.position is not None and img.orientation is not None for img in images)
     return SeriesStack(
         pixels=np.stack([img.pixels for img in images]),
         instance_numbers=tuple(n for n, _, _ in order),
         positions=tuple(pos for _, _, pos in order),
         pixel_spacing=images[0].pixel_spacing,
+        origins=tuple(tuple(img.position) for img in images) if geometry else None,
+        normal=tuple(float(v) for v in slice_normal(images[0].orientation)) if geometry else None,
     )
 
 

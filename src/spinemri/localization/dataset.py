@@ -5,7 +5,9 @@
     <cache_dir>/localize-<series>-<fingerprint>/
         images.npy      uint8 (N, S, S, C), one row per slice, memory-mapped by training
         slices.csv      study_id, series_id, instance_number, position (0.. along the slice normal),
-                        n_slices, width, height, row_mm, col_mm, path, index (row in images.npy)
+                        n_slices, width, height, row_mm, col_mm, path, origin_x/y/z (the slice's
+                        ImagePositionPatient), normal_x/y/z (its series' plane normal), index (row
+                        in images.npy)
         manifest.json   preprocessing, counts, skipped series
 
 with the same guarantees as :mod:`spinemri.data.cache`: the fingerprint covers the preprocessing
@@ -35,7 +37,8 @@ from spinemri.data.splits import split_studies
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 
 SLICE_COLUMNS = ("study_id", "series_id", "instance_number", "position", "n_slices", "width", "height",
-                 "row_mm", "col_mm", "path")
+                 "row_mm", "col_mm", "path", "origin_x", "origin_y", "origin_z", "normal_x", "normal_y", "normal_z")
+_ORIGIN, _NORMAL = ["origin_x", "origin_y", "origin_z"], ["normal_x", "normal_y", "normal_z"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,20 @@ class LocalizerDataset:
         return np.load(self.path / "images.npy", mmap_mode="r")
 
     def slices(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "slices.csv")
+        """slices.csv plus ``stack_position``: each slice's place in its study's stack (see stack_positions)."""
+        table = pd.read_csv(self.path / "slices.csv")
+        table["stack_position"] = np.zeros(len(table), np.float32)
+        for rows in table.groupby("study_id").indices.values():
+            study = table.iloc[rows]
+            series = []
+            for _, one in study.groupby("series_id", sort=True):
+                one = one.sort_values("position")
+                geometry = one[_ORIGIN + _NORMAL].to_numpy(float)
+                known = not np.isnan(geometry).any()
+                series.append((one.index, len(one), geometry[:, :3] if known else None, geometry[0, 3:] if known else None))
+            for (index, *_), where in zip(series, stack_positions([g for _, *g in series])):
+                table.loc[index, "stack_position"] = where[:, 0]
+        return table
 
 
 def series_table(root: Path) -> pd.DataFrame:
@@ -238,10 +254,36 @@ def _prepare_series(job):
     by_instance = {}
     for path in paths:
         by_instance.setdefault(Path(path).stem, path)
+    normal = stack.normal or (np.nan,) * 3
     for i, instance in enumerate(stack.instance_numbers):
+        origin = stack.origins[i] if stack.origins else (np.nan,) * 3
         rows.append((study, series_id, instance, i, n, width, height, row_mm, col_mm,
-                     by_instance.get(str(instance), paths[0])))
+                     by_instance.get(str(instance), paths[0]), *origin, *normal))
     return rows, series_inputs(stack, config), None
+
+
+def stack_positions(series) -> list[np.ndarray]:
+    """The localizer's position input for every slice of a study's series of one type: (n_k, 1) per series.
+
+    ``series`` holds, per series in series-id order, ``(n_slices, origins, normal)``: the slices'
+    ImagePositionPatient in position order (n, 3) and the plane's normal, or None where unknown.
+    A slice's position is its rank in one stack of all the series, ordered along the first
+    series' normal, scaled to 0..1. For one series that is its place in the series. For two axial
+    series that split the levels between them, it stays the place in the lumbar spine, which a
+    per-series position would not (L4/L5 would sit at the top of a series holding L4/L5 and L5/S1).
+    Without geometry each series keeps its own 0..1.
+    """
+    series = list(series)
+    own = [(np.arange(n, dtype=np.float32) / max(n - 1, 1))[:, None] for n, *_ in series]
+    if len(series) < 2 or any(origins is None or normal is None for _, origins, normal in series):
+        return own
+    reference = np.asarray(series[0][2], float)
+    along = np.concatenate([np.asarray(origins, float) @ reference for _, origins, _ in series])
+    rank = np.empty(len(along), np.float32)
+    rank[np.argsort(along, kind="stable")] = np.arange(len(along), dtype=np.float32)
+    rank /= max(len(along) - 1, 1)
+    bounds = np.cumsum([0] + [n for n, *_ in series])
+    return [rank[a:b, None] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def series_inputs(stack: SeriesStack, config: PreprocessConfig) -> np.ndarray:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from spinemri.data.dicom import SeriesStack
 from spinemri.data.preprocess import PreprocessConfig
-from spinemri.localization.dataset import series_inputs
+from spinemri.localization.dataset import series_inputs, stack_positions
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.models.pyfunc import KerasWithMeta, load_python_model, log_keras_pyfunc
 
@@ -64,11 +64,6 @@ def choose_sites(task: SeriesTask, series: Sequence[SeriesSlices], points: Seque
     return sites
 
 
-def relative_positions(n: int) -> np.ndarray:
-    """Each slice's place in its series, 0 (first along the normal) to 1 (last), as the model's input."""
-    return (np.arange(n, dtype=np.float32) / max(n - 1, 1))[:, None]
-
-
 class SpineLocalizer(KerasWithMeta):
     """A logged localizer: the Keras model and meta.json (series type, preprocessing)."""
 
@@ -88,15 +83,17 @@ class SpineLocalizer(KerasWithMeta):
     def series_images(self, stack: SeriesStack) -> np.ndarray:
         return series_inputs(stack, self.preprocessing)
 
-    def outputs(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Outputs on the slices of one series, given in position order."""
+    def outputs(self, images: np.ndarray, positions: np.ndarray | None = None,
+                batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Outputs on the slices of one series, given in position order; ``positions`` (n, 1) is their
+        place in the study's stack (:func:`stack_positions`), by default their place in the series."""
         if len(images) == 0:
             return np.zeros((0, self.task.points, 2)), np.zeros((0, len(self.task.groups)))
         n = len(images)
         # Full batches only (padded with the last slice): one traced graph for every series length.
         pad = -n % batch_size
         images = np.asarray(images, np.float32)
-        positions = relative_positions(n)
+        positions = stack_positions([(n, None, None)])[0] if positions is None else np.asarray(positions, np.float32)
         if pad:
             images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
             positions = np.concatenate([positions, np.repeat(positions[-1:], pad, axis=0)])
@@ -104,13 +101,17 @@ class SpineLocalizer(KerasWithMeta):
         return np.asarray(out["points"])[:n], np.asarray(out["slice"])[:n]
 
     def locate(self, stacks: Sequence[tuple[int, SeriesStack]]) -> list[Site]:
-        """Sites on a study's series of this localizer's type, given as (series_id, decoded stack)."""
+        """Sites on a study's series of this localizer's type, given as (series_id, decoded stack).
+
+        The series are placed in one stack (:func:`stack_positions`, in series-id order as in training)."""
+        stacks = sorted(stacks, key=lambda item: int(item[0]))
+        where = stack_positions([(len(stack.instance_numbers), stack.origins, stack.normal) for _, stack in stacks])
         series, points, scores = [], [], []
-        for series_id, stack in stacks:
+        for (series_id, stack), positions in zip(stacks, where):
             height, width = stack.pixels.shape[1:]
             series.append(SeriesSlices(int(series_id), tuple(stack.instance_numbers),
                                        SliceFrame(width, height, *stack.pixel_spacing)))
-            p, s = self.outputs(self.series_images(stack))
+            p, s = self.outputs(self.series_images(stack), positions)
             points.append(p)
             scores.append(s)
         return choose_sites(self.task, series, points, scores)

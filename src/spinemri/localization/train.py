@@ -107,8 +107,8 @@ def make_dataset(images_path: Path, split: _Split, batch_size: int, *, shuffle: 
 
 
 def positions(slices: pd.DataFrame) -> np.ndarray:
-    """The model's position input: each slice's place in its series, 0..1 (see locate.relative_positions)."""
-    return (slices["position"].to_numpy(np.float32) / np.maximum(slices["n_slices"].to_numpy(np.float32) - 1, 1))[:, None]
+    """The model's position input: each slice's place in its study's stack, 0..1 (see dataset.stack_positions)."""
+    return slices["stack_position"].to_numpy(np.float32)[:, None]
 
 
 def split_outputs(model: keras.Model, images_path: Path, split: _Split, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,15 +149,15 @@ def split_errors(task: SeriesTask, split: _Split, points: np.ndarray, scores: np
 
 def baseline_outputs(task: SeriesTask, train: _Split, split: _Split) -> tuple[np.ndarray, np.ndarray]:
     """A model-free answer: every point at its mean training position, each group's slice at its mean
-    relative position in the series."""
+    place in the study's stack."""
     t = train.targets
     weight = t["point_mask"][..., None]
     mean_points = (t["points"] * weight).sum(axis=0) / np.maximum(weight.sum(axis=0), 1)
-    relative = train.slices["position"].to_numpy() / np.maximum(train.slices["n_slices"].to_numpy() - 1, 1)
+    relative = train.slices["stack_position"].to_numpy()
     peak = t["slice_target"] * t["slice_mask"]
     mean_relative = np.array([relative[peak[:, g] > 0.99].mean() if (peak[:, g] > 0.99).any() else 0.5
                               for g in range(len(task.groups))])
-    rel = split.slices["position"].to_numpy() / np.maximum(split.slices["n_slices"].to_numpy() - 1, 1)
+    rel = split.slices["stack_position"].to_numpy()
     # Slightly prefer longer series, so that a study with two series of the type picks one consistently.
     scores = -np.abs(rel[:, None] - mean_relative[None, :]) + 1e-3 * split.slices["n_slices"].to_numpy()[:, None]
     return np.repeat(mean_points[None], len(split.slices), axis=0), scores
