@@ -54,15 +54,17 @@ def test_localizer_error_shrinks_with_training_and_beats_the_mean_position(study
         m = result.metrics
         assert m[f"test_{series}_point_error_mm"] < m[f"test_{series}_baseline_point_error_mm"], (series, m)
         assert 0 <= m[f"test_{series}_within_5mm"] <= m[f"test_{series}_within_10mm"] <= 1
-        # Slice accuracy: right on studies with one series of the type. A study with two axial series
-        # (split by level or by side) is a known weakness: the slice head's position input is the
-        # slice's place in its own series, so levels in a partial series are often misplaced, and a
-        # site found on the other series cannot be measured (it counts as a miss).
+        # Slice accuracy. Every study's series of the type form one stack, so levels split over two
+        # axial series are placed right (they were not while a slice's position input was its place
+        # in its own series). A site found on the study's other axial series (two series split by
+        # side) cannot be measured on the labelled one and counts as a miss; those are the only misses.
         errors = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id,
                                                                  artifact_path="localize/test_errors.csv"))
         assert m[f"test_{series}_slice_accuracy"] == pytest.approx(errors["slice_ok"].mean())
-        single = errors[errors["study_id"].map(series_per_study[series]) == 1]
-        assert len(single) >= 0.5 * len(errors) and single["slice_ok"].mean() >= 0.9, (series, single)
+        measured = errors[errors["error_mm"].notna()]
+        assert len(measured) >= 0.8 * len(errors) and measured["slice_ok"].mean() >= 0.9, (series, errors)
+        several = measured[measured["study_id"].map(series_per_study[series]) > 1]  # two axial series
+        assert several.empty or several["slice_ok"].mean() >= 0.9, (series, several)
         run = client.get_run(result.run_id)
         assert run.data.tags["localize.series"] == series and run.data.tags["task"] == "localize"
         assert result.registered.alias == series  # the first version of each series type
