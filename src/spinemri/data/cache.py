@@ -46,8 +46,8 @@ class PrepareError(UserError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class PreparedDataset:
-    """A finished cache folder."""
+class CacheFolder:
+    """A finished cache folder: images.npy and manifest.json (the classifier's and the localizer's)."""
 
     path: Path
     manifest: dict
@@ -62,8 +62,13 @@ class PreparedDataset:
         return PreprocessConfig.from_dict(self.manifest["preprocess"])
 
     def images(self) -> np.ndarray:
-        """Read-only memory map, uint8 (N, S, S, C); index it with ``samples()['index']``."""
+        """Read-only memory map, uint8 (N, S, S, C); index it with the table's ``index`` column."""
         return np.load(self.path / "images.npy", mmap_mode="r")
+
+
+@dataclass(frozen=True)
+class PreparedDataset(CacheFolder):
+    """The classifier's cache: one ROI (or slice) per labelled sample, listed in samples.csv."""
 
     def samples(self) -> pd.DataFrame:
         frame = pd.read_csv(self.path / "samples.csv")

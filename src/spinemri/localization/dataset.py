@@ -42,25 +42,12 @@ _ORIGIN, _NORMAL = ["origin_x", "origin_y", "origin_z"], ["normal_x", "normal_y"
 
 
 @dataclass(frozen=True)
-class LocalizerDataset:
-    path: Path
-    manifest: dict
-    reused: bool = False
+class LocalizerDataset(cache.CacheFolder):
+    """The localizer's cache: every slice of one series type, listed in slices.csv."""
 
     @property
     def task(self) -> SeriesTask:
         return get_task(self.manifest["series"])
-
-    @property
-    def config(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict(self.manifest["preprocess"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    def images(self) -> np.ndarray:
-        return np.load(self.path / "images.npy", mmap_mode="r")
 
     def slices(self) -> pd.DataFrame:
         """slices.csv plus ``stack_position``: each slice's place in its study's stack (see stack_positions)."""
