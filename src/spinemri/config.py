@@ -106,6 +106,8 @@ class TrainConfig:
     early_stopping_patience: int = 4
     reduce_lr_patience: int = 2
     seed: int = 0
+    # Same seed, same results (TensorFlow's op determinism, for the whole process; slower on GPUs).
+    deterministic: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     strategy: str = "default"  # default: one device; mirrored: MirroredStrategy over all visible GPUs
     mixed_precision: str = "auto"  # auto: mixed_float16 iff a GPU is visible; on (needs a GPU) | off
@@ -121,6 +123,7 @@ class TrainConfig:
         _check(self.mixed_precision in MIXED_PRECISION, "train.mixed_precision",
                f"must be one of {', '.join(MIXED_PRECISION)} (auto = mixed_float16 when a GPU is visible)",
                self.mixed_precision)
+        _check(isinstance(self.deterministic, bool), "train.deterministic", "must be true or false", self.deterministic)
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1", self.epochs)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size",
                "must be an integer >= 1", self.batch_size)

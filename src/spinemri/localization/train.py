@@ -37,7 +37,7 @@ from spinemri.localization.model import build_localizer, point_loss, slice_loss
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.training.data import read_rows
 from spinemri.training.tracking import MlflowEpochLogger, ending_run, log_figure, pip_requirements, run_tags
-from spinemri.training.train import TrainingError, TrainResult, _sigterm_as_interrupt, resolve_data_dir
+from spinemri.training.train import TrainingError, TrainResult, _sigterm_as_interrupt, resolve_data_dir, seed_everything
 
 DEFAULT_EXPERIMENT = "spinemri-localize"
 DEFAULT_REGISTERED_MODEL = "spinemri-localizer"
@@ -194,7 +194,7 @@ def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> TrainR
         raise ValueError(f"train_localizer needs task: localize, got {config.task!r}")
     task = get_task(config.localize.series)
     dataset, splits = prepare(config)
-    keras.utils.set_random_seed(config.train.seed)
+    seed_everything(config.train)
     run_name = f"localize-{task.name}-{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
     if not nested and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment_name(config))

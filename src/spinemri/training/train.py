@@ -107,7 +107,7 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
         if not (part.targets["severity"] >= 0).any():
             raise DatasetError([f"{config.data.data_dir or 'the phantom'} has no labelled samples in the {name} "
                                 f"split ({len(part)} samples); use more studies or other split.fractions"])
-    keras.utils.set_random_seed(config.train.seed)
+    seed_everything(config.train)
 
     run_name = f"{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
     if not own_run:
@@ -175,6 +175,17 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
             decision = _register(config, model_uri, metrics, splits["test"].samples)
     return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history,
                        registered=decision)
+
+
+def seed_everything(cfg) -> None:
+    """Seed Python, NumPy and TensorFlow with ``train.seed``; with ``train.deterministic`` also make
+    TensorFlow's ops deterministic, so that a second run gives the same weights and metrics. That
+    switch cannot be turned off again in the process."""
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def check_devices(cfg) -> None:
