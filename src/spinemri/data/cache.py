@@ -134,17 +134,33 @@ def prepare(data_dir: str | Path, config: PreprocessConfig = PreprocessConfig(),
         dataset.splits(split_fractions, split_seed)
         return dataset
 
+    def build(staging: Path) -> dict:
+        manifest = _build(samples, config, staging, workers=workers, on_bad_file=on_bad_file, progress=progress)
+        manifest.update(fingerprint=key, data_dir=str(Path(data_dir).resolve()), cache_version=CACHE_VERSION,
+                        workers=workers)
+        PreparedDataset(staging, manifest).splits(split_fractions, split_seed)
+        return manifest
+
+    return PreparedDataset(final, publish(cache_dir, key, build))
+
+
+def publish(cache_dir: Path, name: str, build) -> dict:
+    """Create the cache folder ``cache_dir/name`` so that it appears only when complete; returns its manifest.
+
+    ``build(staging)`` fills a private staging folder and returns the manifest, written last (with
+    the build's ``seconds``). The folder is then renamed into place; if another process finished
+    the same cache first, theirs is kept. On any error or interrupt the staging folder is removed,
+    and leftovers of killed runs are removed by the next call.
+    """
+    final = cache_dir / name
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(cache_dir, key)
-    staging = cache_dir / f"{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    _remove_stale_partials(cache_dir, name)
+    staging = cache_dir / f"{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     staging.mkdir()
     started = time.perf_counter()
     try:
-        manifest = _build(samples, config, staging, workers=workers, on_bad_file=on_bad_file, progress=progress)
-        manifest.update(fingerprint=key, data_dir=str(Path(data_dir).resolve()), cache_version=CACHE_VERSION,
-                        seconds=round(time.perf_counter() - started, 2), workers=workers)
-        dataset = PreparedDataset(staging, manifest)
-        dataset.splits(split_fractions, split_seed)
+        manifest = build(staging)
+        manifest["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         try:
             staging.rename(final)
@@ -155,7 +171,7 @@ def prepare(data_dir: str | Path, config: PreprocessConfig = PreprocessConfig(),
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+    return json.loads((final / "manifest.json").read_text())
 
 
 # --- building ----------------------------------------------------------------------------------

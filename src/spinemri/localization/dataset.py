@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,26 +95,12 @@ def prepare_localizer(data_dir: str | Path, series: str, config: PreprocessConfi
     if (final / "manifest.json").is_file():
         return LocalizerDataset(final, json.loads((final / "manifest.json").read_text()), reused=True), samples
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache._remove_stale_partials(cache_dir, f"localize-{series}-{key}")
-    staging = cache_dir / f"localize-{series}-{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    staging.mkdir()
-    started = time.perf_counter()
-    try:
+    def build(staging: Path) -> dict:
         manifest = _build(files, config, staging, workers=workers, on_bad_file=on_bad_file)
-        manifest.update(series=series, fingerprint=key, data_dir=str(root.resolve()),
-                        seconds=round(time.perf_counter() - started, 2), workers=workers)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            staging.rename(final)
-        except OSError:  # another process finished the same cache first
-            if not (final / "manifest.json").is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return LocalizerDataset(final, json.loads((final / "manifest.json").read_text())), samples
+        manifest.update(series=series, fingerprint=key, data_dir=str(root.resolve()), workers=workers)
+        return manifest
+
+    return LocalizerDataset(final, cache.publish(cache_dir, final.name, build)), samples
 
 
 def study_splits(samples: pd.DataFrame, fractions, seed: int) -> pd.DataFrame:
