@@ -158,7 +158,7 @@ class TuningConfig:
     trials: int = 0  # 0: train once with the experiment's values
     pruner: str = "hyperband"  # measured in bench/tune.py: 48 % fewer epochs, best value kept; median lost it
     n_startup_trials: int = 2  # trials before the median pruner may prune
-    n_warmup_steps: int = 1  # epochs before a trial may be pruned
+    n_warmup_steps: int = 1  # epochs before the median pruner may prune a trial
     sampler_seed: int = 0
     study_name: str = ""  # default: <experiment>-<arch>
     storage: str = ""  # default: a journal file next to the MLflow store
