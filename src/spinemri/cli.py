@@ -51,6 +51,17 @@ def user_errors(command):
     return wrapper
 
 
+def tracked(command):
+    """A command that uses the MLflow store: create or upgrade its tables first, one process at a time."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from spinemri.tracking_store import open_tracking_store
+
+        open_tracking_store()
+        return command(*args, **kwargs)
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="spinemri")
 def main() -> None:
@@ -208,6 +219,7 @@ def prepare(path, img_size, mode, roi_mm, channels, equalize, dicom_window, work
               help="Any other config key, e.g. --set train.freeze_epochs=2 --set model.dropout=0.5.")
 @user_errors
 @exit_on_interrupt
+@tracked
 def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, weights, seed, trials, storage, workers,
           settings, task=None, series=None, strategy=None, mixed_precision=None) -> None:
     """Train a backbone with the three heads and log the run to MLflow.
@@ -296,6 +308,7 @@ def registry() -> None:
 @click.option("--name", default="spinemri", show_default=True, help="Registered model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
 @user_errors
+@tracked
 def registry_list(name, as_json) -> None:
     """Versions of a registered model, newest first: aliases, metric, held-out set, run, architecture."""
     from spinemri.registry import list_versions
@@ -321,6 +334,7 @@ def registry_list(name, as_json) -> None:
 @click.option("--reason", required=True, help="Why this version should serve (kept as a tag on the version).")
 @click.option("--name", default="spinemri", show_default=True, help="Registered model.")
 @user_errors
+@tracked
 def registry_promote(version, reason, name) -> None:
     """Point `champion` at VERSION whatever the metrics say (an explicit, recorded override).
 
@@ -426,6 +440,7 @@ def score(labels_csv, submission_csv, as_json) -> None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Config overrides for --train, e.g. --set compare.archs=tiny,mobilenet_v2 --set data.data_dir=...")
 @user_errors
+@tracked
 def compare(experiment, do_train, skip_existing, head, settings) -> None:
     """The thesis's Table 3.1 from MLflow runs: one row per backbone, under one protocol.
 
@@ -461,6 +476,7 @@ def compare(experiment, do_train, skip_existing, head, settings) -> None:
               help="Bootstrap resamples of studies for the 95% confidence intervals.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of Markdown.")
 @user_errors
+@tracked
 def evaluate_command(run_id, split, n_boot, as_json) -> None:
     """Evaluate a run's model on a split and log everything to that run.
 
@@ -489,6 +505,7 @@ def evaluate_command(run_id, split, n_boot, as_json) -> None:
 @click.option("--out", default="submission.csv", show_default=True, type=click.Path(dir_okay=False),
               help="Submission CSV (row_id,normal_mild,moderate,severe); the sites go to <out>.sites.csv.")
 @user_errors
+@tracked
 def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> None:
     """Two-stage study-level diagnosis: localize the 25 sites, grade each, write the submission.
 
@@ -527,6 +544,7 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
 @click.option("--no-log", is_flag=True, help="Print only; do not log a run to the spinemri-study experiment.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
+@tracked
 def evaluate_study(data_dir, submission, sites, no_log, as_json) -> None:
     """Score a submission on its studies with the competition metric, next to the prior baseline.
 
@@ -575,6 +593,7 @@ def evaluate_study(data_dir, submission, sites, no_log, as_json) -> None:
 @click.option("--name", default="spinemri-study", show_default=True, help="Registered model name.")
 @click.option("--no-register", is_flag=True, help="Log the model without registering it.")
 @user_errors
+@tracked
 def package_study(localizers, classifier, data_dir, split, name, no_register) -> None:
     """Log the two-stage model as one pyfunc (a zipped DICOM study in, 25 rows out) and register it.
 

@@ -10,7 +10,6 @@ run and trains the best configuration as a normal run with its model.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ from optuna.trial import TrialState
 from spinemri.config import ConfigError, ExperimentConfig, with_values
 from spinemri.errors import UserError
 from spinemri.processes import pid_alive
+from spinemri.tracking_store import LOCK_SUFFIX, exclusive_lock
 from spinemri.training.tracking import ending_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -282,12 +282,8 @@ def _study_lock(storage_url: str):
     if "://" in storage_url:
         yield
         return
-    with open(f"{storage_url}.spinemri-lock", "a") as handle:  # not ".lock": Optuna's own journal lock
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(f"{storage_url}{LOCK_SUFFIX}"):  # not ".lock": Optuna's own journal lock
+        yield
 
 
 def _log_study_plots(study: optuna.Study) -> None:

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from spinemri.cli import main as cli
 from spinemri.config import load_experiment
 from spinemri.models.network import HEAD_CLASSES
+from spinemri.tracking_store import open_tracking_store
 from spinemri.training.evaluation import METRICS
 from spinemri.training.train import train
 
@@ -136,6 +137,7 @@ def test_interrupted_training_ends_killed_not_running(phantom_dir, tracking, sig
     process = subprocess.Popen(command, env=_env(tracking), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                preexec_fn=_default_signals)
     deadline = time.monotonic() + 240
+    open_tracking_store(tracking)  # this process and the child may both be the first to open the new store
     client = mlflow.MlflowClient(tracking)
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]

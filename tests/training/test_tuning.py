@@ -142,7 +142,7 @@ def test_kill_and_resume_finishes_exactly_n_trials(phantom_dir, tmp_path, tracki
 @pytest.mark.parametrize("how", ["two commands", "--workers 2"])
 def test_two_processes_share_one_study_and_stop_at_n(phantom_dir, tmp_path, tracking, how):
     command = _tune_command(phantom_dir, tmp_path, 4, 3)
-    mlflow.MlflowClient(tracking).search_experiments()  # create the store's tables before two processes race to
+    # The store does not exist yet: both processes create its tables at once (under spinemri's lock).
     copies = 2 if how == "two commands" else 1
     if how == "--workers 2":
         command += ["--workers", "2"]
