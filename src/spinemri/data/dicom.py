@@ -7,6 +7,7 @@ file, the reason and what to do about it; no pydicom traceback reaches the user.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from spinemri.data import native_dicom
 
 SKIP_HINT = "skip it with --on-bad-file=skip"
 
@@ -115,6 +118,10 @@ def read_dicom(path: str | Path, *, voi: bool = False, frame: int | None = None)
     ``voi=True`` applies the file's VOI LUT or window (what a viewer shows); the default keeps the
     full modality range, which the percentile window in preprocessing handles more robustly.
     """
+    if frame in (None, 0):
+        image = _read_common(path, voi=voi)
+        if image is not None:
+            return image
     ds = _dcmread(path)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frame is None:
@@ -138,6 +145,9 @@ def read_frames(path: str | Path, *, voi: bool = False) -> list[DicomImage]:
 
 def decode_dicom_bytes(data: bytes, name: str, *, voi: bool = False) -> DicomImage:
     """Decode a single-frame DICOM file held in memory (an upload); errors name it ``name``."""
+    image = _common_image(data, name, voi=voi)
+    if image is not None:
+        return image
     ds = _dcmread(name, data=data)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames > 1:
@@ -244,6 +254,55 @@ def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) 
 
 
 # --- internals -----------------------------------------------------------------------------------
+
+def _read_common(path: str | Path, *, voi: bool) -> DicomImage | None:
+    """The usual MR file read without pydicom (see :mod:`spinemri.data.native_dicom`); None otherwise."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None  # pydicom's path names the problem (missing, a folder, unreadable)
+    return _common_image(data, path, voi=voi)
+
+
+def _common_image(data: bytes, path: str | Path, *, voi: bool) -> DicomImage | None:
+    """The same image :func:`_decode` gives, for files :func:`native_dicom.scan` takes; None for the rest.
+
+    Setting the environment variable ``SPINEMRI_DICOM_READER=pydicom`` reads every file with pydicom.
+    """
+    if os.environ.get("SPINEMRI_DICOM_READER") == "pydicom":
+        return None
+    scanned = native_dicom.scan(data, voi=voi)
+    if scanned is None:
+        return None
+    found, offset, length = scanned
+    tags = {name: found.get(name) for name in _HEADER_TAGS}
+    rows, cols = tags["Rows"] or 0, tags["Columns"] or 0
+    rescaled = tags["RescaleSlope"] is not None and tags["RescaleIntercept"] is not None
+    if (rows == 0 or cols == 0 or (tags["PhotometricInterpretation"] or "MONOCHROME2") != "MONOCHROME2"
+            or (tags["SamplesPerPixel"] or 1) != 1 or (tags["NumberOfFrames"] or 1) != 1
+            or tags["PixelSpacing"] is None
+            or (rescaled and not (isinstance(tags["RescaleSlope"], float)
+                                  and isinstance(tags["RescaleIntercept"], float)))):
+        return None  # pydicom's path handles (or names) the rest
+    dtype = _NATIVE_DTYPES.get((tags["BitsAllocated"] or 0, tags["PixelRepresentation"] or 0))
+    if dtype is None or length < rows * cols * np.dtype(dtype).itemsize:
+        return None
+    stored = _stored_values(np.frombuffer(data, dtype=dtype, count=rows * cols, offset=offset).reshape(rows, cols),
+                            tags["BitsStored"])
+    # As apply_modality_lut: without both rescale tags the stored values are the modality values.
+    pixels = _modality(stored, None, tags) if rescaled else stored.astype(np.float32)
+    orientation = _floats(tags["ImageOrientationPatient"])
+    position = _floats(tags["ImagePositionPatient"])
+    return DicomImage(
+        pixels=np.ascontiguousarray(pixels),
+        path=str(path),
+        instance_number=tags["InstanceNumber"],
+        position=tuple(position) if position else None,
+        orientation=tuple(orientation) if orientation else None,
+        pixel_spacing=_pixel_spacing(None, tags["PixelSpacing"]),
+    )
+
 
 def _dcmread(path: str | Path, *, stop_before_pixels: bool = False, data: bytes | None = None) -> Dataset:
     """Parse a file, or ``data`` (the bytes of one, named ``path`` in errors), into a dataset with pixels."""
@@ -378,10 +437,15 @@ def _native_pixels(ds: Dataset, tags: dict, rows: int, cols: int, n_frames: int)
     data = ds.get("PixelData")
     if not isinstance(data, bytes) or len(data) < rows * cols * np.dtype(dtype).itemsize:
         return None  # pydicom decides, and names the problem (truncation, odd layouts)
-    pixels = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    return _stored_values(np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols),
+                          tags["BitsStored"])
+
+
+def _stored_values(pixels: np.ndarray, bits_stored: int | None) -> np.ndarray:
+    """As pydicom: the unused high bits shifted out and back (sign-extending signed values)."""
     bits = 8 * pixels.itemsize
-    unused = bits - int(tags["BitsStored"] or bits)
-    if unused > 0:  # as pydicom: shift the unused bits out and back (sign-extending signed values)
+    unused = bits - int(bits_stored or bits)
+    if unused > 0:
         pixels = np.right_shift(np.left_shift(pixels, unused), unused)
     return pixels
 
@@ -390,8 +454,10 @@ def _modality(stored: np.ndarray, ds: Dataset, tags: dict) -> np.ndarray:
     """float32 modality values: ``apply_modality_lut`` without its overhead for the usual
     RescaleSlope/Intercept (the same float64 arithmetic, so the same float32s)."""
     slope, intercept = tags["RescaleSlope"], tags["RescaleIntercept"]
-    if tags["ModalityLUTSequence"] or slope is None or intercept is None:
+    if tags["ModalityLUTSequence"]:
         return apply_modality_lut(stored, ds).astype(np.float32)
+    if slope is None or intercept is None:  # absent or empty: the stored values are the modality values
+        return stored.astype(np.float32)
     slope, intercept = float(slope), float(intercept)
     if slope == 1 and intercept == 0:  # integers of up to 24 bits are exact in float32
         return stored.astype(np.float32)

@@ -79,6 +79,8 @@ def percentile_window(image: np.ndarray, p_low: float, p_high: float) -> tuple[f
 
 
 _MAX_HISTOGRAM_BINS = 1 << 20
+_OPENCV_HISTOGRAM_BINS = 1 << 13  # beyond this OpenCV's time grows with the bins, NumPy's does not
+_OPENCV_EXACT_COUNTS = 1 << 24
 
 
 def _fast_percentiles(image: np.ndarray, p_low: float, p_high: float) -> np.ndarray:
@@ -120,7 +122,14 @@ def _integer_order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray
         return None
     if lowest:
         ints -= lowest
-    cumulative = np.cumsum(np.bincount(ints))
+    span = highest - lowest + 1
+    if span <= _OPENCV_HISTOGRAM_BINS and flat.size < _OPENCV_EXACT_COUNTS:
+        # OpenCV's histogram of 16-bit values is 2-5x faster than np.bincount for MR's usual
+        # ranges; its float32 counts are exact below 2**24 pixels.
+        counts = cv2.calcHist([ints.astype(np.uint16).reshape(1, -1)], [0], None, [span], [0, span])
+        cumulative = np.cumsum(counts.ravel().astype(np.int64))
+    else:
+        cumulative = np.cumsum(np.bincount(ints))
     return (np.searchsorted(cumulative, ranks, side="right") + lowest).astype(flat.dtype)
 
 
