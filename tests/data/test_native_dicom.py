@@ -44,8 +44,10 @@ def _assert_same(a, b):
     assert a.pixels.dtype == b.pixels.dtype == np.float32
     np.testing.assert_array_equal(a.pixels, b.pixels)
     assert a.pixels.flags.c_contiguous
+    if a.stored is not None:  # the integers the scanner keeps for the window give the same pixels
+        np.testing.assert_array_equal(dicom.rescale(*a.stored), a.pixels)
     for field in dataclasses.fields(a):
-        if field.name != "pixels":
+        if field.name not in ("pixels", "stored"):
             x, y = getattr(a, field.name), getattr(b, field.name)
             assert x == y and type(x) is type(y), field.name
             if isinstance(x, tuple):

@@ -152,6 +152,42 @@ def test_percentile_window_equals_numpy_percentile_on_integer_and_other_images(d
         assert got.dtype == expected.dtype
 
 
+def test_the_window_from_stored_integers_equals_numpy_percentile_of_the_rescaled_image():
+    # What the cache does for a DICOM slice: order statistics of the stored integers, rescaled.
+    # The result must be np.percentile of the float32 image bit for bit (serving computes that).
+    from spinemri.data.dicom import rescale
+
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        dtype = rng.choice([np.uint16, np.int16, np.uint8])
+        info = np.iinfo(dtype)
+        top = int(rng.choice([1, 50, 1500, 4095, 9000, info.max]))
+        low = 0 if dtype != np.int16 else -int(rng.choice([0, 7, 1024]))
+        stored = rng.integers(max(low, info.min), min(top, info.max) + 1, tuple(rng.integers(1, 150, 2))).astype(dtype)
+        slope, intercept = [(1.0, 0.0), (2.5, -1024.25), (0.3791, 0.0), (1.0, -1024.0), (0.0, 5.0),
+                            (7.77e-3, 12.5)][trial % 6]
+        image = rescale(stored, slope, intercept)
+        p_low, p_high = sorted(rng.uniform(0, 100, 2)) if trial % 2 else (0.5, 99.5)
+        expected = np.percentile(image, [p_low, p_high])
+        got = _fast_percentiles(image, p_low, p_high, stored=(stored, slope, intercept))
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == expected.dtype
+        assert percentile_window(image, p_low, p_high, stored=(stored, slope, intercept)) == \
+            percentile_window(image, p_low, p_high)
+
+
+def test_a_decoded_slice_carries_the_integers_its_pixels_came_from(phantom_dir):
+    from spinemri.data.dicom import read_image, rescale
+
+    rescaled = 0
+    for path in sorted(phantom_dir.rglob("*.dcm"))[::7]:
+        image = read_image(path)
+        integers, slope, intercept = image.stored
+        np.testing.assert_array_equal(rescale(integers, slope, intercept), image.pixels)
+        rescaled += slope != 1
+    assert rescaled, "the phantom should have slices with a RescaleSlope"
+
+
 def test_an_roi_is_windowed_on_its_own_crop_with_the_whole_slice_result():
     """preprocess windows only the pixels an ROI reads; the result is that of windowing the whole
     slice first (to within one grey level where the resampler rounds coordinates differently),
