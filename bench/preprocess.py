@@ -37,7 +37,7 @@ import numpy as np
 import pydicom
 
 from spinemri.data import readers
-from spinemri.data.cache import _keep_heap_padding, fingerprint, prepare
+from spinemri.data.cache import fingerprint, keep_heap_padding, prepare
 from spinemri.data.preprocess import PreprocessConfig
 
 TARGET_SPEEDUP = 1.8
@@ -113,11 +113,11 @@ def main() -> None:
 
     # The baselines with glibc's default heap behaviour (as a plain script runs them), secondary:
     # their time depends on what the process allocated before. Then the heap padding that
-    # prepare() sets for itself (cache._keep_heap_padding) is set for this whole process, so that
+    # prepare() sets for itself (cache.keep_heap_padding) is set for this whole process, so that
     # every variant below, baselines included, runs with the same allocator.
     default_naive_s, _ = median_seconds(lambda: naive_loop(files, args.img_size), args.repeats)
     default_bare_s, _ = median_seconds(lambda: bare_decode(files), args.repeats)
-    _keep_heap_padding()
+    keep_heap_padding()
 
     naive_s, naive_all = median_seconds(lambda: naive_loop(files, args.img_size), args.repeats)
     # The thesis's table has one row per labelled point and its loop read the file for each row.

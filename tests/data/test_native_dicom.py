@@ -223,3 +223,12 @@ def test_every_phantom_file_takes_the_scanner_and_matches_pydicom(phantom_dir, w
     for path in files:
         assert dicom._common_image(path.read_bytes(), path, voi=False) is not None, path
         _assert_same(read_dicom(path), with_pydicom(path))
+
+
+def test_a_misspelt_reader_setting_is_refused(tmp_path, monkeypatch):
+    path = _save(_mr(IMAGE_U16), tmp_path / "slice.dcm")
+    monkeypatch.setenv("SPINEMRI_DICOM_READER", "pydciom")
+    with pytest.raises(ValueError, match="SPINEMRI_DICOM_READER must be 'auto' .* or 'pydicom', got 'pydciom'"):
+        read_dicom(path)
+    monkeypatch.setenv("SPINEMRI_DICOM_READER", "auto")
+    assert read_dicom(path).pixels.shape == (48, 40)

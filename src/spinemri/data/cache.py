@@ -238,17 +238,17 @@ def _build(samples: pd.DataFrame, config: PreprocessConfig, staging: Path, *, wo
 _OUTPUTS: dict[str, np.ndarray] = {}  # this process's mappings of the images.npy being built
 _HEAP_PAD = 64 << 20
 _M_TOP_PAD = -2  # glibc's mallopt() parameter number
+_HEAP_PADDED = False
 
 
 def _output(path: str) -> np.ndarray:
     if path not in _OUTPUTS:
-        if not _OUTPUTS:
-            _keep_heap_padding()
+        keep_heap_padding()
         _OUTPUTS[path] = np.load(path, mmap_mode="r+")
     return _OUTPUTS[path]
 
 
-def _keep_heap_padding() -> None:
+def keep_heap_padding() -> None:
     """On glibc, keep 64 MB free at the top of the heap (M_TOP_PAD) in a process that builds a cache.
 
     Each slice allocates and frees a few arrays of 0.2-1 MB (file bytes, float32 pixels, float64
@@ -257,8 +257,10 @@ def _keep_heap_padding() -> None:
     300-study benchmark. The padding is address space until touched, and at most 64 MB of it.
     Elsewhere (macOS, musl) this does nothing.
     """
-    if not sys.platform.startswith("linux"):
+    global _HEAP_PADDED
+    if _HEAP_PADDED or not sys.platform.startswith("linux"):
         return
+    _HEAP_PADDED = True
     try:
         ctypes.CDLL(None).mallopt(_M_TOP_PAD, _HEAP_PAD)
     except (OSError, AttributeError):  # not glibc

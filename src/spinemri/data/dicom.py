@@ -273,8 +273,11 @@ def _common_image(data: bytes, path: str | Path, *, voi: bool) -> DicomImage | N
 
     Setting the environment variable ``SPINEMRI_DICOM_READER=pydicom`` reads every file with pydicom.
     """
-    if os.environ.get("SPINEMRI_DICOM_READER") == "pydicom":
-        return None
+    reader = os.environ.get("SPINEMRI_DICOM_READER", "auto")
+    if reader != "auto":
+        if reader == "pydicom":
+            return None
+        raise ValueError(f"SPINEMRI_DICOM_READER must be 'auto' (the default) or 'pydicom', got {reader!r}")
     scanned = native_dicom.scan(data, voi=voi)
     if scanned is None:
         return None

@@ -213,6 +213,7 @@ def _build(files: pd.DataFrame, config: PreprocessConfig, staging: Path, *, work
 def _prepare_series(job):
     """All slices of one series, in position order, preprocessed whole (no site)."""
     config, (study, series_id), paths = job
+    cache.keep_heap_padding()
     try:
         stack = read_series(paths, voi=config.dicom_window)
     except ImageReadError as exc:
