@@ -188,6 +188,31 @@ def test_a_decoded_slice_carries_the_integers_its_pixels_came_from(phantom_dir):
     assert rescaled, "the phantom should have slices with a RescaleSlope"
 
 
+def test_the_uint8_conversion_rounds_half_to_even_as_numpy_does():
+    # preprocess() converts with cv2.convertScaleAbs; the reference is np.round(v * 255) on the same
+    # resampled float32 values, for sites anywhere, grey levels with exact halves, and 3 channels.
+    from spinemri.data.preprocess import _resample, _source_region
+
+    rng = np.random.default_rng(8)
+    levels = rng.integers(0, 511, (90, 120)).astype(np.float32)  # (k + 0.5) / 255 steps after windowing
+    for image in (rng.normal(500, 150, (90, 120)).astype(np.float32), levels):
+        for channels in (1, 3):
+            config = PreprocessConfig(img_size=40, roi_mm=25, channels=channels)
+            low, high = percentile_window(image, config.p_low, config.p_high)
+            stack = [image * 0.9, image, image * 1.1][:channels] if channels == 3 else [image]
+            for x, y in [(60, 45), (0, 0), (119, 89), (33.3, 70.6)]:
+                got = preprocess(stack, (0.5, 0.5), config, x, y, window=(low, high))
+                extent = (25 / 0.5, 25 / 0.5)
+                (cx, cy), region = _source_region(image.shape, (x, y), extent, 40)
+                for c, slice_ in enumerate(stack):
+                    windowed = np.subtract(slice_[region], low, dtype=np.float32)
+                    windowed /= high - low
+                    np.clip(windowed, 0.0, 1.0, out=windowed)
+                    expected = np.round(_resample(windowed, (cx, cy), extent, 40) * 255.0).astype(np.uint8)
+                    np.testing.assert_array_equal(got[..., c], expected)
+                assert got.shape == (40, 40, channels) and got.dtype == np.uint8
+
+
 def test_an_roi_is_windowed_on_its_own_crop_with_the_whole_slice_result():
     """preprocess windows only the pixels an ROI reads; the result is that of windowing the whole
     slice first (to within one grey level where the resampler rounds coordinates differently),

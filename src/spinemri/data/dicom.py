@@ -474,7 +474,8 @@ def rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     ``stored * slope + intercept``), as float32."""
     if slope == 1 and intercept == 0:  # integers of up to 24 bits are exact in float32
         return stored.astype(np.float32)
-    values = stored.astype(np.float64) * slope
+    values = stored.astype(np.float64)
+    values *= slope
     values += intercept
     return values.astype(np.float32)
 

@@ -228,9 +228,11 @@ def preprocess(
         windowed /= high - low
         np.clip(windowed, 0.0, 1.0, out=windowed)
         resampled = _resample(windowed, (x, y), extent, config.img_size)
-        u8 = np.round(resampled * 255.0).astype(np.uint8)
+        # round(v * 255) to uint8, as np.round(resampled * 255.0).astype(np.uint8) gives it (the
+        # same float32 product, rounded half to even) for values in [0, 1], in one pass
+        u8 = cv2.convertScaleAbs(resampled, alpha=255.0)
         channels.append(_equalize(u8, config.equalize))
-    return np.stack(channels, axis=-1)
+    return channels[0][..., np.newaxis] if len(channels) == 1 else np.stack(channels, axis=-1)
 
 
 def _source_region(shape: tuple[int, int], centre: tuple[float, float], extent: tuple[float, float],
