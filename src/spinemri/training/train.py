@@ -351,11 +351,11 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
     breakdowns) and Grad-CAM heatmaps. Returns the point values of the test_<head>_<metric> metrics.
     """
     outputs = {h: [] for h in HEADS}
-    for start in range(0, len(test), 256):
-        batch = read_rows(str(images_path), test.rows[start:start + 256]).astype(np.float32)
-        predicted = model.predict(batch, batch_size=batch_size, verbose=0)
+    for start in range(0, len(test), batch_size):  # one batch in memory at a time, whatever the split's size
+        batch = read_rows(str(images_path), test.rows[start:start + batch_size]).astype(np.float32)
+        predicted = model.predict_on_batch(batch)
         for h in HEADS:
-            outputs[h].append(predicted[h])
+            outputs[h].append(np.asarray(predicted[h]))
     proba = {h: np.concatenate(outputs[h]) for h in HEADS}
     for head in HEADS:
         classes = HEAD_CLASSES[head]
