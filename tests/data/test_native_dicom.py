@@ -232,3 +232,11 @@ def test_a_misspelt_reader_setting_is_refused(tmp_path, monkeypatch):
         read_dicom(path)
     monkeypatch.setenv("SPINEMRI_DICOM_READER", "auto")
     assert read_dicom(path).pixels.shape == (48, 40)
+
+
+def test_a_file_too_large_for_a_slice_goes_straight_to_pydicom(tmp_path, monkeypatch, with_pydicom):
+    path = _save(_mr(IMAGE_U16), tmp_path / "slice.dcm")
+    assert dicom._read_common(path, voi=False) is not None
+    monkeypatch.setattr(dicom, "LARGEST_SCANNED_FILE", path.stat().st_size - 1)
+    assert dicom._read_common(path, voi=False) is None
+    _assert_same(read_dicom(path), with_pydicom(path))

@@ -258,10 +258,15 @@ def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) 
 
 # --- internals -----------------------------------------------------------------------------------
 
+LARGEST_SCANNED_FILE = 32 << 20  # bytes; a single MR slice is well under 2 MB
+
+
 def _read_common(path: str | Path, *, voi: bool) -> DicomImage | None:
     """The usual MR file read without pydicom (see :mod:`spinemri.data.native_dicom`); None otherwise."""
     try:
         with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size > LARGEST_SCANNED_FILE:
+                return None  # a multi-frame or enhanced file: not one the scanner takes, and not read twice
             data = handle.read()
     except OSError:
         return None  # pydicom's path names the problem (missing, a folder, unreadable)
