@@ -14,6 +14,7 @@ import click
 
 from spinemri.data import cache, phantom, readers
 from spinemri.errors import UserError
+from spinemri.redact import redact
 from spinemri.data.dicom import ImageReadError
 from spinemri.data.preprocess import EQUALIZE, MODES, PreprocessConfig
 
@@ -47,7 +48,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(redact(str(exc))) from None
     return wrapper
 
 
@@ -85,10 +86,12 @@ def data() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, identical files.")
 @click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=1),
               help="Processes writing studies in parallel (the output does not depend on it).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier phantom in --out.")
+@click.option("--force", is_flag=True, help="With --overwrite: replace --out even if it is not a phantom "
+              "(everything in it is deleted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def synth(out_dir, studies, seed, workers, overwrite, as_json) -> None:
+def synth(out_dir, studies, seed, workers, overwrite, force, as_json) -> None:
     """Write a synthetic lumbar-spine MRI dataset (real DICOM files) in the RSNA 2024 layout.
 
     Sagittal T1, Sagittal T2/STIR and Axial T2 series whose anatomy changes with each label:
@@ -97,7 +100,8 @@ def synth(out_dir, studies, seed, workers, overwrite, as_json) -> None:
     """
     started = time.perf_counter()
     summary = phantom.synthesize(out_dir, phantom.PhantomConfig(studies=studies, seed=seed),
-                                 workers=workers, overwrite=overwrite, progress=not as_json and sys.stderr.isatty())
+                                 workers=workers, overwrite=overwrite, force=force,
+                                 progress=not as_json and sys.stderr.isatty())
     result = {**asdict(summary), "seconds": round(time.perf_counter() - started, 2)}
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -346,6 +350,31 @@ def registry_promote(version, reason, name) -> None:
     click.echo(str(promote(name, version, reason)))
 
 
+@main.group()
+def runs() -> None:
+    """MLflow runs of spinemri commands."""
+
+
+@runs.command("reap")
+@click.option("--json", "as_json", is_flag=True, help="Print the run ids as JSON.")
+@user_errors
+def runs_reap(as_json) -> None:
+    """Mark FAILED the runs left RUNNING by spinemri processes of this machine that have died.
+
+    A process killed with SIGKILL (or by the out-of-memory killer) cannot end its run. Every
+    spinemri command that opens the store does this first; this command does only this.
+    """
+    from spinemri.runs import reap_dead_runs
+    from spinemri.tracking_store import open_tracking_store
+
+    open_tracking_store(reap=False)
+    reaped = reap_dead_runs()
+    if as_json:
+        click.echo(json.dumps({"reaped": reaped}))
+        return
+    click.echo(f"marked {len(reaped)} run(s) FAILED" + (": " + ", ".join(reaped) if reaped else ""))
+
+
 @main.command()
 @click.option("--model", "model_uri", default="models:/spinemri@champion", show_default=True,
               help="Logged model URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model id>, runs:/<run>/model.")
@@ -358,16 +387,18 @@ def registry_promote(version, reason, name) -> None:
 @click.option("--on-bad-file", default="stop", show_default=True, type=click.Choice(["stop", "skip"]),
               help="stop at the first unreadable file (nothing written), or skip and list it.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file (once every prediction succeeded).")
 @user_errors
-def predict(model_uri, input_path, out, sites, on_bad_file, batch_size) -> None:
+def predict(model_uri, input_path, out, sites, on_bad_file, batch_size, overwrite) -> None:
     """Predict many image files locally with a logged model (the same code the served model runs)."""
     from spinemri.models.pyfunc import load_classifier
-    from spinemri.predict import predict_files
+    from spinemri.predict import check_out, predict_files
 
     started = time.perf_counter()
+    check_out(out, overwrite)  # before the model loads
     classifier = load_classifier(model_uri)
     summary = predict_files(classifier, input_path, out, on_bad_file=on_bad_file, sites=sites,
-                            batch_size=batch_size, progress=sys.stderr.isatty())
+                            batch_size=batch_size, progress=sys.stderr.isatty(), overwrite=overwrite)
     for file, reason in summary.skipped:
         click.echo(f"skipped: {file} {reason}", err=True)
     click.echo(f"wrote {summary.predicted} prediction(s) to {summary.out} ({len(summary.skipped)} file(s) skipped) "
@@ -541,30 +572,30 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
 @click.option("--submission", required=True, type=click.Path(exists=True, dir_okay=False), help="Submission CSV.")
 @click.option("--sites", default=None, type=click.Path(dir_okay=False),
               help="predict-study's sites table [default: <submission>.sites.csv if present].")
+@click.option("--prior-labels", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Labels (train.csv layout) of other studies for the prior baseline [default: the studies of "
+                   "--data's train.csv that are not submitted].")
+@click.option("--classifier", default="models:/spinemri@champion", show_default=True,
+              help="Where train.csv labels no other study: the classifier whose recorded training prior is the "
+                   "baseline.")
 @click.option("--no-log", is_flag=True, help="Print only; do not log a run to the spinemri-study experiment.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 @tracked
-def evaluate_study(data_dir, submission, sites, no_log, as_json) -> None:
+def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log, as_json) -> None:
     """Score a submission on its studies with the competition metric, next to the prior baseline.
 
     The baseline is the best constant prediction under the metric (p ∝ class count x weight 1/2/4
-    per condition), learnt from the labels of every study NOT in the submission.
+    per condition), learnt from the labels of every study NOT in the submission (or --prior-labels;
+    or, where no other study is labelled, the prior recorded with --classifier).
     """
-    import pandas as pd
-
     from spinemri.metrics import MetricError
-    from spinemri.study import evaluate_submission, log_study_evaluation
+    from spinemri.study import evaluate_study_files, log_study_evaluation
 
     labels_path = os.path.join(data_dir, "train.csv")
     if not os.path.isfile(labels_path):
         raise MetricError(f"{labels_path} is missing; evaluate-study needs the studies' labels")
-    labels = pd.read_csv(labels_path, dtype={"study_id": str})
-    table = pd.read_csv(submission, dtype={"row_id": str})
-    if "row_id" not in table.columns:
-        raise MetricError(f"{submission} has no row_id column; expected row_id,normal_mild,moderate,severe")
-    studies = set(table["row_id"].astype(str).str.split("_", n=1).str[0])
-    report = evaluate_submission(labels, table, labels[~labels["study_id"].isin(studies)])
+    report = evaluate_study_files(labels_path, submission, prior_labels_path=prior_labels, classifier_uri=classifier)
     sites_path = sites or os.path.join(os.path.dirname(submission) or ".",
                                        os.path.splitext(os.path.basename(submission))[0] + ".sites.csv")
     run_id = None if no_log else log_study_evaluation(report, Path(submission), Path(sites_path),
@@ -573,7 +604,7 @@ def evaluate_study(data_dir, submission, sites, no_log, as_json) -> None:
         click.echo(json.dumps({**report, "run_id": run_id}, indent=2))
         return
     model, base = report["model"], report["prior_baseline"]
-    click.echo(f"{report['studies']} studies scored; prior learnt from {report['prior_studies']} other studies")
+    click.echo(f"{report['studies']} studies scored; prior baseline from {report['prior_source']}")
     click.echo(f"  {'term':<20} {'model':>8} {'prior':>8}")
     for key in ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score"):
         click.echo(f"  {key:<20} {model[key]:>8.4f} {base[key]:>8.4f}")

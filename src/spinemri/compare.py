@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from spinemri.config import HEADS, ExperimentConfig
 from spinemri.errors import UserError
+from spinemri.runs import start_run
 
 NON_TRAINING_ROLES = ("trial", "study", "summary")
 
@@ -140,7 +141,7 @@ def log_table(comparison: Comparison) -> str:
     from spinemri.training.tracking import log_figure
 
     experiment = MlflowClient().get_experiment_by_name(comparison.experiment)
-    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"compare-{comparison.head}",
+    with start_run(experiment_id=experiment.experiment_id, run_name=f"compare-{comparison.head}",
                           tags={"role": "summary", "compare.head": comparison.head}) as run:
         mlflow.log_text(comparison.markdown(), "compare/table.md")
         mlflow.log_text(comparison.table.to_csv(index=False), "compare/table.csv")

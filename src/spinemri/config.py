@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from spinemri.data.preprocess import PreprocessConfig
+from spinemri.redact import redact_values
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 HEADS = ("condition", "level", "severity")
@@ -322,11 +323,13 @@ class ExperimentConfig:
         validate_search_space(self.tuning.search_space, self.to_dict())
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+    def to_dict(self, *, redacted: bool = False) -> dict[str, Any]:
+        """The config as plain data; ``redacted``: URL passwords masked (what a run logs, see spinemri.redact)."""
+        raw = _plain(dataclasses.asdict(self))
+        return redact_values(raw) if redacted else raw
 
     def flat(self) -> dict[str, Any]:
-        """``{"train.lr": 0.001, ...}`` for MLflow params."""
+        """``{"train.lr": 0.001, ...}`` for MLflow params (URL passwords masked)."""
         out: dict[str, Any] = {}
 
         def walk(prefix, value):
@@ -335,7 +338,7 @@ class ExperimentConfig:
                     walk(f"{prefix}.{k}" if prefix else k, v)
             else:
                 out[prefix] = value
-        walk("", self.to_dict())
+        walk("", self.to_dict(redacted=True))
         return out
 
 
@@ -399,7 +402,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key=value such as train.lr=3e-4, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        detail = str(exc).splitlines()[0]
+        if "!!" in value or "tag" in detail:
+            raise ConfigError(f"--set {key.strip()}: {value!r} uses a YAML tag ({detail}); give a plain value "
+                              "such as a number, true/false, a string or a [list]") from None
+        raise ConfigError(f"--set {key.strip()}: {value!r} is not valid YAML ({detail}); quote it, "
+                          f"e.g. --set '{key.strip()}=\"{value}\"'") from None
 
 
 # --- internals ---------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from spinemri.config import ConfigError, ExperimentConfig, from_dict
 from spinemri.data.schema import CONDITIONS, LEVELS
 from spinemri.data.splits import SPLITS
 from spinemri.errors import UserError
+from spinemri.runs import PROCESS_TAG, RESUMED_FROM_TAG, start_run
 from spinemri.models.network import HEAD_CLASSES
 from spinemri.training import evaluation
 from spinemri.training.data import SEVERITY_WEIGHTS, read_rows, split_data
@@ -580,12 +581,19 @@ def evaluate_run(run_id: str, split: str = "test", *, n_boot: int = 1000, seed: 
         log_evaluation(report, split)
         return report
     status, end_time = run.info.status, run.info.end_time
-    mlflow.start_run(run_id=run_id)
+    # Reopened as this process's run, with its status noted: if this process dies before the end
+    # below, the next command puts that status back (spinemri.runs.reap_dead_runs).
+    owner = run.data.tags.get(PROCESS_TAG)
+    start_run(run_id=run_id, tags={RESUMED_FROM_TAG: status} if status != "RUNNING" else {})
     try:
         log_evaluation(report, split)
     finally:
         mlflow.end_run()
         # Resuming marks the run RUNNING and ending it stamps a new end time: put back what training left.
+        if status != "RUNNING":
+            client.delete_tag(run_id, RESUMED_FROM_TAG)
+        if owner:
+            client.set_tag(run_id, PROCESS_TAG, owner)
         if status == "RUNNING":
             client.update_run(run_id, status="RUNNING")
         else:

@@ -99,6 +99,9 @@ def label_rows(labels: pd.DataFrame) -> pd.DataFrame:
     else:
         raise MetricError(f"labels have columns {list(labels.columns)[:8]}; expected train.csv's "
                           "layout (study_id + 25 <condition>_<level> columns) or row_id,severity")
+    if long.empty:
+        return pd.DataFrame({"row_id": pd.Series(dtype=str), "study_id": pd.Series(dtype=str),
+                             "condition": pd.Series(dtype=str), "severity": pd.Series(dtype=float)})
     parts = long["row_id"].str.split("_", n=1, expand=True).reindex(columns=[0, 1])
     parsed = parts[1].map(lambda column: parse_label_column(column) if isinstance(column, str) else None)
     bad = long["row_id"][parsed.isna()]
@@ -204,7 +207,8 @@ def score_files(labels_csv: Path, submission_csv: Path) -> dict:
         raise MetricError(f"submission {submission_csv} has no row_id column — expected "
                           f"{','.join(SUBMISSION_COLUMNS)} (sample_submission.csv's layout)")
     studies = submission["row_id"].astype(str).str.strip().str.split("_", n=1).str[0].unique()
-    unknown = [s for s in studies if s not in set(rows["study_id"])]
+    labelled = set(rows["study_id"])
+    unknown = [s for s in studies if s not in labelled]
     if unknown:
         raise MetricError(f"submission {submission_csv} has {len(unknown)} study(ies) that {labels_csv} "
                           f"does not label: {_some(unknown)} — use the labels file for these studies")

@@ -66,14 +66,25 @@ def read_sites(path: str | Path, root: Path) -> dict[str, tuple[float, float]]:
     return sites
 
 
-def predict_files(classifier: SpineClassifier, input_path: str | Path, out: str | Path, *,
-                  on_bad_file: str = "stop", sites: str | Path | None = None, batch_size: int = 32,
-                  progress: bool = False) -> PredictSummary:
-    if on_bad_file not in ON_BAD_FILE:
-        raise PredictError(f"--on-bad-file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """The output CSV, if it may be written: its folder exists, and it does not (or ``overwrite``)."""
     out = Path(out)
     if not out.parent.is_dir():
         raise PredictError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise PredictError(f"--out {out} is a folder; give the CSV file to write")
+    if out.exists() and not overwrite:
+        raise PredictError(f"--out {out} already exists; choose another file or pass --overwrite (it is then "
+                           "replaced only once every prediction has succeeded)")
+    return out
+
+
+def predict_files(classifier: SpineClassifier, input_path: str | Path, out: str | Path, *,
+                  on_bad_file: str = "stop", sites: str | Path | None = None, batch_size: int = 32,
+                  progress: bool = False, overwrite: bool = False) -> PredictSummary:
+    if on_bad_file not in ON_BAD_FILE:
+        raise PredictError(f"--on-bad-file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
+    out = check_out(out, overwrite)
     files = find_inputs(input_path)
     root = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
     site_of = read_sites(sites, root) if sites else {}

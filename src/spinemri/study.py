@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +30,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from spinemri.data import schema
-from spinemri.data.dicom import DicomImage, ImageReadError, SeriesStack, decode_dicom_bytes, read_header, read_series
+from spinemri.data import limits, schema
+from spinemri.data.dicom import (DicomImage, ImageReadError, ImageTooLarge, SeriesStack, decode_dicom_bytes, read_header,
+                                 read_series)
 from spinemri.data.schema import CONDITIONS, LEVELS
 from spinemri.errors import UserError
 from spinemri.localization.locate import SpineLocalizer, load_localizer
 from spinemri.localization.sites import BY_DESCRIPTION, SERIES_NAMES, get_task, site_of
 from spinemri.metrics import PROBABILITY_COLUMNS, SEVERITY_WEIGHTS, SUBMISSION_COLUMNS, label_rows, rsna_score
 from spinemri.models.pyfunc import SpineClassifier, load_classifier
+from spinemri.runs import start_run
 
 # Normal/Mild, Moderate, Severe frequencies in the RSNA 2024 training labels (FACTS.md): the prior
 # of a classifier logged before it recorded its own.
@@ -162,6 +165,8 @@ def _header_description(path: Path) -> str | None:
     """A known series type from the SeriesDescription tag ('Sagittal T2/STIR', 'SAG T1', 'AX T2 ...')."""
     try:
         text = str(read_header(path).get("SeriesDescription", "")).lower()
+    except ImageTooLarge:
+        raise
     except ImageReadError:
         return None
     if text in (d.lower() for d in BY_DESCRIPTION):
@@ -180,25 +185,29 @@ def study_from_zip(data: bytes, study_id: str | None, workdir: Path, name: str =
     """Unpack a zip of one study's DICOM files (any folder layout) and group them by series.
 
     Series are grouped by SeriesInstanceUID; the series id is the folder name when numeric, else
-    the SeriesNumber. The study id is ``study_id``, else the archive's single top folder.
+    the SeriesNumber. The study id is ``study_id``, else the archive's single top folder. Members
+    are streamed to ``workdir`` with a running byte count, never read whole into memory; the
+    archive is refused as soon as it exceeds the limits of :mod:`spinemri.data.limits`.
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise StudyError(f"{name} is not a zip archive; zip the study's DICOM files and base64-encode the archive") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        raise StudyError(f"{name} is not a zip archive ({exc}); zip the study's DICOM files and "
+                         "base64-encode the archive") from None
     members = [m for m in archive.infolist() if not m.is_dir() and not Path(m.filename).name.startswith(".")]
     if not members:
         raise StudyError(f"{name}: the archive holds no files")
-    total = sum(m.file_size for m in members)
-    if total > 4 * 2**30:
-        raise StudyError(f"{name}: the archive unpacks to {total / 2**30:.1f} GiB; send one study (< 4 GiB)")
+    _check_declared(members, name)
     groups: dict[str, list[Path]] = {}
     meta: dict[str, tuple[int, str | None]] = {}
+    unpacked = 0
     for k, member in enumerate(members):
         target = workdir / f"{k:06d}.dcm"
-        target.write_bytes(archive.read(member))
+        unpacked += _extract(archive, member, target, unpacked, name)
         try:
             header = read_header(target)
+        except ImageTooLarge as exc:
+            raise StudyError(f"{name}: {member.filename} {exc.reason}") from None
         except ImageReadError:
             continue  # not DICOM (a README, a DICOMDIR without pixels, ...)
         uid = str(header.get("SeriesInstanceUID", "") or Path(member.filename).parent)
@@ -213,6 +222,49 @@ def study_from_zip(data: bytes, study_id: str | None, workdir: Path, name: str =
         study_id = tops.pop() if len(tops) == 1 else "study"
     series = [StudySeries(meta[uid][0], meta[uid][1], tuple(paths)) for uid, paths in groups.items()]
     return Study(str(study_id), tuple(sorted(series, key=lambda s: s.series_id)))
+
+
+def _check_declared(members: Sequence[zipfile.ZipInfo], name: str) -> None:
+    """Refuse an archive whose directory already declares too many files or bytes."""
+    if len(members) > limits.STUDY_FILES.value:
+        raise StudyError(f"{name}: the archive holds {len(members):,} files, over {limits.STUDY_FILES.describe()}")
+    biggest = max(members, key=lambda m: m.file_size)
+    if biggest.file_size > limits.STUDY_FILE_BYTES.value:
+        raise StudyError(f"{name}: {biggest.filename} unpacks to {limits.human_size(biggest.file_size)}, over "
+                         f"{limits.STUDY_FILE_BYTES.describe()}")
+    total = sum(m.file_size for m in members)
+    if total > limits.STUDY_BYTES.value:
+        raise StudyError(f"{name}: the archive unpacks to {limits.human_size(total)}, over {limits.STUDY_BYTES.describe()}")
+
+
+def _extract(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, unpacked: int, name: str) -> int:
+    """Stream one member to ``target`` in 1 MB chunks, counting bytes against the limits; returns its size."""
+    label = f"{name}: {member.filename}"
+    written = 0
+    try:
+        with archive.open(member) as source, open(target, "wb") as out:
+            while chunk := source.read(1 << 20):
+                written += len(chunk)
+                if written > limits.STUDY_FILE_BYTES.value:
+                    raise StudyError(f"{label} unpacks to more than {limits.human_size(limits.STUDY_FILE_BYTES.value)}, "
+                                     f"over {limits.STUDY_FILE_BYTES.describe()}")
+                if unpacked + written > limits.STUDY_BYTES.value:
+                    raise StudyError(f"{name}: the archive unpacks to more than "
+                                     f"{limits.human_size(limits.STUDY_BYTES.value)}, over {limits.STUDY_BYTES.describe()}")
+                out.write(chunk)
+    except NotImplementedError as exc:
+        raise StudyError(f"{label} uses a compression method this server cannot unpack ({exc}); zip the study "
+                         "with the standard 'deflate' or 'store' method") from None
+    except RuntimeError as exc:  # zipfile's word for an encrypted member
+        if "encrypted" in str(exc) or member.flag_bits & 0x1:
+            raise StudyError(f"{label} is encrypted; send the study's files unencrypted") from None
+        raise StudyError(f"{label} cannot be unpacked ({exc})") from None
+    except zipfile.BadZipFile as exc:
+        raise StudyError(f"{label} is damaged ({exc}); zip the study again") from None
+    except (zlib.error, EOFError) as exc:
+        raise StudyError(f"{label} is damaged: its compressed data ends early or is corrupt ({exc}); "
+                         "zip the study again") from None
+    return written
 
 
 def stack_from_bytes(values: Sequence) -> SeriesStack:
@@ -288,6 +340,8 @@ class StudyPredictor:
             for s in series:
                 try:
                     stacks.append((s.series_id, read_series(s.files, voi=self.classifier.preprocessing.dicom_window)))
+                except ImageTooLarge:
+                    raise  # refused, not guessed around: the limit and how to raise it reach the user
                 except ImageReadError as exc:
                     unreadable.append(f"{exc.path} {exc.reason}")
             if not stacks:
@@ -439,10 +493,12 @@ def _atomic_csv(frame: pd.DataFrame, path: Path, **kwargs) -> None:
 
 # --- evaluation -------------------------------------------------------------------------------------
 
-def evaluate_submission(labels: pd.DataFrame, submission: pd.DataFrame, prior_labels: pd.DataFrame) -> dict:
+def evaluate_submission(labels: pd.DataFrame, submission: pd.DataFrame, prior_labels: pd.DataFrame | None = None, *,
+                        prior: Mapping[str, Sequence[float]] | None = None, prior_source: str = "") -> dict:
     """rsna_score of ``submission`` on the studies it covers, beside the weight-aware prior baseline.
 
-    ``prior_labels`` (train.csv layout) are the labels the baseline may learn from: studies not scored.
+    The baseline learns from ``prior_labels`` (train.csv layout; none of the scored studies), or is
+    ``prior`` as given (a classifier's recorded training prior, named by ``prior_source``).
     """
     rows = submission["row_id"].astype(str)
     studies = sorted(rows.str.split("_", n=1).str[0].unique())
@@ -450,21 +506,78 @@ def evaluate_submission(labels: pd.DataFrame, submission: pd.DataFrame, prior_la
     missing = sorted(set(studies) - set(scored["study_id"].astype(str)))
     if missing:
         raise StudyError(f"the labels do not have {len(missing)} submitted study(ies): {', '.join(missing[:5])}")
-    overlap = set(prior_labels["study_id"].astype(str)) & set(studies)
-    if overlap:
-        raise StudyError(f"the prior's labels include {len(overlap)} scored study(ies); the baseline must not see them")
-    prior = prior_from_labels(prior_labels)
+    prior_studies = 0
+    if prior is None:
+        if prior_labels is None:
+            raise StudyError("the prior baseline needs labels of other studies or a recorded prior")
+        overlap = set(prior_labels["study_id"].astype(str)) & set(studies)
+        if overlap:
+            raise StudyError(f"the prior's labels include {len(overlap)} scored study(ies); the baseline must not "
+                             "see them")
+        prior = prior_from_labels(prior_labels)
+        prior_studies = int(prior_labels["study_id"].nunique())
+        prior_source = prior_source or f"the labels of {prior_studies} other studies"
     model = rsna_score(scored, submission, return_parts=True)
     baseline = rsna_score(scored, prior_submission(studies, prior), return_parts=True)
-    return {"studies": len(studies), "model": model, "prior_baseline": baseline, "prior": prior,
-            "prior_studies": int(prior_labels["study_id"].nunique())}
+    return {"studies": len(studies), "model": model, "prior_baseline": baseline, "prior": dict(prior),
+            "prior_studies": prior_studies, "prior_source": prior_source}
+
+
+def evaluate_study_files(labels_path: str | Path, submission_path: str | Path, *,
+                         prior_labels_path: str | Path | None = None, classifier_uri: str | None = None) -> dict:
+    """:func:`evaluate_submission` for files: the labels (train.csv layout) and a submission CSV.
+
+    The baseline's prior comes from ``prior_labels_path``, else from the labelled studies of
+    ``labels_path`` that are not submitted, else (none left: the labels hold only the submitted
+    studies) from the prior recorded with ``classifier_uri``, and the report says which.
+    """
+    labels = _read_labels(labels_path, "labels")
+    table = _read_table(submission_path, "submission", dtype={"row_id": str})
+    if "row_id" not in table.columns:
+        raise StudyError(f"{submission_path} has no row_id column; expected row_id,normal_mild,moderate,severe")
+    studies = set(table["row_id"].astype(str).str.split("_", n=1).str[0])
+    if prior_labels_path is not None:
+        return evaluate_submission(labels, table, _read_labels(prior_labels_path, "--prior-labels"),
+                                   prior_source=f"--prior-labels {prior_labels_path}")
+    others = labels[~labels["study_id"].isin(studies)]
+    if not label_rows(others)["severity"].notna().any():
+        if not classifier_uri:
+            raise StudyError(f"{labels_path} labels only the {len(studies)} submitted studies, so no other study is "
+                             "left to learn the prior baseline from; pass --prior-labels FILE (labels of other "
+                             "studies) or --classifier URI (use the prior recorded with that classifier)")
+        try:
+            prior, source = classifier_prior(load_classifier(classifier_uri))
+        except UserError as exc:
+            raise StudyError(f"{labels_path} labels only the submitted studies, and the fallback prior could not be "
+                             f"read: {exc}; pass --prior-labels FILE (labels of other studies) or another "
+                             "--classifier") from None
+        return evaluate_submission(labels, table, prior=prior,
+                                   prior_source=f"{source} ({classifier_uri}): {labels_path} labels no other study")
+    return evaluate_submission(labels, table, others)
+
+
+def _read_table(path, what: str, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise StudyError(f"{what} {path} does not exist") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{what} {path} is not a readable CSV ({type(exc).__name__}: {exc})") from None
+
+
+def _read_labels(path, what: str) -> pd.DataFrame:
+    labels = _read_table(path, what, dtype={"study_id": str})
+    if "study_id" not in labels.columns:
+        raise StudyError(f"{what} {path} has no study_id column; expected train.csv's layout")
+    return labels
 
 
 def log_study_evaluation(report: Mapping, submission_path: Path, sites_path: Path | None, tags: Mapping[str, str]) -> str:
     """One MLflow run in ``spinemri-study`` with the score, its terms, the baseline and the files."""
     mlflow.set_experiment("spinemri-study")
-    with mlflow.start_run(run_name=f"study-evaluation-{report['studies']}-studies") as run:
+    with start_run(run_name=f"study-evaluation-{report['studies']}-studies") as run:
         mlflow.set_tags({"role": "study-evaluation", **tags})
+        mlflow.set_tag("prior_source", report.get("prior_source", ""))
         metrics = {"studies": report["studies"], "prior_studies": report["prior_studies"]}
         for prefix, parts in (("study", report["model"]), ("prior", report["prior_baseline"])):
             metrics[f"{prefix}_rsna_score"] = parts["score"]

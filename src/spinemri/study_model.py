@@ -29,8 +29,10 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 
 from spinemri import registry
+from spinemri.data.dicom import ImageReadError
 from spinemri.localization.locate import SpineLocalizer
-from spinemri.models.pyfunc import PACKAGE_DIR, InputError, SpineClassifier
+from spinemri.runs import start_run
+from spinemri.models.pyfunc import PACKAGE_DIR, InputError, SpineClassifier, guard_scoring_server
 from spinemri.study import (StudyError, StudyPredictor, classifier_prior, evaluate_submission, find_studies,
                             predict_studies, study_from_zip)
 
@@ -44,6 +46,8 @@ REGISTERED_MODEL = "spinemri-study"
 class SpineStudyModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import keras
+
+        guard_scoring_server()
 
         from spinemri.localization import model as _  # noqa: F401 - registers the localizer's layers
 
@@ -77,9 +81,11 @@ class SpineStudyModel(mlflow.pyfunc.PythonModel):
             with tempfile.TemporaryDirectory() as tmp:
                 try:
                     study = study_from_zip(data, study_id, Path(tmp), name=f"row {index}: study_zip_b64")
+                    prediction = self.predictor.predict(study)
                 except StudyError as exc:
                     raise InputError(str(exc)) from None
-                prediction = self.predictor.predict(study)
+                except ImageReadError as exc:  # only a file over a size limit gets here: the rest fall back
+                    raise InputError(f"row {index}: study_zip_b64: {exc.reason}") from None
             out.append(prediction.rows.assign(source=prediction.sites["source"].to_numpy()))
         return pd.concat(out, ignore_index=True)
 
@@ -95,7 +101,7 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
     prior, prior_source = classifier_prior(classifier)
     predictor = StudyPredictor(localizers, classifier, prior)
     mlflow.set_experiment("spinemri-study")
-    with mlflow.start_run(run_name="study-model") as run, tempfile.TemporaryDirectory() as tmp:
+    with start_run(run_name="study-model") as run, tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         mlflow.set_tags({"role": "study-model", "classifier": classifier_uri, "prior_source": prior_source,
                          **{f"localizer.{s}": "given" for s in localizers}})

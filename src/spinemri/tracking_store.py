@@ -18,6 +18,8 @@ from typing import Iterator
 import mlflow
 
 from spinemri.errors import UserError
+from spinemri.redact import redact
+from spinemri.runs import reap_dead_runs
 
 LOCK_SUFFIX = ".spinemri-lock"
 
@@ -41,23 +43,32 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def open_tracking_store(uri: str | None = None) -> str:
+def open_tracking_store(uri: str | None = None, *, reap: bool = True) -> str:
     """Create or upgrade the tracking store's tables now, one process at a time; returns the URI.
 
-    Only local sqlite stores need the lock; a server or a PostgreSQL store is opened as is.
+    Only local sqlite stores need the lock; a server or a PostgreSQL store is opened as is. With
+    ``reap``, runs left RUNNING by spinemri processes of this host that have died are then marked
+    FAILED (:func:`spinemri.runs.reap_dead_runs`).
     """
     uri = uri or mlflow.get_tracking_uri()
     database = sqlite_path(uri)
-    if database is None:
-        return uri
-    if not database.parent.is_dir():
+    if database is not None and not database.parent.is_dir():
         raise UserError(f"the MLflow store {uri} cannot be created: its folder {database.parent} does not exist; "
                         f"create it (mkdir -p {database.parent}) or point MLFLOW_TRACKING_URI at another "
                         "sqlite:///path/mlflow.db")
+    client = mlflow.MlflowClient(uri)
     with contextlib.ExitStack() as stack:
+        if database is not None:
+            try:
+                stack.enter_context(exclusive_lock(f"{database}{LOCK_SUFFIX}"))
+            except OSError:  # a read-only folder: no process can create tables there anyway
+                pass
         try:
-            stack.enter_context(exclusive_lock(f"{database}{LOCK_SUFFIX}"))
-        except OSError:  # a read-only folder: no process can create tables there anyway
-            pass
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+            client.search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and HTTP errors of every kind
+            raise UserError(redact(f"cannot open the MLflow store {uri} ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); check "
+                                   "MLFLOW_TRACKING_URI and that its server or database is up")) from None
+    if reap:
+        reap_dead_runs(client)
     return uri

@@ -25,9 +25,10 @@ from optuna.trial import TrialState
 
 from spinemri.config import ConfigError, ExperimentConfig, with_values
 from spinemri.errors import UserError
-from spinemri.processes import pid_alive
+from spinemri.processes import die_with_parent, process_gone, process_id
+from spinemri.redact import redact
 from spinemri.tracking_store import LOCK_SUFFIX, exclusive_lock
-from spinemri.training.tracking import ending_run
+from spinemri.runs import ending_run, start_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -89,9 +90,9 @@ def open_storage(url: str):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind
-            raise TuningError(f"storage {url} is unreachable or invalid ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); check the URL, or leave --storage empty for a "
-                              "local journal file") from None
+            raise TuningError(redact(f"storage {url} is unreachable or invalid ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:200]}); check the URL, or leave --storage empty "
+                                     "for a local journal file")) from None
     path = Path(url)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,20 +125,19 @@ def tune(config: ExperimentConfig) -> TuneResult:
     name = study.study_name
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(config.mlflow.experiment)
-    parent = mlflow.start_run(run_name=f"{name}-study")
+    parent = start_run(run_name=f"{name}-study", tags={"optuna.study": name, "optuna.storage": redact(storage_url),
+                                                       "role": "study", "arch": config.model.arch})
     with ending_run():
-        mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url, "role": "study", "pid": str(os.getpid()),
-                         "host": socket.gethostname(), "arch": config.model.arch})
         mlflow.log_params({"tuning.trials": tuning.trials, "tuning.pruner": tuning.pruner, "tuning.workers": tuning.workers,
                            "tuning.monitor": config.train.monitor, "model.arch": config.model.arch,
                            "experiment": config.name})
-        mlflow.log_dict(config.to_dict(), "config.yaml")
+        mlflow.log_dict(config.to_dict(redacted=True), "config.yaml")
         experiment_id = parent.info.experiment_id
         helpers = []
         context = multiprocessing.get_context("spawn")
         for index in range(1, tuning.workers):
             process = context.Process(target=_worker_main, args=(config, storage_url, parent.info.run_id,
-                                                                  experiment_id, index))
+                                                                  experiment_id, index, os.getpid()))
             process.start()
             helpers.append(process)
         try:
@@ -191,13 +191,12 @@ def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, stor
                 raise TuningError(f"{failed} trials of study {study.study_name} failed; fix the cause (see their "
                                   "fail_reason) before tuning on")
             trial = study.ask()
-            trial.set_user_attr("host", socket.gethostname())
-            trial.set_user_attr("pid", os.getpid())
+            trial.set_user_attr("process", process_id())
 
-        run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id)
+        run = start_run(run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id,
+                        tags={"optuna.study": study.study_name, "optuna.trial": str(trial.number), "role": "trial",
+                              "worker": str(worker_index)})
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        mlflow.set_tags({"optuna.study": study.study_name, "optuna.trial": str(trial.number), "role": "trial",
-                         "pid": str(os.getpid()), "host": socket.gethostname(), "worker": str(worker_index)})
         try:
             values = suggest(trial, config.tuning.search_space)
             mlflow.log_params({f"trial.{k}": v for k, v in values.items()})
@@ -232,8 +231,9 @@ def _fail(study, trial, reason: str) -> None:
     study.tell(trial, state=TrialState.FAIL)
 
 
-def _worker_main(config, storage_url, parent_run_id, experiment_id, index) -> None:
+def _worker_main(config, storage_url, parent_run_id, experiment_id, index, parent_pid) -> None:
     """Entry point of a helper process (spawned): trials only, under the parent's MLflow run."""
+    die_with_parent(parent_pid)
     os.environ.pop("MLFLOW_RUN_ID", None)
     mlflow.set_experiment(experiment_id=experiment_id)
     study = _load_study(config, storage_url, seed_offset=index)
@@ -257,23 +257,13 @@ def _load_study(config: ExperimentConfig, storage_url: str, seed_offset: int = 0
     )
 
 
-def _dead_here(host: str | None, pid) -> bool:
-    return host == socket.gethostname() and pid not in (None, "") and not pid_alive(int(pid))
-
-
 def _recover_dead(study: optuna.Study) -> None:
-    """Trials and runs left RUNNING by a process that died on this machine become FAIL/FAILED."""
+    """Trials left RUNNING by a process that died on this machine become FAIL (their MLflow runs are
+    marked FAILED by every command that opens the store: :func:`spinemri.runs.reap_dead_runs`)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _dead_here(trial.user_attrs.get("host"), trial.user_attrs.get("pid")):
+        if process_gone(str(trial.user_attrs.get("process", ""))):
             study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its process died (killed or crashed)")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    client = mlflow.MlflowClient()
-    for run in mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string=f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"):
-        if _dead_here(run.data.tags.get("host"), run.data.tags.get("pid")):
-            status = "KILLED" if run.data.tags.get("role") == "study" else "FAILED"
-            client.set_tag(run.info.run_id, "fail_reason", "its process died (killed or crashed)")
-            client.set_terminated(run.info.run_id, status)
 
 
 @contextlib.contextmanager

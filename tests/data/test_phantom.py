@@ -12,7 +12,7 @@ import pytest
 
 from spinemri.data import schema
 from spinemri.data.dicom import read_dicom
-from spinemri.data.phantom import SEVERITY_PRIORS, PhantomConfig, sample_labels, synthesize
+from spinemri.data.phantom import MARKER, SEVERITY_PRIORS, PhantomConfig, sample_labels, synthesize
 
 
 def test_layout_and_csv_schemas_match_the_competition(phantom_dir):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import io
-import zipfile
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -14,6 +13,7 @@ from spinemri.data.schema import AXIAL_T2, CONDITIONS, LABEL_COLUMNS, SAGITTAL_T
 from spinemri.metrics import rsna_score
 from spinemri.study import (StudyError, _header_description, evaluate_submission, find_studies, prior_from_labels,
                             prior_submission, study_from_zip, weighted_prior)
+from tests import hostile
 
 
 def test_the_weighted_prior_is_the_best_constant_under_the_weighted_log_loss():
@@ -81,14 +81,6 @@ def test_series_types_from_header_descriptions(tmp_path, phantom_dir, text, expe
     assert _header_description(tmp_path / "x.dcm") == expected
 
 
-def _zip(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
 def test_a_zipped_study_is_grouped_by_series_whatever_its_layout(phantom_dir, tmp_path):
     study = find_studies(phantom_dir)[0]
     files = {}
@@ -98,12 +90,12 @@ def test_a_zipped_study_is_grouped_by_series_whatever_its_layout(phantom_dir, tm
     files["export/README.txt"] = b"not dicom"
     work = tmp_path / "w"
     work.mkdir()
-    unzipped = study_from_zip(_zip(files), None, work)
+    unzipped = study_from_zip(hostile.zip_of(files), None, work)
     assert unzipped.study_id == "export"
     assert sorted(len(s.files) for s in unzipped.series) == sorted(len(s.files) for s in study.series)
     assert sorted(s.description for s in unzipped.series) == sorted(s.description for s in study.series)
     (tmp_path / "w2").mkdir()
-    named = study_from_zip(_zip({f"{study.study_id}/{s.series_id}/{p.name}": p.read_bytes()
+    named = study_from_zip(hostile.zip_of({f"{study.study_id}/{s.series_id}/{p.name}": p.read_bytes()
                                  for s in study.series for p in s.files}), "77", tmp_path / "w2")
     assert named.study_id == "77"
     assert sorted(s.series_id for s in named.series) == sorted(s.series_id for s in study.series)
@@ -113,9 +105,58 @@ def test_bad_archives_are_refused_by_name(tmp_path):
     with pytest.raises(StudyError, match="is not a zip archive"):
         study_from_zip(b"plain bytes", None, tmp_path)
     with pytest.raises(StudyError, match="holds no files"):
-        study_from_zip(_zip({}), None, tmp_path)
+        study_from_zip(hostile.zip_of({}), None, tmp_path)
     with pytest.raises(StudyError, match="none of the 1 files in the archive is a DICOM file"):
-        study_from_zip(_zip({"a.txt": b"hello"}), None, tmp_path)
+        study_from_zip(hostile.zip_of({"a.txt": b"hello"}), None, tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("encrypted", "study/1/1.dcm is encrypted; send the study's files unencrypted"),
+    ("bad_crc", "study/1/1.dcm is damaged (Bad CRC-32"),
+    ("unknown_method", "study/1/1.dcm uses a compression method this server cannot unpack"),
+])
+def test_damaged_archive_members_get_their_own_message(tmp_path, damage, message):
+    with pytest.raises(StudyError) as info:
+        study_from_zip(hostile.zip_with(damage), None, tmp_path, name="row 0: study_zip_b64")
+    assert str(info.value).startswith("row 0: study_zip_b64: ") and message in str(info.value), str(info.value)
+
+
+def test_zip_bombs_are_refused_before_they_are_unpacked(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    one_gib = hostile.zip_of_zeros([1 << 30])  # 1 GiB of zeros in under 5 MB
+    assert len(one_gib) < 5 << 20
+    tracemalloc.start()
+    with pytest.raises(StudyError, match=r"unpacks to 1\.0 GB, over the limit of 128 MB per file in a study "
+                                         r"archive \(SPINEMRI_MAX_STUDY_FILE_MB"):
+        study_from_zip(one_gib, None, work)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 32 << 20 and not any(work.iterdir()), "nothing may be unpacked or held in memory"
+    monkeypatch.setenv("SPINEMRI_MAX_STUDY_MB", "8")
+    with pytest.raises(StudyError, match=r"the archive unpacks to 12 MB, over the limit of 8 MB .*SPINEMRI_MAX_STUDY_MB"):
+        study_from_zip(hostile.zip_of_zeros([4 << 20] * 3), None, work)
+    with pytest.raises(StudyError, match=r"holds 5,001 files, over the limit of 5,000 files per study archive"):
+        study_from_zip(hostile.zip_of({f"s/{k}.dcm": b"" for k in range(5001)}), None, work)
+
+
+def test_a_dicom_bomb_inside_a_study_zip_is_refused(tmp_path, monkeypatch):
+    archive = hostile.zip_of({"study/1/1.dcm": hostile.deflated_dicom(12000, 12000)})
+    with pytest.raises(StudyError, match="study/1/1.dcm is a deflated DICOM .*SPINEMRI_MAX_IMAGE_MB"):
+        study_from_zip(archive, None, tmp_path)
+
+
+def test_the_archive_limits_are_environment_variables(phantom_dir, tmp_path, monkeypatch):
+    study = find_studies(phantom_dir)[0]
+    files = {f"{study.study_id}/{s.series_id}/{p.name}": p.read_bytes() for s in study.series for p in s.files}
+    archive = hostile.zip_of(files)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert len(study_from_zip(archive, None, tmp_path / "a").series) == len(study.series)
+    size = sum(len(v) for v in files.values())
+    monkeypatch.setenv("SPINEMRI_MAX_STUDY_MB", str(size / 2 / (1 << 20)))
+    with pytest.raises(StudyError, match="SPINEMRI_MAX_STUDY_MB"):
+        study_from_zip(archive, None, tmp_path / "b")
 
 
 def test_predict_study_refuses_a_folder_without_studies(tmp_path):

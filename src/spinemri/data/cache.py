@@ -24,8 +24,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +32,11 @@ import pandas as pd
 
 from spinemri.data import readers
 from spinemri.data.dicom import ImageReadError, read_image, series_order
-from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, percentile_window, preprocess
+from spinemri.data.preprocess import (PreprocessConfig, SiteOutsideImage, neighbor_indices, percentile_window,
+                                      preprocess)
 from spinemri.data.splits import split_studies
 from spinemri.errors import UserError
-from spinemri.processes import pid_alive
+from spinemri.processes import remove_stale_staging, staging_path, worker_pool
 
 CACHE_VERSION = 3  # bump when a cache's contents change (2: ROI windowed on its crop; 3: slice geometry in slices.csv)
 ON_BAD_FILE = ("stop", "skip")
@@ -173,8 +172,8 @@ def publish(cache_dir: Path, name: str, build) -> dict:
     """
     final = cache_dir / name
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(cache_dir, name)
-    staging = cache_dir / f"{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    remove_stale_staging(cache_dir)
+    staging = staging_path(final)
     staging.mkdir()
     started = time.perf_counter()
     try:
@@ -205,14 +204,17 @@ def _build(samples: pd.DataFrame, config: PreprocessConfig, staging: Path, *, wo
     # write their arrays straight into the memory-mapped output and send back row numbers only.
     paths = np.asarray(samples["path"].tolist(), dtype=object)  # converted once, not per series
     xs, ys = samples["x"].to_numpy(float), samples["y"].to_numpy(float)
-    groups = [(config, output, rows.tolist(), paths[rows].tolist(), xs[rows].tolist(), ys[rows].tolist())
+    label_rows = samples["label_row"].to_numpy(np.int64) if "label_row" in samples else np.zeros(len(samples), int)
+    labels_csv = samples.attrs.get("labels_csv", "the labels CSV")
+    groups = [(config, output, rows.tolist(), paths[rows].tolist(), xs[rows].tolist(), ys[rows].tolist(),
+               label_rows[rows].tolist(), labels_csv)
               for rows in samples.groupby(["study_id", "series_id"], sort=True).indices.values()]
     done = np.zeros(len(samples), dtype=bool)
     failures: list[dict] = []
     bar = _bar(progress, len(samples))
     try:
         if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:
                 for result in pool.map(_prepare_group, groups, chunksize=4):
                     _collect(result, done, failures, on_bad_file, bar)
         else:
@@ -276,7 +278,7 @@ def _close_output(path: str) -> None:
 def _prepare_group(job) -> tuple[list[int], list[dict]]:
     """Preprocess all samples of one series into their rows of the output: each needed slice is
     decoded, and windowed, once. Returns the rows written and the failures."""
-    config, output, rows, paths, xs, ys = job
+    config, output, rows, paths, xs, ys, label_rows, labels_csv = job
     images = _output(output)
     indices, failures = [], []
     decoded: dict[str, object] = {}
@@ -297,7 +299,7 @@ def _prepare_group(job) -> tuple[list[int], list[dict]]:
             order = [p for _, p, _ in series_order(sorted(folder.glob("*.dcm")))]
         except ImageReadError as exc:
             return [], [dict(path=exc.path, reason=exc.reason, rows=list(rows))]
-    for row, path, x, y in zip(rows, paths, xs, ys):
+    for row, path, x, y, label_row in zip(rows, paths, xs, ys, label_rows):
         inputs = [path]
         if order is not None:
             try:
@@ -323,6 +325,9 @@ def _prepare_group(job) -> tuple[list[int], list[dict]]:
                                                          stored=middle.stored)
             images[row] = preprocess(slices, middle.pixel_spacing, config, x, y, window=windows.get(middle.path))
             indices.append(int(row))
+        except SiteOutsideImage as exc:
+            failures.append(dict(path=path, reason=str(exc), rows=[int(row)],
+                                 label=f"{labels_csv} row {label_row}"))
         except ValueError as exc:
             failures.append(dict(path=path, reason=str(exc), rows=[int(row)]))
     return indices, failures
@@ -333,6 +338,9 @@ def _collect(result, done, failures, on_bad_file, bar) -> None:
     done[indices] = True
     if group_failures and on_bad_file == "stop":
         first = group_failures[0]
+        if "label" in first:  # the label is wrong, not the file
+            raise PrepareError(f"{first['label']}: the labelled {first['reason']} ({first['path']}); fix the "
+                               "coordinate or drop the row (--on-bad-file=skip leaves such samples out)")
         raise PrepareError(f"{first['path']} {first['reason']}; skip bad files with --on-bad-file=skip")
     failures.extend(group_failures)
     if bar is not None:
@@ -345,17 +353,6 @@ def _files_used(samples: pd.DataFrame, config: PreprocessConfig) -> set[str]:
         for folder in {str(Path(p).parent) for p in samples["path"]}:
             files.update(str(p) for p in Path(folder).glob("*.dcm"))
     return files
-
-
-def _remove_stale_partials(cache_dir: Path, key: str) -> None:
-    """Delete leftovers of killed runs for this fingerprint (their process no longer exists)."""
-    for partial in cache_dir.glob(f"{key}.partial-*"):
-        try:
-            pid = int(partial.name.split(".partial-")[1].split("-")[0])
-        except (IndexError, ValueError):
-            continue
-        if not pid_alive(pid):
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,7 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from spinemri.data import native_dicom
+from spinemri.data import limits, native_dicom
 
 SKIP_HINT = "skip it with --on-bad-file=skip"
 
@@ -41,6 +42,13 @@ class ImageReadError(ValueError):
 
 class DicomReadError(ImageReadError):
     """A DICOM file that cannot be decoded (not DICOM, truncated, no pixels, no decoder, ...)."""
+
+
+class ImageTooLarge(ImageReadError):
+    """A file whose header declares more than a limit of :mod:`spinemri.data.limits` allows; nothing was decoded."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(path, reason, None)
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,8 @@ def read_image(path: str | Path, *, voi: bool = False) -> DicomImage:
         raise ImageReadError(path, "does not exist", None)
     if Path(path).stat().st_size == 0:
         raise ImageReadError(path, "is empty (0 bytes)")
+    with open(path, "rb") as handle:
+        _check_bitmap_size(handle, path)
     pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if pixels is None or pixels.size == 0:
         raise ImageReadError(path, "is not a readable PNG/JPEG image")
@@ -162,6 +172,7 @@ def decode_bitmap_bytes(data: bytes, name: str) -> DicomImage:
     """Decode an in-memory PNG/JPEG as one grayscale slice with 1 mm pixels (like :func:`read_image`)."""
     if len(data) == 0:
         raise ImageReadError(name, "is empty (0 bytes)", None)
+    _check_bitmap_size(io.BytesIO(data), name)
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if pixels is None or pixels.size == 0:
         raise ImageReadError(name, "is not a PNG or JPEG image", None)
@@ -299,6 +310,9 @@ def _common_image(data: bytes, path: str | Path, *, voi: bool) -> DicomImage | N
     dtype = _NATIVE_DTYPES.get((tags["BitsAllocated"] or 0, tags["PixelRepresentation"] or 0))
     if dtype is None or length < rows * cols * np.dtype(dtype).itemsize:
         return None
+    problem = limits.image_problem(rows, cols, 1, 1, tags["BitsAllocated"])
+    if problem:
+        raise ImageTooLarge(path, problem)
     stored = _stored_values(np.frombuffer(data, dtype=dtype, count=rows * cols, offset=offset).reshape(rows, cols),
                             tags["BitsStored"])
     # As apply_modality_lut: without both rescale tags the stored values are the modality values.
@@ -326,10 +340,14 @@ def _dcmread(path: str | Path, *, stop_before_pixels: bool = False, data: bytes 
         if path.stat().st_size == 0:
             raise DicomReadError(path, "is empty (0 bytes)")
         source = path
+        with open(path, "rb") as handle:
+            _check_inflated_size(handle, path)
     else:
         if len(data) == 0:
             raise DicomReadError(path, "is empty (0 bytes)", None)
         source = io.BytesIO(data)
+        _check_inflated_size(source, path)
+        source.seek(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -347,6 +365,64 @@ def _dcmread(path: str | Path, *, stop_before_pixels: bool = False, data: bytes 
         sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
         raise DicomReadError(path, f"has no pixel data (SOP class {sop})")
     return ds
+
+
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+_HEADER_ALLOWANCE = 16 << 20  # bytes of a deflated data set beyond its pixels (tags, overlays, icons)
+
+
+def _check_inflated_size(handle, path) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose data set inflates beyond the image budget.
+
+    pydicom inflates such a data set whole, headers included, before it reads a tag: a 1 MB file can
+    hold gigabytes of zeros. The inflation is counted here, in chunks, without keeping the output.
+    """
+    head = handle.read(4096)
+    if _DEFLATED_UID not in head or head[128:132] != b"DICM":
+        return
+    handle.seek(132)
+    try:
+        meta = pydicom.filereader._read_file_meta_info(handle)
+    except Exception:  # noqa: BLE001 - a broken meta group: pydicom's own read names the problem
+        return
+    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return
+    budget = limits.IMAGE_BYTES.value + _HEADER_ALLOWANCE
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    try:
+        while not inflater.eof:
+            chunk = inflater.unconsumed_tail or handle.read(1 << 20)
+            if not chunk:
+                break
+            inflated += len(inflater.decompress(chunk, 1 << 22))
+            if inflated > budget:
+                raise ImageTooLarge(
+                    path, f"is a deflated DICOM whose data set inflates to more than {limits.human_size(budget)}, "
+                    f"over {limits.IMAGE_BYTES.describe()}")
+    except zlib.error as exc:
+        raise DicomReadError(path, f"has a deflated data set that cannot be inflated ({exc})") from None
+
+
+def _check_bitmap_size(handle, path) -> None:
+    """Refuse a PNG/JPEG whose header declares more pixels than the image budget, before decoding it."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's own DecompressionBombWarning: ours is the error below
+        try:
+            with Image.open(handle) as image:
+                width, height = image.size
+                bands, mode = len(image.getbands()), image.mode
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(path, f"declares too many pixels to decode ({exc}); "
+                                f"{limits.IMAGE_PIXELS.describe()}") from None
+        except Exception:  # noqa: BLE001 - not an image PIL knows: OpenCV's decoder names the problem
+            return
+    bits = 16 if mode.startswith("I;16") else 32 if mode in ("I", "F") else 8
+    problem = limits.image_problem(height, width, 1, bands, bits)
+    if problem:
+        raise ImageTooLarge(path, problem)
 
 
 def _has_pixels(ds: Dataset) -> bool:
@@ -373,6 +449,10 @@ def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> l
             path, f"is a {photometric} image; spinemri reads grayscale MR (MONOCHROME1/2) only"
         )
     n_frames = int(tags["NumberOfFrames"] or 1)
+    problem = limits.image_problem(rows, cols, n_frames, int(tags["SamplesPerPixel"] or 1),
+                                   int(tags["BitsAllocated"] or 16))
+    if problem:
+        raise ImageTooLarge(path, problem)
     try:
         stored = _native_pixels(ds, tags, rows, cols, n_frames)
         if stored is None:
@@ -382,6 +462,9 @@ def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> l
     except (NotImplementedError, RuntimeError) as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
+        if _decoder_available(syntax):
+            raise DicomReadError(path, f"has '{name}' pixel data that its installed decoder cannot read: the "
+                                 f"compressed data is corrupt or truncated ({exc})") from None
         raise DicomReadError(
             path,
             f"uses transfer syntax '{name}', which no installed decoder can read ({exc})",
@@ -428,6 +511,16 @@ def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> l
             frame=frame,
         ))
     return images
+
+
+def _decoder_available(syntax) -> bool:
+    """Whether a pixel-data decoder for this transfer syntax is installed (pydicom's plugins)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(syntax) and get_decoder(syntax).is_available
+    except (NotImplementedError, ValueError):
+        return False
 
 
 _NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)

@@ -11,11 +11,10 @@ coordinate points at the pixel where its anatomy is drawn. Same seed, same bytes
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
 
@@ -27,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from spinemri.data import schema
 from spinemri.data.schema import AXIAL_T2, CONDITIONS, LEVELS, SAGITTAL_T1, SAGITTAL_T2
+from spinemri.processes import remove_stale_staging, staging_path, worker_pool
 
 # Normal/Mild, Moderate, Severe frequencies per condition in the real training data (FACTS.md).
 SEVERITY_PRIORS: dict[str, tuple[float, float, float]] = {
@@ -80,19 +80,30 @@ class PhantomSummary:
     blank_labels: int
 
 
+MARKER = "spinemri-phantom.json"  # written into every phantom: the generator's settings
+
+
 def synthesize(out_dir: str | Path, config: PhantomConfig = PhantomConfig(), *, workers: int = 1,
-               overwrite: bool = False, progress: bool = False) -> PhantomSummary:
+               overwrite: bool = False, force: bool = False, progress: bool = False) -> PhantomSummary:
     """Write a phantom dataset to ``out_dir`` (train.csv, train_series_descriptions.csv,
-    train_label_coordinates.csv, train_images/<study>/<series>/<instance>.dcm).
+    train_label_coordinates.csv, train_images/<study>/<series>/<instance>.dcm, and MARKER).
 
     The folder appears only when complete: it is built beside ``out_dir`` and renamed into place.
+    ``overwrite`` replaces an earlier phantom; a folder without MARKER also needs ``force``.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; choose a folder for --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
+        if not (out_dir / MARKER).is_file() and not force:
+            raise FileExistsError(f"{out_dir} does not look like a spinemri phantom (it has no {MARKER}); "
+                                  "--overwrite would delete everything in it. Choose another --out, or pass "
+                                  "--overwrite --force to delete it anyway")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_stale_staging(out_dir.parent)
+    staging = staging_path(out_dir)
     (staging / schema.IMAGES_DIR).mkdir(parents=True)
 
     root = np.random.SeedSequence(config.seed)
@@ -106,7 +117,7 @@ def synthesize(out_dir: str | Path, config: PhantomConfig = PhantomConfig(), *, 
     ]
     try:
         if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:
                 results = list(_progress(pool.map(_write_study, jobs), len(jobs), progress))
         else:
             results = list(_progress(map(_write_study, jobs), len(jobs), progress))
@@ -114,6 +125,7 @@ def synthesize(out_dir: str | Path, config: PhantomConfig = PhantomConfig(), *, 
         series = pd.DataFrame([s for r in results for s in r["series"]], columns=list(schema.SERIES_COLUMNS))
         coords = pd.DataFrame([c for r in results for c in r["coordinates"]], columns=list(schema.COORDINATE_COLUMNS))
         coords = coords.sort_values(["study_id", "series_id", "instance_number", "condition", "level"])
+        (staging / MARKER).write_text(json.dumps({"generator": "spinemri data synth", **asdict(config)}, indent=2))
         labels.to_csv(staging / schema.TRAIN_CSV, index=False)
         series.to_csv(staging / schema.SERIES_CSV, index=False)
         coords.to_csv(staging / schema.COORDINATES_CSV, index=False, float_format="%.6f")
@@ -630,7 +642,7 @@ def _thresholds(prior: tuple[float, float, float]) -> tuple[float, float]:
 def _replace_dir(staging: Path, target: Path) -> None:
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = staging_path(target)  # a leftover of a kill right here is removed like any staging folder
         target.rename(old)
     staging.rename(target)
     if old is not None:

@@ -61,6 +61,15 @@ class PreprocessConfig:
         return cls(**values)
 
 
+class SiteOutsideImage(ValueError):
+    """An ROI centre that is not on the image: a label (or a request) to fix, not a file to skip."""
+
+
+def site_inside(x: float, y: float, width: int, height: int) -> bool:
+    """Whether the pixel coordinate (x = column, y = row) lies on a width x height image."""
+    return -0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5
+
+
 def neighbor_indices(index: int, n_slices: int, channels: int) -> list[int]:
     """Slice indices feeding each channel: [i] or [i-1, i, i+1], repeating the edge slice at the ends."""
     if not 0 <= index < n_slices:
@@ -212,8 +221,8 @@ def preprocess(
     if config.mode == "roi":
         x = (width - 1) / 2 if x is None else float(x)
         y = (height - 1) / 2 if y is None else float(y)
-        if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
-            raise ValueError(f"site ({x:.1f}, {y:.1f}) lies outside the {width}x{height} image")
+        if not site_inside(x, y, width, height):
+            raise SiteOutsideImage(f"site ({x:.1f}, {y:.1f}) lies outside the {width}x{height} image")
         extent = (config.roi_mm / col_mm, config.roi_mm / row_mm)
     else:  # the whole slice, letterboxed so that a millimetre is as wide as it is high
         x, y = (width - 1) / 2, (height - 1) / 2

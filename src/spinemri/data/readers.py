@@ -22,6 +22,7 @@ import pandas as pd
 
 from spinemri.data import schema
 from spinemri.data.dicom import ImageReadError, read_header, read_image
+from spinemri.data.preprocess import site_inside
 
 MAX_LISTED = 10  # problems of one kind listed before "... and N more"
 
@@ -118,8 +119,10 @@ def load_flat_csv(csv_path: str | Path) -> pd.DataFrame:
         "x": xy["x"].astype(float),
         "y": xy["y"].astype(float),
         "path": paths,
+        "label_row": np.arange(2, len(frame) + 2, dtype=np.int64),
     })
     samples.attrs["root"] = str(csv_path.parent)
+    samples.attrs["labels_csv"] = str(csv_path)
     return samples
 
 
@@ -172,15 +175,45 @@ def check_dataset(path: str | Path, *, decode: bool = False, workers: int = 4) -
                           "series": int(samples["series_id"].nunique())}
     report.summary["labelled_points"] = _points_per_condition(samples)
     report.summary["graded_points"] = int(samples["severity"].notna().sum())
+    labels_csv = samples.attrs.get("labels_csv", str(path))
+    twice = samples[samples["condition"].notna()]
+    twice = twice[twice.duplicated(["study_id", "condition", "level"], keep=False)]
+    report.warnings += _listed(
+        [(s, c, lv, sorted(g["label_row"])) for (s, c, lv), g in twice.groupby(["study_id", "condition", "level"])],
+        lambda t: f"{labels_csv} rows {', '.join(map(str, t[3]))}: study {t[0]} has {t[1]} {t[2]} labelled on "
+                  f"{len(t[3])} images; each becomes a sample with the same grade",
+        "keep one row per condition and level unless both images show it")
 
-    unreadable = _unreadable(sorted(set(samples["path"])), decode=decode, workers=workers)
+    unreadable, sizes = _probe(sorted(set(samples["path"])), decode=decode, workers=workers)
     report.summary["files_unreadable"] = len(unreadable)
     report.warnings += _listed(unreadable, lambda u: f"unreadable: {u}",
                                "prepare with --on-bad-file=skip to leave these samples out")
+    outside = [(row, x, y, sizes[p], p) for row, x, y, p in
+               zip(samples["label_row"], samples["x"], samples["y"], samples["path"])
+               if p in sizes and np.isfinite(x) and np.isfinite(y) and not site_inside(x, y, *sizes[p])]
+    report.problems += _listed(
+        outside, lambda o: f"{labels_csv} row {o[0]}: the point (x={o[1]:g}, y={o[2]:g}) lies outside the "
+                           f"{o[3][0]}x{o[3][1]} image {o[4]}", "fix the coordinate (pixels, column x and row y) or drop the row")
     return report
 
 
 # --- RSNA layout internals --------------------------------------------------------------------
+
+POINT_KEY = ("study_id", "series_id", "instance_number", "condition", "level")  # one labelled point
+
+
+def _repeated_rows(table: pd.DataFrame, key: list[str]) -> list[tuple[int, int]]:
+    """(CSV row, CSV row of its first occurrence) for every row whose ``key`` repeats an earlier row's."""
+    first = table.groupby(key, sort=False, dropna=False).ngroup()
+    seen: dict[int, int] = {}
+    repeats = []
+    for index, group in zip(table.index, first):
+        if group in seen:
+            repeats.append((index + 2, seen[group]))
+        else:
+            seen[group] = index + 2
+    return repeats
+
 
 _FLAT_SEVERITY = {"normal/mild": 0, "normal": 0, "mild": 0, "moderate": 1, "severe": 2}
 
@@ -246,6 +279,9 @@ def _rsna_problems(root: Path, tables: dict[str, pd.DataFrame]) -> list[str]:
     xy = coords[["x", "y"]].apply(pd.to_numeric, errors="coerce")
     bad_xy = [r for r, ok in zip(rows, np.isfinite(xy.to_numpy(float)).all(axis=1)) if not ok]
     problems += _listed(bad_xy, lambda r: f"{coords_csv} row {r}: x/y are not finite numbers", "fix or drop the row")
+    problems += _listed(_repeated_rows(coords, list(POINT_KEY)),
+                        lambda b: f"{coords_csv} row {b[0]} repeats row {b[1]} (the same condition and level on the "
+                                  "same image)", "drop the repeated row: each labelled point becomes one sample")
 
     known_studies = set(train["study_id"])
     known_series = set(zip(series["study_id"], series["series_id"]))
@@ -282,16 +318,18 @@ def _rsna_samples(root: Path, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     grades["level"] = parsed.str[1]
     grades["severity"] = grades["grade"].map(lambda g: None if _blank(g) else schema.SEVERITY_INDEX[str(g).strip()])
 
-    samples = coords.assign(condition=coords["condition"].map(schema.CONDITION_KEYS))
+    samples = coords.assign(condition=coords["condition"].map(schema.CONDITION_KEYS), label_row=coords.index + 2)
     samples = samples.merge(series, on=["study_id", "series_id"], how="left")
     samples = samples.merge(grades[["study_id", "condition", "level", "severity"]],
                             on=["study_id", "condition", "level"], how="left")
     samples["severity"] = samples["severity"].astype("Int64")
     samples["path"] = [_image_path(root, s, se, n) for s, se, n in
                        zip(samples["study_id"], samples["series_id"], samples["instance_number"])]
-    samples = samples[list(schema.SAMPLE_COLUMNS)].astype({"instance_number": "int64", "x": float, "y": float})
+    samples = samples[list(schema.SAMPLE_COLUMNS)].astype({"instance_number": "int64", "x": float, "y": float,
+                                                          "label_row": "int64"})
     samples = samples.sort_values(["study_id", "series_id", "instance_number", "condition", "level"], ignore_index=True)
     samples.attrs["root"] = str(root)
+    samples.attrs["labels_csv"] = str(root / schema.COORDINATES_CSV)
     return samples
 
 
@@ -410,21 +448,28 @@ def _points_per_condition(samples: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in counts.sort_index().items()}
 
 
-def _unreadable(paths: list[str], *, decode: bool, workers: int) -> list[str]:
-    def probe(path: str) -> str | None:
+def _probe(paths: list[str], *, decode: bool, workers: int) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Each file's readability and image size: (unreadable 'path reason' lines, {path: (width, height)})."""
+    def probe(path: str) -> tuple[str | None, tuple[int, int] | None]:
         try:
             if decode or not path.lower().endswith(".dcm"):
-                read_image(path)
-            else:
-                header = read_header(path)
-                if not any(k in header for k in ("Rows", "Columns")):
-                    return f"{path} has no image attributes (Rows/Columns)"
+                height, width = read_image(path).pixels.shape
+                return None, (width, height)
+            header = read_header(path)
+            if not any(k in header for k in ("Rows", "Columns")):
+                return f"{path} has no image attributes (Rows/Columns)", None
+            return None, (int(header.get("Columns") or 0), int(header.get("Rows") or 0))
         except ImageReadError as exc:
-            return str(exc.path) + " " + exc.reason
-        return None
+            return str(exc.path) + " " + exc.reason, None
 
+    unreadable, sizes = [], {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [r for r in pool.map(probe, paths) if r is not None]
+        for path, (problem, size) in zip(paths, pool.map(probe, paths)):
+            if problem is not None:
+                unreadable.append(problem)
+            elif size is not None:
+                sizes[path] = size
+    return unreadable, sizes
 
 
 def _json_default(value):

@@ -55,10 +55,11 @@ FLAT_COLUMNS: tuple[str, ...] = (
     "study_id", "series_id", "instance_number", "image_path", "scan_type",
     "condition", "level", "x", "y", "label", "label_name",
 )
-# The tidy sample table every reader returns: one row per labelled point.
+# The tidy sample table every reader returns: one row per labelled point. ``label_row`` is the
+# point's line in its CSV (train_label_coordinates.csv or the flat CSV; the header is line 1).
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "study_id", "series_id", "series_description", "instance_number",
-    "condition", "level", "severity", "x", "y", "path",
+    "condition", "level", "severity", "x", "y", "path", "label_row",
 )
 
 

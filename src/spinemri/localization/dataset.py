@@ -18,9 +18,9 @@ and the name, size and time of every file, and the folder appears only when comp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from spinemri.data.dicom import ImageReadError, SeriesStack, read_series
 from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
 from spinemri.data.splits import split_studies
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
+from spinemri.processes import worker_pool
 
 SLICE_COLUMNS = ("study_id", "series_id", "instance_number", "position", "n_slices", "width", "height",
                  "row_mm", "col_mm", "path", "origin_x", "origin_y", "origin_z", "normal_x", "normal_y", "normal_z")
@@ -190,16 +191,18 @@ def _build(files: pd.DataFrame, config: PreprocessConfig, staging: Path, *, work
     shape = (int(offsets[-1]), config.img_size, config.img_size, config.channels)
     images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
     tables, skipped = [], []
-    jobs = map(_prepare_series, groups) if workers == 1 else \
-        ProcessPoolExecutor(max_workers=workers).map(_prepare_series, groups, chunksize=2)
-    for offset, (rows, arrays, failure) in zip(offsets, jobs):
-        if failure is not None:
-            if on_bad_file == "stop":
-                raise cache.PrepareError(f"{failure}; skip bad series with --on-bad-file=skip")
-            skipped.append(failure)
-            continue
-        images[offset: offset + len(arrays)] = arrays
-        tables.append(pd.DataFrame(rows, columns=list(SLICE_COLUMNS)).assign(index=np.arange(offset, offset + len(rows))))
+    with contextlib.ExitStack() as stack:
+        jobs = map(_prepare_series, groups) if workers == 1 else \
+            stack.enter_context(worker_pool(workers)).map(_prepare_series, groups, chunksize=2)
+        for offset, (rows, arrays, failure) in zip(offsets, jobs):
+            if failure is not None:
+                if on_bad_file == "stop":
+                    raise cache.PrepareError(f"{failure}; skip bad series with --on-bad-file=skip")
+                skipped.append(failure)
+                continue
+            images[offset: offset + len(arrays)] = arrays
+            tables.append(pd.DataFrame(rows, columns=list(SLICE_COLUMNS)).assign(
+                index=np.arange(offset, offset + len(rows))))
     images.flush()
     del images
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=[*SLICE_COLUMNS, "index"])

@@ -36,8 +36,9 @@ from spinemri.localization.locate import SeriesSlices, choose_sites, log_localiz
 from spinemri.localization.model import build_localizer, point_loss, slice_loss
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.training.data import read_rows
-from spinemri.training.tracking import MlflowEpochLogger, ending_run, log_figure, pip_requirements, run_tags
-from spinemri.training.train import TrainingError, TrainResult, _sigterm_as_interrupt, resolve_data_dir, seed_everything
+from spinemri.runs import ending_run, start_run
+from spinemri.training.tracking import MlflowEpochLogger, log_figure, pip_requirements, run_tags
+from spinemri.training.train import TrainingError, TrainResult, resolve_data_dir, seed_everything
 
 DEFAULT_EXPERIMENT = "spinemri-localize"
 DEFAULT_REGISTERED_MODEL = "spinemri-localizer"
@@ -198,8 +199,8 @@ def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> TrainR
     run_name = f"localize-{task.name}-{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
     if not nested and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment_name(config))
-    run = mlflow.start_run(run_name=run_name, nested=nested)
-    with ending_run(), _sigterm_as_interrupt():
+    run = start_run(run_name=run_name, nested=nested)
+    with ending_run():
         result = _train_in_run(config, task, dataset, splits, run_name)
     result.run_id = run.info.run_id
     return result
@@ -215,7 +216,7 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
                                                                            "preprocess", "name")})  # task: a tag
     mlflow.log_params({f"split.{n}_studies": int(s.slices["study_id"].nunique()) for n, s in splits.items()})
     mlflow.log_params({f"split.{n}_slices": len(s.slices) for n, s in splits.items()})
-    mlflow.log_dict(config.to_dict(), "config.yaml")
+    mlflow.log_dict(config.to_dict(redacted=True), "config.yaml")
     split_table = pd.concat([pd.DataFrame({"study_id": sorted(s.slices["study_id"].unique()), "split": n})
                              for n, s in splits.items()], ignore_index=True)
     mlflow.log_text(split_table.to_csv(index=False), "data/splits.csv")  # predict-study checks it for leaks

@@ -40,6 +40,7 @@ from mlflow.types.schema import Array
 
 from spinemri.data.dicom import (DicomImage, ImageReadError, decode_bitmap_bytes, decode_dicom_bytes,
                                  encode_dicom, read_image)
+from spinemri.data import limits
 from spinemri.data.preprocess import PreprocessConfig, preprocess
 from spinemri.models.network import HEAD_CLASSES
 
@@ -81,11 +82,45 @@ def file_row(path: str | Path, x: float | None = None, y: float | None = None) -
     return row
 
 
+def guard_scoring_server() -> None:
+    """Inside `mlflow models serve`, bound what a request may cost before MLflow parses it.
+
+    MLflow's scoring server reads any body and hands it to ``json.loads``: a body over
+    ``SPINEMRI_MAX_REQUEST_MB`` is answered 413 before it is parsed, and JSON nested too deep for
+    Python's parser (which MLflow answers with a 500) gets a 400 that says so. Outside the server
+    (``mlflow.pyfunc.load_model`` in a script) this does nothing.
+    """
+    import sys
+
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    if server is None or getattr(server.invocations, "spinemri_guard", False):
+        return
+    original = server.invocations
+
+    def invocations(data, content_type, model, input_schema):
+        size = len(data) if isinstance(data, (bytes, str)) else 0
+        if size > limits.REQUEST_BYTES.value:
+            message = (f"the request body is {limits.human_size(size)}, over {limits.REQUEST_BYTES.describe()}; "
+                       "send fewer images or studies per request")
+            return server.InvocationsResponse(json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": message}),
+                                              413, "application/json")
+        try:
+            return original(data, content_type, model, input_schema)
+        except RecursionError:
+            raise InputError("the request's JSON is nested too deeply to parse; send a flat dataframe_split or "
+                             "dataframe_records payload (one row per image or study)") from None
+
+    invocations.spinemri_guard = True
+    server.invocations = invocations
+
+
 class KerasWithMeta(mlflow.pyfunc.PythonModel):
     """A pyfunc whose artifacts are a Keras file and meta.json (preprocessing, classes, ...)."""
 
     def load_context(self, context) -> None:
         import keras
+
+        guard_scoring_server()
 
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -87,17 +86,3 @@ def log_figure(figure, path: str) -> None:
 
     mlflow.log_figure(figure, path)
     plt.close(figure)
-
-
-@contextlib.contextmanager
-def ending_run():
-    """End the active run as FINISHED, KILLED (Ctrl-C, kill) or FAILED (any error): never left RUNNING."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run("FINISHED")

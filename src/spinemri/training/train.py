@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,7 +35,8 @@ from spinemri.models.pyfunc import example_row, log_classifier
 from spinemri.training import evaluation, plots
 from spinemri.training.data import SplitData, make_dataset, read_rows, split_data
 from spinemri.study import prior_from_samples
-from spinemri.training.tracking import MlflowEpochLogger, ending_run, log_figure, pip_requirements, run_tags
+from spinemri.runs import ending_run, start_run
+from spinemri.training.tracking import MlflowEpochLogger, log_figure, pip_requirements, run_tags
 
 
 class TrainingError(UserError, RuntimeError):
@@ -119,8 +118,8 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
         return result
     if not nested and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(config.mlflow.experiment)
-    run = mlflow.start_run(run_name=run_name, nested=nested)
-    with ending_run(), _sigterm_as_interrupt():
+    run = start_run(run_name=run_name, nested=nested)
+    with ending_run():
         result = _train_in_run(config, dataset, splits, run_name, callbacks, log_model, evaluate_test)
     result.run_id = run.info.run_id
     return result
@@ -137,7 +136,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     mlflow.log_params({k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space.") and k != "task"})
     mlflow.log_params({f"split.{name}_samples": len(part) for name, part in splits.items()})
     mlflow.log_params({f"split.{name}_studies": int(part.samples["study_id"].nunique()) for name, part in splits.items()})
-    mlflow.log_dict(config.to_dict(), "config.yaml")
+    mlflow.log_dict(config.to_dict(redacted=True), "config.yaml")
     mlflow.log_text(dataset.splits(config.split.fractions, config.split.seed).to_csv(index=False), "data/splits.csv")
 
     with distribution(cfg) as (strategy, tags):
@@ -398,23 +397,6 @@ def _log_sample_predictions(images_path: Path, test: SplitData, proba: dict[str,
     probabilities = [float(proba["severity"][i].max()) for i in chosen]
     log_figure(plots.sample_predictions(images, truths, predictions, probabilities,
                                         "test samples: true vs predicted severity"), "plots/test_predictions.png")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """`kill` (SIGTERM) ends the run as KILLED, like Ctrl-C, instead of leaving it RUNNING."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"received signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["ConfigError", "TrainResult", "TrainingError", "distribution", "prepare_data", "train"]
