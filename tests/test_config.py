@@ -82,3 +82,25 @@ def test_experiment_from_a_path(tmp_path):
 def test_parse_override_needs_an_equals_sign():
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("train.lr")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train.lr=[1e-3", "--set train.lr: '[1e-3' is not valid YAML"),
+    ("model.arch=!!python/object/apply:os.system ['echo owned']", "uses a YAML tag"),
+])
+def test_set_with_bad_yaml_is_a_clear_error(text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        parse_override(text)
+    from click.testing import CliRunner
+
+    from spinemri.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--set", text])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_logged_config_masks_url_passwords():
+    config = load_experiment("quick", {"storage": "postgresql://alice:s3cret@db.example:5432/optuna"})
+    assert config.tuning.storage.endswith("s3cret@db.example:5432/optuna")  # the run itself uses it
+    assert config.flat()["tuning.storage"] == "postgresql://alice:***@db.example:5432/optuna"
+    assert "s3cret" not in str(config.to_dict(redacted=True))

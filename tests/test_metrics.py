@@ -266,3 +266,21 @@ def test_a_group_without_labelled_rows_is_refused():
     only_spinal = pd.DataFrame({"row_id": [f"1_{c}" for c in SPINAL], "severity": ["Severe"] * 5})
     with pytest.raises(MetricError, match="no labelled foraminal row"):
         rsna_score(only_spinal, make_submission([1]))
+
+
+def test_a_real_size_label_file_scores_like_the_table_in_memory(tmp_path):
+    from spinemri.data.phantom import label_table
+
+    labels = label_table()  # the real train.csv's size: 1,975 studies, 572 blank cells
+    rng = np.random.default_rng(0)
+    row_ids = [f"{s}_{c}" for s in labels["study_id"] for c in LABEL_COLUMNS]
+    submission = pd.DataFrame(rng.dirichlet(np.ones(3), size=len(row_ids)), columns=list(PROBABILITY_COLUMNS))
+    submission.insert(0, "row_id", row_ids)
+    labels.to_csv(tmp_path / "train.csv", index=False)
+    submission.to_csv(tmp_path / "submission.csv", index=False)
+    parts = score_files(tmp_path / "train.csv", tmp_path / "submission.csv")
+    assert parts["rows"]["any_severe_spinal"] == 1975
+    graded = labels[list(LABEL_COLUMNS)].notna()
+    assert sum(parts["rows"][g] for g in ("spinal", "foraminal", "subarticular")) == graded.to_numpy().sum() == 48803
+    expected = rsna_score(labels.astype({"study_id": str}), submission, return_parts=True)
+    assert parts["score"] == pytest.approx(expected["score"], abs=1e-9)

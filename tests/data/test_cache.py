@@ -153,3 +153,68 @@ def test_killed_prepare_leaves_no_finished_cache_and_a_rerun_completes(phantom_d
                         cache_dir=tmp_path / "reference")
     assert reference.fingerprint == finished[0].name
     np.testing.assert_array_equal(np.load(finished[0] / "images.npy", mmap_mode="r"), reference.images())
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started that are still running (zombies count as ended)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [c for c in found if running(c)]
+
+
+def running(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state.split()[1]
+
+
+def kill_when_workers_run(command: list[str], workers: int) -> list[int]:
+    """Start ``command``, SIGKILL it as soon as it has ``workers`` worker processes; returns their pids."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(children(process.pid)) < workers:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.005)
+    found = children(process.pid)
+    assert len(found) >= workers, "the command finished before its workers could be seen"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_prepare_workers_die_with_a_killed_parent_and_its_partial_is_removed_later(phantom_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    command = [sys.executable, "-m", "spinemri", "data", "prepare", str(phantom_dir), "--cache-dir", str(cache_dir),
+               "--img-size", "384", "--channels", "3", "--equalize", "clahe", "--workers", "2"]
+    workers = kill_when_workers_run(command, 2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(running(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if running(pid)], "worker processes outlived their killed parent"
+    assert list(cache_dir.glob("*.partial-*")), "the killed run should have left its staging folder"
+    # Another preprocessing (another fingerprint) removes it too.
+    prepare(phantom_dir, SMALL, cache_dir=cache_dir)
+    assert not list(cache_dir.glob("*.partial-*"))
+
+
+def test_prepare_blames_the_label_row_for_a_point_outside_the_image(phantom_copy, cache_dir):
+    coords_csv = phantom_copy / schema.COORDINATES_CSV
+    frame = pd.read_csv(coords_csv)
+    frame.loc[3, ["x", "y"]] = [99999.0, -500.0]
+    frame.to_csv(coords_csv, index=False)
+    with pytest.raises(PrepareError) as info:
+        prepare(phantom_copy, SMALL, cache_dir=cache_dir)
+    message = str(info.value)
+    assert message.startswith(f"{coords_csv} row 5: the labelled site (99999.0, -500.0) lies outside the "), message
+    assert "fix the coordinate or drop the row" in message
+    skipped = prepare(phantom_copy, SMALL, cache_dir=cache_dir, on_bad_file="skip")
+    assert skipped.manifest["samples"] == len(frame) - 1
+    assert skipped.manifest["skipped"][0]["label"] == f"{coords_csv} row 5"

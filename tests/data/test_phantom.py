@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +207,32 @@ def test_foraminal_and_subarticular_grades_shrink_the_bright_space_at_the_point(
     worse = np.median(areas[1] + areas[2])
     assert areas[1] or areas[2], "the sample needs a Moderate or Severe level"
     assert worse < 0.75 * normal, (condition_name, normal, worse)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_synth_workers_die_with_a_killed_parent_and_its_partial_is_removed_later(tmp_path):
+    from tests.data.test_cache import kill_when_workers_run, running
+
+    command = [sys.executable, "-m", "spinemri", "data", "synth", "--out", str(tmp_path / "big"), "--studies", "12",
+               "--workers", "2"]
+    workers = kill_when_workers_run(command, 2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(running(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if running(pid)], "worker processes outlived their killed parent"
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name], "a staging folder should be left"
+    synthesize(tmp_path / "small", PhantomConfig(studies=1, seed=0, image_sizes=(64,), median_sagittal_slices=9))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_phantom(tmp_path):
+    config = PhantomConfig(studies=1, seed=0, image_sizes=(64,), median_sagittal_slices=9)
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a year of work")
+    with pytest.raises(FileExistsError, match="does not look like a spinemri phantom .* --overwrite --force"):
+        synthesize(mine, config, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "a year of work"
+    synthesize(mine, config, overwrite=True, force=True)
+    assert not (mine / "notes.txt").exists() and (mine / MARKER).is_file()
+    synthesize(mine, config, overwrite=True)  # a phantom now: --overwrite alone replaces it

@@ -346,6 +346,43 @@ def test_many_problems_of_one_kind_are_capped(phantom_copy):
     assert problems[-1] == f"... and {len(rows) - 1 - readers.MAX_LISTED} more of the same kind"
 
 
+def test_a_point_outside_its_image_is_a_problem_naming_the_row(phantom_copy):
+    coords_csv = phantom_copy / schema.COORDINATES_CSV
+    set_cell(coords_csv, 6, "x", "99999")
+    set_cell(coords_csv, 6, "y", "-500")
+    for decode in (False, True):
+        report = readers.check_dataset(phantom_copy, decode=decode)
+        assert not report.ok
+        assert report.problems[0].startswith(f"{coords_csv} row 6: the point (x=99999, y=-500) lies outside the ")
+        assert "fix the coordinate" in report.problems[0] and len(report.problems) == 1
+
+
+def test_a_repeated_coordinate_row_is_a_problem_naming_both_rows(phantom_copy):
+    coords_csv = phantom_copy / schema.COORDINATES_CSV
+    rows = read_rows(coords_csv)
+    write_rows(coords_csv, rows + [rows[4]])  # line 5 again, as line len(rows) + 1
+    expected = f"{coords_csv} row {len(rows) + 1} repeats row 5"
+    report = readers.check_dataset(phantom_copy)
+    assert not report.ok and report.problems[0].startswith(expected), report.problems
+    assert "drop the repeated row" in report.problems[0]
+    assert expected in load_error(phantom_copy)  # prepare refuses it the same way
+
+
+def test_a_level_labelled_on_two_images_is_a_warning(phantom_copy):
+    coords_csv = phantom_copy / schema.COORDINATES_CSV
+    rows = read_rows(coords_csv)
+    header = rows[0]
+    twin = list(rows[4])
+    other = next(r for r in rows[1:] if r[header.index("series_id")] == twin[header.index("series_id")]
+                 and r[header.index("instance_number")] != twin[header.index("instance_number")])
+    twin[header.index("instance_number")] = other[header.index("instance_number")]
+    write_rows(coords_csv, rows + [twin])
+    report = readers.check_dataset(phantom_copy)
+    assert report.ok, report.problems
+    assert any(w.startswith(f"{coords_csv} rows 5, {len(rows) + 1}: study ") and "labelled on 2 images" in w
+               for w in report.warnings), report.warnings
+
+
 # --- unreadable files ----------------------------------------------------------------------------
 
 def test_unreadable_dicom_is_a_warning_not_a_problem(phantom_copy):

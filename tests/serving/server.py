@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,12 +29,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_model(model_uri: str, tracking_uri: str, log: Path):
+def serve_model(model_uri: str, tracking_uri: str, log: Path, extra_env: dict | None = None):
     """Yield (url, process) once the server answers /ping; stop its process group afterwards."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", **(extra_env or {}))
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -69,13 +70,52 @@ def serve_model(model_uri: str, tracking_uri: str, log: Path):
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def post(url: str, payload) -> tuple[int, dict]:
+def post(url: str, payload, timeout: float = 60) -> tuple[int, dict]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
-        with DIRECT.open(request, timeout=60) as response:
+        with DIRECT.open(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
+
+
+def group_rss(pgid: int) -> int:
+    """Resident bytes of every process in the process group (the server and its workers)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: resident pages
+    return total
+
+
+class PeakRss:
+    """Samples the process group's resident memory every 20 ms while the block runs; ``peak`` in bytes."""
+
+    def __init__(self, pgid: int):
+        self.pgid, self.peak, self._stop = pgid, 0, threading.Event()
+
+    def __enter__(self) -> "PeakRss":
+        self.idle = group_rss(self.pgid)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, group_rss(self.pgid))
+            time.sleep(0.02)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, group_rss(self.pgid))
 
 

@@ -90,3 +90,16 @@ def test_predict_input_errors_are_clear(store, tmp_path):
                                     "--out", str(tmp_path / "p.csv")])
     assert bad_model.exit_code == 1 and "cannot load classifier 'models:/spinemri@nosuchalias'" in bad_model.output
     assert "Traceback" not in bad_model.output
+
+
+def test_an_existing_out_file_is_kept_unless_overwrite_is_given(store, tmp_path):
+    folder, files = _folder(store, tmp_path, count=2)
+    out = tmp_path / "preds.csv"
+    out.write_text("someone's earlier results\n")
+    command = ["predict", "--model", "models:/spinemri@champion", "--input", str(folder), "--out", str(out)]
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 1 and f"--out {out} already exists" in result.output and "--overwrite" in result.output
+    assert out.read_text() == "someone's earlier results\n"
+    result = CliRunner().invoke(cli, [*command, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(out)) == len(files)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from spinemri.models.network import HEAD_CLASSES
 from spinemri.models.pyfunc import file_row
 
 from .conftest import no_pixels_dicom_b64
-from .server import post as _post, serve_model
+from tests import hostile
+
+from .server import PeakRss, post as _post, serve_model
 
 # One worker runs all serving tests: one trained model and one server instead of two of each.
 pytestmark = pytest.mark.xdist_group("serving")
@@ -26,7 +29,9 @@ pytestmark = pytest.mark.xdist_group("serving")
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with serve_model("models:/spinemri@champion", trained.tracking_uri, log) as (url, process):
+    # A request body limit small enough to test cheaply, far above any request below.
+    with serve_model("models:/spinemri@champion", trained.tracking_uri, log,
+                     extra_env={"SPINEMRI_MAX_REQUEST_MB": "32"}) as (url, process):
         yield url, process
 
 
@@ -110,5 +115,46 @@ def test_malformed_json_is_a_400_too(server, trained):
     url, process = server
     status, body = _post(url, b"{not json")
     assert status == 400
+    status, _ = _post(url, {"dataframe_records": [_site(trained.data_dir)]})
+    assert status == 200 and process.poll() is None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_bombs_fired_together_are_refused_in_bounded_memory(server, trained):
+    url, process = server
+    bombs = {  # each a small request declaring gigabytes
+        "deflated DICOM": ({"dicom_b64": _b64(hostile.deflated_dicom(23170, 23170))},
+                           "inflates to more than 144 MB, over the limit of 128 MB"),
+        "declared DICOM": ({"dicom_b64": _b64(hostile.oversized_dicom(23170, 23170))},
+                           "declares a 23170 x 23170 image"),
+        "PNG": ({"image_b64": _b64(hostile.png(20000, 20000))}, "declares a 20000 x 20000 image"),
+    }
+    requests = [kind for kind in bombs for _ in range(3)]
+    good = _site(trained.data_dir)
+    with PeakRss(process.pid) as rss, ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda kind: _post(url, {"dataframe_records": [bombs[kind][0]]}, timeout=120),
+                                requests))
+    for kind, (status, body) in zip(requests, answers):
+        assert status == 400, (kind, body)
+        assert bombs[kind][1] in body["message"] and "SPINEMRI_MAX_IMAGE" in body["message"], (kind, body["message"])
+    growth = (rss.peak - rss.idle) / (1 << 30)
+    print(f"{len(requests)} bombs at once: server RSS {rss.idle / (1 << 20):.0f} MB idle, "
+          f"peak {rss.peak / (1 << 20):.0f} MB (+{growth:.2f} GB)")
+    assert growth < 1.5, f"the bombs took the server {growth:.2f} GB above idle"
+    status, body = _post(url, {"dataframe_records": [good]})
+    assert status == 200 and process.poll() is None, body
+
+
+def test_deep_json_and_oversized_bodies_get_their_own_answers(server, trained):
+    url, process = server
+    deep = b'{"dataframe_records": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    status, body = _post(url, deep)
+    assert status == 400 and "nested too deeply" in body["message"], (status, body)
+    status, body = _post(url, b'{"dataframe_records": [{"dicom_b64": "' + b"A" * (33 << 20) + b'"}]}')
+    assert status == 413 and "over the limit of 32 MB per request body" in body["message"], (status, body)
+    assert "SPINEMRI_MAX_REQUEST_MB" in body["message"]
     status, _ = _post(url, {"dataframe_records": [_site(trained.data_dir)]})
     assert status == 200 and process.poll() is None

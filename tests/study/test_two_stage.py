@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -22,6 +23,7 @@ from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 from spinemri.localization.locate import load_localizer
 from spinemri.metrics import PROBABILITY_COLUMNS
 from spinemri.study import find_studies
+from tests import hostile
 
 pytestmark = pytest.mark.xdist_group("study")
 
@@ -150,6 +152,32 @@ def test_held_out_score_beats_the_prior_baseline_and_is_logged(study_store, tmp_
     assert run.data.metrics["rows_from_prior"] == 0
 
 
+def test_evaluate_study_on_labels_of_the_submitted_studies_only(study_store, tmp_path):
+    out, _ = _held_out(study_store, tmp_path)
+    studies = set(pd.read_csv(out, dtype={"row_id": str})["row_id"].str.split("_", n=1).str[0])
+    labels = pd.read_csv(study_store.data_dir / "train.csv", dtype={"study_id": str})
+    own = tmp_path / "own"
+    own.mkdir()
+    labels[labels["study_id"].isin(studies)].to_csv(own / "train.csv", index=False)  # a user's validation labels
+
+    result = _cli("evaluate-study", "--data", own, "--submission", out, "--no-log", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert "the classifier's training labels (models:/spinemri@champion)" in report["prior_source"]
+    classifier = mlflow.pyfunc.load_model("models:/spinemri@champion").unwrap_python_model()
+    assert report["prior"] == classifier.meta["severity_prior"]
+
+    refused = _cli("evaluate-study", "--data", own, "--submission", out, "--no-log", "--classifier", "")
+    assert refused.exit_code == 1 and "--prior-labels FILE" in refused.output and "Traceback" not in refused.output
+
+    others = tmp_path / "others.csv"
+    labels[~labels["study_id"].isin(studies)].to_csv(others, index=False)
+    given = _cli("evaluate-study", "--data", own, "--submission", out, "--no-log", "--json", "--prior-labels", others)
+    assert given.exit_code == 0, given.output
+    report = json.loads(given.output[given.output.index("{"):])
+    assert report["prior_studies"] == len(labels) - len(studies) and "--prior-labels" in report["prior_source"]
+
+
 def test_predict_study_refuses_localizers_that_trained_on_the_held_out_studies(study_store, tmp_path):
     from spinemri.config import load_experiment
     from spinemri.localization.train import train_localizer
@@ -214,10 +242,11 @@ def test_packaged_study_model_matches_predict_study(study_store, study_model, tm
 
 
 def test_the_study_model_is_served_over_http(study_store, study_model, tmp_path):
-    from tests.serving.server import post, serve_model
+    from tests.serving.server import PeakRss, post, serve_model
 
     study = sorted(p.name for p in (study_store.data_dir / "train_images").iterdir())[0]
-    with serve_model("models:/spinemri-study@champion", study_store.tracking_uri, tmp_path / "serve.log") as (url, _):
+    with serve_model("models:/spinemri-study@champion", study_store.tracking_uri, tmp_path / "serve.log") as (url,
+                                                                                                          process):
         payload = {"dataframe_records": [{"study_zip_b64": zip_study(study_store.data_dir / "train_images" / study,
                                                                      top="anything"), "study_id": study}]}
         status, body = post(url, payload)
@@ -228,6 +257,22 @@ def test_the_study_model_is_served_over_http(study_store, study_model, tmp_path)
         assert status == 400 and "row 0: study_zip_b64 is not a zip archive" in body["message"]
         status, body = post(url, {"dataframe_records": [{"study_id": "1"}]})
         assert status == 400 and "study_zip_b64" in body["message"]
+
+        # Bombs, several of each kind at once: refused from their declared sizes, in bounded memory.
+        bombs = {"zeros": (base64.b64encode(hostile.zip_of_zeros([1 << 30])).decode(), "SPINEMRI_MAX_STUDY_FILE_MB"),
+                 "dicom": (base64.b64encode(hostile.zip_of({"s/1/1.dcm": hostile.deflated_dicom(23170, 23170)})
+                                            ).decode(), "SPINEMRI_MAX_IMAGE_MB")}
+        kinds = [kind for kind in bombs for _ in range(3)]
+        with PeakRss(process.pid) as rss, ThreadPoolExecutor(len(kinds)) as pool:
+            answers = list(pool.map(lambda k: post(url, {"dataframe_records": [{"study_zip_b64": bombs[k][0]}]},
+                                                   timeout=120), kinds))
+        for kind, (status, body) in zip(kinds, answers):
+            assert status == 400 and bombs[kind][1] in body["message"], (kind, body)
+        growth = (rss.peak - rss.idle) / (1 << 30)
+        print(f"{len(kinds)} study bombs at once: +{growth:.2f} GB over {rss.idle / (1 << 20):.0f} MB idle")
+        assert growth < 1.5
+        status, body = post(url, payload)
+        assert status == 200 and process.poll() is None, body
 
 
 def test_mlflow_run_trains_a_localizer(study_store, tmp_path):

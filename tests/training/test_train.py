@@ -111,7 +111,7 @@ def test_deterministic_training_repeats_its_run_exactly(phantom_dir, tracking):
     # train.deterministic turns on TensorFlow's op determinism (for the rest of this process): the
     # same seed then gives the same weights, so the same metrics, bit for bit.
     overrides = {"arch": "tiny", "data_dir": str(phantom_dir), "img_size": 32, "epochs": 2, "lr": 0.002,
-                 "train.deterministic": True}
+                 "train.deterministic": True, "storage": "postgresql://alice:s3cret@db.example/optuna"}
     first, second = (train(load_experiment("quick", overrides), log_model=False) for _ in range(2))
     assert first.run_id != second.run_id
     timings = {"training_time_s", "inference_ms_per_image"}
@@ -120,6 +120,9 @@ def test_deterministic_training_repeats_its_run_exactly(phantom_dir, tracking):
     assert first.history == second.history
     params = mlflow.MlflowClient().get_run(first.run_id).data.params
     assert params["train.deterministic"] == "True" and params["train.seed"] == "0"
+    # A password in a URL setting is masked in the params and the logged config.yaml.
+    assert params["tuning.storage"] == "postgresql://alice:***@db.example/optuna"
+    assert "s3cret" not in mlflow.artifacts.load_text(f"runs:/{first.run_id}/config.yaml")
 
 
 def _default_signals() -> None:
@@ -127,7 +130,7 @@ def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_interrupted_training_ends_killed_not_running(phantom_dir, tracking, sig):
     command = [sys.executable, "-m", "spinemri", "train", "--arch", "tiny", "--data-dir", str(phantom_dir),
                "--img-size", "32", "--epochs", "200", "--set", "train.early_stopping_patience=500",
@@ -155,7 +158,14 @@ def test_interrupted_training_ends_killed_not_running(phantom_dir, tracking, sig
         pytest.fail(f"training ignored {sig!r} for 60 s; its signal masks were {masks}")
     assert process.returncode != 0
     _, runs = _runs(tracking, "interrupt")
-    assert [r.info.status for r in runs] == ["KILLED"]
+    if sig != signal.SIGKILL:
+        assert [r.info.status for r in runs] == ["KILLED"]
+        return
+    # SIGKILL (an OOM kill) ends nothing: the next command that opens the store marks the run FAILED.
+    assert [r.info.status for r in runs] == ["RUNNING"]
+    open_tracking_store(tracking)
+    _, runs = _runs(tracking, "interrupt")
+    assert [r.info.status for r in runs] == ["FAILED"] and "died" in runs[0].data.tags["fail_reason"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -405,24 +405,45 @@ def _check_inflated_size(handle, path) -> None:
 
 
 def _check_bitmap_size(handle, path) -> None:
-    """Refuse a PNG/JPEG whose header declares more pixels than the image budget, before decoding it."""
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's own DecompressionBombWarning: ours is the error below
-        try:
-            with Image.open(handle) as image:
-                width, height = image.size
-                bands, mode = len(image.getbands()), image.mode
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(path, f"declares too many pixels to decode ({exc}); "
-                                f"{limits.IMAGE_PIXELS.describe()}") from None
-        except Exception:  # noqa: BLE001 - not an image PIL knows: OpenCV's decoder names the problem
-            return
-    bits = 16 if mode.startswith("I;16") else 32 if mode in ("I", "F") else 8
-    problem = limits.image_problem(height, width, 1, bands, bits)
+    """Refuse a PNG/JPEG whose header declares more pixels than the image budget, before decoding it;
+    anything that is neither is refused too (the column and the flat CSV take PNG and JPEG only)."""
+    geometry = bitmap_geometry(handle)
+    if geometry is None:
+        raise ImageReadError(path, "is not a PNG or JPEG image", None)
+    problem = limits.image_problem(*geometry)
     if problem:
         raise ImageTooLarge(path, problem)
+
+
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # by colour type (a palette decodes to RGB)
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def bitmap_geometry(handle) -> tuple[int, int, int, int] | None:
+    """(rows, columns, 1 frame, samples, bits per sample) from a PNG's IHDR or a JPEG's frame header, read
+    from ``handle`` without decoding; None for anything else. Only the header bytes are read."""
+    head = handle.read(33)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 26:
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        samples = _PNG_SAMPLES.get(head[25])
+        return None if samples is None else (height, width, 1, samples, max(head[24], 8))
+    if head[:2] != b"\xff\xd8":
+        return None
+    handle.seek(2)
+    while True:  # JPEG segments: FF <marker> <length> <body>, until the frame header
+        marker = handle.read(4)
+        if len(marker) < 4 or marker[0] != 0xFF:
+            return None
+        length = int.from_bytes(marker[2:4], "big")
+        if marker[1] in _JPEG_FRAMES:
+            body = handle.read(6)
+            if len(body) < 6:
+                return None
+            height, width = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
+            return height, width, 1, body[5], max(body[0], 8)
+        if length < 2:
+            return None
+        handle.seek(length - 2, io.SEEK_CUR)
 
 
 def _has_pixels(ds: Dataset) -> bool:

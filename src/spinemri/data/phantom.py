@@ -143,6 +143,20 @@ def synthesize(out_dir: str | Path, config: PhantomConfig = PhantomConfig(), *, 
     )
 
 
+def label_table(studies: int = 1975, blanks: int = 572, seed: int = 0) -> pd.DataFrame:
+    """Labels alone, in train.csv's layout, for ``studies`` studies with ``blanks`` blank cells: by default
+    the size of the real RSNA 2024 train.csv (1,975 studies, 572 blank cells). No images."""
+    rng = np.random.default_rng(seed)
+    grades = [sample_labels(rng) for _ in range(studies)]
+    table = pd.DataFrame([[schema.SEVERITIES[g[(c, lv)]] for c in CONDITIONS for lv in LEVELS] for g in grades],
+                         columns=list(schema.LABEL_COLUMNS), dtype=object)
+    cells = rng.choice(table.size, size=min(blanks, table.size), replace=False)
+    for cell in cells:
+        table.iat[cell // table.shape[1], cell % table.shape[1]] = None
+    table.insert(0, "study_id", _unique_ids(rng, studies))
+    return table.sort_values("study_id", ignore_index=True)
+
+
 def sample_labels(rng: np.random.Generator) -> dict[tuple[str, str], int]:
     """Severity (0/1/2) of each (condition, level) of one study, correlated across levels.
 

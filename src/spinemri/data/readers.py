@@ -279,7 +279,8 @@ def _rsna_problems(root: Path, tables: dict[str, pd.DataFrame]) -> list[str]:
     xy = coords[["x", "y"]].apply(pd.to_numeric, errors="coerce")
     bad_xy = [r for r, ok in zip(rows, np.isfinite(xy.to_numpy(float)).all(axis=1)) if not ok]
     problems += _listed(bad_xy, lambda r: f"{coords_csv} row {r}: x/y are not finite numbers", "fix or drop the row")
-    problems += _listed(_repeated_rows(coords, list(POINT_KEY)),
+    known = coords[coords["condition"].isin(list(schema.CONDITION_KEYS)) & coords["level"].isin(list(schema.LEVELS))]
+    problems += _listed(_repeated_rows(known, list(POINT_KEY)),
                         lambda b: f"{coords_csv} row {b[0]} repeats row {b[1]} (the same condition and level on the "
                                   "same image)", "drop the repeated row: each labelled point becomes one sample")
 
