@@ -31,7 +31,7 @@ demo: venv
 	@# The phantom is written once; delete $(DEMO_DIR) to regenerate it.
 	test -f $(DEMO_DIR)/train.csv || $(BIN)/spinemri data synth --out $(DEMO_DIR) --studies $(STUDIES) --seed 0
 	$(BIN)/spinemri data check $(DEMO_DIR)
-	$(BIN)/spinemri data prepare $(DEMO_DIR) --img-size 96 --workers 2
+	$(BIN)/spinemri data prepare $(DEMO_DIR) --experiment quick
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name spinemri-classify \
 		-P arch=$(ARCH) -P data_dir=$(DEMO_DIR)
 	@echo "See the run: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
@@ -43,7 +43,7 @@ study-demo: venv
 	@$(BIN)/spinemri registry list --name spinemri >/dev/null 2>&1 || $(MAKE) demo
 	for series in sagittal_t2 sagittal_t1 axial_t2; do \
 		PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name spinemri-localize \
-			-P experiment=localize -P task=localize -P series=$$series -P data_dir=$(DEMO_DIR) || exit 1; \
+			-e localize -P series=$$series -P data_dir=$(DEMO_DIR) || exit 1; \
 	done
 	$(BIN)/spinemri predict-study --data $(DEMO_DIR) --split test --out submission.csv
 	$(BIN)/spinemri evaluate-study --data $(DEMO_DIR) --submission submission.csv

@@ -48,7 +48,7 @@ class BatchClock:
 def memory_dataset(images_path, split, batch_size: int, seed: int):
     import tensorflow as tf
 
-    from spinemri.models.network import HEAD_CLASSES
+    from spinemri.data.schema import HEAD_CLASSES
     from spinemri.training.data import read_rows, sample_weights
 
     x = read_rows(str(images_path), split.rows).astype("float32")
@@ -64,7 +64,8 @@ def measure(arch: str, img_size: int, batch_size: int, steps: int, rounds: int, 
     from spinemri.config import load_experiment
     from spinemri.models.network import build_model
     from spinemri.training.data import make_dataset, split_data
-    from spinemri.training.train import _compile, prepare_data
+    from spinemri.data.source import prepare_data
+    from spinemri.training.train import _compile
 
     config = load_experiment("quick", {"arch": arch, "img_size": img_size, "batch_size": batch_size,
                                        "data_dir": str(data_dir)})

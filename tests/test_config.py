@@ -4,32 +4,33 @@ from __future__ import annotations
 
 import pytest
 
-from spinemri.config import ConfigError, load_experiment, parse_override
+from spinemri.config import load_experiment, parse_override
+from spinemri.errors import ConfigError
 
 
 def test_quick_experiment_loads_with_its_values():
     config = load_experiment("quick")
     assert config.name == "quick"
     assert config.model.arch == "densenet" and config.model.weights == "none"
-    assert config.preprocessing.img_size == 96 and config.train.epochs == 6
+    assert config.preprocess.img_size == 96 and config.train.epochs == 6
     assert config.data.data_dir == ""
     assert config.flat()["train.lr"] == pytest.approx(0.001)
 
 
 def test_rsna_experiment_uses_the_native_size_and_thesis_protocol():
     config = load_experiment("rsna")
-    assert config.preprocessing.img_size == 299  # inception_v3
+    assert config.preprocess.img_size == 299  # inception_v3
     assert (config.train.epochs, config.train.batch_size, config.train.optimizer) == (20, 8, "adam")
     assert config.model.weights == "imagenet"
-    assert load_experiment("rsna", {"arch": "nasnet_large"}).preprocessing.img_size == 331
-    assert load_experiment("rsna", {"arch": "densenet"}).preprocessing.img_size == 224
+    assert load_experiment("rsna", {"arch": "nasnet_large"}).preprocess.img_size == 331
+    assert load_experiment("rsna", {"arch": "densenet"}).preprocess.img_size == 224
 
 
 def test_overrides_from_the_command_line_are_typed():
     config = load_experiment("quick", {"arch": "tiny", "img_size": "64", "epochs": "2", "lr": "3e-4",
                                        "batch_size": "8", "mode": "slice", "seed": "5", "data_dir": ""})
     assert config.model.arch == "tiny"
-    assert config.preprocessing.img_size == 64 and config.preprocessing.mode == "slice"
+    assert config.preprocess.img_size == 64 and config.preprocess.mode == "slice"
     assert (config.train.epochs, config.train.batch_size, config.train.seed) == (2, 8, 5)
     assert config.train.lr == pytest.approx(3e-4)
     assert config.data.data_dir == ""  # empty keeps the experiment's value

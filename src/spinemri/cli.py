@@ -12,15 +12,11 @@ from pathlib import Path
 
 import click
 
-from spinemri.data import cache, phantom, readers
+from spinemri.config import PREPARE_SHORTCUTS, SHORTCUTS, setting_help
 from spinemri.errors import UserError
 from spinemri.redact import redact
-from spinemri.data.dicom import ImageReadError
-from spinemri.data.preprocess import EQUALIZE, MODES, PreprocessConfig
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
-
-USER_ERRORS = (readers.DatasetError, ImageReadError, cache.PrepareError, FileExistsError, ValueError, UserError)
 
 
 def exit_on_interrupt(command):
@@ -47,20 +43,48 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             raise click.ClickException(redact(str(exc))) from None
     return wrapper
 
 
 def tracked(command):
-    """A command that uses the MLflow store: create or upgrade its tables first, one process at a time."""
+    """A command that uses the MLflow store: create or upgrade its tables first, one process at a time,
+    and mark FAILED the runs of dead spinemri processes."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from spinemri.tracking_store import open_tracking_store
+        from spinemri.tracking.store import open_tracking_store
 
         open_tracking_store()
         return command(*args, **kwargs)
     return wrapper
+
+
+def setting_options(shortcuts: dict[str, str], *names: str):
+    """Flags for config settings: ``--arch`` for SHORTCUTS["arch"] (model.arch), with the setting's help.
+
+    Each flag's default is None: a flag left out keeps the experiment's value.
+    """
+    def decorate(command):
+        for name in reversed(names):
+            command = click.option(f"--{name.replace('_', '-')}", name, default=None,
+                                   help=setting_help(shortcuts[name]))(command)
+        return command
+    return decorate
+
+
+SET_OPTION = click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                          help="Any other setting as a dotted key, e.g. --set train.freeze_epochs=2 "
+                               "--set model.dropout=0.5 (docs/experiments.md lists them).")
+
+
+def overrides(flags: dict, settings) -> dict:
+    """The flags given (short names) and --set KEY=VALUE pairs, as load_experiment's overrides."""
+    from spinemri.config import parse_override
+
+    given = {k: v for k, v in flags.items() if v not in (None, "")}
+    given.update(parse_override(item) for item in settings if item.strip())  # MLproject passes --set '' when unset
+    return given
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,6 +122,8 @@ def synth(out_dir, studies, seed, workers, overwrite, force, as_json) -> None:
     stenosis narrows the canal, foraminal narrowing shrinks the foramen, subarticular stenosis
     narrows the recess, at the coordinate given in train_label_coordinates.csv.
     """
+    from spinemri.data import phantom
+
     started = time.perf_counter()
     summary = phantom.synthesize(out_dir, phantom.PhantomConfig(studies=studies, seed=seed),
                                  workers=workers, overwrite=overwrite, force=force,
@@ -123,7 +149,9 @@ def check(path, as_json, decode, workers) -> None:
     column, labels pointing at absent series/instances, unknown condition or level), each named
     with its file, row and fix. Never prints patient-identifying DICOM tags.
     """
-    report = readers.check_dataset(path, decode=decode, workers=workers)
+    from spinemri.data.readers import check_dataset
+
+    report = check_dataset(path, decode=decode, workers=workers)
     if as_json:
         click.echo(report.to_json())
     else:
@@ -140,121 +168,81 @@ def check(path, as_json, decode, workers) -> None:
 
 @data.command()
 @click.argument("path", type=click.Path())
-@click.option("--img-size", default=128, show_default=True, type=int, help="Output side in pixels.")
-@click.option("--mode", default="roi", show_default=True, type=click.Choice(MODES),
-              help="roi: a square around each labelled point; slice: the whole slice (the thesis).")
-@click.option("--roi-mm", default=60.0, show_default=True, type=float, help="ROI side in millimetres.")
-@click.option("--channels", default=1, show_default=True, type=click.Choice(["1", "3"]),
-              help="3 = neighbouring slices i-1, i, i+1 as channels.")
-@click.option("--equalize", default="none", show_default=True, type=click.Choice(EQUALIZE),
-              help="Histogram equalisation after windowing (the thesis used 'hist').")
-@click.option("--dicom-window", is_flag=True, help="Apply the files' own VOI window first.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes.")
-@click.option("--on-bad-file", default="stop", show_default=True, type=click.Choice(cache.ON_BAD_FILE),
+@click.option("--experiment", default="quick", show_default=True,
+              help="Experiment YAML whose preprocessing and split the cache gets (a name under experiments/ or a path).")
+@setting_options(PREPARE_SHORTCUTS, "img_size", "mode", "roi_mm", "channels", "equalize", "dicom_window", "workers",
+                 "split", "split_seed")
+@SET_OPTION
+@click.option("--on-bad-file", default="stop", show_default=True, type=click.Choice(["stop", "skip"]),
               help="stop at the first unreadable file, or skip its samples and list them in the manifest.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where caches live [default: $SPINEMRI_CACHE_DIR or ~/.cache/spinemri/prepared].")
-@click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True,
-              help="train,val,test fractions of studies.")
-@click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the study-level split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @user_errors
-def prepare(path, img_size, mode, roi_mm, channels, equalize, dicom_window, workers, on_bad_file,
-            cache_dir, split_fractions, split_seed, as_json) -> None:
+def prepare(path, experiment, img_size, mode, roi_mm, channels, equalize, dicom_window, workers, split, split_seed,
+            settings, on_bad_file, cache_dir, as_json) -> None:
     """Preprocess a dataset into the on-disk cache that training streams from.
 
-    The same command reuses the cache; changing the data or any preprocessing option builds a
-    new one. Prints the cache folder and the number of samples per split (study-level split,
-    stratified by each study's worst grade).
+    The cache gets the experiment's preprocessing and split (what `spinemri train --experiment` with
+    the same settings reads), changed by the flags and --set. The same command reuses the cache;
+    changing the data or any preprocessing setting builds a new one. Prints the cache folder and the
+    samples per split (study-level, stratified by each study's worst grade).
     """
-    fractions = _fractions(split_fractions)
-    config = PreprocessConfig(img_size=img_size, mode=mode, roi_mm=roi_mm, channels=int(channels),
-                              equalize=equalize, dicom_window=dicom_window)
+    from spinemri.config import load_experiment
+    from spinemri.data.cache import prepare as prepare_cache
+
+    flags = dict(img_size=img_size, mode=mode, roi_mm=roi_mm, channels=channels, equalize=equalize,
+                 dicom_window=dicom_window, workers=workers, split=split, split_seed=split_seed)
+    flags = {PREPARE_SHORTCUTS[k]: (v.split(",") if k == "split" and v else v) for k, v in flags.items()}
+    config = load_experiment(experiment, overrides(flags, settings))
     started = time.perf_counter()
-    dataset = cache.prepare(path, config, cache_dir=cache_dir, workers=workers, on_bad_file=on_bad_file,
-                            split_fractions=fractions, split_seed=split_seed,
-                            progress=not as_json and sys.stderr.isatty())
-    per_split = dataset.samples_with_split(fractions, split_seed)["split"].value_counts()
-    result = {
-        "cache": str(dataset.path),
-        "reused": dataset.reused,
-        "samples": dataset.manifest["samples"],
-        "skipped": sum(len(s["rows"]) for s in dataset.manifest["skipped"]),
-        "samples_per_split": {s: int(per_split.get(s, 0)) for s in ("train", "val", "test")},
-        "studies_per_split": {k: int(v) for k, v in dataset.splits(fractions, split_seed)["split"].value_counts().items()},
-        "shape": dataset.manifest["shape"],
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    dataset = prepare_cache(path, config.preprocess, cache_dir=cache_dir, workers=config.data.workers,
+                            on_bad_file=on_bad_file, split_fractions=config.split.fractions,
+                            split_seed=config.split.seed, progress=not as_json and sys.stderr.isatty())
+    result = {**dataset.summary(config.split.fractions, config.split.seed),
+              "seconds": round(time.perf_counter() - started, 2)}
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{'reused' if dataset.reused else 'built'} cache {result['cache']} in {result['seconds']} s")
+    click.echo(f"{'reused' if result['reused'] else 'built'} cache {result['cache']} in {result['seconds']} s")
     click.echo(f"  samples: {result['samples']} ({result['skipped']} skipped), tensor shape {result['shape']}")
     click.echo("  samples per split: " + ", ".join(f"{k} {v}" for k, v in result["samples_per_split"].items()))
     for failure in dataset.manifest["skipped"][:10]:
         click.echo(f"  skipped: {failure['path']} {failure['reason']}")
 
 
+TRAIN_FLAGS = ("arch", "data_dir", "img_size", "mode", "epochs", "batch_size", "lr", "weights", "seed", "trials",
+               "storage", "workers", "task", "series", "strategy", "mixed_precision")
+
+
 @main.command()
 @click.option("--experiment", default="quick", show_default=True,
-              help="Experiment YAML: a name under experiments/ (quick, rsna, ...) or a path.")
-@click.option("--arch", default=None, help="Backbone, e.g. densenet, inception_v3, mobilenet_v2, tiny "
-              "(see README for all).")
-@click.option("--data-dir", default=None, help="RSNA folder or flat CSV [default: the experiment's, else the built-in phantom].")
-@click.option("--img-size", default=None, help="Input side in pixels (0 = the backbone's native size).")
-@click.option("--mode", default=None, help="roi or slice.")
-@click.option("--epochs", default=None, help="Training epochs.")
-@click.option("--batch-size", default=None, help="Batch size.")
-@click.option("--lr", default=None, help="Learning rate.")
-@click.option("--weights", default=None, help="imagenet, none, or a weights file.")
-@click.option("--seed", default=None, help="Random seed of training.")
-@click.option("--trials", default=None, help="N > 0: tune with an Optuna study of N trials first (0 = train once).")
-@click.option("--storage", default=None, help="Optuna storage: a journal file or postgresql://... "
-              "[default: optuna-journal.log next to the MLflow store].")
-@click.option("--workers", default=None, help="Processes working on the study at once.")
-@click.option("--task", default=None, type=click.Choice(["", "classify", "localize"]),
-              help="classify (default): the ROI classifier; localize: the stage-1 localizer of --series.")
-@click.option("--series", default=None, type=click.Choice(["", "sagittal_t2", "sagittal_t1", "axial_t2"]),
-              help="With --task localize: the series type whose sites the localizer learns.")
-@click.option("--strategy", default=None, help="default (one device) or mirrored (all visible GPUs; "
-              "--batch-size is the global batch).")
-@click.option("--mixed-precision", default=None, help="auto (mixed_float16 iff a GPU is visible), on or off.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Any other config key, e.g. --set train.freeze_epochs=2 --set model.dropout=0.5.")
+              help="Experiment YAML: a name under experiments/ (quick, rsna, localize, ...) or a path.")
+@setting_options(SHORTCUTS, *TRAIN_FLAGS)
+@SET_OPTION
 @user_errors
 @exit_on_interrupt
 @tracked
-def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, weights, seed, trials, storage, workers,
-          settings, task=None, series=None, strategy=None, mixed_precision=None) -> None:
-    """Train a backbone with the three heads and log the run to MLflow.
+def train(experiment, settings, **flags) -> None:
+    """Train a backbone with the three heads (or, with --task localize, a stage-1 localizer) and log the run.
 
-    Options left out (or empty) take the experiment's value; an experiment without a data_dir
-    trains on the built-in phantom, generated once and cached. The tracking store is $MLFLOW_TRACKING_URI
-    (default: ./mlflow.db). Prints the run id and the test metrics.
+    Flags left out (or empty) keep the experiment's value; an experiment without a data_dir trains
+    on the built-in phantom, generated once and cached. With --trials N an Optuna study of N trials
+    runs first. The tracking store is $MLFLOW_TRACKING_URI (default: ./mlflow.db). Prints the run
+    id and the test metrics.
     """
-    from spinemri.config import load_experiment, parse_override
+    from spinemri.config import load_experiment
 
-    overrides = dict(arch=arch, data_dir=data_dir, img_size=img_size, mode=mode, epochs=epochs,
-                     batch_size=batch_size, lr=lr, weights=weights, seed=seed, trials=trials, storage=storage,
-                     workers=workers, task=task, series=series, strategy=strategy,
-                     mixed_precision=mixed_precision)
-    overrides = {k: v for k, v in overrides.items() if v not in (None, "")}
-    overrides.update(parse_override(item) for item in settings)
-    if overrides.get("task") == "localize" and img_size not in (None, ""):
-        overrides["localize.img_size"] = overrides.pop("img_size")  # --img-size means the localizer's input
-    config = load_experiment(experiment, overrides)
+    config = load_experiment(experiment, overrides(flags, settings))
     if config.task == "localize":
         if config.tuning.trials > 0:
-            raise click.UsageError("tuning a localizer (--task localize with --trials) is not implemented yet; "
+            raise click.UsageError("tuning a localizer (--task localize with --trials) is not implemented; "
                                    "train it with --trials 0 and set its hyperparameters with --set")
         from spinemri.localization.train import train_localizer
 
         result = train_localizer(config)
         click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), localizer {result.model_uri}")
-        for key, value in sorted(result.metrics.items()):
-            click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-        return
-    if config.tuning.trials > 0:
+    elif config.tuning.trials > 0:
         from spinemri.tuning import tune as run_study
 
         study = run_study(config)
@@ -262,28 +250,23 @@ def train(experiment, arch, data_dir, img_size, mode, epochs, batch_size, lr, we
                    f"with {study.best_params}")
         click.echo(f"parent run {study.parent_run_id}; the best configuration retrained as run {study.final.run_id}")
         result = study.final
+        click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), model {result.model_uri}")
     else:
         from spinemri.training.train import train as run_training
 
         result = run_training(config)
-    click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), model {result.model_uri}")
+        click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), model {result.model_uri}")
     for key, value in sorted(result.metrics.items()):
         click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
 
 
 @main.command()
 @click.option("--experiment", default="quick", show_default=True, help="Experiment YAML (name or path).")
-@click.option("--arch", default=None, help="Backbone to tune.")
 @click.option("--trials", required=True, type=click.IntRange(min=1), help="Finished trials the study should reach.")
-@click.option("--storage", default=None, help="Optuna storage (journal file or postgresql://...).")
-@click.option("--study-name", default=None, help="Study name [default: <experiment>-<arch>].")
-@click.option("--pruner", default=None, type=click.Choice(["median", "hyperband", "none"]), help="Pruner.")
-@click.option("--workers", default=None, type=click.IntRange(min=1), help="Processes working on the study.")
-@click.option("--data-dir", default=None, help="Dataset [default: the experiment's, else the phantom].")
-@click.option("--epochs", default=None, help="Epochs per trial.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other config key.")
+@setting_options(SHORTCUTS, "arch", "storage", "study_name", "pruner", "workers", "data_dir", "epochs")
+@SET_OPTION
 @click.pass_context
-def tune(ctx, experiment, arch, trials, storage, study_name, pruner, workers, data_dir, epochs, settings) -> None:
+def tune(ctx, experiment, trials, settings, **flags) -> None:
     """Tune hyperparameters with Optuna (search space: the experiment's tuning.search_space).
 
     Each trial is a nested MLflow run under one parent run; pruned by hyperband (or the median)
@@ -291,11 +274,10 @@ def tune(ctx, experiment, arch, trials, storage, study_name, pruner, workers, da
     until --trials trials have finished. The best configuration is then trained and logged with
     its model like `spinemri train`.
     """
-    settings = list(settings) + [f"tuning.{k}={v}" for k, v in
-                                 (("study_name", study_name), ("pruner", pruner)) if v]
-    ctx.invoke(train, experiment=experiment, arch=arch, data_dir=data_dir, img_size=None, mode=None, epochs=epochs,
-               batch_size=None, lr=None, weights=None, seed=None, trials=str(trials), storage=storage,
-               workers=None if workers is None else str(workers), settings=tuple(settings))
+    extra = [f"tuning.{k}={flags.pop(k)}" for k in ("study_name", "pruner") if flags.get(k)]
+    flags = {k: v for k, v in flags.items() if k not in ("study_name", "pruner")}
+    ctx.invoke(train, experiment=experiment, trials=str(trials), settings=tuple(settings) + tuple(extra),
+               **{k: flags.get(k) for k in TRAIN_FLAGS if k != "trials"})
 
 
 @main.group()
@@ -315,7 +297,7 @@ def registry() -> None:
 @tracked
 def registry_list(name, as_json) -> None:
     """Versions of a registered model, newest first: aliases, metric, held-out set, run, architecture."""
-    from spinemri.registry import list_versions
+    from spinemri.tracking.registry import list_versions
 
     rows = list_versions(name)
     if as_json:
@@ -345,7 +327,7 @@ def registry_promote(version, reason, name) -> None:
     A running `mlflow models serve -m models:/NAME@champion` keeps the model it loaded at
     start-up: restart it to serve the new champion.
     """
-    from spinemri.registry import promote
+    from spinemri.tracking.registry import promote
 
     click.echo(str(promote(name, version, reason)))
 
@@ -364,8 +346,8 @@ def runs_reap(as_json) -> None:
     A process killed with SIGKILL (or by the out-of-memory killer) cannot end its run. Every
     spinemri command that opens the store does this first; this command does only this.
     """
-    from spinemri.runs import reap_dead_runs
-    from spinemri.tracking_store import open_tracking_store
+    from spinemri.tracking.runs import reap_dead_runs
+    from spinemri.tracking.store import open_tracking_store
 
     open_tracking_store(reap=False)
     reaped = reap_dead_runs()
@@ -391,8 +373,8 @@ def runs_reap(as_json) -> None:
 @user_errors
 def predict(model_uri, input_path, out, sites, on_bad_file, batch_size, overwrite) -> None:
     """Predict many image files locally with a logged model (the same code the served model runs)."""
-    from spinemri.models.pyfunc import load_classifier
-    from spinemri.predict import check_out, predict_files
+    from spinemri.serving.predict import check_out, predict_files
+    from spinemri.tracking.pyfunc import load_classifier
 
     started = time.perf_counter()
     check_out(out, overwrite)  # before the model loads
@@ -424,7 +406,7 @@ def export_command(model_uri, fmt, out, samples, tolerance, overwrite, as_json) 
     model's. Inputs are model-ready images (float32 N x S x S x C, 0..255): on the device, apply
     the preprocessing recorded in the model's meta.json first.
     """
-    from spinemri.export import export_classifier
+    from spinemri.serving.export import export_classifier
 
     result = export_classifier(model_uri, fmt, out, count=samples, tolerance=tolerance, overwrite=overwrite)
     if as_json:
@@ -450,7 +432,7 @@ def score(labels_csv, submission_csv, as_json) -> None:
     foraminal and subarticular rows, and "any severe spinal" per study. Only the studies in the
     submission are scored; blank labels are ignored.
     """
-    from spinemri.metrics import score_files
+    from spinemri.evaluation.competition import score_files
 
     parts = score_files(labels_csv, submission_csv)
     if as_json:
@@ -478,8 +460,9 @@ def compare(experiment, do_train, skip_existing, head, settings) -> None:
     Reads the latest finished training run per architecture in the experiment and logs the table
     (Markdown, CSV, PNG chart) to a summary run; prints the Markdown table.
     """
-    from spinemri.compare import build_table, log_table, train_all
-    from spinemri.config import ConfigError, load_experiment, parse_override, resolve_experiment
+    from spinemri.config import load_experiment, parse_override, resolve_experiment
+    from spinemri.errors import ConfigError
+    from spinemri.evaluation.compare import build_table, log_table, train_all
 
     overrides = dict(parse_override(item) for item in settings)
     try:
@@ -517,7 +500,8 @@ def evaluate_command(run_id, split, n_boot, as_json) -> None:
     with reliability diagrams; severity per condition and per level. Training runs this on the test
     split automatically.
     """
-    from spinemri.evaluate import evaluate_run, evaluation_markdown
+    from spinemri.evaluation.report import evaluation_markdown
+    from spinemri.evaluation.run import evaluate_run
 
     report = evaluate_run(run_id, split, n_boot=n_boot)
     click.echo(json.dumps(report, indent=2) if as_json else evaluation_markdown(report, split))
@@ -544,9 +528,11 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
     unreadable (or whose series type has no localizer) get the prior, the best constant under the
     competition metric; their number and reasons are printed and listed in <out>.sites.csv.
     """
-    from spinemri.models.pyfunc import load_classifier
-    from spinemri.study import StudyError, StudyPredictor, classifier_prior, find_studies, predict_studies, resolve_localizers
-    from spinemri.study_model import held_out
+    from spinemri.data.studies import find_studies
+    from spinemri.errors import StudyError
+    from spinemri.study.package import held_out
+    from spinemri.study.predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
+    from spinemri.tracking.pyfunc import load_classifier
 
     started = time.perf_counter()
     if split != "all":
@@ -589,8 +575,8 @@ def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log
     per condition), learnt from the labels of every study NOT in the submission (or --prior-labels;
     or, where no other study is labelled, the prior recorded with --classifier).
     """
-    from spinemri.metrics import MetricError
-    from spinemri.study import evaluate_study_files, log_study_evaluation
+    from spinemri.errors import MetricError
+    from spinemri.study.evaluate import evaluate_study_files, log_study_evaluation
 
     labels_path = os.path.join(data_dir, "train.csv")
     if not os.path.isfile(labels_path):
@@ -630,7 +616,7 @@ def package_study(localizers, classifier, data_dir, split, name, no_register) ->
 
     Serve it with `mlflow models serve -m models:/spinemri-study@champion --env-manager local`.
     """
-    from spinemri.study_model import package_study as package
+    from spinemri.study.package import package_study as package
 
     result = package(list(localizers), classifier, data_dir=data_dir, split=split, name=name,
                      register=not no_register)
@@ -641,17 +627,6 @@ def package_study(localizers, classifier, data_dir, split, name, no_register) ->
                    f"{result['prior_score']:.4f}; {result['rows_from_prior']} row(s) from the prior")
     if "decision" in result:
         click.echo(f"  {result['decision']}")
-
-
-def _fractions(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected three comma-separated numbers such as 0.8,0.1,0.1, got {text!r}",
-                                 param_hint="--split") from None
-    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1) > 1e-6:
-        raise click.BadParameter(f"expected three non-negative fractions summing to 1, got {text!r}", param_hint="--split")
-    return values
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Experiment configuration: one YAML under experiments/, dataclasses with validation, overrides.
+"""Experiment configuration, the one home of every setting: YAML under experiments/ -> validated dataclasses.
 
 An experiment file has the sections of :class:`ExperimentConfig` (data, preprocess, split, model,
-train, mlflow); anything it leaves out keeps the defaults below. Command-line parameters
-(``arch``, ``epochs``, ...) and ``--set section.key=value`` override it. The resolved config is
-logged with every run, so a run can be reproduced from its own record.
+train, tuning, mlflow, localize, compare); anything it leaves out keeps the defaults below, and each
+setting's help text lives beside its default (``field(metadata={"help": ...})``). One override
+mechanism changes them: dotted keys (``--set train.lr=3e-4``), of which :data:`SHORTCUTS` gives
+the settings typed most a command-line flag (``--epochs``) and an MLproject parameter. The resolved
+config is logged with every run, so a run can be reproduced from its own record.
 """
 
 from __future__ import annotations
@@ -16,25 +18,28 @@ from typing import Any, Mapping
 import yaml
 
 from spinemri.data.preprocess import PreprocessConfig
+from spinemri.data.schema import DEFAULT_SPLIT, HEADS, SERIES_TYPES
+from spinemri.errors import ConfigError
+from spinemri.models.catalog import CATALOG, THESIS_ARCHS, get_spec
 from spinemri.redact import redact_values
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
-HEADS = ("condition", "level", "severity")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 STRATEGIES = ("default", "mirrored")
 MIXED_PRECISION = ("auto", "on", "off")
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and the valid range."""
+def setting(default, help: str):
+    """A dataclass field with its default and its help text (shown by the CLI and the docs)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class DataConfig:
-    data_dir: str = ""  # empty: the built-in phantom, generated once and cached
-    phantom_studies: int = 40
-    phantom_seed: int = 0
-    workers: int = 2  # preprocessing processes
+    data_dir: str = setting("", "dataset folder (RSNA layout) or flat CSV; empty: the built-in phantom, generated once and cached")
+    phantom_studies: int = setting(40, "studies of the built-in phantom")
+    phantom_seed: int = setting(0, "seed of the built-in phantom (same seed, same files)")
+    workers: int = setting(2, "processes preprocessing the cache")
 
     def validate(self) -> None:
         _check(self.phantom_studies >= 3, "data.phantom_studies", "must be >= 3", self.phantom_studies)
@@ -43,8 +48,8 @@ class DataConfig:
 
 @dataclass
 class SplitConfig:
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
+    fractions: tuple[float, float, float] = setting(DEFAULT_SPLIT, "train, validation and test fractions of the studies")
+    seed: int = setting(0, "seed of the study-level split")
 
     def validate(self) -> None:
         f = tuple(self.fractions)
@@ -54,13 +59,13 @@ class SplitConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "densenet"
-    weights: str = "none"  # none | imagenet | path to a weights file
-    dense_units: int = 256
-    dropout: float = 0.3
-    loss_weights: dict = field(default_factory=lambda: {"condition": 1.0, "level": 1.0, "severity": 1.0})
-    severity_sample_weights: bool = True  # the competition's 1/2/4 for Normal/Mild, Moderate, Severe
-    bn_momentum: float = 0.0  # > 0: set every BatchNormalization's momentum (0.9 settles faster in short runs)
+    arch: str = setting("densenet", "backbone: densenet, inception_v3, mobilenet_v2, tiny, ... (see docs/training.md)")
+    weights: str = setting("none", "none (random initialisation), imagenet, or the path of a weights file")
+    dense_units: int = setting(256, "units of the dense layer before the three heads")
+    dropout: float = setting(0.3, "dropout before the heads")
+    loss_weights: dict = field(default_factory=lambda: {"condition": 1.0, "level": 1.0, "severity": 1.0}, metadata={"help": "weight of each head's loss (condition, level, severity)"})
+    severity_sample_weights: bool = setting(True, "weight severity samples 1/2/4 as the competition metric does")
+    bn_momentum: float = setting(0.0, "> 0: every BatchNormalization's momentum (0.9 settles faster in short runs); 0 keeps the backbone's")
 
     def validate(self) -> None:
         _check(self.dense_units >= 1, "model.dense_units", "must be >= 1", self.dense_units)
@@ -76,13 +81,13 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
-    rotation_deg: float = 8.0
-    shift: float = 0.06  # fraction of the image side
-    zoom: float = 0.08
-    brightness: float = 0.1
-    contrast: float = 0.1
-    flip: bool = False  # left-right flip; swaps left/right labels on axial images
-    strength: float = 1.0  # multiplies every range above (0 = no augmentation); tunable as one knob
+    rotation_deg: float = setting(8.0, "random rotation range in degrees")
+    shift: float = setting(0.06, "random shift range, a fraction of the image side")
+    zoom: float = setting(0.08, "random zoom range")
+    brightness: float = setting(0.1, "random brightness range")
+    contrast: float = setting(0.1, "random contrast range")
+    flip: bool = setting(False, "random left-right flip (swaps left/right labels on axial images)")
+    strength: float = setting(1.0, "multiplies every range above (0: no augmentation); tunable as one knob")
 
     def validate(self) -> None:
         for name in ("rotation_deg", "shift", "zoom", "brightness", "contrast", "strength"):
@@ -94,24 +99,24 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 4
-    batch_size: int = 16
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    label_smoothing: float = 0.0
-    freeze_epochs: int = 0  # epochs with the backbone frozen before fine-tuning it
-    fine_tune_lr_factor: float = 0.1  # learning rate multiplier once the backbone is unfrozen
-    monitor: str = "val_loss"  # early stopping, LR schedule and best checkpoint watch this
-    early_stopping_patience: int = 4
-    reduce_lr_patience: int = 2
-    seed: int = 0
+    epochs: int = setting(4, "training epochs")
+    batch_size: int = setting(16, "batch size (the global batch over all devices)")
+    lr: float = setting(1e-3, "learning rate")
+    optimizer: str = setting("adam", "adam, adamw or sgd")
+    weight_decay: float = setting(0.0, "weight decay (adamw, sgd)")
+    momentum: float = setting(0.9, "momentum (sgd only)")
+    label_smoothing: float = setting(0.0, "label smoothing of the three losses")
+    freeze_epochs: int = setting(0, "epochs with the backbone frozen before fine-tuning it")
+    fine_tune_lr_factor: float = setting(0.1, "learning rate multiplier once the backbone is unfrozen")
+    monitor: str = setting("val_loss", "validation metric that early stopping, the LR schedule and the best checkpoint watch")
+    early_stopping_patience: int = setting(4, "epochs without improvement before stopping")
+    reduce_lr_patience: int = setting(2, "epochs without improvement before halving the learning rate")
+    seed: int = setting(0, "random seed of training")
     # Same seed, same results (TensorFlow's op determinism, for the whole process; slower on GPUs).
-    deterministic: bool = False
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    strategy: str = "default"  # default: one device; mirrored: MirroredStrategy over all visible GPUs
-    mixed_precision: str = "auto"  # auto: mixed_float16 iff a GPU is visible; on (needs a GPU) | off
+    deterministic: bool = setting(False, "same seed, same results (TensorFlow's op determinism, for the whole process; slower on GPUs)")
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "training augmentation"})
+    strategy: str = setting("default", "default (one device) or mirrored (all visible GPUs; batch_size is the global batch)")
+    mixed_precision: str = setting("auto", "auto (mixed_float16 iff a GPU is visible), on (needs a GPU) or off")
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads a bare on/off as a boolean (and --set passes it through YAML): take it as meant.
@@ -156,15 +161,15 @@ class TuningConfig:
     ``train.batch_size: {type: categorical, choices: [8, 16, 32]}``.
     """
 
-    trials: int = 0  # 0: train once with the experiment's values
-    pruner: str = "hyperband"  # measured in bench/tune.py: 48 % fewer epochs, best value kept; median lost it
-    n_startup_trials: int = 2  # trials before the median pruner may prune
-    n_warmup_steps: int = 1  # epochs before the median pruner may prune a trial
-    sampler_seed: int = 0
-    study_name: str = ""  # default: <experiment>-<arch>
-    storage: str = ""  # default: a journal file next to the MLflow store
-    workers: int = 1  # processes working on the study at once
-    search_space: dict = field(default_factory=dict)
+    trials: int = setting(0, "N > 0: tune with an Optuna study of N finished trials first; 0: train once")
+    pruner: str = setting("hyperband", "hyperband, median or none")
+    n_startup_trials: int = setting(2, "median pruner: trials before it may prune")
+    n_warmup_steps: int = setting(1, "median pruner: epochs before it may prune a trial")
+    sampler_seed: int = setting(0, "seed of the TPE sampler")
+    study_name: str = setting("", "Optuna study name; empty: <experiment>-<arch>")
+    storage: str = setting("", "Optuna storage: a journal file path or postgresql://...; empty: optuna-journal.log next to the MLflow store")
+    workers: int = setting(1, "processes working on the study at once")
+    search_space: dict = field(default_factory=dict, metadata={"help": "dotted config key -> distribution (type float|int|categorical, low, high, log, choices)"})
 
     def validate(self) -> None:
         _check(isinstance(self.trials, int) and self.trials >= 0, "trials", "must be an integer >= 0", self.trials)
@@ -220,10 +225,10 @@ def with_values(config: "ExperimentConfig", values: Mapping[str, Any]) -> "Exper
 
 @dataclass
 class MlflowConfig:
-    experiment: str = "spinemri-classify"  # one experiment per task
-    registered_model: str = "spinemri"
-    register: bool = True  # register each trained model (alias policy: spinemri.registry)
-    champion_metric: str = "test_severity_weighted_log_loss"  # held-out metric that decides `champion`
+    experiment: str = setting("spinemri-classify", "MLflow experiment of the runs")
+    registered_model: str = setting("spinemri", "registered model each trained model becomes a version of")
+    register: bool = setting(True, "register each trained model (the champion policy: docs/registry.md)")
+    champion_metric: str = setting("test_severity_weighted_log_loss", "held-out metric that decides the champion alias")
 
     def validate(self) -> None:
         if not self.registered_model.strip():
@@ -234,7 +239,6 @@ class MlflowConfig:
 
 
 TASKS = ("classify", "localize")
-LOCALIZE_SERIES = ("sagittal_t2", "sagittal_t1", "axial_t2")  # spinemri.localization.sites.SERIES_TASKS
 
 
 @dataclass
@@ -245,16 +249,16 @@ class LocalizeConfig:
     ``channels``, and the preprocess section's windowing (p_low, p_high, equalize, dicom_window).
     """
 
-    series: str = "sagittal_t2"  # sagittal_t2 | sagittal_t1 | axial_t2
-    img_size: int = 128
-    channels: int = 1
-    slice_sigma: float = 1.0  # width, in slices, of the soft target around the labelled slice
-    point_slices: int = 1  # slices either side of the labelled one that also learn its points
-    point_loss_weight: float = 10.0
-    slice_loss_weight: float = 1.0
+    series: str = setting("sagittal_t2", "series type the localizer learns: sagittal_t2, sagittal_t1 or axial_t2")
+    img_size: int = setting(128, "side of the localizer's input in pixels (whole slices)")
+    channels: int = setting(1, "1, or 3: neighbouring slices as channels")
+    slice_sigma: float = setting(1.0, "width, in slices, of the soft target around the labelled slice")
+    point_slices: int = setting(1, "slices either side of the labelled one that also learn its points")
+    point_loss_weight: float = setting(10.0, "weight of the point loss")
+    slice_loss_weight: float = setting(1.0, "weight of the slice loss")
 
     def validate(self) -> None:
-        _check(self.series in LOCALIZE_SERIES, "localize.series", f"must be one of {', '.join(LOCALIZE_SERIES)}",
+        _check(self.series in SERIES_TYPES, "localize.series", f"must be one of {', '.join(SERIES_TYPES)}",
                self.series)
         _check(isinstance(self.img_size, int) and 16 <= self.img_size <= 1024, "localize.img_size",
                "must be an integer from 16 to 1024", self.img_size)
@@ -265,29 +269,26 @@ class LocalizeConfig:
                "must be >= 0", (self.point_loss_weight, self.slice_loss_weight))
 
 
-# The thesis's seven backbones (its Table 3.1), the default set of `spinemri compare --train`.
-THESIS_ARCHS = ("inception_v3", "xception", "vgg16", "nasnet_large", "resnet50", "mobilenet_v2", "densenet")
 
 
 @dataclass
 class CompareConfig:
-    archs: tuple[str, ...] = THESIS_ARCHS  # backbones trained and tabulated by `spinemri compare`
+    archs: tuple[str, ...] = setting(THESIS_ARCHS, "backbones trained and tabulated by spinemri compare")
 
     def validate(self) -> None:
-        from spinemri.models.backbones import BACKBONES
-
-        unknown = [a for a in self.archs if a not in BACKBONES]
+        unknown = [a for a in self.archs if a not in CATALOG]
         if not self.archs or unknown:
-            raise ConfigError(f"compare.archs must list backbones from {', '.join(sorted(BACKBONES))}; "
+            raise ConfigError(f"compare.archs must list backbones from {', '.join(sorted(CATALOG))}; "
                               f"got {', '.join(self.archs) or 'none'}")
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = "default"
-    task: str = "classify"
+    name: str = setting("default", "experiment name (the YAML file's)")
+    task: str = setting("classify", "classify (the ROI classifier) or localize (a stage-1 localizer)")
     data: DataConfig = field(default_factory=DataConfig)
-    preprocess: dict = field(default_factory=lambda: PreprocessConfig().to_dict())
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig, metadata={
+        "help": "how a DICOM slice becomes a model input (the classifier's; the localizer's differs by localize.*)"})
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -297,20 +298,12 @@ class ExperimentConfig:
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
 
     @property
-    def preprocessing(self) -> PreprocessConfig:
-        """The classifier's preprocessing; a localizer's is :attr:`localizer_preprocessing`."""
-        return PreprocessConfig.from_dict(self.preprocess)
-
-    @property
     def localizer_preprocessing(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict({**self.preprocess, "mode": "slice", "img_size": self.localize.img_size,
-                                           "channels": self.localize.channels})
+        """The localizer's: whole slices at localize.img_size and localize.channels, the same windowing."""
+        return dataclasses.replace(self.preprocess, mode="slice", img_size=self.localize.img_size,
+                                   channels=self.localize.channels)
 
     def validate(self) -> "ExperimentConfig":
-        try:
-            self.preprocessing  # noqa: B018 - validates img_size, mode, ...
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         self.data.validate()
         self.split.validate()
         self.model.validate()
@@ -342,7 +335,8 @@ class ExperimentConfig:
         return out
 
 
-# Short names accepted on the command line and in MLproject, mapped to their config keys.
+# Short names for the settings typed most: the flags of `spinemri train`/`tune` and the parameters of
+# MLproject, each standing for one config key (help and default come from the key's field).
 SHORTCUTS = {
     "arch": "model.arch", "weights": "model.weights", "data_dir": "data.data_dir",
     "img_size": "preprocess.img_size", "mode": "preprocess.mode", "epochs": "train.epochs",
@@ -351,6 +345,33 @@ SHORTCUTS = {
     "workers": "tuning.workers", "task": "task", "series": "localize.series", "strategy": "train.strategy",
     "mixed_precision": "train.mixed_precision",
 }
+# The flags of `spinemri data prepare`: the preprocessing and split of the cache it builds.
+PREPARE_SHORTCUTS = {
+    "img_size": "preprocess.img_size", "mode": "preprocess.mode", "roi_mm": "preprocess.roi_mm",
+    "channels": "preprocess.channels", "equalize": "preprocess.equalize", "dicom_window": "preprocess.dicom_window",
+    "workers": "data.workers", "split": "split.fractions", "split_seed": "split.seed",
+}
+
+
+def setting_field(key: str) -> dataclasses.Field:
+    """The dataclass field of a dotted config key ('train.lr'); ConfigError names the valid keys."""
+    cls, found = ExperimentConfig, None
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            raise ConfigError(f"{key} is not a setting; valid here: {', '.join(fields) or 'none'}")
+        found = fields[part]
+        default = found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
+        cls = type(default)
+    return found
+
+
+def setting_help(key: str) -> str:
+    """A setting's help text and built-in default: what the CLI flags and the docs show."""
+    field_ = setting_field(key)
+    default = field_.default_factory() if field_.default_factory is not dataclasses.MISSING else field_.default
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{field_.metadata.get('help', key)} ({key}; the experiment's value, built-in {shown!r})"
 
 
 def resolve_experiment(experiment: str | Path) -> Path:
@@ -376,19 +397,14 @@ def load_experiment(experiment: str | Path = "quick", overrides: Mapping[str, An
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (data, preprocess, model, train, ...)")
     raw.setdefault("name", path.stem)
-    for key, value in (overrides or {}).items():
-        if value is None or value == "":
-            continue
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None and v != ""}
+    if (overrides.get("task") or raw.get("task")) == "localize" and "img_size" in overrides:
+        overrides["localize.img_size"] = overrides.pop("img_size")  # a localizer's input is localize.img_size
+    for key, value in overrides.items():
         _set_dotted(raw, SHORTCUTS.get(key, key), value, path)
     preprocess = raw.get("preprocess") or {}
     if isinstance(preprocess, dict) and str(preprocess.get("img_size", "")).strip() in ("0", "native"):
-        from spinemri.models.backbones import get_backbone  # keras import only when needed
-
-        arch = (raw.get("model") or {}).get("arch", ModelConfig.arch)
-        try:
-            preprocess["img_size"] = get_backbone(arch).native_size
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        preprocess["img_size"] = get_spec((raw.get("model") or {}).get("arch", ModelConfig.arch)).native_size
     config = from_dict(raw, source=str(path))
     return config.validate()
 
@@ -444,21 +460,11 @@ def _build(cls, raw, source: str, prefix: str):
         default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING \
             else known[name].default
         if dataclasses.is_dataclass(default):
-            values[name] = _build(type(default), value, source, key)
-        elif name == "preprocess":
-            defaults = PreprocessConfig().to_dict()
-            if not isinstance(value or {}, Mapping):
-                raise ConfigError(f"{source}: preprocess must be a mapping, got {value!r}")
-            unknown = sorted(set(value or {}) - set(defaults))
-            if unknown:
-                raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} in section 'preprocess'; "
-                                  f"valid: {', '.join(defaults)}")
-            merged = {k: _coerce(v, defaults[k], f"preprocess.{k}") for k, v in {**defaults, **(value or {})}.items()}
             try:
-                PreprocessConfig.from_dict(merged)
-            except ValueError as exc:
-                raise ConfigError(f"{source}: preprocess: {exc}") from None
-            values[name] = merged
+                values[name] = _build(type(default), {} if value is None else value, source, key)
+            except ConfigError as exc:
+                message = str(exc)
+                raise ConfigError(message if message.startswith(source) else f"{source}: {key}: {message}") from None
         elif name == "archs":  # a YAML list or "a,b,c" from the command line
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)):

@@ -13,7 +13,6 @@ import contextlib
 import math
 import multiprocessing
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,18 +22,18 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from spinemri.config import ConfigError, ExperimentConfig, with_values
-from spinemri.errors import UserError
+from spinemri.config import ExperimentConfig, with_values
+from spinemri.data.source import prepare_data
+from spinemri.errors import ConfigError, TuningError
+from spinemri.evaluation.goals import best_value, metric_goal
+from spinemri.models.catalog import get_spec
 from spinemri.processes import die_with_parent, process_gone, process_id
 from spinemri.redact import redact
-from spinemri.tracking_store import LOCK_SUFFIX, exclusive_lock
-from spinemri.runs import ending_run, start_run
+from spinemri.tracking.runs import ending_run, start_run
+from spinemri.tracking.store import LOCK_SUFFIX, exclusive_lock
+from spinemri.training.train import train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class TuningError(UserError, RuntimeError):
-    pass
 
 
 @dataclass
@@ -61,10 +60,6 @@ def suggest(trial: optuna.Trial, space: Mapping[str, Mapping[str, Any]]) -> dict
             values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), step=spec.get("step"),
                                               log=bool(spec.get("log", False)))
     return values
-
-
-def direction(monitor: str) -> str:
-    return "minimize" if "loss" in monitor else "maximize"
 
 
 def study_name(config: ExperimentConfig) -> str:
@@ -105,8 +100,6 @@ def open_storage(url: str):
 
 def tune(config: ExperimentConfig) -> TuneResult:
     """Run or resume the study, then train and log the best configuration (see the module docstring)."""
-    from spinemri.training.train import prepare_data, train  # TensorFlow loads only when tuning
-
     config.validate()
     tuning = config.tuning
     if tuning.trials < 1:
@@ -114,9 +107,7 @@ def tune(config: ExperimentConfig) -> TuneResult:
     if not tuning.search_space:
         raise ConfigError(f"tuning.search_space is empty in experiment {config.name!r}; add keys such as "
                           "train.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}")
-    from spinemri.models.backbones import get_backbone
-
-    get_backbone(config.model.arch).check_size(config.preprocessing.img_size)
+    get_spec(config.model.arch).check_size(config.preprocess.img_size)
     storage_url = tuning.storage or default_storage()
     study = _load_study(config, storage_url)
     prepare_data(config)  # the phantom and the cache exist before any trial starts
@@ -176,8 +167,6 @@ def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, stor
     import keras
     from optuna_integration import KerasPruningCallback
 
-    from spinemri.training.train import best_value, train
-
     target, monitor = config.tuning.trials, config.train.monitor
     while True:
         with _study_lock(storage_url):
@@ -203,7 +192,7 @@ def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, stor
             keras.backend.clear_session()
             result = train(with_values(config, values), callbacks=[KerasPruningCallback(trial, monitor)],
                            own_run=False, log_model=False, evaluate_test=False)
-            value = best_value(result.history, monitor)
+            value = best_value(result.history.get(monitor, []), monitor)
             if not math.isfinite(value):
                 raise TuningError(f"{monitor} was never finite in this trial")
         except optuna.TrialPruned as exc:
@@ -252,7 +241,7 @@ def _load_study(config: ExperimentConfig, storage_url: str, seed_offset: int = 0
     storage = open_storage(storage_url)
     return optuna.create_study(
         study_name=study_name(config), storage=storage, load_if_exists=True,
-        direction=direction(config.train.monitor), pruner=pruner,
+        direction=metric_goal(config.train.monitor), pruner=pruner,
         sampler=optuna.samplers.TPESampler(seed=tuning.sampler_seed + seed_offset),
     )
 

@@ -119,7 +119,7 @@ def test_workers_give_the_same_cache(phantom_dir, tmp_path):
 
 
 def test_empty_or_missing_dataset_is_refused(tmp_path, cache_dir):
-    from spinemri.data.readers import DatasetError
+    from spinemri.errors import DatasetError
 
     with pytest.raises(DatasetError, match="does not exist"):
         prepare(tmp_path / "nowhere", SMALL, cache_dir=cache_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,12 +14,13 @@ import pytest
 
 from spinemri.data import schema
 from spinemri.data.dicom import read_dicom
-from spinemri.data.phantom import MARKER, SEVERITY_PRIORS, PhantomConfig, sample_labels, synthesize
+from spinemri.data.phantom import MARKER, PhantomConfig, sample_labels, synthesize
+from spinemri.data.schema import RSNA_SEVERITY_FREQUENCIES as SEVERITY_PRIORS
 
 
 def test_layout_and_csv_schemas_match_the_competition(phantom_dir):
     assert sorted(p.name for p in phantom_dir.iterdir()) == sorted(
-        [schema.TRAIN_CSV, schema.SERIES_CSV, schema.COORDINATES_CSV, schema.IMAGES_DIR])
+        [schema.TRAIN_CSV, schema.SERIES_CSV, schema.COORDINATES_CSV, schema.IMAGES_DIR, MARKER])
     train = pd.read_csv(phantom_dir / schema.TRAIN_CSV)
     assert list(train.columns) == ["study_id", *schema.LABEL_COLUMNS]
     assert set(train[list(schema.LABEL_COLUMNS)].stack().dropna().unique()) <= set(schema.SEVERITIES)

@@ -8,9 +8,11 @@ import urllib.request
 import numpy as np
 import pytest
 
-from spinemri.models.backbones import (BACKBONES, THESIS_BACKBONES, UnknownArchitecture, WeightsUnavailable,
-                                       build_backbone, get_backbone)
-from spinemri.models.network import HEAD_CLASSES, build_model
+from spinemri.errors import UnknownArchitecture, WeightsUnavailable
+from spinemri.models.backbones import BACKBONES, build_backbone, get_backbone
+from spinemri.models.catalog import THESIS_ARCHS as THESIS_BACKBONES
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.models.network import build_model
 
 REQUIRED = (*THESIS_BACKBONES, "efficientnet_b0", "convnext_tiny", "tiny")
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 
 import keras
 import matplotlib.pyplot as plt
-import mlflow
 import numpy as np
 import pytest
 
-from spinemri.models.backbones import THESIS_BACKBONES, build_backbone, get_backbone
-from spinemri.models.gradcam import GradCamModel, gradcam, gradcam_figure, last_conv_layer, log_gradcam
-from spinemri.models.network import HEAD_CLASSES, build_model
+from spinemri.models.backbones import build_backbone, get_backbone
+from spinemri.models.catalog import THESIS_ARCHS as THESIS_BACKBONES
+from spinemri.models.gradcam import GradCamModel, gradcam, gradcam_figure, gradcam_grid, last_conv_layer
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.models.network import build_model
 
 # None: the backbone's own output layer (NASNet's is auto-named, its number depends on the session).
 EXPECTED_LAYER = {
@@ -166,36 +166,18 @@ def test_gradcam_figure_lays_out_rows_with_empty_cells():
     plt.close(fig)
 
 
-@pytest.fixture
-def tracking(tmp_path, monkeypatch) -> str:
-    """A fresh sqlite MLflow store with its artifacts under tmp_path; returns the experiment id."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    mlflow.set_tracking_uri(uri)
-    yield mlflow.create_experiment("gradcam", artifact_location=(tmp_path / "artifacts").as_uri())
-    while mlflow.active_run():
-        mlflow.end_run()
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-
-
-def test_log_gradcam_logs_a_figure_per_head_to_the_active_run(tracking):
+def test_gradcam_grid_draws_a_figure_per_labelled_head():
     model = build_model("tiny", SIZE, 1, dense_units=8)
     images = _images(9, SIZE).astype(np.uint8)
     proba = {h: p for h, p in model.predict(images.astype(np.float32), verbose=0).items()}
     # No Normal/Mild sample: that row stays empty; -1 (unknown) is never drawn.
     targets = {"severity": np.array([1, 2, -1, 2, 1, -1, 2, 1, 2]), "condition": np.full(9, -1),
                "level": np.array([0, 1, 2, 3, 4, 0, 1, 2, 3])}
-    with mlflow.start_run(experiment_id=tracking) as run:
-        paths = log_gradcam(model, images, targets, proba, per_class=2)
-        assert paths == ["gradcam/severity.png"]
-        assert log_gradcam(model, images, targets, proba, head="condition") == []  # no labelled sample
-        assert log_gradcam(model, images, targets, proba, head=("level", "condition"),
-                           artifact_dir="gradcam/test") == ["gradcam/test/level.png"]
-    client = mlflow.MlflowClient()
-    logged = {a.path for a in client.list_artifacts(run.info.run_id, "gradcam")}
-    assert logged == {"gradcam/severity.png", "gradcam/test"}
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "gradcam/test")] == ["gradcam/test/level.png"]
-    local = client.download_artifacts(run.info.run_id, "gradcam/severity.png")
-    assert plt.imread(local).shape[2] in (3, 4)  # a readable PNG
+    figures = gradcam_grid(model, images, targets, proba, per_class=2)
+    assert list(figures) == ["severity"]
+    rows = [ax for ax in figures["severity"].axes if ax.images]
+    assert len(rows) == 4  # two Moderate and two Severe samples; the Normal/Mild row is empty
+    assert gradcam_grid(model, images, targets, proba, head="condition") == {}  # no labelled sample
+    assert list(gradcam_grid(model, images, targets, proba, head=("level", "condition"))) == ["level"]
+    for figure in figures.values():
+        plt.close(figure)

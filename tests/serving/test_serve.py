@@ -14,10 +14,10 @@ import pydicom
 import pytest
 
 from spinemri.data.dicom import encode_dicom
-from spinemri.models.network import HEAD_CLASSES
-from spinemri.models.pyfunc import file_row
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.tracking.pyfunc import file_row
 
-from .conftest import no_pixels_dicom_b64
+from tests.conftest import no_pixels_dicom_b64
 from tests import hostile
 
 from .server import PeakRss, post as _post, serve_model

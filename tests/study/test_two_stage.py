@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 from spinemri.cli import main
 from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 from spinemri.localization.locate import load_localizer
-from spinemri.metrics import PROBABILITY_COLUMNS
-from spinemri.study import find_studies
+from spinemri.evaluation.competition import PROBABILITY_COLUMNS
+from spinemri.data.studies import find_studies
 from tests import hostile
 
 pytestmark = pytest.mark.xdist_group("study")
@@ -129,7 +129,7 @@ def test_a_study_missing_a_series_or_with_two_axials_still_gets_25_rows(study_st
     assert (foraminal["reason"] == "no Sagittal T1 series").all()
     assert "10 row(s) from the prior" in result.output
     # The foraminal rows hold the prior, which is the classifier's weight-aware training prior.
-    from spinemri.models.pyfunc import load_classifier
+    from spinemri.tracking.pyfunc import load_classifier
 
     prior = load_classifier("models:/spinemri@champion").meta["severity_prior"]
     row = submission.set_index("row_id").loc[f"{other}_left_neural_foraminal_narrowing_l4_l5"]

@@ -9,7 +9,7 @@ import pytest
 from spinemri.config import AugmentConfig
 from spinemri.data.cache import prepare
 from spinemri.data.preprocess import PreprocessConfig
-from spinemri.models.network import HEAD_CLASSES
+from spinemri.data.schema import HEAD_CLASSES
 from spinemri.training.data import encode_targets, make_dataset, sample_weights, split_data
 
 

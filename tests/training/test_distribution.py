@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinemri.config import ConfigError, TrainConfig, load_experiment
-from spinemri.models.network import HEAD_CLASSES, build_model
+from spinemri.config import TrainConfig, load_experiment
+from spinemri.errors import ConfigError
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.models.network import build_model
 from spinemri.training.train import distribution, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +49,7 @@ def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phant
     assert run.data.tags["mixed_precision"] == "off"  # no GPU here: auto stays float32
     assert run.data.params["train.strategy"] == "mirrored"
 
-    from spinemri.models.pyfunc import file_row, load_classifier
+    from spinemri.tracking.pyfunc import file_row, load_classifier
 
     classifier = load_classifier(f"runs:/{run.info.run_id}/model")
     samples = pd.read_csv(phantom40 / "train_label_coordinates.csv").iloc[:2]

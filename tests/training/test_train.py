@@ -17,9 +17,9 @@ from click.testing import CliRunner
 
 from spinemri.cli import main as cli
 from spinemri.config import load_experiment
-from spinemri.models.network import HEAD_CLASSES
-from spinemri.tracking_store import open_tracking_store
-from spinemri.training.evaluation import METRICS
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.tracking.store import open_tracking_store
+from spinemri.evaluation.heads import METRICS
 from spinemri.training.train import train
 
 ROOT = Path(__file__).resolve().parents[2]

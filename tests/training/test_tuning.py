@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from spinemri.cli import main as cli
-from spinemri.config import ConfigError, load_experiment
+from spinemri.config import load_experiment
+from spinemri.errors import ConfigError
 from spinemri.tuning import open_storage, tune
 
 SMALL_SPACE = {

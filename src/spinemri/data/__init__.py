@@ -5,18 +5,9 @@
     preprocess.preprocess(...)       uint8 (S, S, C): the single pixel -> model-input path
     cache.prepare(dir, config)       the on-disk cache of model inputs, keyed by a fingerprint
     splits.split_studies(samples)    study-level train/val/test
+    source.prepare_data(config)      the experiment's data (or the built-in phantom) as a prepared cache
+    studies.find_studies(dir)        studies with their series, for study-level prediction
     phantom.synthesize(out, config)  the built-in synthetic dataset
+    limits                           how large an input may be, checked before decoding
+    schema                           the competition's vocabulary
 """
-
-from spinemri.data.cache import PreparedDataset, prepare
-from spinemri.data.dicom import DicomReadError, ImageReadError, read_dicom, read_image, read_series
-from spinemri.data.phantom import PhantomConfig, synthesize
-from spinemri.data.preprocess import PreprocessConfig, preprocess
-from spinemri.data.readers import DatasetError, check_dataset, load_samples
-from spinemri.data.splits import split_studies
-
-__all__ = [
-    "DatasetError", "DicomReadError", "ImageReadError", "PhantomConfig", "PreparedDataset",
-    "PreprocessConfig", "check_dataset", "load_samples", "prepare", "preprocess", "read_dicom",
-    "read_image", "read_series", "split_studies", "synthesize",
-]

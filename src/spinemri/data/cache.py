@@ -31,19 +31,17 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data import readers
-from spinemri.data.dicom import ImageReadError, read_image, series_order
+from spinemri.data.dicom import read_image, series_order
 from spinemri.data.preprocess import (PreprocessConfig, SiteOutsideImage, neighbor_indices, percentile_window,
                                       preprocess)
+from spinemri.data.schema import DEFAULT_SPLIT, SPLITS
 from spinemri.data.splits import split_studies
-from spinemri.errors import UserError
+from spinemri.errors import ConfigError, DatasetError, ImageReadError, PrepareError
+from spinemri.files import write_csv
 from spinemri.processes import remove_stale_staging, staging_path, worker_pool
 
 CACHE_VERSION = 3  # bump when a cache's contents change (2: ROI windowed on its crop; 3: slice geometry in slices.csv)
 ON_BAD_FILE = ("stop", "skip")
-
-
-class PrepareError(UserError, RuntimeError):
-    """A sample that could not be preprocessed (with --on-bad-file=stop)."""
 
 
 @dataclass(frozen=True)
@@ -76,16 +74,30 @@ class PreparedDataset(CacheFolder):
         frame["severity"] = frame["severity"].astype("Int64")
         return frame
 
-    def splits(self, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> pd.DataFrame:
+    def splits(self, fractions: tuple[float, float, float] = DEFAULT_SPLIT, seed: int = 0) -> pd.DataFrame:
         """Study-level split table (computed once per seed and fractions, then read from disk)."""
         path = self.path / split_file_name(fractions, seed)
         if not path.is_file():
             table = split_studies(self.samples(), fractions, seed)
-            _atomic_csv(table, path)
+            write_csv(table, path)
         return pd.read_csv(path)
 
-    def samples_with_split(self, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> pd.DataFrame:
+    def samples_with_split(self, fractions=DEFAULT_SPLIT, seed: int = 0) -> pd.DataFrame:
         return self.samples().merge(self.splits(fractions, seed)[["study_id", "split"]], on="study_id", how="left")
+
+    def summary(self, fractions=DEFAULT_SPLIT, seed: int = 0) -> dict:
+        """What `spinemri data prepare` reports: the folder, samples (kept and skipped) and the split."""
+        per_split = self.samples_with_split(fractions, seed)["split"].value_counts()
+        studies = self.splits(fractions, seed)["split"].value_counts()
+        return {
+            "cache": str(self.path),
+            "reused": self.reused,
+            "samples": self.manifest["samples"],
+            "skipped": sum(len(s["rows"]) for s in self.manifest["skipped"]),
+            "samples_per_split": {s: int(per_split.get(s, 0)) for s in SPLITS},
+            "studies_per_split": {s: int(studies.get(s, 0)) for s in SPLITS},
+            "shape": self.manifest["shape"],
+        }
 
 
 def default_cache_dir() -> Path:
@@ -134,16 +146,16 @@ def relative_paths(paths, root: str) -> list[str]:
 
 def prepare(data_dir: str | Path, config: PreprocessConfig = PreprocessConfig(), *,
             cache_dir: str | Path | None = None, workers: int = 1, on_bad_file: str = "stop",
-            split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), split_seed: int = 0,
+            split_fractions: tuple[float, float, float] = DEFAULT_SPLIT, split_seed: int = 0,
             progress: bool = False) -> PreparedDataset:
     """Build (or reuse) the cache for a dataset; see the module docstring for the layout."""
     if on_bad_file not in ON_BAD_FILE:
-        raise ValueError(f"on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
+        raise ConfigError(f"on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     samples = readers.load_samples(data_dir)
     if samples.empty:
-        raise readers.DatasetError([f"{data_dir} has no labelled samples"])
+        raise DatasetError([f"{data_dir} has no labelled samples"])
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = fingerprint(samples, config)
     final = cache_dir / key
@@ -226,7 +238,7 @@ def _build(samples: pd.DataFrame, config: PreprocessConfig, staging: Path, *, wo
             bar.close()
     kept = samples[done].assign(index=np.flatnonzero(done))
     kept = kept.assign(path=relative_paths(kept["path"], samples.attrs.get("root", "")))
-    _atomic_csv(kept, staging / "samples.csv")
+    write_csv(kept, staging / "samples.csv")
     return {
         "preprocess": config.to_dict(),
         "shape": list(shape),
@@ -355,10 +367,6 @@ def _files_used(samples: pd.DataFrame, config: PreprocessConfig) -> set[str]:
     return files
 
 
-def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def _bar(enabled: bool, total: int):

@@ -23,32 +23,9 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from spinemri.data import limits, native_dicom
+from spinemri.errors import ConfigError, DicomReadError, ImageReadError, ImageTooLarge
 
 SKIP_HINT = "skip it with --on-bad-file=skip"
-
-
-class ImageReadError(ValueError):
-    """A file that cannot be turned into an image. ``str()`` names the file, the reason and the fix."""
-
-    def __init__(self, path: str | Path, reason: str, hint: str | None = SKIP_HINT):
-        self.path = str(path)
-        self.reason = reason
-        self.hint = hint
-        message = f"{self.path} {reason}"
-        if hint:
-            message += f"; {hint}"
-        super().__init__(message)
-
-
-class DicomReadError(ImageReadError):
-    """A DICOM file that cannot be decoded (not DICOM, truncated, no pixels, no decoder, ...)."""
-
-
-class ImageTooLarge(ImageReadError):
-    """A file whose header declares more than a limit of :mod:`spinemri.data.limits` allows; nothing was decoded."""
-
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(path, reason, None)
 
 
 @dataclass(frozen=True)
@@ -293,7 +270,7 @@ def _common_image(data: bytes, path: str | Path, *, voi: bool) -> DicomImage | N
     if reader != "auto":
         if reader == "pydicom":
             return None
-        raise ValueError(f"SPINEMRI_DICOM_READER must be 'auto' (the default) or 'pydicom', got {reader!r}")
+        raise ConfigError(f"SPINEMRI_DICOM_READER must be 'auto' (the default) or 'pydicom', got {reader!r}")
     scanned = native_dicom.scan(data, voi=voi)
     if scanned is None:
         return None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from spinemri.errors import LimitError
 
 MB = 1 << 20
 
@@ -55,10 +56,6 @@ class Limit:
         """'the limit of 128 MB per file (SPINEMRI_MAX_IMAGE_MB; raise it to accept more)'."""
         amount = human_size(self.value) if self.unit == MB else f"{self.value:,}"
         return f"the limit of {amount} {self.what} ({self.variable}: raise it to accept larger inputs)"
-
-
-class LimitError(ValueError):
-    """A limit variable set to something that is not a positive number."""
 
 
 IMAGE_PIXELS = Limit("SPINEMRI_MAX_IMAGE_PIXELS", 4096 * 4096, what="pixels per image")

@@ -25,17 +25,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from spinemri.data import schema
-from spinemri.data.schema import AXIAL_T2, CONDITIONS, LEVELS, SAGITTAL_T1, SAGITTAL_T2
+from spinemri.data.schema import (AXIAL_T2, CONDITIONS, LEVELS, RSNA_SEVERITY_FREQUENCIES, SAGITTAL_T1,
+                                  SAGITTAL_T2)
+from spinemri.errors import ConfigError, OutputExists
 from spinemri.processes import remove_stale_staging, staging_path, worker_pool
 
-# Normal/Mild, Moderate, Severe frequencies per condition in the real training data (FACTS.md).
-SEVERITY_PRIORS: dict[str, tuple[float, float, float]] = {
-    "spinal_canal_stenosis": (0.878, 0.075, 0.048),
-    "left_neural_foraminal_narrowing": (0.78, 0.18, 0.04),
-    "right_neural_foraminal_narrowing": (0.78, 0.18, 0.04),
-    "left_subarticular_stenosis": (0.714, 0.19, 0.095),
-    "right_subarticular_stenosis": (0.714, 0.19, 0.095),
-}
 # Degeneration is commoner low in the spine; thresholds are solved so the marginals stay as above.
 _LEVEL_SHIFT = np.array([-0.35, -0.2, 0.0, 0.25, 0.3])
 _STUDY_SHARE = 0.35  # share of latent variance common to the whole study
@@ -59,15 +53,15 @@ class PhantomConfig:
 
     def __post_init__(self) -> None:
         if self.studies < 1:
-            raise ValueError(f"studies must be >= 1, got {self.studies}")
+            raise ConfigError(f"studies must be >= 1, got {self.studies}")
         for name in ("p_blank", "p_second_axial", "p_missing_series"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
-                raise ValueError(f"{name} must be within [0, 1], got {value}")
+                raise ConfigError(f"{name} must be within [0, 1], got {value}")
         if not self.image_sizes or min(self.image_sizes) < 32:
-            raise ValueError(f"image_sizes must be >= 32 pixels, got {self.image_sizes}")
+            raise ConfigError(f"image_sizes must be >= 32 pixels, got {self.image_sizes}")
         if self.median_sagittal_slices < 5:
-            raise ValueError(f"median_sagittal_slices must be >= 5, got {self.median_sagittal_slices}")
+            raise ConfigError(f"median_sagittal_slices must be >= 5, got {self.median_sagittal_slices}")
 
 
 @dataclass(frozen=True)
@@ -93,12 +87,12 @@ def synthesize(out_dir: str | Path, config: PhantomConfig = PhantomConfig(), *, 
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file; choose a folder for --out")
+        raise OutputExists(f"{out_dir} is a file; choose a folder for --out")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
+            raise OutputExists(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
         if not (out_dir / MARKER).is_file() and not force:
-            raise FileExistsError(f"{out_dir} does not look like a spinemri phantom (it has no {MARKER}); "
+            raise OutputExists(f"{out_dir} does not look like a spinemri phantom (it has no {MARKER}); "
                                   "--overwrite would delete everything in it. Choose another --out, or pass "
                                   "--overwrite --force to delete it anyway")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +167,7 @@ def sample_labels(rng: np.random.Generator) -> dict[tuple[str, str], int]:
             noise = 0.6 * left_right[group] + math.sqrt(1 - 0.36) * noise
         left_right.setdefault(group, noise)
         latent = math.sqrt(_STUDY_SHARE) * study_factor + math.sqrt(1 - _STUDY_SHARE) * noise + _LEVEL_SHIFT
-        t_moderate, t_severe = _thresholds(SEVERITY_PRIORS[condition])
+        t_moderate, t_severe = _thresholds(RSNA_SEVERITY_FREQUENCIES[condition])
         for level, value in zip(LEVELS, latent):
             out[(condition, level)] = int(value > t_moderate) + int(value > t_severe)
     return out

@@ -9,11 +9,14 @@ its neighbours) as decoded by :mod:`spinemri.data.dicom` and returns uint8 (S, S
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
+
+from spinemri.data.dicom import rescale
+from spinemri.errors import ConfigError, SiteOutsideImage
 
 MODES = ("roi", "slice")
 EQUALIZE = ("none", "hist", "clahe")
@@ -23,14 +26,17 @@ EQUALIZE = ("none", "hist", "clahe")
 class PreprocessConfig:
     """Everything that decides what a model input looks like (part of the cache fingerprint)."""
 
-    img_size: int = 128  # output is img_size x img_size
-    mode: str = "roi"  # "roi": a square of roi_mm around the labelled point; "slice": the whole slice
-    roi_mm: float = 60.0  # side of the ROI square in millimetres (via PixelSpacing)
-    channels: int = 1  # 1, or 3 = slices i-1, i, i+1
-    p_low: float = 0.5  # intensity percentiles mapped to 0 and 255
-    p_high: float = 99.5
-    equalize: str = "none"  # "none", "hist" (the thesis) or "clahe"
-    dicom_window: bool = False  # apply the file's own VOI window before the percentile window
+    img_size: int = field(default=128, metadata={"help": "side of the model input in pixels (S x S)"})
+    mode: str = field(default="roi", metadata={
+        "help": "roi: a square of roi_mm around the labelled point; slice: the whole slice (the thesis)"})
+    roi_mm: float = field(default=60.0, metadata={"help": "side of the ROI square in millimetres (via PixelSpacing)"})
+    channels: int = field(default=1, metadata={"help": "1, or 3: the neighbouring slices i-1, i, i+1 as channels"})
+    p_low: float = field(default=0.5, metadata={"help": "intensity percentile mapped to 0"})
+    p_high: float = field(default=99.5, metadata={"help": "intensity percentile mapped to 255"})
+    equalize: str = field(default="none", metadata={
+        "help": "histogram equalisation after windowing: none, hist (the thesis) or clahe"})
+    dicom_window: bool = field(default=False, metadata={
+        "help": "apply the file's own VOI window before the percentile window"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,7 +53,7 @@ class PreprocessConfig:
         if self.equalize not in EQUALIZE:
             problems.append(f"equalize must be one of {', '.join(EQUALIZE)}, got {self.equalize!r}")
         if problems:
-            raise ValueError("invalid preprocessing: " + "; ".join(problems))
+            raise ConfigError("invalid preprocessing: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,12 +63,8 @@ class PreprocessConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown preprocessing keys {unknown}; valid keys: {sorted(known)}")
+            raise ConfigError(f"unknown preprocessing keys {unknown}; valid keys: {sorted(known)}")
         return cls(**values)
-
-
-class SiteOutsideImage(ValueError):
-    """An ROI centre that is not on the image: a label (or a request) to fix, not a file to skip."""
 
 
 def site_inside(x: float, y: float, width: int, height: int) -> bool:
@@ -123,8 +125,6 @@ def _fast_percentiles(image: np.ndarray, p_low: float, p_high: float, *,
     stats = None
     if (stored is not None and stored[0].size == flat.size and stored[0].dtype.kind in "ui"
             and stored[1] >= 0 and flat.dtype == np.float32):
-        from spinemri.data.dicom import rescale
-
         integers, slope, intercept = stored
         found = _order_statistics_of_integers(integers.ravel(), ranks)
         if found is not None:

@@ -21,18 +21,11 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data import schema
-from spinemri.data.dicom import ImageReadError, read_header, read_image
+from spinemri.data.dicom import read_header, read_image
 from spinemri.data.preprocess import site_inside
+from spinemri.errors import DatasetError, ImageReadError
 
 MAX_LISTED = 10  # problems of one kind listed before "... and N more"
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used as it is; the message lists every problem found."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 def detect_layout(path: str | Path) -> str:
@@ -195,6 +188,19 @@ def check_dataset(path: str | Path, *, decode: bool = False, workers: int = 4) -
         outside, lambda o: f"{labels_csv} row {o[0]}: the point (x={o[1]:g}, y={o[2]:g}) lies outside the "
                            f"{o[3][0]}x{o[3][1]} image {o[4]}", "fix the coordinate (pixels, column x and row y) or drop the row")
     return report
+
+
+def series_descriptions(root: str | Path) -> dict[tuple[str, int], str]:
+    """``{(study_id, series_id): series_description}`` from a dataset folder's train_ and test_ series CSVs
+    (neither is required: an empty dict without them)."""
+    found: dict[tuple[str, int], str] = {}
+    for name in (schema.SERIES_CSV, schema.TEST_SERIES_CSV):
+        path = Path(root) / name
+        if path.is_file():
+            table = _read_csv(path, required=list(schema.SERIES_COLUMNS))
+            found.update({(str(s), int(se)): str(d) for s, se, d in
+                          table[list(schema.SERIES_COLUMNS)].itertuples(index=False)})
+    return found
 
 
 # --- RSNA layout internals --------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""The RSNA 2024 LSDC vocabulary: conditions, levels, severities, series types and file names."""
+"""The RSNA 2024 LSDC vocabulary, defined once: conditions, levels, severities and their weights,
+series types, the classifier's head classes, the default split, file and column names."""
 
 from __future__ import annotations
 
 import re
+
+import numpy as np
 
 # Condition keys as they appear in train.csv column names and submission row_ids.
 CONDITIONS: tuple[str, ...] = (
@@ -26,10 +29,38 @@ LEVELS: tuple[str, ...] = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
 SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
 SEVERITY_INDEX: dict[str, int] = {name: i for i, name in enumerate(SEVERITIES)}
 
+# The competition metric's sample weights by true severity (Normal/Mild, Moderate, Severe).
+SEVERITY_WEIGHTS = np.array([1.0, 2.0, 4.0])
+# Normal/Mild, Moderate, Severe frequencies per condition in the real training labels (FACTS.md).
+RSNA_SEVERITY_FREQUENCIES: dict[str, tuple[float, float, float]] = {
+    "spinal_canal_stenosis": (0.878, 0.075, 0.048),
+    "left_neural_foraminal_narrowing": (0.78, 0.18, 0.04),
+    "right_neural_foraminal_narrowing": (0.78, 0.18, 0.04),
+    "left_subarticular_stenosis": (0.714, 0.19, 0.095),
+    "right_subarticular_stenosis": (0.714, 0.19, 0.095),
+}
+
 SAGITTAL_T1 = "Sagittal T1"
 SAGITTAL_T2 = "Sagittal T2/STIR"
 AXIAL_T2 = "Axial T2"
 SERIES_DESCRIPTIONS: tuple[str, ...] = (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2)
+# Series types by the short name commands and configs use (each has its own localizer).
+SERIES_TYPES: dict[str, str] = {"sagittal_t2": SAGITTAL_T2, "sagittal_t1": SAGITTAL_T1, "axial_t2": AXIAL_T2}
+
+# The classifier's three heads: the thesis's six categories (the five conditions, and healthy for a
+# site graded Normal/Mild), the level and the severity.
+HEALTHY = "healthy"
+HEAD_CLASSES: dict[str, tuple[str, ...]] = {
+    "condition": (*CONDITIONS, HEALTHY),
+    "level": LEVELS,
+    "severity": SEVERITIES,
+}
+
+HEADS: tuple[str, ...] = tuple(HEAD_CLASSES)
+
+# Study-level split: train, validation and test fractions of the studies.
+DEFAULT_SPLIT: tuple[float, float, float] = (0.8, 0.1, 0.1)
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 # Which series type each condition is graded on (the competition's convention).
 CONDITION_SERIES: dict[str, str] = {
@@ -40,11 +71,13 @@ CONDITION_SERIES: dict[str, str] = {
     "right_subarticular_stenosis": AXIAL_T2,
 }
 
-# File names of an RSNA-layout dataset folder.
+# File names of an RSNA-layout dataset folder (the competition's test set uses the test_ ones).
 TRAIN_CSV = "train.csv"
 SERIES_CSV = "train_series_descriptions.csv"
 COORDINATES_CSV = "train_label_coordinates.csv"
 IMAGES_DIR = "train_images"
+TEST_SERIES_CSV = "test_series_descriptions.csv"
+TEST_IMAGES_DIR = "test_images"
 
 SERIES_COLUMNS: tuple[str, ...] = ("study_id", "series_id", "series_description")
 COORDINATE_COLUMNS: tuple[str, ...] = (
@@ -61,6 +94,11 @@ SAMPLE_COLUMNS: tuple[str, ...] = (
     "study_id", "series_id", "series_description", "instance_number",
     "condition", "level", "severity", "x", "y", "path", "label_row",
 )
+
+
+# The competition's submission: one row per study, condition and level.
+PROBABILITY_COLUMNS: tuple[str, ...] = ("normal_mild", "moderate", "severe")  # SEVERITIES order
+SUBMISSION_COLUMNS: tuple[str, ...] = ("row_id", *PROBABILITY_COLUMNS)
 
 
 def level_slug(level: str) -> str:
@@ -87,3 +125,14 @@ def parse_label_column(column: str) -> tuple[str, str] | None:
     if match["condition"] not in CONDITIONS or level not in LEVELS:
         return None
     return match["condition"], level
+
+
+def row_id(study_id, condition: str, level: str) -> str:
+    """A submission row: '4003253_spinal_canal_stenosis_l4_l5'."""
+    return f"{study_id}_{label_column(condition, level)}"
+
+
+def short_name(name: str) -> str:
+    """A class name short enough for a plot label ('left_neural_foraminal_narrowing' -> 'left foraminal')."""
+    return (name.replace("neural_foraminal_narrowing", "foraminal").replace("subarticular_stenosis", "subarticular")
+            .replace("spinal_canal_stenosis", "spinal canal").replace("_", " "))

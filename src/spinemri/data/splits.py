@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-SPLITS = ("train", "val", "test")
+from spinemri.data.schema import DEFAULT_SPLIT
+from spinemri.errors import ConfigError, DatasetError
 
 
-def split_studies(samples: pd.DataFrame, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+
+def split_studies(samples: pd.DataFrame, fractions: tuple[float, float, float] = DEFAULT_SPLIT,
                   seed: int = 0) -> pd.DataFrame:
     """Assign each study to train/val/test.
 
@@ -24,7 +26,7 @@ def split_studies(samples: pd.DataFrame, fractions: tuple[float, float, float] =
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ConfigError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     studies = (
         samples.assign(severity=samples["severity"].astype("Float64").fillna(0))
         .groupby("study_id")["severity"].max().astype(int).rename("worst_severity").reset_index()
@@ -34,7 +36,7 @@ def split_studies(samples: pd.DataFrame, fractions: tuple[float, float, float] =
     n_test = _count(n, fractions[2])
     n_val = _count(n, fractions[1])
     if n - n_test - n_val < 1:
-        raise ValueError(f"{n} studies are too few for splits {fractions}: every split needs at least one study")
+        raise DatasetError([f"{n} studies are too few for splits {fractions}: every split needs at least one study; use more studies or other split.fractions"])
 
     rest, test = _split(studies, n_test, seed)
     train, val = _split(rest, n_val, seed + 1)

@@ -28,10 +28,12 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data import cache, readers, schema
-from spinemri.data.dicom import ImageReadError, SeriesStack, read_series
+from spinemri.data.dicom import SeriesStack, read_series
 from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
 from spinemri.data.splits import split_studies
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
+from spinemri.errors import ConfigError, DatasetError, ImageReadError, PrepareError
+from spinemri.files import write_csv
 from spinemri.processes import worker_pool
 
 SLICE_COLUMNS = ("study_id", "series_id", "instance_number", "position", "n_slices", "width", "height",
@@ -69,7 +71,7 @@ def series_table(root: Path) -> pd.DataFrame:
     for name in (schema.SERIES_CSV, "test_series_descriptions.csv"):
         if (root / name).is_file():
             return readers._read_csv(root / name, required=list(schema.SERIES_COLUMNS))
-    raise readers.DatasetError([f"{root} has no {schema.SERIES_CSV} (or test_series_descriptions.csv); the localizer "
+    raise DatasetError([f"{root} has no {schema.SERIES_CSV} (or test_series_descriptions.csv); the localizer "
                                 "needs each series' description to know which series to read"])
 
 
@@ -79,16 +81,16 @@ def prepare_localizer(data_dir: str | Path, series: str, config: PreprocessConfi
     """Build (or reuse) the slice cache of one series type; returns it and the labelled sample table."""
     task = get_task(series)
     if config.mode != "slice":
-        raise ValueError(f"the localizer sees whole slices: preprocess.mode must be 'slice', got {config.mode!r}")
+        raise ConfigError(f"the localizer sees whole slices: preprocess.mode must be 'slice', got {config.mode!r}")
     root = Path(data_dir)
     if readers.detect_layout(root) != "rsna":
-        raise readers.DatasetError([f"{root} is a flat CSV; the localizer needs whole series, i.e. an RSNA-layout "
+        raise DatasetError([f"{root} is a flat CSV; the localizer needs whole series, i.e. an RSNA-layout "
                                     "folder (train.csv, train_series_descriptions.csv, train_label_coordinates.csv, "
                                     "train_images/)"])
     samples = readers.load_rsna(root)
     files = _series_files(root, samples, task)
     if files.empty:
-        raise readers.DatasetError([f"{root} has no labelled {task.description} series; the {series} localizer "
+        raise DatasetError([f"{root} has no labelled {task.description} series; the {series} localizer "
                                     f"learns from {schema.COORDINATES_CSV} points on them"])
     cache_dir = Path(cache_dir) if cache_dir else cache.default_cache_dir()
     key = cache.fingerprint(files, config)
@@ -197,7 +199,7 @@ def _build(files: pd.DataFrame, config: PreprocessConfig, staging: Path, *, work
         for offset, (rows, arrays, failure) in zip(offsets, jobs):
             if failure is not None:
                 if on_bad_file == "stop":
-                    raise cache.PrepareError(f"{failure}; skip bad series with --on-bad-file=skip")
+                    raise PrepareError(f"{failure}; skip bad series with --on-bad-file=skip")
                 skipped.append(failure)
                 continue
             images[offset: offset + len(arrays)] = arrays
@@ -207,7 +209,7 @@ def _build(files: pd.DataFrame, config: PreprocessConfig, staging: Path, *, work
     del images
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=[*SLICE_COLUMNS, "index"])
     table["path"] = [os.path.relpath(p, root) for p in table["path"]]
-    cache._atomic_csv(table, staging / "slices.csv")
+    write_csv(table, staging / "slices.csv")
     return {"preprocess": config.to_dict(), "shape": list(shape), "slices": int(len(table)),
             "series": int(table.groupby(["study_id", "series_id"]).ngroups) if len(table) else 0,
             "skipped": skipped, "dataset_root": root}

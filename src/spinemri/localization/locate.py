@@ -17,9 +17,10 @@ import pandas as pd
 
 from spinemri.data.dicom import SeriesStack
 from spinemri.data.preprocess import PreprocessConfig
+from spinemri.localization import model as _localizer_layers  # noqa: F401 - registers the Keras layers it loads
 from spinemri.localization.dataset import series_inputs, stack_positions
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
-from spinemri.models.pyfunc import KerasWithMeta, load_python_model, log_keras_pyfunc
+from spinemri.tracking.pyfunc import InputError, KerasWithMeta, load_python_model, log_keras_pyfunc, series_from_b64
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,6 @@ def choose_sites(task: SeriesTask, series: Sequence[SeriesSlices], points: Seque
 class SpineLocalizer(KerasWithMeta):
     """A logged localizer: the Keras model and meta.json (series type, preprocessing)."""
 
-    def load_context(self, context) -> None:
-        from spinemri.localization import model as _  # noqa: F401 - registers its custom layers
-
-        super().load_context(context)
-
     @property
     def task(self) -> SeriesTask:
         return get_task(self.meta["series"])
@@ -118,13 +114,10 @@ class SpineLocalizer(KerasWithMeta):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         """Rows with ``dicom_b64``: every slice of one series -> one row per site found."""
-        from spinemri.models.pyfunc import InputError
-        from spinemri.study import stack_from_bytes
-
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "dicom_b64" not in frame.columns or frame.empty:
             raise InputError("send one row per slice of a series, each with a dicom_b64 column (a base64 DICOM file)")
-        stack = stack_from_bytes(list(frame["dicom_b64"]))
+        stack = series_from_b64(list(frame["dicom_b64"]))
         return pd.DataFrame([asdict(s) for s in self.locate([(0, stack)])])
 
 

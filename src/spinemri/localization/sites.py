@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spinemri.data.schema import AXIAL_T2, LEVELS, SAGITTAL_T1, SAGITTAL_T2
+from spinemri.data.schema import LEVELS, SERIES_TYPES
+from spinemri.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -50,23 +51,21 @@ def _sagittal_t1_sites():
 
 
 SERIES_TASKS: dict[str, SeriesTask] = {
-    "sagittal_t2": SeriesTask("sagittal_t2", SAGITTAL_T2, ("mid-sagittal",),
+    "sagittal_t2": SeriesTask("sagittal_t2", SERIES_TYPES["sagittal_t2"], ("mid-sagittal",),
                               tuple(("spinal_canal_stenosis", level, 0, k) for k, level in enumerate(LEVELS))),
-    "sagittal_t1": SeriesTask("sagittal_t1", SAGITTAL_T1, ("left foramina", "right foramina"),
+    "sagittal_t1": SeriesTask("sagittal_t1", SERIES_TYPES["sagittal_t1"], ("left foramina", "right foramina"),
                               tuple(_sagittal_t1_sites())),
-    "axial_t2": SeriesTask("axial_t2", AXIAL_T2, LEVELS,
+    "axial_t2": SeriesTask("axial_t2", SERIES_TYPES["axial_t2"], LEVELS,
                            tuple((f"{side}_subarticular_stenosis", level, k, side_index)
                                  for k, level in enumerate(LEVELS) for side_index, side in enumerate(("left", "right")))),
 }
-SERIES_NAMES = tuple(SERIES_TASKS)
-BY_DESCRIPTION = {task.description: task for task in SERIES_TASKS.values()}
 
 
 def get_task(series: str) -> SeriesTask:
     try:
         return SERIES_TASKS[series]
     except KeyError:
-        raise ValueError(f"unknown series {series!r}; choose one of {', '.join(SERIES_NAMES)}") from None
+        raise ConfigError(f"unknown series {series!r}; choose one of {', '.join(SERIES_TASKS)}") from None
 
 
 def site_of(condition: str) -> SeriesTask:

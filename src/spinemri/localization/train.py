@@ -14,8 +14,6 @@ patients. Metrics, per series type ``<s>``:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,17 +26,19 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from spinemri import registry
 from spinemri.config import ExperimentConfig, MlflowConfig
-from spinemri.data.readers import DatasetError
+from spinemri.errors import DatasetError
+from spinemri.data.source import resolve_data_dir
 from spinemri.localization.dataset import LocalizerDataset, prepare_localizer, slice_targets, study_splits
 from spinemri.localization.locate import SeriesSlices, choose_sites, log_localizer, point_errors, summarize_errors
 from spinemri.localization.model import build_localizer, point_loss, slice_loss
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
+from spinemri.tracking.registry import eval_set_hash
+from spinemri.tracking.runs import (TrainResult, log_figure, log_split, pip_requirements, register_and_tag, run_tags,
+                                    training_run)
+from spinemri.training import fit
 from spinemri.training.data import read_rows
-from spinemri.runs import ending_run, start_run
-from spinemri.training.tracking import MlflowEpochLogger, log_figure, pip_requirements, run_tags
-from spinemri.training.train import TrainingError, TrainResult, resolve_data_dir, seed_everything
+from spinemri.training.fit import best_weights, check_finite, seed_everything
 
 DEFAULT_EXPERIMENT = "spinemri-localize"
 DEFAULT_REGISTERED_MODEL = "spinemri-localizer"
@@ -196,31 +196,24 @@ def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> TrainR
     task = get_task(config.localize.series)
     dataset, splits = prepare(config)
     seed_everything(config.train)
-    run_name = f"localize-{task.name}-{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
-    if not nested and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment_name(config))
-    run = start_run(run_name=run_name, nested=nested)
-    with ending_run():
-        result = _train_in_run(config, task, dataset, splits, run_name)
+    params = {k: v for k, v in config.flat().items()
+              if k.split(".")[0] in ("data", "split", "model", "train", "localize", "preprocess", "name")}  # task: a tag
+    params.update({f"split.{n}_studies": int(s.slices["study_id"].nunique()) for n, s in splits.items()})
+    params.update({f"split.{n}_slices": len(s.slices) for n, s in splits.items()})
+    tags = {**run_tags(dataset.fingerprint, config.model.arch, "localize"), "localize.series": task.name}
+    with training_run(experiment=experiment_name(config), config=config.to_dict(redacted=True), params=params,
+                      tags=tags, run_name=f"localize-{task.name}-{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}",
+                      nested=nested) as run:
+        log_split(pd.concat([pd.DataFrame({"study_id": sorted(s.slices["study_id"].unique()), "split": n})
+                             for n, s in splits.items()], ignore_index=True))  # predict-study checks it for leaks
+        result = _train_in_run(config, task, dataset, splits)
     result.run_id = run.info.run_id
     return result
 
 
-def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerDataset, splits: dict[str, _Split],
-                  run_name: str) -> TrainResult:
+def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerDataset,
+                  splits: dict[str, _Split]) -> TrainResult:
     cfg, loc, pre = config.train, config.localize, config.localizer_preprocessing
-    mlflow.set_tags({**run_tags(dataset.fingerprint, config.model.arch, "localize"), "localize.series": task.name,
-                     "mlflow.runName": run_name})
-    flat = config.flat()
-    mlflow.log_params({k: v for k, v in flat.items() if k.split(".")[0] in ("data", "split", "model", "train", "localize",
-                                                                           "preprocess", "name")})  # task: a tag
-    mlflow.log_params({f"split.{n}_studies": int(s.slices["study_id"].nunique()) for n, s in splits.items()})
-    mlflow.log_params({f"split.{n}_slices": len(s.slices) for n, s in splits.items()})
-    mlflow.log_dict(config.to_dict(redacted=True), "config.yaml")
-    split_table = pd.concat([pd.DataFrame({"study_id": sorted(s.slices["study_id"].unique()), "split": n})
-                             for n, s in splits.items()], ignore_index=True)
-    mlflow.log_text(split_table.to_csv(index=False), "data/splits.csv")  # predict-study checks it for leaks
-
     images_path = dataset.path / "images.npy"
     model = build_localizer(config.model.arch, loc.img_size, loc.channels, task, weights=config.model.weights,
                             dense_units=config.model.dense_units, dropout=config.model.dropout)
@@ -229,26 +222,14 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
     train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_ds = make_dataset(images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed)
     monitor = ValidationErrors(task, images_path, splits["val"], cfg.batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        best = Path(tmp) / "best.weights.h5"
-        callbacks = [
-            monitor,  # first: adds val_point_error_mm to the epoch logs the others read
-            keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.ModelCheckpoint(best, monitor=MONITOR, mode="min", save_best_only=True,
-                                            save_weights_only=True),
-            keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min", patience=cfg.early_stopping_patience),
-            keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="min", factor=0.5,
-                                              patience=cfg.reduce_lr_patience),
-            MlflowEpochLogger(step_offset=1),
-        ]
-        started = time.perf_counter()
-        fitted = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=2)
-        training_time = time.perf_counter() - started
+    started = time.perf_counter()
+    with best_weights(model) as best:
+        # The monitor first: it adds val_point_error_mm to the epoch logs the others read.
+        fitted = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=2,
+                           callbacks=fit.callbacks(cfg, MONITOR, best, first=[monitor], step_offset=1))
         history = {k: [float(v) for v in values] for k, values in fitted.history.items()}
-        if any(not math.isfinite(v) for v in history.get("loss", [])):
-            raise TrainingError(f"the localizer's loss became NaN/inf (lr={cfg.lr}); lower train.lr or check the data")
-        if best.is_file():
-            model.load_weights(best)
+        check_finite(history, "the localizer", cfg.lr)
+    training_time = time.perf_counter() - started
 
     test = splits["test"]
     errors = split_errors(task, test, *split_outputs(model, images_path, test, cfg.batch_size))
@@ -274,14 +255,11 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
     decision = None
     if config.mlflow.register:
         metric = f"test_{task.name}_point_error_mm"
-        decision = registry.register(
+        decision = register_and_tag(
             model_uri, registered_model_name(config), metric=metric, value=metrics.get(metric),
-            eval_set=registry.eval_set_hash(test.truth), champion=task.name, challenger=f"{task.name}-challenger",
+            eval_set=eval_set_hash(test.truth), champion=task.name, challenger=f"{task.name}-challenger",
             tags={"arch": config.model.arch, "series": task.name, "experiment": config.name,
                   "eval_set_studies": str(test.truth["study_id"].nunique())})
-        mlflow.set_tags({"registered_model": decision.name, "registered_version": decision.version,
-                         "registry_alias": decision.alias})
-        print(decision, flush=True)
     return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],
                           history={**history, "val_point_error_mm_by_step": [h.get("val_point_error_mm", math.nan)
                                                                              for h in monitor.history]},

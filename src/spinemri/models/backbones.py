@@ -1,45 +1,24 @@
-"""The backbone registry: every architecture a user can name, with its sizes and preprocessing.
-
-``BACKBONES["densenet"]`` knows how to build the feature extractor (``include_top=False``), its
-native input size (what ImageNet weights were trained at), the smallest input it accepts, and
-how pixels 0..255 must be scaled for it. Unknown names and too-small inputs fail with the valid
-choices.
+"""The Keras builders of the backbone catalog (spinemri.models.catalog): a feature extractor
+(``include_top=False``) per architecture, with ImageNet weights fetched, cached or refused with
+instructions. Unknown names and too-small inputs fail with the valid choices.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import keras
 
-from spinemri.config import THESIS_ARCHS
-from spinemri.errors import UserError
-
-
-class UnknownArchitecture(ValueError):
-    pass
-
-
-class WeightsUnavailable(UserError, RuntimeError):
-    pass
+from spinemri.errors import WeightsUnavailable
+from spinemri.models.catalog import CATALOG, BackboneSpec, get_spec
 
 
 @dataclass(frozen=True)
-class Backbone:
-    name: str
-    build: Callable[..., keras.Model]  # (input_shape, weights) -> model without top
-    native_size: int
-    min_size: int
-    scaling: str  # "tf": [-1, 1]; "torch": ImageNet mean/std; "caffe": mean subtraction; "raw": 0..255 (model scales); "unit": [0, 1]
-    weights_file: str | None = None  # file name Keras caches ImageNet weights under
-
-    def check_size(self, img_size: int) -> None:
-        if img_size < self.min_size:
-            raise ValueError(f"img_size {img_size} is below the minimum of {self.min_size} px for {self.name}; "
-                             f"use img_size >= {self.min_size} (native: {self.native_size})")
+class Backbone(BackboneSpec):
+    build: Callable[..., keras.Model] | None = None  # (input_shape, weights) -> model without top
 
 
 def _app(factory, **extra):
@@ -67,36 +46,17 @@ def _tiny(input_shape, weights):
 
 
 A = keras.applications
-BACKBONES: dict[str, Backbone] = {
-    "inception_v3": Backbone("inception_v3", _app(A.InceptionV3), 299, 75, "tf",
-                             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "xception": Backbone("xception", _app(A.Xception), 299, 71, "tf",
-                         "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "vgg16": Backbone("vgg16", _app(A.VGG16), 224, 32, "caffe",
-                      "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "nasnet_large": Backbone("nasnet_large", _app(A.NASNetLarge), 331, 32, "tf", "nasnet_large_no_top.h5"),
-    "resnet50": Backbone("resnet50", _app(A.ResNet50), 224, 32, "caffe",
-                         "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "mobilenet_v2": Backbone("mobilenet_v2", _app(A.MobileNetV2), 224, 32, "tf",
-                             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
-    "densenet": Backbone("densenet", _app(A.DenseNet121), 224, 32, "torch",
-                         "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "densenet169": Backbone("densenet169", _app(A.DenseNet169), 224, 32, "torch",
-                            "densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "densenet201": Backbone("densenet201", _app(A.DenseNet201), 224, 32, "torch",
-                            "densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "efficientnet_b0": Backbone("efficientnet_b0", _app(A.EfficientNetB0), 224, 32, "raw", "efficientnetb0_notop.h5"),
-    "convnext_tiny": Backbone("convnext_tiny", _app(A.ConvNeXtTiny), 224, 32, "raw", "convnext_tiny_notop.h5"),
-    "tiny": Backbone("tiny", _tiny, 96, 16, "unit"),
+_BUILDERS: dict[str, Callable[..., keras.Model]] = {
+    "inception_v3": _app(A.InceptionV3), "xception": _app(A.Xception), "vgg16": _app(A.VGG16),
+    "nasnet_large": _app(A.NASNetLarge), "resnet50": _app(A.ResNet50), "mobilenet_v2": _app(A.MobileNetV2),
+    "densenet": _app(A.DenseNet121), "densenet169": _app(A.DenseNet169), "densenet201": _app(A.DenseNet201),
+    "efficientnet_b0": _app(A.EfficientNetB0), "convnext_tiny": _app(A.ConvNeXtTiny), "tiny": _tiny,
 }
-THESIS_BACKBONES = THESIS_ARCHS  # the thesis's seven, defined with the config that defaults to them
+BACKBONES: dict[str, Backbone] = {name: Backbone(**asdict(spec), build=_BUILDERS[name]) for name, spec in CATALOG.items()}
 
 
 def get_backbone(name: str) -> Backbone:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise UnknownArchitecture(f"unknown arch {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+    return BACKBONES[get_spec(name).name]
 
 
 def keras_cache_dir() -> Path:

@@ -3,7 +3,7 @@
 Grad-CAM (Selvaraju et al., 2017) weights each channel of a backbone feature map by the spatial mean
 of the gradient of one class score with respect to it, sums the channels and keeps the positive
 part. :func:`gradcam` computes the maps, :func:`gradcam_figure` overlays them on the inputs and
-:func:`log_gradcam` logs one figure per head to the active MLflow run.
+:func:`gradcam_grid` draws one figure per head for a set of labelled samples.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
 
-from spinemri.models.network import BACKBONE_LAYER, HEAD_CLASSES
-from spinemri.training.plots import short_name
-from spinemri.training.tracking import log_figure
+from spinemri.data.schema import HEAD_CLASSES, short_name
+from spinemri.models.network import BACKBONE_LAYER
 
 # Layers that only shrink or reshape a feature map on its way to the heads: the Grad-CAM layer is
 # the last one before them (their outputs are coarser maps, or no longer maps at all).
@@ -190,21 +189,21 @@ def gradcam_figure(images: Sequence[np.ndarray | None], maps: Sequence[np.ndarra
     return fig
 
 
-def log_gradcam(model: keras.Model, images: np.ndarray, targets: dict[str, np.ndarray],
-                proba: dict[str, np.ndarray], *, head: str | Sequence[str] = "severity", per_class: int = 4,
-                artifact_dir: str = "gradcam", seed: int = 0) -> list[str]:
-    """Log ``<artifact_dir>/<head>.png`` per head to the active MLflow run; returns the artifact paths.
+def gradcam_grid(model: keras.Model, images: np.ndarray, targets: dict[str, np.ndarray],
+                 proba: dict[str, np.ndarray], *, head: str | Sequence[str] = "severity", per_class: int = 4,
+                 seed: int = 0) -> dict[str, plt.Figure]:
+    """One Grad-CAM figure per head: ``{head: figure}``.
 
     ``images`` float32 or uint8 (N, S, S, C) in 0..255, or anything that returns those rows for
     ``images[index_array]`` (it is read once, for the chosen rows only); ``targets[head]`` class
     indices (N,) with -1 for unknown; ``proba[head]`` the model's
     probabilities (N, classes). Each row of a figure is one true class, with up to ``per_class``
     samples of it (chosen with ``seed``), explained for the class the model predicted. A head with no
-    labelled sample logs nothing and is left out of the returned list (empty if no head has any).
+    labelled sample gets no figure.
     """
     heads = [head] if isinstance(head, str) else list(head)
     rng = np.random.default_rng(seed)
-    logged = []
+    figures = {}
     for name in heads:
         classes = HEAD_CLASSES[name]
         truth = np.asarray(targets[name])
@@ -224,10 +223,8 @@ def log_gradcam(model: keras.Model, images: np.ndarray, targets: dict[str, np.nd
                 heatmaps.append(None if i is None else maps[at[i]])
                 titles.append("" if i is None else _title(classes, truth[i], proba[name][i]))
         row_labels = [f"true {short_name(c)}" + ("" if len(rows) else " (none)") for c, rows in zip(classes, per_row)]
-        path = f"{artifact_dir}/{name}.png"
-        log_figure(gradcam_figure(cells, heatmaps, titles, ncols=per_class, row_labels=row_labels), path)
-        logged.append(path)
-    return logged
+        figures[name] = gradcam_figure(cells, heatmaps, titles, ncols=per_class, row_labels=row_labels)
+    return figures
 
 
 def _title(classes: Sequence[str], truth: int, probabilities: np.ndarray) -> str:

@@ -10,16 +10,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from spinemri.data.schema import CONDITIONS, LEVELS, SEVERITIES
+from spinemri.data.schema import HEAD_CLASSES
 from spinemri.models.backbones import Backbone, build_backbone, get_backbone
 
-HEALTHY = "healthy"
-HEAD_CLASSES: dict[str, tuple[str, ...]] = {
-    # The thesis's six categories: the five conditions, and Healthy for a site graded Normal/Mild.
-    "condition": (*CONDITIONS, HEALTHY),
-    "level": LEVELS,
-    "severity": SEVERITIES,
-}
 BACKBONE_LAYER = "backbone"
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])

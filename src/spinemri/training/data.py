@@ -18,10 +18,7 @@ import tensorflow as tf
 import keras
 
 from spinemri.config import AugmentConfig
-from spinemri.data.schema import AXIAL_T2, CONDITIONS, LEVELS
-from spinemri.models.network import HEAD_CLASSES, HEALTHY
-
-SEVERITY_WEIGHTS = np.array([1.0, 2.0, 4.0], dtype=np.float32)  # the competition's sample weights
+from spinemri.data.schema import AXIAL_T2, CONDITIONS, HEAD_CLASSES, HEALTHY, LEVELS, SEVERITY_WEIGHTS
 # Left-right mirror: left_* <-> right_* conditions (spinal canal and healthy stay).
 _MIRROR = [HEAD_CLASSES["condition"].index(c.replace("left_", "@").replace("right_", "left_").replace("@", "right_"))
            for c in HEAD_CLASSES["condition"]]
@@ -69,7 +66,7 @@ def sample_weights(targets: dict[str, np.ndarray], severity_weights: bool) -> di
     """0 where a head's label is unknown; severity rows weighted 1/2/4 when asked."""
     weights = {head: (t >= 0).astype(np.float32) for head, t in targets.items()}
     if severity_weights:
-        weights["severity"] = weights["severity"] * SEVERITY_WEIGHTS[np.clip(targets["severity"], 0, 2)]
+        weights["severity"] = weights["severity"] * SEVERITY_WEIGHTS.astype(np.float32)[np.clip(targets["severity"], 0, 2)]
     return weights
 
 

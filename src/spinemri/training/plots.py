@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
+from spinemri.data.schema import short_name  # noqa: E402
+
 
 def training_curves(history: dict[str, list[float]], heads) -> plt.Figure:
     """Loss and per-head accuracy per epoch, train vs validation."""
@@ -65,8 +67,3 @@ def sample_predictions(images: np.ndarray, truths: list[str], predictions: list[
     fig.tight_layout()
     return fig
 
-
-def short_name(name: str) -> str:
-    """A class name short enough for a plot label ('left_neural_foraminal_narrowing' -> 'left foraminal')."""
-    return (name.replace("neural_foraminal_narrowing", "foraminal").replace("subarticular_stenosis", "subarticular")
-            .replace("spinal_canal_stenosis", "spinal canal").replace("_", " "))

@@ -1,0 +1,115 @@
+"""A submission scored with the competition metric on its studies, beside the prior baseline, and logged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import mlflow
+import pandas as pd
+
+from spinemri.errors import StudyError, UserError
+from spinemri.evaluation.competition import label_rows, prior_from_labels, prior_submission, rsna_score
+from spinemri.study.predictor import classifier_prior
+from spinemri.tracking.pyfunc import load_classifier
+from spinemri.tracking.runs import start_run
+
+
+def evaluate_submission(labels: pd.DataFrame, submission: pd.DataFrame, prior_labels: pd.DataFrame | None = None, *,
+                        prior: Mapping[str, Sequence[float]] | None = None, prior_source: str = "") -> dict:
+    """rsna_score of ``submission`` on the studies it covers, beside the weight-aware prior baseline.
+
+    The baseline learns from ``prior_labels`` (train.csv layout; none of the scored studies), or is
+    ``prior`` as given (a classifier's recorded training prior, named by ``prior_source``).
+    """
+    rows = submission["row_id"].astype(str)
+    studies = sorted(rows.str.split("_", n=1).str[0].unique())
+    scored = labels[labels["study_id"].astype(str).isin(studies)]
+    missing = sorted(set(studies) - set(scored["study_id"].astype(str)))
+    if missing:
+        raise StudyError(f"the labels do not have {len(missing)} submitted study(ies): {', '.join(missing[:5])}")
+    prior_studies = 0
+    if prior is None:
+        if prior_labels is None:
+            raise StudyError("the prior baseline needs labels of other studies or a recorded prior")
+        overlap = set(prior_labels["study_id"].astype(str)) & set(studies)
+        if overlap:
+            raise StudyError(f"the prior's labels include {len(overlap)} scored study(ies); the baseline must not "
+                             "see them")
+        prior = prior_from_labels(prior_labels)
+        prior_studies = int(prior_labels["study_id"].nunique())
+        prior_source = prior_source or f"the labels of {prior_studies} other studies"
+    model = rsna_score(scored, submission, return_parts=True)
+    baseline = rsna_score(scored, prior_submission(studies, prior), return_parts=True)
+    return {"studies": len(studies), "model": model, "prior_baseline": baseline, "prior": dict(prior),
+            "prior_studies": prior_studies, "prior_source": prior_source}
+
+
+def evaluate_study_files(labels_path: str | Path, submission_path: str | Path, *,
+                         prior_labels_path: str | Path | None = None, classifier_uri: str | None = None) -> dict:
+    """:func:`evaluate_submission` for files: the labels (train.csv layout) and a submission CSV.
+
+    The baseline's prior comes from ``prior_labels_path``, else from the labelled studies of
+    ``labels_path`` that are not submitted, else (none left: the labels hold only the submitted
+    studies) from the prior recorded with ``classifier_uri``, and the report says which.
+    """
+    labels = _read_labels(labels_path, "labels")
+    table = _read_table(submission_path, "submission", dtype={"row_id": str})
+    if "row_id" not in table.columns:
+        raise StudyError(f"{submission_path} has no row_id column; expected row_id,normal_mild,moderate,severe")
+    studies = set(table["row_id"].astype(str).str.split("_", n=1).str[0])
+    if prior_labels_path is not None:
+        return evaluate_submission(labels, table, _read_labels(prior_labels_path, "--prior-labels"),
+                                   prior_source=f"--prior-labels {prior_labels_path}")
+    others = labels[~labels["study_id"].isin(studies)]
+    if not label_rows(others)["severity"].notna().any():
+        if not classifier_uri:
+            raise StudyError(f"{labels_path} labels only the {len(studies)} submitted studies, so no other study is "
+                             "left to learn the prior baseline from; pass --prior-labels FILE (labels of other "
+                             "studies) or --classifier URI (use the prior recorded with that classifier)")
+        try:
+            prior, source = classifier_prior(load_classifier(classifier_uri))
+        except UserError as exc:
+            raise StudyError(f"{labels_path} labels only the submitted studies, and the fallback prior could not be "
+                             f"read: {exc}; pass --prior-labels FILE (labels of other studies) or another "
+                             "--classifier") from None
+        return evaluate_submission(labels, table, prior=prior,
+                                   prior_source=f"{source} ({classifier_uri}): {labels_path} labels no other study")
+    return evaluate_submission(labels, table, others)
+
+
+def _read_table(path, what: str, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise StudyError(f"{what} {path} does not exist") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{what} {path} is not a readable CSV ({type(exc).__name__}: {exc})") from None
+
+
+def _read_labels(path, what: str) -> pd.DataFrame:
+    labels = _read_table(path, what, dtype={"study_id": str})
+    if "study_id" not in labels.columns:
+        raise StudyError(f"{what} {path} has no study_id column; expected train.csv's layout")
+    return labels
+
+
+def log_study_evaluation(report: Mapping, submission_path: Path, sites_path: Path | None, tags: Mapping[str, str]) -> str:
+    """One MLflow run in ``spinemri-study`` with the score, its terms, the baseline and the files."""
+    mlflow.set_experiment("spinemri-study")
+    with start_run(run_name=f"study-evaluation-{report['studies']}-studies") as run:
+        mlflow.set_tags({"role": "study-evaluation", **tags})
+        mlflow.set_tag("prior_source", report.get("prior_source", ""))
+        metrics = {"studies": report["studies"], "prior_studies": report["prior_studies"]}
+        for prefix, parts in (("study", report["model"]), ("prior", report["prior_baseline"])):
+            metrics[f"{prefix}_rsna_score"] = parts["score"]
+            metrics.update({f"{prefix}_{k}": v for k, v in parts.items() if k not in ("score", "rows")})
+        if sites_path is not None and sites_path.is_file():
+            sites = pd.read_csv(sites_path)
+            metrics["rows_from_prior"] = int((sites["source"] == "prior").sum())
+            mlflow.log_artifact(str(sites_path), "study")
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(submission_path), "study")
+        mlflow.log_text(json.dumps(report, indent=2), "study/evaluation.json")
+        return run.info.run_id

@@ -1,0 +1,179 @@
+"""The servable two-stage model: a zipped DICOM study in, its 25 submission rows out.
+
+``package_study(localizer_uris, classifier_uri)`` logs one MLflow pyfunc model that bundles each
+localizer's and the classifier's Keras file and meta.json with the spinemri package, and registers
+it as ``spinemri-study``. With held-out studies (``data_dir`` + ``split``) the package is first
+run on them: its competition score and the prior baseline's are logged, and the score decides the
+``champion`` alias like any spinemri model (lower wins, same held-out studies).
+
+Request rows: ``study_zip_b64`` (a base64 zip of one study's DICOM files, any folder layout) and
+optionally ``study_id`` (else the archive's top folder). Response: 25 rows per study with
+``row_id, normal_mild, moderate, severe`` and ``source`` (``model``, or ``prior`` where nothing
+could be seen: see :mod:`spinemri.study`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+
+from spinemri.data.studies import find_studies, study_from_zip
+from spinemri.errors import ImageReadError, StudyError
+from spinemri.localization.locate import SpineLocalizer
+from spinemri.study.evaluate import evaluate_submission
+from spinemri.study.predictor import (StudyPredictor, classifier_prior, predict_studies, resolve_localizer_uris,
+                                      resolve_localizers)
+from spinemri.tracking.pyfunc import PACKAGE_DIR, InputError, SpineClassifier, guard_scoring_server, load_classifier
+from spinemri.tracking.registry import eval_set_hash
+from spinemri.tracking.runs import pip_requirements, register_and_tag, start_run
+
+INPUT_SCHEMA = Schema([ColSpec(DataType.string, "study_zip_b64"), ColSpec(DataType.string, "study_id", required=False)])
+OUTPUT_SCHEMA = Schema([ColSpec(DataType.string, "row_id"), ColSpec(DataType.double, "normal_mild"),
+                        ColSpec(DataType.double, "moderate"), ColSpec(DataType.double, "severe"),
+                        ColSpec(DataType.string, "source")])
+REGISTERED_MODEL = "spinemri-study"
+
+
+class SpineStudyModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        import keras
+
+        guard_scoring_server()
+
+        def part(cls, key):
+            obj = cls()
+            obj.model = keras.models.load_model(context.artifacts[f"{key}_keras"], compile=False)
+            obj.meta = json.loads(Path(context.artifacts[f"{key}_meta"]).read_text())
+            return obj
+
+        manifest = json.loads(Path(context.artifacts["manifest"]).read_text())
+        localizers = {name: part(SpineLocalizer, f"localizer_{name}") for name in manifest["localizers"]}
+        self.predictor = StudyPredictor(localizers, part(SpineClassifier, "classifier"), manifest["prior"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(
+            [model_input] if isinstance(model_input, dict) else model_input)
+        if "study_zip_b64" not in frame.columns or frame.empty:
+            raise InputError("send one row per study with a study_zip_b64 column (a base64 zip of its DICOM files) "
+                             f"and optionally study_id; got columns {list(map(str, frame.columns)) or 'none'}")
+        out = []
+        for index, row in enumerate(frame.to_dict("records")):
+            value = row.get("study_zip_b64")
+            if not isinstance(value, str) or not value:
+                raise InputError(f"row {index}: study_zip_b64 must be a non-empty base64 string")
+            try:
+                data = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InputError(f"row {index}: study_zip_b64 is not valid base64 ({exc})") from None
+            study_id = row.get("study_id")
+            study_id = None if study_id is None or (isinstance(study_id, float) and math.isnan(study_id)) else str(study_id)
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    study = study_from_zip(data, study_id, Path(tmp), name=f"row {index}: study_zip_b64")
+                    prediction = self.predictor.predict(study)
+                except StudyError as exc:
+                    raise InputError(str(exc)) from None
+                except ImageReadError as exc:  # only a file over a size limit gets here: the rest fall back
+                    raise InputError(f"row {index}: study_zip_b64: {exc.reason}") from None
+            out.append(prediction.rows.assign(source=prediction.sites["source"].to_numpy()))
+        return pd.concat(out, ignore_index=True)
+
+
+def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_dir: str | None = None,
+                  split: str = "test", name: str = REGISTERED_MODEL, register: bool = True) -> dict[str, Any]:
+    """Log (and register) the two-stage study model; see the module docstring."""
+    localizers = resolve_localizers(localizer_uris)
+    classifier = load_classifier(classifier_uri)
+    prior, prior_source = classifier_prior(classifier)
+    predictor = StudyPredictor(localizers, classifier, prior)
+    mlflow.set_experiment("spinemri-study")
+    with start_run(run_name="study-model") as run, tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        mlflow.set_tags({"role": "study-model", "classifier": classifier_uri, "prior_source": prior_source,
+                         **{f"localizer.{s}": "given" for s in localizers}})
+        mlflow.log_params({"classifier_uri": classifier_uri, "localizer_uris": ",".join(localizer_uris),
+                           "series_localized": ",".join(sorted(localizers))})
+        result: dict[str, Any] = {"run_id": run.info.run_id, "series_localized": sorted(localizers)}
+        metric_value, eval_set = None, "none"
+        if data_dir:
+            studies, labels, prior_labels = held_out(data_dir, split, classifier_uri, list(localizer_uris))
+            summary = predict_studies(predictor, studies, tmp / "submission.csv")
+            report = evaluate_submission(labels, pd.read_csv(tmp / "submission.csv", dtype={"row_id": str}), prior_labels)
+            metric_value = report["model"]["score"]
+            eval_set = eval_set_hash(labels[labels["study_id"].astype(str).isin([s.study_id for s in studies])])
+            mlflow.log_metrics({"test_rsna_score": metric_value, "test_prior_rsna_score": report["prior_baseline"]["score"],
+                                "test_rows_from_prior": summary.from_prior, "test_studies": len(studies),
+                                **{f"test_{k}": v for k, v in report["model"].items() if k not in ("score", "rows")}})
+            mlflow.log_artifact(str(summary.out), "study")
+            mlflow.log_artifact(str(summary.sites), "study")
+            mlflow.log_text(json.dumps(report, indent=2), "study/evaluation.json")
+            result.update(score=metric_value, prior_score=report["prior_baseline"]["score"], studies=len(studies),
+                          rows_from_prior=summary.from_prior)
+        artifacts = {"manifest": str(tmp / "manifest.json")}
+        (tmp / "manifest.json").write_text(json.dumps({"localizers": sorted(localizers), "prior": prior,
+                                                        "prior_source": prior_source}, indent=2))
+        for key, part in [("classifier", classifier), *((f"localizer_{s}", loc) for s, loc in localizers.items())]:
+            part.model.save(tmp / f"{key}.keras")
+            (tmp / f"{key}.json").write_text(json.dumps(part.meta, indent=2))
+            artifacts.update({f"{key}_keras": str(tmp / f"{key}.keras"), f"{key}_meta": str(tmp / f"{key}.json")})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+            info = mlflow.pyfunc.log_model(name="model", python_model=SpineStudyModel(), artifacts=artifacts,
+                                           code_paths=[str(PACKAGE_DIR)],
+                                           signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
+                                           pip_requirements=pip_requirements())
+        result["model_uri"] = info.model_uri
+        if register:
+            decision = register_and_tag(info.model_uri, name, metric="test_rsna_score", value=metric_value,
+                                        eval_set=eval_set, tags={"classifier": classifier_uri,
+                                                                 "series_localized": ",".join(sorted(localizers))})
+            result["decision"] = str(decision)
+    return result
+
+
+def held_out(data_dir: str, split: str, classifier_uri: str, localizer_uris: Sequence[str]):
+    """The studies of ``split`` in the classifier's own study-level split, checked against the
+    localizers' splits (no localizer may have trained on them), their labels, and the labels of
+    every other study (what the prior baseline may learn from)."""
+    splits = run_splits(classifier_uri)
+    chosen = sorted(splits.loc[splits["split"] == split, "study_id"].astype(str))
+    if not chosen:
+        raise StudyError(f"the classifier's split has no {split} studies")
+    for uri in resolve_localizer_uris(localizer_uris):
+        theirs = run_splits(uri)
+        leaked = sorted(set(theirs.loc[theirs["split"] == "train", "study_id"].astype(str)) & set(chosen))
+        if leaked:
+            raise StudyError(f"localizer {uri} trained on {len(leaked)} of the {split} studies (e.g. {leaked[0]}); "
+                             "train localizers and classifier with the same split.seed and split.fractions")
+    labels_path = Path(data_dir) / "train.csv"
+    if not labels_path.is_file():
+        raise StudyError(f"{labels_path} is missing; evaluating on held-out studies needs their labels")
+    labels = pd.read_csv(labels_path, dtype={"study_id": str})
+    studies = find_studies(data_dir, chosen)
+    prior_labels = labels[~labels["study_id"].isin(chosen)]
+    return studies, labels, prior_labels
+
+
+def run_splits(model_uri: str) -> pd.DataFrame:
+    """The study-level split (data/splits.csv) logged by the run that trained ``model_uri``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/splits.csv")
+    except (MlflowException, OSError) as exc:
+        raise StudyError(f"cannot read the training split of {model_uri}: {exc}; --split needs models trained by "
+                         "spinemri (their runs log data/splits.csv)") from None
+    return pd.read_csv(path, dtype={"study_id": str})
+

@@ -1,0 +1,150 @@
+"""The MLflow Model Registry policy: every trained model becomes a version; `champion` moves only for a better one.
+
+Each version carries, as tags, the held-out metric it was judged on (``metric_name``,
+``metric_value``, ``metric_goal`` = minimize/maximize) and the identity of the held-out set
+(``eval_set``: a hash of the test samples and their labels). A new version becomes ``champion`` when
+there is none yet, or when it beats the champion on the same metric over the same held-out set;
+otherwise it gets ``challenger``. Versions judged on another metric or other data cannot be
+compared: they become ``challenger`` and the decision says so, and ``promote`` is the explicit way
+over that. The decision is a tag on the version (``decision``) and is printed by training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from spinemri.errors import RegistryError
+from spinemri.evaluation.goals import is_better, lower_is_better, metric_goal
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+EVAL_SET_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "severity")
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    version: str
+    alias: str  # CHAMPION or CHALLENGER
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name} version {self.version} -> {self.alias}: {self.reason}"
+
+
+def eval_set_hash(samples: pd.DataFrame) -> str:
+    """Identity of a held-out set: the same samples with the same labels give the same hash."""
+    columns = [c for c in EVAL_SET_COLUMNS if c in samples.columns]
+    table = samples[columns].astype(str).sort_values(columns).to_csv(index=False)
+    return hashlib.sha256(table.encode()).hexdigest()[:16]
+
+
+def register(model_uri: str, name: str, *, metric: str, value: float | None, eval_set: str,
+             tags: dict[str, str] | None = None, champion: str = CHAMPION,
+             challenger: str = CHALLENGER) -> Decision:
+    """Register ``model_uri`` as a new version of ``name`` and apply the alias policy.
+
+    ``champion``/``challenger`` name the two aliases; the localizers keep one pair per series type
+    in one registered model (``sagittal_t2`` / ``sagittal_t2-challenger``, ...).
+    """
+    client = MlflowClient()
+    version_tags = {"metric_name": metric, "metric_goal": metric_goal(metric), "eval_set": eval_set, **(tags or {})}
+    usable = value is not None and math.isfinite(value)
+    if usable:
+        version_tags["metric_value"] = repr(float(value))
+    version = mlflow.register_model(model_uri, name, tags=version_tags).version
+    if str(version) == "1" and not client.get_registered_model(name).description:
+        client.update_registered_model(name, description="spinemri lumbar-spine classifiers: champion = best held-out "
+                                       f"{metric} (see the spinemri README, Registry and serving)")
+    alias, reason = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set,
+                            champion, challenger)
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "decision", reason)
+    return Decision(name=name, version=str(version), alias=alias, reason=reason)
+
+
+def _decide(client: MlflowClient, name: str, version: str, metric: str, value: float | None,
+            eval_set: str, champion_alias: str = CHAMPION, challenger_alias: str = CHALLENGER) -> tuple[str, str]:
+    CHAMPION, CHALLENGER = champion_alias, challenger_alias  # noqa: N806 - the policy below reads as for the defaults
+    if value is None:
+        return CHALLENGER, f"it has no finite {metric} to compare"
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return CHAMPION, f"first version with a {CHAMPION} metric ({metric} = {value:.4f})"
+    tags = champion.tags
+    if tags.get("metric_name") != metric:
+        return CHALLENGER, (f"not comparable: champion v{champion.version} was judged on {tags.get('metric_name')}, "
+                            f"this version on {metric}; use `spinemri registry promote {version}` to override")
+    if tags.get("eval_set") != eval_set:
+        return CHALLENGER, (f"not comparable: champion v{champion.version} was evaluated on another held-out set "
+                            f"({tags.get('eval_set')} vs {eval_set}); use `spinemri registry promote {version}` "
+                            "to override")
+    try:
+        best = float(tags["metric_value"])
+    except (KeyError, ValueError):
+        return CHAMPION, f"champion v{champion.version} has no {metric} value; {metric} = {value:.4f}"
+    lower = lower_is_better(metric)
+    better = is_better(value, best, metric)
+    comparison = f"{metric} {value:.4f} vs champion v{champion.version}'s {best:.4f} ({'lower' if lower else 'higher'} wins)"
+    return (CHAMPION, "beats " + comparison) if better else (CHALLENGER, "does not beat " + comparison)
+
+
+def promote(name: str, version: str | int, reason: str) -> Decision:
+    """Point ``champion`` at ``version`` regardless of metrics, recording who was replaced and why."""
+    if not reason.strip():
+        raise RegistryError("give a reason for the promotion (--reason TEXT); it is kept as a tag on the version")
+    client = MlflowClient()
+    versions = {v["version"]: v for v in list_versions(name)}
+    version = str(version)
+    if version not in versions:
+        raise RegistryError(f"{name} has no version {version}; versions: {', '.join(versions) or 'none'}")
+    previous = next((v for v, row in versions.items() if CHAMPION in row["aliases"]), None)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if CHALLENGER in versions[version]["aliases"]:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for key, value in {"promoted_at": now, "promotion_reason": reason,
+                       "promoted_over": f"v{previous}" if previous else "none"}.items():
+        client.set_model_version_tag(name, version, key, value)
+    text = f"promoted by hand over v{previous}: {reason}" if previous and previous != version \
+        else f"promoted by hand: {reason}"
+    client.set_model_version_tag(name, version, "decision", text)
+    return Decision(name=name, version=version, alias=CHAMPION, reason=text)
+
+
+def list_versions(name: str) -> list[dict]:
+    """One dict per version, newest first: version, aliases, metric, eval set, run, architecture, decision."""
+    client = MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}; train a model first "
+                            "(`make demo` or `spinemri train`), or set MLFLOW_TRACKING_URI to the store that has it"
+                            ) from None
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        tags = mv.tags or {}
+        rows.append({
+            "version": str(mv.version),
+            "aliases": sorted(aliases.get(str(mv.version), [])),
+            "metric_name": tags.get("metric_name", ""),
+            "metric_value": float(tags["metric_value"]) if "metric_value" in tags else None,
+            "eval_set": tags.get("eval_set", ""),
+            "arch": tags.get("arch", ""),
+            "run_id": mv.run_id or "",
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "decision": tags.get("decision", ""),
+        })
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)

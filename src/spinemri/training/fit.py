@@ -1,0 +1,124 @@
+"""The fit loop's parts shared by every trainer: seeding, devices, the callback stack, the best weights.
+
+Both the classifier (spinemri.training.train) and the localizers (spinemri.localization.train)
+fit with :func:`callbacks` — NaN stop, best checkpoint, early stopping and LR schedule watching one
+monitor whose direction :func:`spinemri.evaluation.goals.metric_goal` decides, and per-epoch MLflow
+metrics — inside :func:`best_weights`, and check the result with :func:`check_finite`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import keras
+import mlflow
+
+from spinemri.config import TrainConfig
+from spinemri.errors import ConfigError, TrainingError
+from spinemri.evaluation.goals import keras_mode
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Logs every Keras epoch metric (train and validation) and the learning rate to the active run."""
+
+    def __init__(self, step_offset: int = 0):
+        super().__init__()
+        self.step_offset = step_offset
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        try:
+            metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        except (AttributeError, TypeError, ValueError):
+            pass
+        mlflow.log_metrics(metrics, step=epoch + self.step_offset)
+
+
+@contextlib.contextmanager
+def best_weights(model: keras.Model) -> Iterator[Path]:
+    """A checkpoint path for :func:`callbacks`; on a normal exit the model gets the best weights saved there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "best.weights.h5"
+        yield path
+        if path.is_file():
+            model.load_weights(path)
+
+
+def callbacks(cfg: TrainConfig, monitor: str, best: Path, *, first: Sequence[keras.callbacks.Callback] = (),
+              extra: Sequence[keras.callbacks.Callback] = (), step_offset: int = 0) -> list[keras.callbacks.Callback]:
+    """The callback stack of every spinemri fit, in order: ``first`` (callbacks that add metrics to the
+    epoch logs the others read), NaN stop, best checkpoint, early stopping, LR schedule, MLflow
+    metrics (step = epoch + ``step_offset``), then ``extra`` (e.g. Optuna's pruning callback)."""
+    mode = keras_mode(monitor)
+    return [
+        *first,
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ModelCheckpoint(best, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, patience=cfg.reduce_lr_patience),
+        MlflowEpochLogger(step_offset),
+        *extra,
+    ]
+
+
+def check_finite(history: dict[str, list[float]], what: str, lr: float) -> None:
+    """Refuse a fit whose loss became NaN or infinite (TerminateOnNaN stopped it)."""
+    losses = history.get("loss", [])
+    if any(not math.isfinite(v) for v in losses):
+        raise TrainingError(f"{what}'s loss became NaN/inf after {len(losses)} epoch(s) (lr={lr}); lower train.lr "
+                            "or check the data")
+
+
+def seed_everything(cfg) -> None:
+    """Seed Python, NumPy and TensorFlow with ``train.seed``; with ``train.deterministic`` also make
+    TensorFlow's ops deterministic, so that a second run gives the same weights and metrics. That
+    switch cannot be turned off again in the process."""
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def check_devices(cfg) -> None:
+    """Refuse train.mixed_precision=on without a GPU: float16 on a CPU is emulated, slower than
+    float32, with no memory to gain (auto simply stays float32 there)."""
+    import tensorflow as tf
+
+    if cfg.mixed_precision == "on" and not tf.config.list_logical_devices("GPU"):
+        raise ConfigError("train.mixed_precision=on needs a GPU and TensorFlow sees none; use "
+                          "--mixed-precision auto (float32 on a CPU) or off")
+
+
+@contextlib.contextmanager
+def distribution(cfg):
+    """The device placement of one run: yields (tf.distribute strategy, run tags).
+
+    Inside, Keras's dtype policy is ``mixed_float16`` when ``train.mixed_precision`` says so (auto:
+    iff a GPU is visible); a model built and compiled in ``strategy.scope()`` is mirrored over its
+    replicas, and ``train.batch_size`` is then the global batch, split evenly over them.
+    ``mirrored`` uses every visible GPU, or every logical CPU device where there is no GPU (one on
+    a plain machine, two in the tests). The previous policy comes back on exit.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    check_devices(cfg)
+    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and bool(gpus))
+    if cfg.strategy == "mirrored":
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices)
+    else:
+        strategy = tf.distribute.get_strategy()  # the default: the one device TensorFlow picks
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    tags = {"strategy": cfg.strategy, "replicas": str(strategy.num_replicas_in_sync),
+            "mixed_precision": "mixed_float16" if mixed else "off"}
+    try:
+        yield strategy, tags
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -1,0 +1,98 @@
+"""The package's imports run one way: no module imports, directly or through others, a module that imports it.
+
+Every ``import``/``from ... import`` of a spinemri module counts, wherever it stands: a lazy import
+inside a function that dodges a cycle at import time is still a cycle in the design.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import spinemri
+
+PACKAGE = Path(spinemri.__file__).parent
+
+
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """{module: the spinemri modules it imports}, from the source text of every module."""
+    modules = {_module_name(p, package): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] == "spinemri":
+                for alias in node.names:  # `from spinemri.data import limits` imports the module spinemri.data.limits
+                    target = f"{node.module}.{alias.name}"
+                    edges.add(target if target in modules else node.module)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.split(".")[0] == "spinemri")
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each a cycle's members."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 40  # every module was read
+    found = cycles(graph)
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path):
+    package = tmp_path / "spinemri"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "low.py").write_text("def f():\n    from spinemri import high  # a lazy import\n")
+    (package / "high.py").write_text("from spinemri.low import f\n")
+    (package / "top.py").write_text("import spinemri.high\n")
+    assert cycles(import_graph(package)) == [["spinemri.high", "spinemri.low"]]
+
+
+def test_data_and_models_sit_below_tracking_training_and_the_cli():
+    graph = import_graph()
+    below = [m for m in graph if m.startswith(("spinemri.data", "spinemri.models"))]
+    above = ("spinemri.tracking", "spinemri.training", "spinemri.evaluation", "spinemri.study", "spinemri.serving",
+             "spinemri.localization", "spinemri.tuning", "spinemri.cli")
+    upward = sorted((m, t) for m in below for t in graph[m] if t.startswith(above))
+    assert not upward, f"the data and model layers import from above them: {upward}"

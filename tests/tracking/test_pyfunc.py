@@ -1,0 +1,157 @@
+"""The logged pyfunc: same probabilities as the Keras model, clear errors per row, no patient tags anywhere."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from mlflow import MlflowClient
+
+from spinemri.data.dicom import encode_dicom, read_dicom
+from spinemri.data.preprocess import PreprocessConfig, preprocess
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.models.network import build_model
+from spinemri.tracking.pyfunc import InputError, SpineClassifier, file_row
+
+from tests.conftest import CANARIES, no_pixels_dicom_b64
+
+# One worker runs all serving tests: one trained model and one server instead of two of each.
+pytestmark = pytest.mark.xdist_group("serving")
+
+
+def _labelled_site(data_dir: Path) -> tuple[Path, float, float]:
+    coords = pd.read_csv(data_dir / "train_label_coordinates.csv").iloc[0]
+    path = data_dir / "train_images" / str(coords.study_id) / str(coords.series_id) / f"{coords.instance_number}.dcm"
+    return path, float(coords.x), float(coords.y)
+
+
+def test_pyfunc_matches_the_keras_model_on_the_same_preprocessed_input(store):
+    loaded = mlflow.pyfunc.load_model(store.model_uri)
+    path, x, y = _labelled_site(store.data_dir)
+    served = loaded.predict(pd.DataFrame([file_row(path, x, y)]))
+
+    # Independently: the .keras artifact, the training preprocessing, Keras predict.
+    local = Path(mlflow.artifacts.download_artifacts(store.model_uri))
+    keras_model = keras.models.load_model(next(local.rglob("model.keras")), compile=False)
+    meta = pd.read_json(next(local.rglob("meta.json")), typ="series")
+    config = PreprocessConfig.from_dict(meta["preprocess"])
+    image = read_dicom(path)
+    tensor = preprocess([image.pixels], image.pixel_spacing, config, x, y)[np.newaxis].astype(np.float32)
+    expected = keras_model.predict(tensor, verbose=0)
+    for head, classes in HEAD_CLASSES.items():
+        got = served[[f"{head}:{c}" for c in classes]].to_numpy()
+        np.testing.assert_allclose(got, expected[head], atol=1e-6)
+        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+        assert served[head].iloc[0] == classes[int(expected[head].argmax())]
+
+
+def test_many_rows_bitmaps_and_the_default_centre(store):
+    loaded = mlflow.pyfunc.load_model(store.model_uri)
+    path, x, y = _labelled_site(store.data_dir)
+    image = read_dicom(path)
+    png = base64.b64encode(_png(image.pixels)).decode()
+    rows = pd.DataFrame([file_row(path, x, y), file_row(path), {"image_b64": png}])
+    out = loaded.predict(rows)
+    assert len(out) == 3
+    centre = loaded.predict(pd.DataFrame([file_row(path, (image.pixels.shape[1] - 1) / 2,
+                                                   (image.pixels.shape[0] - 1) / 2)]))
+    np.testing.assert_allclose(out.iloc[1, 3:].to_numpy(float), centre.iloc[0, 3:].to_numpy(float), atol=1e-6)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import cv2
+
+    scaled = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1.0) * 65535
+    return cv2.imencode(".png", scaled.astype(np.uint16))[1].tobytes()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"dicom_b64": "%%% not base64 %%%"}, "row 0: dicom_b64 is not valid base64"),
+    ({"dicom_b64": base64.b64encode(b"just some text, not an image").decode()}, "row 0: dicom_b64 is not a DICOM file"),
+    ({"image_b64": base64.b64encode(b"just some text, not an image").decode()}, "row 0: image_b64 is not a PNG or JPEG"),
+    ({"dicom_b64": "no-pixels"}, "row 0: dicom_b64 has no pixel data"),
+    ({"image_b64": ""}, "give exactly one of the columns dicom_b64"),
+    ({"dicom_b64": "ok", "x": 1e5, "y": 1.0}, "row 0: site (100000.0, 1.0) lies outside the 64x64 image"),
+    ({"dicom_b64": "ok", "x": 3.0}, "row 0: give both x and y"),
+    ({"dicom_b64": "ok", "image_b64": "ok"}, "got both"),
+])
+def test_bad_rows_raise_input_errors_naming_the_problem(row, message):
+    classifier = _classifier(channels=1)
+    good = base64.b64encode(encode_dicom(np.random.default_rng(0).random((64, 64)))).decode()
+    row = {k: (good if v == "ok" else no_pixels_dicom_b64() if v == "no-pixels" else v) for k, v in row.items()}
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        classifier.predict(None, pd.DataFrame([row]))
+
+
+def test_a_dict_is_one_row_or_columns():
+    classifier = _classifier(channels=3)
+    rng = np.random.default_rng(2)
+    b64 = [base64.b64encode(encode_dicom(rng.random((40, 40)) * 100)).decode() for _ in range(3)]
+    one = classifier.predict(None, {"dicom_b64": b64[1], "neighbors_b64": [b64[0], b64[2]]})
+    many = classifier.predict(None, {"dicom_b64": b64, "x": [10.0, 20.0, 30.0], "y": [10.0, 20.0, 30.0]})
+    assert len(one) == 1 and len(many) == 3
+
+
+def test_missing_image_column_and_empty_requests():
+    classifier = _classifier(channels=1)
+    with pytest.raises(InputError, match="missing column: give dicom_b64"):
+        classifier.predict(None, pd.DataFrame([{"x": 1.0, "y": 2.0}]))
+    with pytest.raises(InputError, match="no rows"):
+        classifier.predict(None, pd.DataFrame({"dicom_b64": pd.Series([], dtype=str)}))
+
+
+def _classifier(channels: int, size: int = 32) -> SpineClassifier:
+    classifier = SpineClassifier()
+    classifier.model = build_model("tiny", size, channels, dense_units=8)
+    config = PreprocessConfig(img_size=size, channels=channels, roi_mm=20.0)
+    classifier.meta = {"input_shape": [size, size, channels], "preprocess": config.to_dict()}
+    return classifier
+
+
+def test_three_channel_models_use_the_neighbours_or_repeat_the_centre():
+    classifier = _classifier(channels=3)
+    rng = np.random.default_rng(1)
+    slices = [rng.random((40, 40)) * 100 for _ in range(3)]
+    b64 = [base64.b64encode(encode_dicom(s)).decode() for s in slices]
+    with_neighbours = classifier.prepare_row({"dicom_b64": b64[1], "neighbors_b64": [b64[0], b64[2]]}, 0)
+    alone = classifier.prepare_row({"dicom_b64": b64[1]}, 0)
+    assert with_neighbours.shape == alone.shape == (32, 32, 3)
+    np.testing.assert_array_equal(with_neighbours[..., 1], alone[..., 1])
+    assert not np.array_equal(with_neighbours[..., 0], with_neighbours[..., 1])
+    np.testing.assert_array_equal(alone[..., 0], alone[..., 1])
+    with pytest.raises(InputError, match="neighbors_b64 must be a list of two"):
+        classifier.prepare_row({"dicom_b64": b64[1], "neighbors_b64": [b64[0]]}, 0)
+
+
+def test_no_patient_tag_reaches_mlflow(store, tmp_path):
+    """Params, tags, metrics, every artifact (model and input example included) and the registry."""
+    client = MlflowClient()
+    run = client.get_run(store.run_id)
+    texts = [repr(run.data.params), repr(run.data.tags), repr(run.data.metrics)]
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=store.run_id, dst_path=str(tmp_path / "run")))
+    model = Path(mlflow.artifacts.download_artifacts(store.model_uri, dst_path=str(tmp_path / "model")))
+    files = [p for p in [*artifacts.rglob("*"), *model.rglob("*")] if p.is_file()]
+    assert any(p.name == "input_example.json" for p in files)
+    blobs = [p.read_bytes() for p in files]
+    for version in client.search_model_versions("name = 'spinemri'"):
+        texts.append(repr(version.tags))
+    # The logged input example is a real DICOM: decode it and check its tags too.
+    example = mlflow.pyfunc.load_model(store.model_uri).input_example
+    decoded = pydicom.dcmread(io.BytesIO(base64.b64decode(example["dicom_b64"].iloc[0])))
+    assert "PatientName" not in decoded and "PatientID" not in decoded and "InstitutionName" not in decoded
+    blobs.append(Path(store.tracking_uri.removeprefix("sqlite:///")).read_bytes())
+    for value in CANARIES.values():
+        needles = {value, value.replace("^", " "), value.split("^")[0]}
+        for needle in needles:
+            assert all(needle not in text for text in texts), needle
+            assert all(needle.encode() not in blob for blob in blobs), needle
+    # ...while the training data really did carry them.
+    source = next(store.data_dir.rglob("*.dcm"))
+    assert pydicom.dcmread(source, stop_before_pixels=True).PatientID == CANARIES["PatientID"]

@@ -1,0 +1,123 @@
+"""The alias policy: the first version and better ones become champion, others challenger; promote overrides."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from spinemri.tracking import registry
+from spinemri.cli import main as cli
+
+# One worker runs all serving tests: one trained model and one server instead of two of each.
+pytestmark = pytest.mark.xdist_group("serving")
+
+
+def _name() -> str:
+    return f"policy-{uuid.uuid4().hex[:8]}"
+
+
+def _aliases(name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def test_training_registers_its_model_as_the_first_champion(store):
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("spinemri", "champion")
+    assert champion.run_id == store.run_id
+    tags = champion.tags
+    assert tags["metric_name"] == "test_severity_weighted_log_loss"
+    assert tags["metric_goal"] == "minimize"
+    run = client.get_run(store.run_id)
+    assert float(tags["metric_value"]) == pytest.approx(run.data.metrics["test_severity_weighted_log_loss"])
+    assert len(tags["eval_set"]) == 16 and tags["arch"] == "tiny"
+    assert int(tags["eval_set_samples"]) > 0
+    assert tags["decision"].startswith("first version")
+    assert run.data.tags["registry_alias"] == "champion"
+    assert run.data.tags["registered_version"] == str(champion.version)
+
+
+def test_champion_moves_only_for_a_better_metric_on_the_same_eval_set(store):
+    name, metric = _name(), "test_severity_weighted_log_loss"
+    first = registry.register(store.model_uri, name, metric=metric, value=0.90, eval_set="aaaa")
+    assert (first.version, first.alias) == ("1", "champion")
+
+    worse = registry.register(store.model_uri, name, metric=metric, value=0.95, eval_set="aaaa")
+    assert worse.alias == "challenger" and "does not beat" in worse.reason
+    assert _aliases(name) == {"champion": "1", "challenger": "2"}
+
+    tie = registry.register(store.model_uri, name, metric=metric, value=0.90, eval_set="aaaa")
+    assert tie.alias == "challenger"  # a tie does not beat the champion
+
+    better = registry.register(store.model_uri, name, metric=metric, value=0.70, eval_set="aaaa")
+    assert better.alias == "champion" and "beats" in better.reason
+    assert _aliases(name) == {"champion": "4", "challenger": "3"}
+
+    other_data = registry.register(store.model_uri, name, metric=metric, value=0.10, eval_set="bbbb")
+    assert other_data.alias == "challenger" and "not comparable" in other_data.reason
+    other_metric = registry.register(store.model_uri, name, metric="test_severity_roc_auc", value=0.99,
+                                     eval_set="aaaa")
+    assert other_metric.alias == "challenger" and "not comparable" in other_metric.reason
+    no_value = registry.register(store.model_uri, name, metric=metric, value=float("nan"), eval_set="aaaa")
+    assert no_value.alias == "challenger"
+    assert _aliases(name)["champion"] == "4"
+    assert MlflowClient().get_model_version(name, "5").tags["decision"] == other_data.reason
+
+
+def test_higher_is_better_for_scores():
+    assert registry.metric_goal("test_severity_roc_auc") == "maximize"
+    assert registry.metric_goal("test_severity_weighted_log_loss") == "minimize"
+
+
+def test_an_auc_champion_moves_up(store):
+    name = _name()
+    registry.register(store.model_uri, name, metric="test_severity_roc_auc", value=0.7, eval_set="e")
+    assert registry.register(store.model_uri, name, metric="test_severity_roc_auc", value=0.6, eval_set="e").alias \
+        == "challenger"
+    assert registry.register(store.model_uri, name, metric="test_severity_roc_auc", value=0.8, eval_set="e").alias \
+        == "champion"
+
+
+def test_promote_overrides_and_records_the_reason(store):
+    name, metric = _name(), "test_severity_weighted_log_loss"
+    registry.register(store.model_uri, name, metric=metric, value=0.5, eval_set="e")
+    registry.register(store.model_uri, name, metric=metric, value=0.9, eval_set="e")
+    result = CliRunner().invoke(cli, ["registry", "promote", "2", "--name", name, "--reason", "radiologist review"])
+    assert result.exit_code == 0, result.output
+    assert _aliases(name) == {"champion": "2"}  # no longer also the challenger
+    tags = MlflowClient().get_model_version(name, "2").tags
+    assert tags["promotion_reason"] == "radiologist review"
+    assert tags["promoted_over"] == "v1"
+    assert "promoted by hand over v1" in tags["decision"]
+
+    listed = CliRunner().invoke(cli, ["registry", "list", "--name", name, "--json"])
+    rows = json.loads(listed.output)
+    assert [(r["version"], r["aliases"]) for r in rows] == [("2", ["champion"]), ("1", [])]
+    assert rows[1]["metric_value"] == pytest.approx(0.5) and rows[1]["metric_name"] == metric
+    table = CliRunner().invoke(cli, ["registry", "list", "--name", name])
+    assert "champion" in table.output and "0.5000" in table.output
+
+
+def test_registry_errors_are_clear(store):
+    name = _name()
+    registry.register(store.model_uri, name, metric="test_severity_weighted_log_loss", value=0.5, eval_set="e")
+    missing = CliRunner().invoke(cli, ["registry", "promote", "7", "--name", name, "--reason", "x"])
+    assert missing.exit_code == 1 and "has no version 7; versions: 1" in missing.output
+    blank = CliRunner().invoke(cli, ["registry", "promote", "1", "--name", name, "--reason", " "])
+    assert blank.exit_code == 1 and "give a reason" in blank.output
+    unknown = CliRunner().invoke(cli, ["registry", "list", "--name", "no-such-model"])
+    assert unknown.exit_code == 1 and "no registered model 'no-such-model'" in unknown.output
+    assert "Traceback" not in unknown.output
+
+
+def test_eval_set_hash_depends_on_samples_and_labels_only(store):
+    import pandas as pd
+
+    table = pd.DataFrame({"study_id": [1, 2], "series_id": [3, 4], "instance_number": [5, 6],
+                          "condition": ["a", "b"], "level": ["L1/L2", "L2/L3"], "severity": [0, 2], "x": [1.0, 2.0]})
+    same = table[::-1].assign(x=[9.0, 9.0])  # order and coordinates do not matter
+    assert registry.eval_set_hash(table) == registry.eval_set_hash(same)
+    assert registry.eval_set_hash(table) != registry.eval_set_hash(table.assign(severity=[0, 1]))
