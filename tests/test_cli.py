@@ -167,7 +167,7 @@ def test_prepare_reports_splits_and_reuses_the_cache(phantom_dir, cache_dir):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--img-size", "0"], "img_size"),
+    (["--img-size", "4"], "--img-size 4"),
     (["--split", "0.5,0.5,0.5"], "--split"),
     (["--split", "a,b,c"], "--split"),
     (["--mode", "cube"], "cube"),

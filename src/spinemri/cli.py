@@ -78,13 +78,25 @@ SET_OPTION = click.option("--set", "settings", multiple=True, metavar="KEY=VALUE
                                "--set model.dropout=0.5 (docs/experiments.md lists them).")
 
 
-def overrides(flags: dict, settings) -> dict:
-    """The flags given (short names) and --set KEY=VALUE pairs, as load_experiment's overrides."""
-    from spinemri.config import parse_override
+def load_config(experiment: str, flags: dict, settings, shortcuts: dict[str, str] | None = None):
+    """The experiment with the flags given and --set KEY=VALUE applied, validated.
+
+    ``flags`` are short names: with ``shortcuts`` they are translated to config keys here, else
+    load_experiment translates them (SHORTCUTS). A bad value's error names the flag it came from.
+    """
+    from spinemri.config import load_experiment, parse_override
+    from spinemri.errors import ConfigError
 
     given = {k: v for k, v in flags.items() if v not in (None, "")}
-    given.update(parse_override(item) for item in settings if item.strip())  # MLproject passes --set '' when unset
-    return given
+    changes = {shortcuts[k] if shortcuts else k: v for k, v in given.items()}
+    changes.update(parse_override(item) for item in settings if item.strip())  # MLproject passes --set ''
+    try:
+        return load_experiment(experiment, changes)
+    except ConfigError as exc:
+        key_of = shortcuts or SHORTCUTS
+        named = [f"--{name.replace('_', '-')} {value}" for name, value in given.items()
+                 if key_of.get(name, name).rsplit(".", 1)[-1] in str(exc)]
+        raise ConfigError(f"{exc} (from {', '.join(named)})" if named else str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -188,13 +200,12 @@ def prepare(path, experiment, img_size, mode, roi_mm, channels, equalize, dicom_
     changing the data or any preprocessing setting builds a new one. Prints the cache folder and the
     samples per split (study-level, stratified by each study's worst grade).
     """
-    from spinemri.config import load_experiment
     from spinemri.data.cache import prepare as prepare_cache
 
     flags = dict(img_size=img_size, mode=mode, roi_mm=roi_mm, channels=channels, equalize=equalize,
-                 dicom_window=dicom_window, workers=workers, split=split, split_seed=split_seed)
-    flags = {PREPARE_SHORTCUTS[k]: (v.split(",") if k == "split" and v else v) for k, v in flags.items()}
-    config = load_experiment(experiment, overrides(flags, settings))
+                 dicom_window=dicom_window, workers=workers, split=split.split(",") if split else split,
+                 split_seed=split_seed)
+    config = load_config(experiment, flags, settings, PREPARE_SHORTCUTS)
     started = time.perf_counter()
     dataset = prepare_cache(path, config.preprocess, cache_dir=cache_dir, workers=config.data.workers,
                             on_bad_file=on_bad_file, split_fractions=config.split.fractions,
@@ -231,9 +242,7 @@ def train(experiment, settings, **flags) -> None:
     runs first. The tracking store is $MLFLOW_TRACKING_URI (default: ./mlflow.db). Prints the run
     id and the test metrics.
     """
-    from spinemri.config import load_experiment
-
-    config = load_experiment(experiment, overrides(flags, settings))
+    config = load_config(experiment, flags, settings)
     if config.task == "localize":
         if config.tuning.trials > 0:
             raise click.UsageError("tuning a localizer (--task localize with --trials) is not implemented; "

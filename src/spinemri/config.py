@@ -227,7 +227,7 @@ def with_values(config: "ExperimentConfig", values: Mapping[str, Any]) -> "Exper
 class MlflowConfig:
     experiment: str = setting("spinemri-classify", "MLflow experiment of the runs")
     registered_model: str = setting("spinemri", "registered model each trained model becomes a version of")
-    register: bool = setting(True, "register each trained model (the champion policy: docs/registry.md)")
+    register: bool = setting(True, "register each trained model (the champion policy: docs/serving.md)")
     champion_metric: str = setting("test_severity_weighted_log_loss", "held-out metric that decides the champion alias")
 
     def validate(self) -> None:
@@ -497,11 +497,14 @@ def _coerce(value, default, key):
         if isinstance(default, float):
             return float(value)
         if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)) or len(value) != len(default):
+                raise ValueError
             return tuple(float(v) for v in value)
         if isinstance(default, str):
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a {type(default).__name__}; got {value!r}") from None
+        kind = f"list of {len(default)} numbers" if isinstance(default, tuple) else type(default).__name__
+        raise ConfigError(f"{key} must be a {kind}; got {value!r}") from None
     return value
 
 

@@ -63,7 +63,7 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
     version = mlflow.register_model(model_uri, name, tags=version_tags).version
     if str(version) == "1" and not client.get_registered_model(name).description:
         client.update_registered_model(name, description="spinemri lumbar-spine classifiers: champion = best held-out "
-                                       f"{metric} (see the spinemri README, Registry and serving)")
+                                       f"{metric} (see the spinemri docs, serving.md)")
     alias, reason = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set,
                             champion, challenger)
     client.set_registered_model_alias(name, alias, version)
