@@ -537,26 +537,14 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
     unreadable (or whose series type has no localizer) get the prior, the best constant under the
     competition metric; their number and reasons are printed and listed in <out>.sites.csv.
     """
-    from spinemri.data.studies import find_studies
-    from spinemri.errors import StudyError
-    from spinemri.study.package import held_out
-    from spinemri.study.predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
-    from spinemri.tracking.pyfunc import load_classifier
+    from spinemri.study.submission import predict_submission
 
     started = time.perf_counter()
-    if split != "all":
-        if study_ids:
-            raise StudyError("give --study or --split, not both")
-        studies = held_out(data_dir, split, classifier, list(localizers))[0]
-    else:
-        studies = find_studies(data_dir, list(study_ids) or None)
-    model = load_classifier(classifier)
-    prior, source = classifier_prior(model)
-    predictor = StudyPredictor(resolve_localizers(localizers), model, prior)
-    summary = predict_studies(predictor, studies, out, progress=sys.stderr.isatty(), prior_source=source)
+    summary = predict_submission(data_dir, out, localizer_uris=localizers, classifier_uri=classifier,
+                                 study_ids=study_ids, split=split, progress=sys.stderr.isatty())
     click.echo(f"wrote {summary.rows} rows for {summary.studies} studies to {summary.out} (sites: {summary.sites}) "
                f"in {time.perf_counter() - started:.1f} s")
-    click.echo(f"  {summary.from_prior} row(s) from the prior ({source})")
+    click.echo(f"  {summary.from_prior} row(s) from the prior ({summary.prior_source})")
     for reason, count in sorted(summary.reasons.items(), key=lambda r: -r[1]):
         click.echo(f"    {count:>4}  {reason}")
 

@@ -248,7 +248,7 @@ def _load_study(config: ExperimentConfig, storage_url: str, seed_offset: int = 0
 
 def _recover_dead(study: optuna.Study) -> None:
     """Trials left RUNNING by a process that died on this machine become FAIL (their MLflow runs are
-    marked FAILED by every command that opens the store: :func:`spinemri.runs.reap_dead_runs`)."""
+    marked FAILED by every command that opens the store: :func:`spinemri.tracking.runs.reap_dead_runs`)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if process_gone(str(trial.user_attrs.get("process", ""))):
             study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its process died (killed or crashed)")

@@ -110,7 +110,7 @@ def evaluate_run(run_id: str, split: str = "test", *, n_boot: int = 1000, seed: 
         return report
     status, end_time = run.info.status, run.info.end_time
     # Reopened as this process's run, with its status noted: if this process dies before the end
-    # below, the next command puts that status back (spinemri.runs.reap_dead_runs).
+    # below, the next command puts that status back (spinemri.tracking.runs.reap_dead_runs).
     owner = run.data.tags.get(PROCESS_TAG)
     start_run(run_id=run_id, tags={RESUMED_FROM_TAG: status} if status != "RUNNING" else {})
     try:

@@ -17,7 +17,6 @@ import pandas as pd
 
 from spinemri.data.dicom import SeriesStack
 from spinemri.data.preprocess import PreprocessConfig
-from spinemri.localization import model as _localizer_layers  # noqa: F401 - registers the Keras layers it loads
 from spinemri.localization.dataset import series_inputs, stack_positions
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.tracking.pyfunc import InputError, KerasWithMeta, load_python_model, log_keras_pyfunc, series_from_b64
@@ -67,6 +66,10 @@ def choose_sites(task: SeriesTask, series: Sequence[SeriesSlices], points: Seque
 
 class SpineLocalizer(KerasWithMeta):
     """A logged localizer: the Keras model and meta.json (series type, preprocessing)."""
+
+    def load_context(self, context) -> None:
+        register_layers()
+        super().load_context(context)
 
     @property
     def task(self) -> SeriesTask:
@@ -119,6 +122,15 @@ class SpineLocalizer(KerasWithMeta):
             raise InputError("send one row per slice of a series, each with a dicom_b64 column (a base64 DICOM file)")
         stack = series_from_b64(list(frame["dicom_b64"]))
         return pd.DataFrame([asdict(s) for s in self.locate([(0, stack)])])
+
+
+def register_layers() -> None:
+    """Make the localizer's own Keras layers known to Keras, to load a saved localizer.
+
+    Imported here, when a model is loaded, rather than with this module: reading sites and
+    errors needs no TensorFlow.
+    """
+    from spinemri.localization import model  # noqa: F401 - defining its layers registers them
 
 
 def log_localizer(model, meta: dict, pip_requirements: list[str]):

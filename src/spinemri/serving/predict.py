@@ -1,6 +1,6 @@
 """`spinemri predict`: a logged model applied to many image files on disk, written to one CSV.
 
-Each file is decoded and preprocessed by the model's own :class:`~spinemri.models.pyfunc.SpineClassifier`
+Each file is decoded and preprocessed by the model's own :class:`~spinemri.tracking.pyfunc.SpineClassifier`
 (the code path the served model uses), then predicted in batches. The CSV appears only when the
 whole job has succeeded (written next to its target, then renamed).
 """

@@ -9,7 +9,7 @@ run on them: its competition score and the prior baseline's are logged, and the 
 Request rows: ``study_zip_b64`` (a base64 zip of one study's DICOM files, any folder layout) and
 optionally ``study_id`` (else the archive's top folder). Response: 25 rows per study with
 ``row_id, normal_mild, moderate, severe`` and ``source`` (``model``, or ``prior`` where nothing
-could be seen: see :mod:`spinemri.study`).
+could be seen: see :mod:`spinemri.study.predictor`).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 
-from spinemri.data.studies import find_studies, study_from_zip
+from spinemri.data.studies import study_from_zip
 from spinemri.errors import ImageReadError, StudyError
-from spinemri.localization.locate import SpineLocalizer
+from spinemri.localization.locate import SpineLocalizer, register_layers
 from spinemri.study.evaluate import evaluate_submission
-from spinemri.study.predictor import (StudyPredictor, classifier_prior, predict_studies, resolve_localizer_uris,
-                                      resolve_localizers)
+from spinemri.study.held_out import held_out
+from spinemri.study.predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
 from spinemri.tracking.pyfunc import PACKAGE_DIR, InputError, SpineClassifier, guard_scoring_server, load_classifier
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.runs import pip_requirements, register_and_tag, start_run
@@ -50,6 +50,7 @@ class SpineStudyModel(mlflow.pyfunc.PythonModel):
         import keras
 
         guard_scoring_server()
+        register_layers()
 
         def part(cls, key):
             obj = cls()
@@ -140,40 +141,3 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
                                                                  "series_localized": ",".join(sorted(localizers))})
             result["decision"] = str(decision)
     return result
-
-
-def held_out(data_dir: str, split: str, classifier_uri: str, localizer_uris: Sequence[str]):
-    """The studies of ``split`` in the classifier's own study-level split, checked against the
-    localizers' splits (no localizer may have trained on them), their labels, and the labels of
-    every other study (what the prior baseline may learn from)."""
-    splits = run_splits(classifier_uri)
-    chosen = sorted(splits.loc[splits["split"] == split, "study_id"].astype(str))
-    if not chosen:
-        raise StudyError(f"the classifier's split has no {split} studies")
-    for uri in resolve_localizer_uris(localizer_uris):
-        theirs = run_splits(uri)
-        leaked = sorted(set(theirs.loc[theirs["split"] == "train", "study_id"].astype(str)) & set(chosen))
-        if leaked:
-            raise StudyError(f"localizer {uri} trained on {len(leaked)} of the {split} studies (e.g. {leaked[0]}); "
-                             "train localizers and classifier with the same split.seed and split.fractions")
-    labels_path = Path(data_dir) / "train.csv"
-    if not labels_path.is_file():
-        raise StudyError(f"{labels_path} is missing; evaluating on held-out studies needs their labels")
-    labels = pd.read_csv(labels_path, dtype={"study_id": str})
-    studies = find_studies(data_dir, chosen)
-    prior_labels = labels[~labels["study_id"].isin(chosen)]
-    return studies, labels, prior_labels
-
-
-def run_splits(model_uri: str) -> pd.DataFrame:
-    """The study-level split (data/splits.csv) logged by the run that trained ``model_uri``."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run_id = mlflow.models.get_model_info(model_uri).run_id
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/splits.csv")
-    except (MlflowException, OSError) as exc:
-        raise StudyError(f"cannot read the training split of {model_uri}: {exc}; --split needs models trained by "
-                         "spinemri (their runs log data/splits.csv)") from None
-    return pd.read_csv(path, dtype={"study_id": str})
-

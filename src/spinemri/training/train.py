@@ -101,7 +101,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
         meta = {"arch": config.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
                 "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
                 "data_fingerprint": dataset.fingerprint,
-                # the fallback of study-level prediction where no site can be seen (spinemri.study)
+                # the fallback of study-level prediction where no site can be seen (spinemri.study.predictor)
                 "severity_prior": prior_from_samples(splits["train"].samples)}
         example = _request_example(splits["test"].samples, dataset.manifest.get("dataset_root", ""), pre)
         model_uri = log_classifier(model, meta, example, pip_requirements()).model_uri
@@ -205,7 +205,7 @@ def _compile(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
 def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int,
               train_targets: dict[str, np.ndarray]) -> dict[str, float]:
     """Predict the test split; log the figures and reports per head, the full evaluation
-    (spinemri.evaluate: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
+    (spinemri.evaluation.heads: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
     breakdowns) and Grad-CAM heatmaps. Returns the point values of the test_<head>_<metric> metrics.
     """
     outputs = {h: [] for h in HEADS}
