@@ -56,7 +56,6 @@ def open_tracking_store(uri: str | None = None, *, reap: bool = True) -> str:
         raise UserError(f"the MLflow store {uri} cannot be created: its folder {database.parent} does not exist; "
                         f"create it (mkdir -p {database.parent}) or point MLFLOW_TRACKING_URI at another "
                         "sqlite:///path/mlflow.db")
-    client = mlflow.MlflowClient(uri)
     with contextlib.ExitStack() as stack:
         if database is not None:
             try:
@@ -64,6 +63,7 @@ def open_tracking_store(uri: str | None = None, *, reap: bool = True) -> str:
             except OSError:  # a read-only folder: no process can create tables there anyway
                 pass
         try:
+            client = mlflow.MlflowClient(uri)  # a new sqlite store's tables are created here: under the lock
             client.search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and HTTP errors of every kind
             raise UserError(redact(f"cannot open the MLflow store {uri} ({type(exc).__name__}: "

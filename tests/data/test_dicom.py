@@ -154,7 +154,7 @@ def test_bitmaps_read_as_slices(tmp_path):
     slice_ = read_image(tmp_path / "a.png")
     np.testing.assert_array_equal(slice_.pixels, image.astype(np.float32))
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(ImageReadError, match="not a readable PNG/JPEG"):
+    with pytest.raises(ImageReadError, match="is not a PNG or JPEG image"):
         read_image(tmp_path / "bad.png")
 
 

@@ -20,7 +20,7 @@ from spinemri.data.phantom import MARKER, SEVERITY_PRIORS, PhantomConfig, sample
 
 def test_layout_and_csv_schemas_match_the_competition(phantom_dir):
     assert sorted(p.name for p in phantom_dir.iterdir()) == sorted(
-        [schema.TRAIN_CSV, schema.SERIES_CSV, schema.COORDINATES_CSV, schema.IMAGES_DIR])
+        [schema.TRAIN_CSV, schema.SERIES_CSV, schema.COORDINATES_CSV, schema.IMAGES_DIR, MARKER])
     train = pd.read_csv(phantom_dir / schema.TRAIN_CSV)
     assert list(train.columns) == ["study_id", *schema.LABEL_COLUMNS]
     assert set(train[list(schema.LABEL_COLUMNS)].stack().dropna().unique()) <= set(schema.SEVERITIES)
