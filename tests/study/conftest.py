@@ -43,7 +43,7 @@ class TwoStage:
 def two_stage(tmp_path_factory) -> TwoStage:
     root = tmp_path_factory.mktemp("two_stage")
     data_dir = root / "data"
-    synthesize(data_dir, STUDY_PHANTOM, workers=1)
+    synthesize(data_dir, STUDY_PHANTOM, workers=2)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     system = TwoStage(uri, data_dir, root / "cache")
     with isolated_tracking(uri, root / "cache"):

@@ -87,6 +87,7 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
         assert predictions[head].iloc[0] in classes
 
 
+@pytest.mark.slow  # the two-stage classifier (tests/study) checks learnability at 64 px in half the time
 def test_the_phantom_is_learnable_with_the_quick_profile(phantom40, tracking):
     # The quick profile with the tiny backbone, which needs more epochs than densenet; the best
     # checkpoint is chosen on the severity head's validation loss (a monitor Keras cannot orient itself).
