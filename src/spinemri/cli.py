@@ -305,7 +305,8 @@ def registry() -> None:
 @user_errors
 @tracked
 def registry_list(name, as_json) -> None:
-    """Versions of a registered model, newest first: aliases, metric, held-out set, run, architecture."""
+    """Versions of a registered model, newest first: aliases, metric, the paired difference to the champion
+    it was judged against, held-out set, architecture, run."""
     from spinemri.tracking.registry import list_versions
 
     rows = list_versions(name)
@@ -315,13 +316,16 @@ def registry_list(name, as_json) -> None:
     if not rows:
         click.echo(f"{name} has no versions yet")
         return
-    click.echo(f"{'version':>7}  {'aliases':<20} {'metric':<32} {'value':>8}  {'eval set':<16} {'arch':<14} "
-               f"{'run':<32}  created")
+    click.echo(f"{'version':>7}  {'aliases':<20} {'metric':<32} {'value':>8}  {'vs champion [95% CI], studies':<34} "
+               f"{'eval set':<16} {'arch':<14} {'run':<32}  created")
     for row in rows:
         value = "" if row["metric_value"] is None else f"{row['metric_value']:.4f}"
+        paired = row["paired"]
+        versus = (f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}], "
+                  f"{paired['studies']}") if len(paired) == 4 else "-"
         click.echo(f"{row['version']:>7}  {','.join(row['aliases']) or '-':<20} {row['metric_name'] or '-':<32} "
-                   f"{value:>8}  {row['eval_set'] or '-':<16} {row['arch'] or '-':<14} {row['run_id']:<32}  "
-                   f"{row['created']}")
+                   f"{value:>8}  {versus:<34} {row['eval_set'] or '-':<16} {row['arch'] or '-':<14} "
+                   f"{row['run_id']:<32}  {row['created']}")
 
 
 @registry.command("promote")

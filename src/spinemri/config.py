@@ -229,10 +229,14 @@ class MlflowConfig:
     registered_model: str = setting("spinemri", "registered model each trained model becomes a version of")
     register: bool = setting(True, "register each trained model (the champion policy: docs/serving.md)")
     champion_metric: str = setting("test_severity_weighted_log_loss", "held-out metric that decides the champion alias")
+    champion_policy: str = setting("paired", "how a new version must beat the champion: paired (the 95% interval of "
+                                   "a paired bootstrap over studies excludes zero) or strict (any improvement)")
 
     def validate(self) -> None:
         if not self.registered_model.strip():
             raise ConfigError("mlflow.registered_model must not be empty")
+        if self.champion_policy not in ("paired", "strict"):
+            raise ConfigError(f"mlflow.champion_policy must be paired or strict, got {self.champion_policy!r}")
         if not self.champion_metric.startswith("test_"):
             raise ConfigError(f"mlflow.champion_metric must be a held-out test metric (test_...), "
                               f"got {self.champion_metric!r}")

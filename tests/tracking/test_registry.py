@@ -121,3 +121,117 @@ def test_eval_set_hash_depends_on_samples_and_labels_only(store):
     same = table[::-1].assign(x=[9.0, 9.0])  # order and coordinates do not matter
     assert registry.eval_set_hash(table) == registry.eval_set_hash(same)
     assert registry.eval_set_hash(table) != registry.eval_set_hash(table.assign(severity=[0, 1]))
+
+
+def _champion_predictions(store):
+    import mlflow
+    import pandas as pd
+
+    from spinemri.evaluation.paired import PREDICTIONS_ARTIFACT
+
+    path = mlflow.artifacts.download_artifacts(run_id=store.run_id, artifact_path=PREDICTIONS_ARTIFACT)
+    return pd.read_csv(path, dtype={"study_id": str, "series_id": str, "instance_number": str})
+
+
+def test_training_logs_the_test_predictions_a_paired_decision_needs(store):
+    from spinemri.evaluation.paired import paired_difference
+
+    table = _champion_predictions(store)
+    metrics = MlflowClient().get_run(store.run_id).data.metrics
+    assert len(table) == int(MlflowClient().get_model_version_by_alias("spinemri", "champion").tags["eval_set_samples"])
+    same = paired_difference(table, table, "test_severity_weighted_log_loss", resamples=10)
+    assert same.candidate == pytest.approx(metrics["test_severity_weighted_log_loss"], rel=1e-6)
+
+
+def _version_with_predictions(table):
+    """A model in a run of its own whose logged test predictions are ``table``: what training leaves."""
+    import mlflow
+
+    from spinemri.evaluation.paired import PREDICTIONS_ARTIFACT
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    mlflow.set_experiment("paired-policy")
+    with mlflow.start_run():
+        mlflow.log_text(table.to_csv(index=False), PREDICTIONS_ARTIFACT)
+        return mlflow.pyfunc.log_model(name="model", python_model=Echo()).model_uri
+
+
+def test_the_paired_policy_moves_the_champion_only_for_a_significant_improvement(store):
+    import numpy as np
+
+    from spinemri.evaluation.paired import paired_difference, prediction_table
+    from tests.evaluation.test_paired import _reference, _sharpen
+
+    name, metric = _name(), "test_severity_weighted_log_loss"
+    samples, targets, proba = _reference()  # 40 held-out studies
+    study = samples["study_id"].to_numpy()
+    y = targets["severity"]
+
+    def register(severity, policy="paired", keep=slice(None)):
+        table = prediction_table(samples[keep].reset_index(drop=True), {h: t[keep] for h, t in targets.items()},
+                                 {**{h: p[keep] for h, p in proba.items()}, "severity": severity[keep]})
+        value = paired_difference(table, table, metric, resamples=1).candidate
+        decision = registry.register(_version_with_predictions(table), name, metric=metric, value=value,
+                                     eval_set="forty", predictions=table, policy=policy)
+        return decision, value, MlflowClient().get_model_version(name, decision.version).tags
+
+    first, reference_value, _ = register(proba["severity"])
+    assert first.alias == "champion"
+
+    # Much better on one study, a little worse on the 39 others: better on average, within the noise.
+    lucky = _sharpen(proba["severity"], y, np.flatnonzero(study == 1000), 0.9)
+    rest = np.flatnonzero(study != 1000)
+    lucky[rest] = 0.97 * lucky[rest] + 0.03 * np.random.default_rng(5).dirichlet(np.ones(3), len(rest))
+    refused, lucky_value, tags = register(lucky)
+    assert lucky_value < reference_value
+    assert refused.alias == "challenger" and "not significantly better than champion v1" in refused.reason
+    assert tags["champion_policy"] == "paired" and tags["paired_studies"] == "40"
+    assert float(tags["paired_ci_low"]) < 0 < float(tags["paired_ci_high"])
+    assert float(tags["paired_difference"]) == pytest.approx(lucky_value - reference_value)
+    # The strict rule promotes the same predictions.
+    strict, _, _ = register(lucky, policy="strict")
+    assert strict.alias == "champion" and strict.reason.startswith("beats") and "paired" not in strict.reason
+
+    # Better on every study: the interval of the improvement excludes zero.
+    promoted, _, tags = register(_sharpen(lucky, y, np.arange(len(y)), 0.3))
+    assert promoted.alias == "champion" and "paired bootstrap" in promoted.reason, promoted.reason
+    assert float(tags["paired_ci_high"]) < 0
+
+    rows = json.loads(CliRunner().invoke(cli, ["registry", "list", "--name", name, "--json"]).output)
+    assert rows[0]["paired"]["studies"] == 40 and rows[0]["policy"] == "paired"
+    table = CliRunner().invoke(cli, ["registry", "list", "--name", name]).output
+    assert "vs champion [95% CI], studies" in table and "], 40" in table
+
+    # Without predictions to pair, the strict rule decides and says why.
+    unpaired = registry.register(store.model_uri, name, metric=metric, value=0.0, eval_set="forty")
+    assert unpaired.alias == "champion" and "strict rule: this version has no per-row test predictions" in \
+        unpaired.reason
+    with pytest.raises(registry.RegistryError, match="unknown champion policy 'lenient'"):
+        registry.register(store.model_uri, name, metric=metric, value=0.0, eval_set="forty", policy="lenient")
+
+
+def test_a_paired_decision_needs_enough_studies(store):
+    import numpy as np
+
+    from tests.evaluation.test_paired import _reference, _sharpen
+
+    name, metric = _name(), "test_severity_weighted_log_loss"
+    samples, targets, proba = _reference()
+    few = samples["study_id"].isin([1000, 1001, 1002, 1003]).to_numpy()  # the demo phantom's 4 test studies
+    from spinemri.evaluation.paired import prediction_table
+
+    def table(severity):
+        return prediction_table(samples[few].reset_index(drop=True), {h: t[few] for h, t in targets.items()},
+                                {**{h: p[few] for h, p in proba.items()}, "severity": severity[few]})
+
+    first = table(proba["severity"])
+    registry.register(_version_with_predictions(first), name, metric=metric, value=0.9, eval_set="four",
+                      predictions=first)
+    better = table(_sharpen(proba["severity"], targets["severity"], np.arange(len(samples)), 0.5))
+    decision = registry.register(_version_with_predictions(better), name, metric=metric, value=0.5,
+                                 eval_set="four", predictions=better)
+    assert decision.alias == "challenger", decision.reason
+    assert "4 held-out studies are too few for a paired decision (at least 5)" in decision.reason

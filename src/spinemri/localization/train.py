@@ -258,6 +258,7 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
         decision = register_and_tag(
             model_uri, registered_model_name(config), metric=metric, value=metrics.get(metric),
             eval_set=eval_set_hash(test.truth), champion=task.name, challenger=f"{task.name}-challenger",
+            policy=config.mlflow.champion_policy,
             tags={"arch": config.model.arch, "series": task.name, "experiment": config.name,
                   "eval_set_studies": str(test.truth["study_id"].nunique())})
     return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],

@@ -7,6 +7,16 @@ there is none yet, or when it beats the champion on the same metric over the sam
 otherwise it gets ``challenger``. Versions judged on another metric or other data cannot be
 compared: they become ``challenger`` and the decision says so, and ``promote`` is the explicit way
 over that. The decision is a tag on the version (``decision``) and is printed by training.
+
+"Beats" depends on the policy (``mlflow.champion_policy``):
+
+- ``paired`` (the default): both versions' per-row test predictions (``evaluation/test_predictions.csv``
+  of their runs) are scored on the same bootstrap resamples of the held-out studies; the candidate
+  wins only when the 95 % interval of its improvement excludes zero, over at least
+  ``MIN_PAIRED_STUDIES`` studies (:mod:`spinemri.evaluation.paired`). The version is tagged with the difference, its interval and
+  the number of studies. Where either version has no predictions to pair, or the metric cannot be
+  recomputed on a resample, the strict rule decides and the decision says why.
+- ``strict``: any improvement of the point value wins.
 """
 
 from __future__ import annotations
@@ -23,9 +33,12 @@ from mlflow.tracking import MlflowClient
 
 from spinemri.errors import RegistryError
 from spinemri.evaluation.goals import is_better, lower_is_better, metric_goal
+from spinemri.evaluation.paired import (MIN_PAIRED_STUDIES, PREDICTIONS_ARTIFACT, PairedDifference, head_metric,
+                                       paired_difference)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+POLICIES = ("paired", "strict")
 EVAL_SET_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "severity")
 
 
@@ -49,14 +62,19 @@ def eval_set_hash(samples: pd.DataFrame) -> str:
 
 def register(model_uri: str, name: str, *, metric: str, value: float | None, eval_set: str,
              tags: dict[str, str] | None = None, champion: str = CHAMPION,
-             challenger: str = CHALLENGER) -> Decision:
+             challenger: str = CHALLENGER, policy: str = "paired",
+             predictions: pd.DataFrame | None = None) -> Decision:
     """Register ``model_uri`` as a new version of ``name`` and apply the alias policy.
 
     ``champion``/``challenger`` name the two aliases; the localizers keep one pair per series type
-    in one registered model (``sagittal_t2`` / ``sagittal_t2-challenger``, ...).
+    in one registered model (``sagittal_t2`` / ``sagittal_t2-challenger``, ...). ``predictions``: this
+    model's :func:`~spinemri.evaluation.paired.prediction_table` on the held-out set, for the paired policy.
     """
+    if policy not in POLICIES:
+        raise RegistryError(f"unknown champion policy {policy!r}; choose one of {', '.join(POLICIES)}")
     client = MlflowClient()
-    version_tags = {"metric_name": metric, "metric_goal": metric_goal(metric), "eval_set": eval_set, **(tags or {})}
+    version_tags = {"metric_name": metric, "metric_goal": metric_goal(metric), "eval_set": eval_set,
+                    "champion_policy": policy, **(tags or {})}
     usable = value is not None and math.isfinite(value)
     if usable:
         version_tags["metric_value"] = repr(float(value))
@@ -64,40 +82,80 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
     if str(version) == "1" and not client.get_registered_model(name).description:
         client.update_registered_model(name, description="spinemri lumbar-spine classifiers: champion = best held-out "
                                        f"{metric} (see the spinemri docs, serving.md)")
-    alias, reason = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set,
-                            champion, challenger)
+    rule = _Rule(policy, predictions, champion, challenger)
+    alias, reason, paired = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set,
+                                    rule)
     client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, "decision", reason)
+    for key, text in {"decision": reason, **(paired.tags() if paired else {})}.items():
+        client.set_model_version_tag(name, version, key, text)
     return Decision(name=name, version=str(version), alias=alias, reason=reason)
 
 
+@dataclass(frozen=True)
+class _Rule:
+    policy: str
+    predictions: pd.DataFrame | None
+    champion: str = CHAMPION
+    challenger: str = CHALLENGER
+
+
 def _decide(client: MlflowClient, name: str, version: str, metric: str, value: float | None,
-            eval_set: str, champion_alias: str = CHAMPION, challenger_alias: str = CHALLENGER) -> tuple[str, str]:
-    CHAMPION, CHALLENGER = champion_alias, challenger_alias  # noqa: N806 - the policy below reads as for the defaults
+            eval_set: str, rule: _Rule) -> tuple[str, str, PairedDifference | None]:
+    CHAMPION, CHALLENGER = rule.champion, rule.challenger  # noqa: N806 - the policy below reads as for the defaults
     if value is None:
-        return CHALLENGER, f"it has no finite {metric} to compare"
+        return CHALLENGER, f"it has no finite {metric} to compare", None
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return CHAMPION, f"first version with a {CHAMPION} metric ({metric} = {value:.4f})"
+        return CHAMPION, f"first version with a {CHAMPION} metric ({metric} = {value:.4f})", None
     tags = champion.tags
     if tags.get("metric_name") != metric:
         return CHALLENGER, (f"not comparable: champion v{champion.version} was judged on {tags.get('metric_name')}, "
-                            f"this version on {metric}; use `spinemri registry promote {version}` to override")
+                            f"this version on {metric}; use `spinemri registry promote {version}` to override"), None
     if tags.get("eval_set") != eval_set:
         return CHALLENGER, (f"not comparable: champion v{champion.version} was evaluated on another held-out set "
                             f"({tags.get('eval_set')} vs {eval_set}); use `spinemri registry promote {version}` "
-                            "to override")
+                            "to override"), None
     try:
         best = float(tags["metric_value"])
     except (KeyError, ValueError):
-        return CHAMPION, f"champion v{champion.version} has no {metric} value; {metric} = {value:.4f}"
+        return CHAMPION, f"champion v{champion.version} has no {metric} value; {metric} = {value:.4f}", None
+    strict_note = ""
+    if rule.policy == "paired":
+        paired, why_not = _paired(champion, metric, rule.predictions)
+        if paired is not None:
+            versus = f"champion v{champion.version}: {paired.describe()}"
+            if paired.significant:
+                return CHAMPION, "beats " + versus, paired
+            if not paired.enough_studies:
+                return CHALLENGER, (f"{paired.studies} held-out studies are too few for a paired decision (at least "
+                                    f"{MIN_PAIRED_STUDIES}): {versus}; evaluate on more studies, or use "
+                                    f"`spinemri registry promote {version}` or mlflow.champion_policy=strict"), paired
+            return CHALLENGER, (f"not significantly better than {versus}; use `spinemri registry promote {version}` "
+                                "to override"), paired
+        strict_note = f" (strict rule: {why_not})"
     lower = lower_is_better(metric)
     better = is_better(value, best, metric)
-    comparison = f"{metric} {value:.4f} vs champion v{champion.version}'s {best:.4f} ({'lower' if lower else 'higher'} wins)"
-    return (CHAMPION, "beats " + comparison) if better else (CHALLENGER, "does not beat " + comparison)
+    comparison = (f"{metric} {value:.4f} vs champion v{champion.version}'s {best:.4f} "
+                  f"({'lower' if lower else 'higher'} wins){strict_note}")
+    return (CHAMPION, "beats " + comparison, None) if better else (CHALLENGER, "does not beat " + comparison, None)
 
 
+def _paired(champion, metric: str, predictions: pd.DataFrame | None) -> tuple[PairedDifference | None, str]:
+    """The paired comparison with the champion, or None and why it cannot be made."""
+    if head_metric(metric) is None:
+        return None, f"{metric} cannot be recomputed on a resample of the studies"
+    if predictions is None:
+        return None, "this version has no per-row test predictions"
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=PREDICTIONS_ARTIFACT)
+        theirs = pd.read_csv(path, dtype={c: str for c in ("study_id", "series_id", "instance_number")})
+    except Exception:  # noqa: BLE001 - an older champion, a deleted run or artifact: the strict rule decides
+        return None, f"champion v{champion.version} has no {PREDICTIONS_ARTIFACT} to pair with"
+    try:
+        return paired_difference(predictions, theirs, metric), ""
+    except ValueError as error:
+        return None, str(error)
 def promote(name: str, version: str | int, reason: str) -> Decision:
     """Point ``champion`` at ``version`` regardless of metrics, recording who was replaced and why."""
     if not reason.strip():
@@ -122,7 +180,8 @@ def promote(name: str, version: str | int, reason: str) -> Decision:
 
 
 def list_versions(name: str) -> list[dict]:
-    """One dict per version, newest first: version, aliases, metric, eval set, run, architecture, decision."""
+    """One dict per version, newest first: version, aliases, metric, eval set, run, architecture, decision,
+    policy, and the paired comparison with the champion it was judged against (empty if none)."""
     client = MlflowClient()
     try:
         model = client.get_registered_model(name)
@@ -146,5 +205,9 @@ def list_versions(name: str) -> list[dict]:
             "run_id": mv.run_id or "",
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "decision": tags.get("decision", ""),
+            "policy": tags.get("champion_policy", ""),
+            "paired": {key: float(tags[f"paired_{key}"]) for key in ("difference", "ci_low", "ci_high")
+                       if f"paired_{key}" in tags} | ({"studies": int(tags["paired_studies"])}
+                                                      if "paired_studies" in tags else {}),
         })
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)

@@ -22,7 +22,7 @@ from spinemri.data.dicom import series_order
 from spinemri.data.schema import HEAD_CLASSES, SPLITS
 from spinemri.data.source import prepare_data
 from spinemri.errors import DatasetError
-from spinemri.evaluation import heads
+from spinemri.evaluation import heads, paired
 from spinemri.evaluation.competition import prior_from_samples
 from spinemri.evaluation.goals import best_value
 from spinemri.evaluation.run import log_evaluation
@@ -85,8 +85,8 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
 
     images_path = dataset.path / "images.npy"
     epochs_trained = len(history.get("loss", []))
-    metrics = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"].targets) \
-        if evaluate_test else {}
+    metrics, predictions = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"].targets) \
+        if evaluate_test else ({}, None)
     metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained,
                    model_params=model.count_params())
     if evaluate_test:
@@ -112,7 +112,8 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
                 model_uri, config.mlflow.registered_model, metric=metric, value=metrics.get(metric),
                 eval_set=eval_set_hash(test),
                 tags={"arch": config.model.arch, "experiment": config.name, "eval_set_samples": str(len(test)),
-                      "eval_set_studies": str(test["study_id"].nunique())})
+                      "eval_set_studies": str(test["study_id"].nunique())},
+                policy=config.mlflow.champion_policy, predictions=predictions)
     return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history,
                        registered=decision)
 
@@ -203,10 +204,11 @@ def _compile(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
 
 
 def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int,
-              train_targets: dict[str, np.ndarray]) -> dict[str, float]:
+              train_targets: dict[str, np.ndarray]) -> tuple[dict[str, float], pd.DataFrame]:
     """Predict the test split; log the figures and reports per head, the full evaluation
     (spinemri.evaluation.heads: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
-    breakdowns) and Grad-CAM heatmaps. Returns the point values of the test_<head>_<metric> metrics.
+    breakdowns), Grad-CAM heatmaps and the per-row predictions (what a paired champion decision compares).
+    Returns the point values of the test_<head>_<metric> metrics and the predictions.
     """
     outputs = {h: [] for h in HEADS}
     for start in range(0, len(test), batch_size):  # one batch in memory at a time, whatever the split's size
@@ -230,8 +232,11 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
                                      head=list(HEADS)).items():
         log_figure(figure, f"gradcam/{head}.png")
     _log_sample_predictions(images_path, test, proba)
-    return {f"test_{head}_{name}": float(entry["value"]) for head, result in evaluation["heads"].items()
-            for name, entry in result["metrics"].items() if entry["value"] is not None}
+    predictions = paired.prediction_table(test.samples, test.targets, proba)
+    mlflow.log_text(predictions.to_csv(index=False), paired.PREDICTIONS_ARTIFACT)
+    metrics = {f"test_{head}_{name}": float(entry["value"]) for head, result in evaluation["heads"].items()
+               for name, entry in result["metrics"].items() if entry["value"] is not None}
+    return metrics, predictions
 
 
 class _Rows:

@@ -1,0 +1,136 @@
+"""Paired comparisons: is model A better than model B on the same studies, or only on these studies?
+
+Two models evaluated on one held-out set share its luck: a hard study is hard for both. Resampling
+the studies *once* and scoring both models on every resample keeps that pairing, so the interval of
+the difference is much narrower than the two separate intervals suggest — and it is the honest
+question for a champion decision. This module does that for the classifier's per-head metrics
+(``test_<head>_<metric>`` of :func:`spinemri.evaluation.heads.resample_scores`) from the per-row test
+predictions every training run logs as :data:`PREDICTIONS_ARTIFACT`.
+
+The bootstrap draws studies, not rows (:func:`~spinemri.evaluation.heads.study_bootstrap_counts`):
+the rows of one study travel together, as they do in every interval spinemri reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.evaluation.goals import lower_is_better
+from spinemri.evaluation.heads import resample_scores, study_bootstrap_counts
+
+PREDICTIONS_ARTIFACT = "evaluation/test_predictions.csv"
+KEY_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level")
+PAIRED_RESAMPLES = 2000
+# Below this many studies a bootstrap interval is not a 95 % interval: 1 study gives a zero-width one,
+# and 2-4 studies better by chance all look "significant" about as often as a coin says so.
+MIN_PAIRED_STUDIES = 5
+# The per-head metrics a paired bootstrap can recompute on a resample (those of resample_scores).
+PAIRED_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "precision_macro", "recall_macro",
+                  "loss", "weighted_log_loss", "ece")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``candidate`` − ``reference`` on ``metric`` over the same ``studies``, with its 95 % bootstrap interval."""
+
+    metric: str
+    candidate: float
+    reference: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    studies: int
+    resamples: int
+
+    @property
+    def enough_studies(self) -> bool:
+        return self.studies >= MIN_PAIRED_STUDIES
+
+    @property
+    def significant(self) -> bool:
+        """Enough studies, and the 95 % interval of the difference excludes zero on the better side."""
+        if not self.enough_studies:
+            return False
+        return self.ci_high < 0 if lower_is_better(self.metric) else self.ci_low > 0
+
+    def describe(self) -> str:
+        return (f"{self.metric} {self.candidate:.4f} vs {self.reference:.4f}: difference {self.difference:+.4f}, "
+                f"95% CI [{self.ci_low:+.4f}, {self.ci_high:+.4f}] over {self.studies} studies "
+                f"(paired bootstrap, {self.resamples} resamples; "
+                f"{'lower' if lower_is_better(self.metric) else 'higher'} wins)")
+
+    def tags(self) -> dict[str, str]:
+        return {"paired_difference": repr(self.difference), "paired_ci_low": repr(self.ci_low),
+                "paired_ci_high": repr(self.ci_high), "paired_studies": str(self.studies)}
+
+
+def head_metric(metric: str) -> tuple[str, str] | None:
+    """``test_severity_weighted_log_loss`` -> ("severity", "weighted_log_loss"); None for a metric a paired
+    bootstrap cannot recompute (per-condition breakdowns, timings, baselines)."""
+    if not metric.startswith("test_"):
+        return None
+    head, _, name = metric[len("test_"):].partition("_")
+    if head not in HEAD_CLASSES or name not in PAIRED_METRICS:
+        return None
+    if name == "weighted_log_loss" and head != "severity":
+        return None
+    return head, name
+
+
+def prediction_table(samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray]
+                     ) -> pd.DataFrame:
+    """One row per evaluated sample: its key, and per head the target (-1 = unknown) and the probabilities."""
+    table = samples[[c for c in KEY_COLUMNS if c in samples.columns]].reset_index(drop=True).copy()
+    for head, classes in HEAD_CLASSES.items():
+        if head not in targets:
+            continue
+        table[f"{head}:target"] = np.asarray(targets[head], dtype=np.int64)
+        for k, name in enumerate(classes):
+            table[f"{head}:{name}"] = np.asarray(proba[head], dtype=np.float64)[:, k]
+    return table
+
+
+def paired_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: str, *,
+                      resamples: int = PAIRED_RESAMPLES, seed: int = 0) -> PairedDifference:
+    """The paired bootstrap of ``metric`` between two :func:`prediction_table` s of the same samples.
+
+    Raises ValueError when the metric cannot be paired or the tables are not of the same labelled samples.
+    """
+    parsed = head_metric(metric)
+    if parsed is None:
+        raise ValueError(f"{metric} cannot be compared by a paired bootstrap; pairable: test_<head>_<metric> "
+                         f"with <metric> one of {', '.join(PAIRED_METRICS)}")
+    head, name = parsed
+    columns = [f"{head}:{c}" for c in HEAD_CLASSES[head]]
+    target = f"{head}:target"
+    aligned = []
+    for which, table in (("candidate", candidate), ("reference", reference)):
+        missing = [c for c in ("study_id", target, *columns) if c not in table.columns]
+        if missing:
+            raise ValueError(f"the {which}'s predictions have no column {', '.join(missing)}")
+        keys = [c for c in KEY_COLUMNS if c in table.columns]
+        labelled = table[table[target] >= 0]
+        aligned.append(labelled.astype({k: str for k in keys}).sort_values([*keys, target], kind="stable")
+                       .reset_index(drop=True))
+    ours, theirs = aligned
+    keys = [c for c in KEY_COLUMNS if c in ours.columns and c in theirs.columns]
+    if len(ours) != len(theirs) or not ours[[*keys, target]].equals(theirs[[*keys, target]]):
+        raise ValueError(f"the two models were not evaluated on the same labelled samples ({len(ours)} vs "
+                         f"{len(theirs)} {head} rows)")
+    if ours.empty:
+        raise ValueError(f"no labelled {head} rows to compare")
+    y = ours[target].to_numpy(np.int64)
+    counts = np.vstack([np.ones((1, len(ours)), np.int64),
+                        study_bootstrap_counts(ours["study_id"].to_numpy(), resamples, seed)])
+    severity = name == "weighted_log_loss"
+    a = resample_scores(y, ours[columns].to_numpy(np.float64), counts, severity=severity)[name]
+    b = resample_scores(y, theirs[columns].to_numpy(np.float64), counts, severity=severity)[name]
+    differences = (a - b)[1:]
+    low, high = np.nanpercentile(differences, [2.5, 97.5]) if np.isfinite(differences).any() else (np.nan, np.nan)
+    return PairedDifference(metric=metric, candidate=float(a[0]), reference=float(b[0]), difference=float(a[0] - b[0]),
+                            ci_low=float(low), ci_high=float(high), studies=int(ours["study_id"].nunique()),
+                            resamples=resamples)

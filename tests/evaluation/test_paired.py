@@ -1,0 +1,113 @@
+"""The paired bootstrap over studies: a difference and its interval from both models' predictions on one set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.evaluation import heads
+from spinemri.evaluation.paired import head_metric, paired_difference, prediction_table
+
+STUDIES, SITES = 40, 10
+
+
+def _reference(seed: int = 0) -> tuple[pd.DataFrame, dict, dict]:
+    """A held-out set of 40 studies x 10 sites, and a mediocre model's probabilities."""
+    rng = np.random.default_rng(seed)
+    n = STUDIES * SITES
+    samples = pd.DataFrame({"study_id": np.repeat(np.arange(1000, 1000 + STUDIES), SITES),
+                            "series_id": 7, "instance_number": np.tile(np.arange(SITES), STUDIES),
+                            "condition": "spinal_canal_stenosis", "level": "L1/L2"})
+    targets, proba = {}, {}
+    for head, classes in HEAD_CLASSES.items():
+        y = rng.integers(0, len(classes), n)
+        y[rng.random(n) < 0.1] = -1  # unlabelled rows are left out of every metric
+        logits = rng.normal(0, 1, (n, len(classes)))
+        logits[np.arange(n), np.maximum(y, 0)] += 1.0
+        proba[head] = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        targets[head] = y
+    return samples, targets, proba
+
+
+def _sharpen(proba: np.ndarray, y: np.ndarray, rows: np.ndarray, amount: float) -> np.ndarray:
+    """Move the probabilities of ``rows`` a fraction ``amount`` towards the true class."""
+    out = proba.copy()
+    onehot = np.eye(proba.shape[1])[np.maximum(y, 0)]
+    out[rows] = (1 - amount) * proba[rows] + amount * onehot[rows]
+    return out
+
+
+def test_a_model_against_itself_differs_by_exactly_zero():
+    samples, targets, proba = _reference()
+    table = prediction_table(samples, targets, proba)
+    result = paired_difference(table, table, "test_severity_weighted_log_loss", resamples=200)
+    assert result.difference == 0 and result.ci_low == 0 and result.ci_high == 0
+    assert not result.significant and result.studies == STUDIES
+    keep = targets["severity"] >= 0
+    assert result.candidate == pytest.approx(heads.weighted_log_loss(targets["severity"][keep], proba["severity"][keep]))
+
+
+def test_a_better_model_on_every_study_is_significantly_better():
+    samples, targets, proba = _reference()
+    better = {**proba, "severity": _sharpen(proba["severity"], targets["severity"], np.arange(len(samples)), 0.2)}
+    result = paired_difference(prediction_table(samples, targets, better), prediction_table(samples, targets, proba),
+                               "test_severity_weighted_log_loss", resamples=500)
+    assert result.difference < 0 and result.ci_high < 0 and result.significant
+    # The same improvement in a higher-is-better metric points the other way.
+    auc = paired_difference(prediction_table(samples, targets, better), prediction_table(samples, targets, proba),
+                            "test_severity_roc_auc", resamples=500)
+    assert auc.difference > 0 and auc.ci_low > 0 and auc.significant
+
+
+def test_better_on_average_because_of_one_study_is_not_significant():
+    samples, targets, proba = _reference()
+    y = targets["severity"]
+    one_study = np.flatnonzero(samples["study_id"].to_numpy() == 1000)
+    lucky = _sharpen(proba["severity"], y, one_study, 0.9)  # much better on one study ...
+    rest = np.flatnonzero(samples["study_id"].to_numpy() != 1000)
+    noisy = np.random.default_rng(5).dirichlet(np.ones(3), len(rest))
+    lucky[rest] = 0.97 * lucky[rest] + 0.03 * noisy  # ... and a little worse on the others
+    result = paired_difference(prediction_table(samples, targets, {**proba, "severity": lucky}),
+                               prediction_table(samples, targets, proba), "test_severity_weighted_log_loss",
+                               resamples=1000)
+    assert result.difference < 0, result  # better on average: the strict rule would promote it
+    assert result.ci_low < 0 < result.ci_high and not result.significant, result
+
+
+def test_the_bootstrap_resamples_studies_not_rows():
+    # Two studies: one where the candidate is much better, one where it is much worse. A row bootstrap
+    # would give 20 rows per draw a say; a study bootstrap draws whole studies, so about a quarter of
+    # the resamples hold only the worse study and the interval spans zero widely.
+    samples, targets, proba = _reference()
+    keep = samples["study_id"].isin([1000, 1001]).to_numpy()
+    small = samples[keep].reset_index(drop=True)
+    t = {h: v[keep] for h, v in targets.items()}
+    p = {h: v[keep] for h, v in proba.items()}
+    first = np.flatnonzero(small["study_id"].to_numpy() == 1000)
+    second = np.flatnonzero(small["study_id"].to_numpy() == 1001)
+    candidate = _sharpen(p["severity"], t["severity"], first, 0.8)
+    wrong = np.roll(np.eye(3)[np.maximum(t["severity"], 0)], 1, axis=1)
+    candidate[second] = 0.5 * candidate[second] + 0.5 * wrong[second]
+    result = paired_difference(prediction_table(small, t, {**p, "severity": candidate}), prediction_table(small, t, p),
+                               "test_severity_weighted_log_loss", resamples=400)
+    assert result.studies == 2 and result.ci_low < -0.1 and result.ci_high > 0.1
+
+
+def test_tables_of_other_samples_or_unpairable_metrics_are_refused():
+    samples, targets, proba = _reference()
+    table = prediction_table(samples, targets, proba)
+    with pytest.raises(ValueError, match="not evaluated on the same labelled samples"):
+        paired_difference(table.iloc[:-SITES], table, "test_severity_weighted_log_loss")
+    relabelled = table.copy()
+    relabelled.loc[relabelled["severity:target"] == 0, "severity:target"] = 1
+    with pytest.raises(ValueError, match="not evaluated on the same labelled samples"):
+        paired_difference(relabelled, table, "test_severity_weighted_log_loss")
+    with pytest.raises(ValueError, match="cannot be compared by a paired bootstrap"):
+        paired_difference(table, table, "test_severity_ece_spinal_canal_stenosis")
+    assert head_metric("test_condition_weighted_log_loss") is None and head_metric("val_loss") is None
+    assert head_metric("test_level_f1_macro") == ("level", "f1_macro")
+    # Row order does not matter: tables are aligned on the sample key.
+    shuffled = table.sample(frac=1, random_state=1)
+    assert paired_difference(shuffled, table, "test_condition_loss", resamples=50).difference == pytest.approx(0)
