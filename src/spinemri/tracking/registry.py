@@ -13,9 +13,10 @@ over that. The decision is a tag on the version (``decision``) and is printed by
 - ``paired`` (the default): both versions' per-row test predictions (``evaluation/test_predictions.csv``
   of their runs) are scored on the same bootstrap resamples of the held-out studies; the candidate
   wins only when the 95 % interval of its improvement excludes zero, over at least
-  ``MIN_PAIRED_STUDIES`` studies (:mod:`spinemri.evaluation.paired`). The version is tagged with the difference, its interval and
-  the number of studies. Where either version has no predictions to pair, or the metric cannot be
-  recomputed on a resample, the strict rule decides and the decision says why.
+  ``MIN_PAIRED_STUDIES`` studies (:mod:`spinemri.evaluation.paired`). The version is tagged with
+  the difference, its interval and the number of studies. Where either version has no predictions
+  to pair, or the metric cannot be recomputed on a resample, the strict rule decides and the
+  decision says why.
 - ``strict``: any improvement of the point value wins.
 """
 
