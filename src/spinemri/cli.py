@@ -610,9 +610,13 @@ def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log
               help="Held-out split of the classifier's study-level split.")
 @click.option("--name", default="spinemri-study", show_default=True, help="Registered model name.")
 @click.option("--no-register", is_flag=True, help="Log the model without registering it.")
+@click.option("--champion-policy", "policy", default="paired", show_default=True,
+              type=click.Choice(["paired", "strict"]),
+              help="paired: champion only if a paired bootstrap over the held-out studies shows the score "
+                   "better; strict: any better score.")
 @user_errors
 @tracked
-def package_study(localizers, classifier, data_dir, split, name, no_register) -> None:
+def package_study(localizers, classifier, data_dir, split, name, no_register, policy) -> None:
     """Log the two-stage model as one pyfunc (a zipped DICOM study in, 25 rows out) and register it.
 
     Serve it with `mlflow models serve -m models:/spinemri-study@champion --env-manager local`.
@@ -620,7 +624,7 @@ def package_study(localizers, classifier, data_dir, split, name, no_register) ->
     from spinemri.study.package import package_study as package
 
     result = package(list(localizers), classifier, data_dir=data_dir, split=split, name=name,
-                     register=not no_register)
+                     register=not no_register, policy=policy)
     click.echo(f"logged the study model {result['model_uri']} (run {result['run_id']}), localizing "
                f"{', '.join(result['series_localized'])}")
     if "score" in result:

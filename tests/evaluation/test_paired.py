@@ -111,3 +111,54 @@ def test_tables_of_other_samples_or_unpairable_metrics_are_refused():
     # Row order does not matter: tables are aligned on the sample key.
     shuffled = table.sample(frac=1, random_state=1)
     assert paired_difference(shuffled, table, "test_condition_loss", resamples=50).difference == pytest.approx(0)
+
+
+def test_the_competition_score_is_paired_from_its_per_study_terms():
+    from spinemri.data.phantom import label_table
+    from spinemri.evaluation.competition import TERMS, rsna_score, score_terms
+    from spinemri.evaluation.paired import MIN_PAIRED_STUDIES
+
+    labels = label_table(studies=60, blanks=10, seed=3)
+    rows = labels.melt(id_vars="study_id", var_name="finding", value_name="severity").dropna()
+    codes = rows["severity"].map({"Normal/Mild": 0, "Moderate": 1, "Severe": 2}).to_numpy()
+    rng = np.random.default_rng(0)
+
+    def submission(sharpness):
+        logits = rng.normal(0, 1, (len(rows), 3))
+        logits[np.arange(len(rows)), codes] += sharpness
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        return pd.DataFrame({"row_id": (rows["study_id"].astype(str) + "_" + rows["finding"]).to_numpy(),
+                             "normal_mild": p[:, 0], "moderate": p[:, 1], "severe": p[:, 2]})
+
+    weak, strong = submission(0.5), submission(2.5)
+    terms = score_terms(labels, weak)
+    assert len(terms) == 60 and {f"{t}:sum" for t in TERMS} <= set(terms.columns)
+    parts = rsna_score(labels, weak, return_parts=True)
+    for term in TERMS:  # each term is the ratio of its columns' sums; the score their mean
+        assert parts[term] == pytest.approx(terms[f"{term}:sum"].sum() / terms[f"{term}:weight"].sum(), rel=1e-12)
+
+    ours, theirs = score_terms(labels, strong).reset_index(), terms.reset_index()
+    result = paired_difference(ours, theirs, "test_rsna_score", resamples=500)
+    assert result.candidate == pytest.approx(rsna_score(labels, strong), rel=1e-12)
+    assert result.reference == pytest.approx(parts["score"], rel=1e-12)
+    assert result.studies == 60 >= MIN_PAIRED_STUDIES and result.ci_high < 0 and result.significant
+    same = paired_difference(theirs, theirs, "test_rsna_score", resamples=100)
+    assert same.difference == 0 and not same.significant
+    with pytest.raises(ValueError, match="not evaluated on the same studies"):
+        paired_difference(ours.iloc[1:], theirs, "test_rsna_score")
+
+
+def test_a_localizer_s_mean_error_is_paired_from_its_per_study_terms():
+    from spinemri.localization.locate import error_terms, summarize_errors
+
+    rng = np.random.default_rng(2)
+    errors = pd.DataFrame({"study_id": np.repeat(np.arange(30), 5), "error_mm": rng.gamma(2, 3, 150)})
+    errors.loc[rng.random(150) < 0.1, "error_mm"] = np.nan  # a site on another series: not measured
+    terms = error_terms(errors)
+    assert len(terms) == 30
+    mean = summarize_errors(errors.assign(slice_ok=True))["point_error_mm"]
+    result = paired_difference(terms, terms, "test_sagittal_t2_point_error_mm", resamples=10)
+    assert result.candidate == pytest.approx(mean, rel=1e-12) and result.difference == 0
+    closer = error_terms(errors.assign(error_mm=errors["error_mm"] * 0.7))
+    better = paired_difference(closer, terms, "test_sagittal_t2_point_error_mm", resamples=500)
+    assert better.difference == pytest.approx(-0.3 * mean) and better.significant

@@ -63,6 +63,12 @@ def test_localizer_error_shrinks_with_training_and_beats_the_mean_position(study
         errors = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id,
                                                                  artifact_path="localize/test_errors.csv"))
         assert m[f"test_{series}_slice_accuracy"] == pytest.approx(errors["slice_ok"].mean())
+        # The mean error taken apart by study, for paired champion decisions between localizers.
+        terms = pd.read_csv(mlflow.artifacts.download_artifacts(
+            run_id=result.run_id, artifact_path=f"evaluation/test_{series}_point_error_mm.terms.csv"))
+        assert set(terms["study_id"]) == set(errors["study_id"])
+        assert terms["point_error_mm:sum"].sum() / terms["point_error_mm:weight"].sum() == \
+            pytest.approx(m[f"test_{series}_point_error_mm"])
         measured = errors[errors["error_mm"].notna()]
         assert len(measured) >= 0.8 * len(errors) and measured["slice_ok"].mean() >= 0.9, (series, errors)
         several = measured[measured["study_id"].map(series_per_study[series]) > 1]  # two axial series
@@ -247,6 +253,11 @@ def test_packaged_study_model_matches_predict_study(study_store, study_model, tm
     version = MlflowClient().get_model_version_by_alias("spinemri-study", "champion")
     assert float(version.tags["metric_value"]) == pytest.approx(
         MlflowClient().get_run(version.run_id).data.metrics["test_rsna_score"])
+    terms = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=version.run_id,
+                                                            artifact_path="evaluation/test_rsna_score.terms.csv"))
+    parts = [terms[f"{t}:sum"].sum() / terms[f"{t}:weight"].sum()
+             for t in ("spinal", "foraminal", "subarticular", "any_severe_spinal")]
+    assert np.mean(parts) == pytest.approx(float(version.tags["metric_value"]))
 
 
 def test_the_study_model_is_served_over_http(study_store, study_model, tmp_path):

@@ -175,7 +175,7 @@ def test_the_paired_policy_moves_the_champion_only_for_a_significant_improvement
                                  {**{h: p[keep] for h, p in proba.items()}, "severity": severity[keep]})
         value = paired_difference(table, table, metric, resamples=1).candidate
         decision = registry.register(_version_with_predictions(table), name, metric=metric, value=value,
-                                     eval_set="forty", predictions=table, policy=policy)
+                                     eval_set="forty", evidence=table, policy=policy)
         return decision, value, MlflowClient().get_model_version(name, decision.version).tags
 
     first, reference_value, _ = register(proba["severity"])
@@ -207,7 +207,7 @@ def test_the_paired_policy_moves_the_champion_only_for_a_significant_improvement
 
     # Without predictions to pair, the strict rule decides and says why.
     unpaired = registry.register(store.model_uri, name, metric=metric, value=0.0, eval_set="forty")
-    assert unpaired.alias == "champion" and "strict rule: this version has no per-row test predictions" in \
+    assert unpaired.alias == "champion" and "strict rule: this version has no per-study evidence to pair" in \
         unpaired.reason
     with pytest.raises(registry.RegistryError, match="unknown champion policy 'lenient'"):
         registry.register(store.model_uri, name, metric=metric, value=0.0, eval_set="forty", policy="lenient")
@@ -229,9 +229,9 @@ def test_a_paired_decision_needs_enough_studies(store):
 
     first = table(proba["severity"])
     registry.register(_version_with_predictions(first), name, metric=metric, value=0.9, eval_set="four",
-                      predictions=first)
+                      evidence=first)
     better = table(_sharpen(proba["severity"], targets["severity"], np.arange(len(samples)), 0.5))
     decision = registry.register(_version_with_predictions(better), name, metric=metric, value=0.5,
-                                 eval_set="four", predictions=better)
+                                 eval_set="four", evidence=better)
     assert decision.alias == "challenger", decision.reason
     assert "4 held-out studies are too few for a paired decision (at least 5)" in decision.reason

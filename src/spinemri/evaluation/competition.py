@@ -158,33 +158,53 @@ def rsna_score(labels: pd.DataFrame, submission: pd.DataFrame, *, return_parts: 
     ``return_parts`` a dict: the four terms, ``score``, and ``rows`` (labelled rows per group and
     studies in the any-severe term).
     """
+    terms = score_terms(labels, submission)
+    parts = {term: float(terms[f"{term}:sum"].sum() / terms[f"{term}:weight"].sum()) for term in TERMS}
+    score = float(np.mean([parts[term] for term in TERMS]))
+    if not return_parts:
+        return score
+    return {**parts, "score": score, "rows": {term: int(terms[f"{term}:rows"].sum()) for term in TERMS}}
+
+
+TERMS = (*GROUPS, ANY_SEVERE)
+
+
+def score_terms(labels: pd.DataFrame, submission: pd.DataFrame) -> pd.DataFrame:
+    """The score taken apart by study: one row per study (index ``study_id``) and, per term of
+    :data:`TERMS`, its weighted loss (``<term>:sum``), weight (``<term>:weight``) and rows
+    (``<term>:rows``). Each term is its column sums' ratio and the score the mean of the terms, so
+    a resample of the studies is scored from these columns alone (:mod:`spinemri.evaluation.paired`).
+    """
     rows = label_rows(labels) if "condition" not in labels.columns else labels
     rows = rows[rows["severity"].notna()].reset_index(drop=True)
     if rows.empty:
         raise MetricError("labels hold no labelled row (all blank) — nothing to score")
     probs = _probabilities(rows, submission)
     severity = rows["severity"].to_numpy(dtype=int)
-    weight = SEVERITY_WEIGHTS[severity]
+    weight = SEVERITY_WEIGHTS[severity].astype(np.float64)
     row_loss = -np.log(probs[np.arange(len(rows)), severity])
-    parts: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    study = rows["study_id"].astype(str).to_numpy()
+    columns = {}
     for group, conditions in GROUPS.items():
         in_group = rows["condition"].isin(conditions).to_numpy()
         if not in_group.any():
             raise MetricError(f"labels hold no labelled {group} row — the score needs all three "
                               "groups; score more studies")
-        parts[group] = float(np.average(row_loss[in_group], weights=weight[in_group]))
-        counts[group] = int(in_group.sum())
-    spinal = pd.DataFrame({"study_id": rows["study_id"], "severe_true": severity == 2,
-                           "weight": weight, "severe_pred": probs[:, 2]})[rows["condition"] == CONDITIONS[0]]
+        columns[f"{group}:sum"] = pd.Series(np.where(in_group, weight * row_loss, 0.0)).groupby(study).sum()
+        columns[f"{group}:weight"] = pd.Series(np.where(in_group, weight, 0.0)).groupby(study).sum()
+        columns[f"{group}:rows"] = pd.Series(in_group.astype(np.int64)).groupby(study).sum()
+    spinal = pd.DataFrame({"study_id": study, "severe_true": severity == 2, "weight": weight,
+                           "severe_pred": probs[:, 2]})[(rows["condition"] == CONDITIONS[0]).to_numpy()]
     per_study = spinal.groupby("study_id").max()
     truth = per_study["severe_true"].to_numpy()
     pred = per_study["severe_pred"].to_numpy()
     study_loss = -np.where(truth, np.log(pred), np.log1p(-pred))
-    parts[ANY_SEVERE] = float(np.average(study_loss, weights=per_study["weight"].to_numpy()))
-    counts[ANY_SEVERE] = len(per_study)
-    score = float(np.mean([parts[name] for name in (*GROUPS, ANY_SEVERE)]))
-    return {**parts, "score": score, "rows": counts} if return_parts else score
+    columns[f"{ANY_SEVERE}:sum"] = pd.Series(study_loss * per_study["weight"].to_numpy(), index=per_study.index)
+    columns[f"{ANY_SEVERE}:weight"] = per_study["weight"]
+    columns[f"{ANY_SEVERE}:rows"] = pd.Series(1, index=per_study.index, dtype=np.int64)
+    table = pd.DataFrame(columns).fillna(0)
+    table.index.name = "study_id"
+    return table
 
 
 def _read_csv(path: Path, what: str, **kwargs) -> pd.DataFrame:

@@ -7,6 +7,10 @@ question for a champion decision. This module does that for the classifier's per
 (``test_<head>_<metric>`` of :func:`spinemri.evaluation.heads.resample_scores`) from the per-row test
 predictions every training run logs as :data:`PREDICTIONS_ARTIFACT`.
 
+Metrics that are a mean of ratios of per-study sums — the competition score (its four terms,
+:func:`spinemri.evaluation.competition.score_terms`) and the localizers' mean point error — are
+paired from a table of those sums, one row per study, logged as :func:`terms_artifact`.
+
 The bootstrap draws studies, not rows (:func:`~spinemri.evaluation.heads.study_bootstrap_counts`):
 the rows of one study travel together, as they do in every interval spinemri reports.
 """
@@ -68,6 +72,11 @@ class PairedDifference:
                 "paired_ci_high": repr(self.ci_high), "paired_studies": str(self.studies)}
 
 
+def terms_artifact(metric: str) -> str:
+    """Where a run logs the per-study terms of ``metric`` (for metrics that are not per-head)."""
+    return f"evaluation/{metric}.terms.csv"
+
+
 def head_metric(metric: str) -> tuple[str, str] | None:
     """``test_severity_weighted_log_loss`` -> ("severity", "weighted_log_loss"); None for a metric a paired
     bootstrap cannot recompute (per-condition breakdowns, timings, baselines)."""
@@ -96,14 +105,19 @@ def prediction_table(samples: pd.DataFrame, targets: dict[str, np.ndarray], prob
 
 def paired_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: str, *,
                       resamples: int = PAIRED_RESAMPLES, seed: int = 0) -> PairedDifference:
-    """The paired bootstrap of ``metric`` between two :func:`prediction_table` s of the same samples.
+    """The paired bootstrap of ``metric`` between two models' evidence on the same studies: their
+    :func:`prediction_table` s for a per-head metric, else their per-study terms (``study_id`` and
+    ``<term>:sum`` / ``<term>:weight`` columns; the metric is the mean over terms of the sums' ratio).
 
-    Raises ValueError when the metric cannot be paired or the tables are not of the same labelled samples.
+    Raises ValueError when the metric cannot be paired or the tables are not of the same studies or samples.
     """
     parsed = head_metric(metric)
     if parsed is None:
+        if any(str(c).endswith(":sum") for c in candidate.columns):
+            return _terms_difference(candidate, reference, metric, resamples, seed)
         raise ValueError(f"{metric} cannot be compared by a paired bootstrap; pairable: test_<head>_<metric> "
-                         f"with <metric> one of {', '.join(PAIRED_METRICS)}")
+                         f"with <metric> one of {', '.join(PAIRED_METRICS)}, or a metric logged with its "
+                         "per-study terms")
     head, name = parsed
     columns = [f"{head}:{c}" for c in HEAD_CLASSES[head]]
     target = f"{head}:target"
@@ -134,3 +148,35 @@ def paired_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: 
     return PairedDifference(metric=metric, candidate=float(a[0]), reference=float(b[0]), difference=float(a[0] - b[0]),
                             ci_low=float(low), ci_high=float(high), studies=int(ours["study_id"].nunique()),
                             resamples=resamples)
+
+
+def _terms_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: str, resamples: int,
+                      seed: int) -> PairedDifference:
+    terms = sorted(str(c)[:-len(":sum")] for c in candidate.columns if str(c).endswith(":sum"))
+    columns = [f"{t}:{part}" for t in terms for part in ("sum", "weight")]
+    tables = []
+    for which, table in (("candidate", candidate), ("reference", reference)):
+        missing = [c for c in ("study_id", *columns) if c not in table.columns]
+        if missing:
+            raise ValueError(f"the {which}'s per-study terms have no column {', '.join(missing)}")
+        tables.append(table.astype({"study_id": str}).sort_values("study_id").reset_index(drop=True))
+    ours, theirs = tables
+    if not ours["study_id"].equals(theirs["study_id"]):
+        raise ValueError(f"the two models were not evaluated on the same studies ({len(ours)} vs {len(theirs)})")
+    if ours.empty:
+        raise ValueError("no studies to compare")
+    n = len(ours)
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    counts = np.vstack([np.ones((1, n)), np.apply_along_axis(np.bincount, 1, draws, minlength=n)])
+
+    def score(table: pd.DataFrame) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = [(counts @ table[f"{t}:sum"].to_numpy(np.float64))
+                      / (counts @ table[f"{t}:weight"].to_numpy(np.float64)) for t in terms]
+        return np.mean(ratios, axis=0)
+
+    a, b = score(ours), score(theirs)
+    differences = (a - b)[1:]
+    low, high = np.nanpercentile(differences, [2.5, 97.5]) if np.isfinite(differences).any() else (np.nan, np.nan)
+    return PairedDifference(metric=metric, candidate=float(a[0]), reference=float(b[0]), difference=float(a[0] - b[0]),
+                            ci_low=float(low), ci_high=float(high), studies=n, resamples=resamples)

@@ -170,6 +170,16 @@ def point_errors(sites: Sequence[Site], truth: pd.DataFrame, frames: dict[tuple[
     return pd.DataFrame(rows)
 
 
+def error_terms(errors: pd.DataFrame) -> pd.DataFrame:
+    """The mean point error taken apart by study (``study_id``, ``point_error_mm:sum``, ``:weight`` = points
+    measured): what a paired comparison of two localizers on the same studies resamples."""
+    measured = errors["error_mm"].notna()
+    table = pd.DataFrame({"study_id": errors["study_id"].astype(str),
+                          "point_error_mm:sum": errors["error_mm"].where(measured, 0.0).astype(float),
+                          "point_error_mm:weight": measured.astype(float)})
+    return table.groupby("study_id", as_index=False).sum()
+
+
 def summarize_errors(errors: pd.DataFrame) -> dict[str, float]:
     """Mean/median point error (mm), shares within 5 and 10 mm, slice accuracy (within one slice)."""
     measured = errors["error_mm"].dropna()

@@ -29,8 +29,10 @@ import tensorflow as tf
 from spinemri.config import ExperimentConfig, MlflowConfig
 from spinemri.errors import DatasetError
 from spinemri.data.source import resolve_data_dir
+from spinemri.evaluation.paired import terms_artifact
 from spinemri.localization.dataset import LocalizerDataset, prepare_localizer, slice_targets, study_splits
-from spinemri.localization.locate import SeriesSlices, choose_sites, log_localizer, point_errors, summarize_errors
+from spinemri.localization.locate import (SeriesSlices, choose_sites, error_terms, log_localizer, point_errors,
+                                         summarize_errors)
 from spinemri.localization.model import build_localizer, point_loss, slice_loss
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.tracking.registry import eval_set_hash
@@ -253,12 +255,14 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
             "sites": [list(s) for s in task.sites], "data_fingerprint": dataset.fingerprint}
     model_uri = log_localizer(model, meta, pip_requirements()).model_uri
     decision = None
+    metric = f"test_{task.name}_point_error_mm"
+    terms = error_terms(errors)  # what a paired champion decision compares
+    mlflow.log_text(terms.to_csv(index=False), terms_artifact(metric))
     if config.mlflow.register:
-        metric = f"test_{task.name}_point_error_mm"
         decision = register_and_tag(
             model_uri, registered_model_name(config), metric=metric, value=metrics.get(metric),
             eval_set=eval_set_hash(test.truth), champion=task.name, challenger=f"{task.name}-challenger",
-            policy=config.mlflow.champion_policy,
+            policy=config.mlflow.champion_policy, evidence=terms,
             tags={"arch": config.model.arch, "series": task.name, "experiment": config.name,
                   "eval_set_studies": str(test.truth["study_id"].nunique())})
     return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],

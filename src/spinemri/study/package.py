@@ -30,6 +30,8 @@ from mlflow.types import ColSpec, DataType, Schema
 
 from spinemri.data.studies import study_from_zip
 from spinemri.errors import ImageReadError, StudyError
+from spinemri.evaluation.competition import score_terms
+from spinemri.evaluation.paired import terms_artifact
 from spinemri.localization.locate import SpineLocalizer, register_layers
 from spinemri.study.evaluate import evaluate_submission
 from spinemri.study.held_out import held_out
@@ -92,8 +94,10 @@ class SpineStudyModel(mlflow.pyfunc.PythonModel):
 
 
 def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_dir: str | None = None,
-                  split: str = "test", name: str = REGISTERED_MODEL, register: bool = True) -> dict[str, Any]:
-    """Log (and register) the two-stage study model; see the module docstring."""
+                  split: str = "test", name: str = REGISTERED_MODEL, register: bool = True,
+                  policy: str = "paired") -> dict[str, Any]:
+    """Log (and register) the two-stage study model; see the module docstring. ``policy``: the registry's
+    champion policy (:mod:`spinemri.tracking.registry`)."""
     localizers = resolve_localizers(localizer_uris)
     classifier = load_classifier(classifier_uri)
     prior, prior_source = classifier_prior(classifier)
@@ -106,13 +110,17 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
         mlflow.log_params({"classifier_uri": classifier_uri, "localizer_uris": ",".join(localizer_uris),
                            "series_localized": ",".join(sorted(localizers))})
         result: dict[str, Any] = {"run_id": run.info.run_id, "series_localized": sorted(localizers)}
-        metric_value, eval_set = None, "none"
+        metric_value, eval_set, terms = None, "none", None
         if data_dir:
             studies, labels, prior_labels = held_out(data_dir, split, classifier_uri, list(localizer_uris))
             summary = predict_studies(predictor, studies, tmp / "submission.csv")
-            report = evaluate_submission(labels, pd.read_csv(tmp / "submission.csv", dtype={"row_id": str}), prior_labels)
+            submission = pd.read_csv(tmp / "submission.csv", dtype={"row_id": str})
+            report = evaluate_submission(labels, submission, prior_labels)
             metric_value = report["model"]["score"]
-            eval_set = eval_set_hash(labels[labels["study_id"].astype(str).isin([s.study_id for s in studies])])
+            scored = labels[labels["study_id"].astype(str).isin([s.study_id for s in studies])]
+            eval_set = eval_set_hash(scored)
+            terms = score_terms(scored, submission).reset_index()  # what a paired champion decision compares
+            mlflow.log_text(terms.to_csv(index=False), terms_artifact("test_rsna_score"))
             mlflow.log_metrics({"test_rsna_score": metric_value, "test_prior_rsna_score": report["prior_baseline"]["score"],
                                 "test_rows_from_prior": summary.from_prior, "test_studies": len(studies),
                                 **{f"test_{k}": v for k, v in report["model"].items() if k not in ("score", "rows")}})
@@ -138,6 +146,7 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
         if register:
             decision = register_and_tag(info.model_uri, name, metric="test_rsna_score", value=metric_value,
                                         eval_set=eval_set, tags={"classifier": classifier_uri,
-                                                                 "series_localized": ",".join(sorted(localizers))})
+                                                                 "series_localized": ",".join(sorted(localizers))},
+                                        policy=policy, evidence=terms)
             result["decision"] = str(decision)
     return result

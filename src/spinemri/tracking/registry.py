@@ -10,8 +10,10 @@ over that. The decision is a tag on the version (``decision``) and is printed by
 
 "Beats" depends on the policy (``mlflow.champion_policy``):
 
-- ``paired`` (the default): both versions' per-row test predictions (``evaluation/test_predictions.csv``
-  of their runs) are scored on the same bootstrap resamples of the held-out studies; the candidate
+- ``paired`` (the default): both versions' evidence — the per-row test predictions
+  (``evaluation/test_predictions.csv``) or the per-study terms of the metric
+  (``evaluation/<metric>.terms.csv``) their runs logged — is scored on the same bootstrap
+  resamples of the held-out studies; the candidate
   wins only when the 95 % interval of its improvement excludes zero, over at least
   ``MIN_PAIRED_STUDIES`` studies (:mod:`spinemri.evaluation.paired`). The version is tagged with
   the difference, its interval and the number of studies. Where either version has no predictions
@@ -35,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from spinemri.errors import RegistryError
 from spinemri.evaluation.goals import is_better, lower_is_better, metric_goal
 from spinemri.evaluation.paired import (MIN_PAIRED_STUDIES, PREDICTIONS_ARTIFACT, PairedDifference, head_metric,
-                                       paired_difference)
+                                       paired_difference, terms_artifact)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -64,12 +66,14 @@ def eval_set_hash(samples: pd.DataFrame) -> str:
 def register(model_uri: str, name: str, *, metric: str, value: float | None, eval_set: str,
              tags: dict[str, str] | None = None, champion: str = CHAMPION,
              challenger: str = CHALLENGER, policy: str = "paired",
-             predictions: pd.DataFrame | None = None) -> Decision:
+             evidence: pd.DataFrame | None = None) -> Decision:
     """Register ``model_uri`` as a new version of ``name`` and apply the alias policy.
 
     ``champion``/``challenger`` name the two aliases; the localizers keep one pair per series type
-    in one registered model (``sagittal_t2`` / ``sagittal_t2-challenger``, ...). ``predictions``: this
-    model's :func:`~spinemri.evaluation.paired.prediction_table` on the held-out set, for the paired policy.
+    in one registered model (``sagittal_t2`` / ``sagittal_t2-challenger``, ...). ``evidence``, for the
+    paired policy: this model's :func:`~spinemri.evaluation.paired.prediction_table` on the held-out set
+    (per-head metrics), or its per-study terms of ``metric`` (what its run logged as
+    :func:`~spinemri.evaluation.paired.terms_artifact`).
     """
     if policy not in POLICIES:
         raise RegistryError(f"unknown champion policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -83,7 +87,7 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
     if str(version) == "1" and not client.get_registered_model(name).description:
         client.update_registered_model(name, description="spinemri lumbar-spine classifiers: champion = best held-out "
                                        f"{metric} (see the spinemri docs, serving.md)")
-    rule = _Rule(policy, predictions, champion, challenger)
+    rule = _Rule(policy, evidence, champion, challenger)
     alias, reason, paired = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set,
                                     rule)
     client.set_registered_model_alias(name, alias, version)
@@ -95,7 +99,7 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
 @dataclass(frozen=True)
 class _Rule:
     policy: str
-    predictions: pd.DataFrame | None
+    evidence: pd.DataFrame | None
     champion: str = CHAMPION
     challenger: str = CHALLENGER
 
@@ -123,7 +127,7 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, value: f
         return CHAMPION, f"champion v{champion.version} has no {metric} value; {metric} = {value:.4f}", None
     strict_note = ""
     if rule.policy == "paired":
-        paired, why_not = _paired(champion, metric, rule.predictions)
+        paired, why_not = _paired(champion, metric, rule.evidence)
         if paired is not None:
             versus = f"champion v{champion.version}: {paired.describe()}"
             if paired.significant:
@@ -142,73 +146,17 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, value: f
     return (CHAMPION, "beats " + comparison, None) if better else (CHALLENGER, "does not beat " + comparison, None)
 
 
-def _paired(champion, metric: str, predictions: pd.DataFrame | None) -> tuple[PairedDifference | None, str]:
+def _paired(champion, metric: str, evidence: pd.DataFrame | None) -> tuple[PairedDifference | None, str]:
     """The paired comparison with the champion, or None and why it cannot be made."""
-    if head_metric(metric) is None:
-        return None, f"{metric} cannot be recomputed on a resample of the studies"
-    if predictions is None:
-        return None, "this version has no per-row test predictions"
+    artifact = PREDICTIONS_ARTIFACT if head_metric(metric) else terms_artifact(metric)
+    if evidence is None:
+        return None, f"this version has no per-study evidence to pair ({artifact})"
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=PREDICTIONS_ARTIFACT)
+        path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=artifact)
         theirs = pd.read_csv(path, dtype={c: str for c in ("study_id", "series_id", "instance_number")})
     except Exception:  # noqa: BLE001 - an older champion, a deleted run or artifact: the strict rule decides
-        return None, f"champion v{champion.version} has no {PREDICTIONS_ARTIFACT} to pair with"
+        return None, f"champion v{champion.version} has no {artifact} to pair with"
     try:
-        return paired_difference(predictions, theirs, metric), ""
+        return paired_difference(evidence, theirs, metric), ""
     except ValueError as error:
         return None, str(error)
-def promote(name: str, version: str | int, reason: str) -> Decision:
-    """Point ``champion`` at ``version`` regardless of metrics, recording who was replaced and why."""
-    if not reason.strip():
-        raise RegistryError("give a reason for the promotion (--reason TEXT); it is kept as a tag on the version")
-    client = MlflowClient()
-    versions = {v["version"]: v for v in list_versions(name)}
-    version = str(version)
-    if version not in versions:
-        raise RegistryError(f"{name} has no version {version}; versions: {', '.join(versions) or 'none'}")
-    previous = next((v for v, row in versions.items() if CHAMPION in row["aliases"]), None)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    if CHALLENGER in versions[version]["aliases"]:
-        client.delete_registered_model_alias(name, CHALLENGER)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for key, value in {"promoted_at": now, "promotion_reason": reason,
-                       "promoted_over": f"v{previous}" if previous else "none"}.items():
-        client.set_model_version_tag(name, version, key, value)
-    text = f"promoted by hand over v{previous}: {reason}" if previous and previous != version \
-        else f"promoted by hand: {reason}"
-    client.set_model_version_tag(name, version, "decision", text)
-    return Decision(name=name, version=version, alias=CHAMPION, reason=text)
-
-
-def list_versions(name: str) -> list[dict]:
-    """One dict per version, newest first: version, aliases, metric, eval set, run, architecture, decision,
-    policy, and the paired comparison with the champion it was judged against (empty if none)."""
-    client = MlflowClient()
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        raise RegistryError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}; train a model first "
-                            "(`make demo` or `spinemri train`), or set MLFLOW_TRACKING_URI to the store that has it"
-                            ) from None
-    aliases: dict[str, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
-        aliases.setdefault(str(version), []).append(alias)
-    rows = []
-    for mv in client.search_model_versions(f"name = '{name}'"):
-        tags = mv.tags or {}
-        rows.append({
-            "version": str(mv.version),
-            "aliases": sorted(aliases.get(str(mv.version), [])),
-            "metric_name": tags.get("metric_name", ""),
-            "metric_value": float(tags["metric_value"]) if "metric_value" in tags else None,
-            "eval_set": tags.get("eval_set", ""),
-            "arch": tags.get("arch", ""),
-            "run_id": mv.run_id or "",
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "decision": tags.get("decision", ""),
-            "policy": tags.get("champion_policy", ""),
-            "paired": {key: float(tags[f"paired_{key}"]) for key in ("difference", "ci_low", "ci_high")
-                       if f"paired_{key}" in tags} | ({"studies": int(tags["paired_studies"])}
-                                                      if "paired_studies" in tags else {}),
-        })
-    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)

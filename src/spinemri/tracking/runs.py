@@ -223,11 +223,11 @@ def log_split(table: pd.DataFrame) -> None:
 def register_and_tag(model_uri: str, name: str, *, metric: str, value: float | None, eval_set: str,
                      tags: Mapping[str, str], champion: str = registry.CHAMPION,
                      challenger: str = registry.CHALLENGER, policy: str = "paired",
-                     predictions: pd.DataFrame | None = None) -> registry.Decision:
+                     evidence: pd.DataFrame | None = None) -> registry.Decision:
     """Register the active run's model under the alias policy of :mod:`spinemri.tracking.registry`, record
     the decision on the run, and print it."""
     decision = registry.register(model_uri, name, metric=metric, value=value, eval_set=eval_set, tags=dict(tags),
-                                 champion=champion, challenger=challenger, policy=policy, predictions=predictions)
+                                 champion=champion, challenger=challenger, policy=policy, evidence=evidence)
     mlflow.set_tags({"registered_model": decision.name, "registered_version": decision.version,
                      "registry_alias": decision.alias})
     print(decision, flush=True)

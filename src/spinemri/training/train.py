@@ -113,7 +113,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
                 eval_set=eval_set_hash(test),
                 tags={"arch": config.model.arch, "experiment": config.name, "eval_set_samples": str(len(test)),
                       "eval_set_studies": str(test["study_id"].nunique())},
-                policy=config.mlflow.champion_policy, predictions=predictions)
+                policy=config.mlflow.champion_policy, evidence=predictions)
     return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history,
                        registered=decision)
 
