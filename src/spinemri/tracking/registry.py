@@ -160,3 +160,60 @@ def _paired(champion, metric: str, evidence: pd.DataFrame | None) -> tuple[Paire
         return paired_difference(evidence, theirs, metric), ""
     except ValueError as error:
         return None, str(error)
+
+
+def promote(name: str, version: str | int, reason: str) -> Decision:
+    """Point ``champion`` at ``version`` regardless of metrics, recording who was replaced and why."""
+    if not reason.strip():
+        raise RegistryError("give a reason for the promotion (--reason TEXT); it is kept as a tag on the version")
+    client = MlflowClient()
+    versions = {v["version"]: v for v in list_versions(name)}
+    version = str(version)
+    if version not in versions:
+        raise RegistryError(f"{name} has no version {version}; versions: {', '.join(versions) or 'none'}")
+    previous = next((v for v, row in versions.items() if CHAMPION in row["aliases"]), None)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if CHALLENGER in versions[version]["aliases"]:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for key, value in {"promoted_at": now, "promotion_reason": reason,
+                       "promoted_over": f"v{previous}" if previous else "none"}.items():
+        client.set_model_version_tag(name, version, key, value)
+    text = f"promoted by hand over v{previous}: {reason}" if previous and previous != version \
+        else f"promoted by hand: {reason}"
+    client.set_model_version_tag(name, version, "decision", text)
+    return Decision(name=name, version=version, alias=CHAMPION, reason=text)
+
+
+def list_versions(name: str) -> list[dict]:
+    """One dict per version, newest first: version, aliases, metric, eval set, run, architecture, decision,
+    policy, and the paired comparison with the champion it was judged against (empty if none)."""
+    client = MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}; train a model first "
+                            "(`make demo` or `spinemri train`), or set MLFLOW_TRACKING_URI to the store that has it"
+                            ) from None
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        tags = mv.tags or {}
+        rows.append({
+            "version": str(mv.version),
+            "aliases": sorted(aliases.get(str(mv.version), [])),
+            "metric_name": tags.get("metric_name", ""),
+            "metric_value": float(tags["metric_value"]) if "metric_value" in tags else None,
+            "eval_set": tags.get("eval_set", ""),
+            "arch": tags.get("arch", ""),
+            "run_id": mv.run_id or "",
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "decision": tags.get("decision", ""),
+            "policy": tags.get("champion_policy", ""),
+            "paired": {key: float(tags[f"paired_{key}"]) for key in ("difference", "ci_low", "ci_high")
+                       if f"paired_{key}" in tags} | ({"studies": int(tags["paired_studies"])}
+                                                      if "paired_studies" in tags else {}),
+        })
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
