@@ -162,3 +162,18 @@ def test_a_localizer_s_mean_error_is_paired_from_its_per_study_terms():
     closer = error_terms(errors.assign(error_mm=errors["error_mm"] * 0.7))
     better = paired_difference(closer, terms, "test_sagittal_t2_point_error_mm", resamples=500)
     assert better.difference == pytest.approx(-0.3 * mean) and better.significant
+
+
+def test_resamples_are_scored_a_block_at_a_time_with_the_same_result(monkeypatch):
+    # Rows x resamples counts would take gigabytes at the size of an out-of-fold table (50,000 rows);
+    # they are built a block of resamples at a time, and the blocks do not change the draws.
+    from spinemri.evaluation import paired
+
+    samples, targets, proba = _reference()
+    better = {**proba, "severity": _sharpen(proba["severity"], targets["severity"], np.arange(len(samples)), 0.1)}
+    ours, theirs = prediction_table(samples, targets, better), prediction_table(samples, targets, proba)
+    results = []
+    for block in (7, 100, 5000):
+        monkeypatch.setattr(paired, "RESAMPLES_AT_ONCE", block)
+        results.append(paired_difference(ours, theirs, "test_severity_roc_auc", resamples=300))
+    assert results[0] == results[1] == results[2]

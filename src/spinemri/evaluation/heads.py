@@ -95,13 +95,20 @@ def study_bootstrap_counts(study_ids, n_boot: int, seed: int = 0) -> np.ndarray:
     Every resample draws as many studies as there are, with replacement; a row's count is its study's count,
     so the rows of one study always travel together.
     """
+    per_study, codes = study_resamples(study_ids, n_boot, seed)
+    return per_study[:, codes]
+
+
+def study_resamples(study_ids, n_boot: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The draws behind :func:`study_bootstrap_counts`, per study: int64 (n_boot, studies), and each row's
+    study (codes into its columns). ``per_study[rows][:, codes]`` is a block of resamples' row counts."""
     codes, studies = pd.factorize(pd.Series(study_ids), sort=True)
     n_studies = len(studies)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_studies, size=(n_boot, n_studies))
     offsets = (np.arange(n_boot) * n_studies)[:, None]
     per_study = np.bincount((draws + offsets).ravel(), minlength=n_boot * n_studies).reshape(n_boot, n_studies)
-    return per_study[:, codes]
+    return per_study, codes
 
 
 def resample_scores(y: np.ndarray, proba: np.ndarray, weights: np.ndarray, *, severity: bool = False

@@ -24,11 +24,12 @@ import pandas as pd
 
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.evaluation.goals import lower_is_better
-from spinemri.evaluation.heads import resample_scores, study_bootstrap_counts
+from spinemri.evaluation.heads import resample_scores, study_resamples
 
 PREDICTIONS_ARTIFACT = "evaluation/test_predictions.csv"
 KEY_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level")
 PAIRED_RESAMPLES = 2000
+RESAMPLES_AT_ONCE = 100  # rows x this many int64 counts in memory at a time (40 MB at 50,000 rows)
 # Below this many studies a bootstrap interval is not a 95 % interval: 1 study gives a zero-width one,
 # and 2-4 studies better by chance all look "significant" about as often as a coin says so.
 MIN_PAIRED_STUDIES = 5
@@ -138,12 +139,17 @@ def paired_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: 
     if ours.empty:
         raise ValueError(f"no labelled {head} rows to compare")
     y = ours[target].to_numpy(np.int64)
-    counts = np.vstack([np.ones((1, len(ours)), np.int64),
-                        study_bootstrap_counts(ours["study_id"].to_numpy(), resamples, seed)])
+    p_ours, p_theirs = ours[columns].to_numpy(np.float64), theirs[columns].to_numpy(np.float64)
     severity = name == "weighted_log_loss"
-    a = resample_scores(y, ours[columns].to_numpy(np.float64), counts, severity=severity)[name]
-    b = resample_scores(y, theirs[columns].to_numpy(np.float64), counts, severity=severity)[name]
-    differences = (a - b)[1:]
+
+    def both(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (resample_scores(y, p_ours, counts, severity=severity)[name],
+                resample_scores(y, p_theirs, counts, severity=severity)[name])
+
+    a, b = both(np.ones((1, len(ours)), np.int64))
+    per_study, codes = study_resamples(ours["study_id"].to_numpy(), resamples, seed)
+    differences = np.concatenate([np.subtract(*both(per_study[start:start + RESAMPLES_AT_ONCE][:, codes]))
+                                  for start in range(0, resamples, RESAMPLES_AT_ONCE)])
     low, high = np.nanpercentile(differences, [2.5, 97.5]) if np.isfinite(differences).any() else (np.nan, np.nan)
     return PairedDifference(metric=metric, candidate=float(a[0]), reference=float(b[0]), difference=float(a[0] - b[0]),
                             ci_low=float(low), ci_high=float(high), studies=int(ours["study_id"].nunique()),
@@ -166,8 +172,8 @@ def _terms_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: 
     if ours.empty:
         raise ValueError("no studies to compare")
     n = len(ours)
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    counts = np.vstack([np.ones((1, n)), np.apply_along_axis(np.bincount, 1, draws, minlength=n)])
+    per_study, codes = study_resamples(ours["study_id"].to_numpy(), resamples, seed)  # one row per study
+    counts = np.vstack([np.ones((1, n), np.int64), per_study[:, codes]])
 
     def score(table: pd.DataFrame) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
