@@ -65,7 +65,7 @@ def measure(arch: str, img_size: int, batch_size: int, steps: int, rounds: int, 
     from spinemri.models.network import build_model
     from spinemri.training.data import make_dataset, split_data
     from spinemri.data.source import prepare_data
-    from spinemri.training.train import _compile
+    from spinemri.training.steps import compile_model
 
     config = load_experiment("quick", {"arch": arch, "img_size": img_size, "batch_size": batch_size,
                                        "data_dir": str(data_dir)})
@@ -78,7 +78,7 @@ def measure(arch: str, img_size: int, batch_size: int, steps: int, rounds: int, 
     }
     keras.utils.set_random_seed(0)
     model = build_model(arch, img_size, 1, dense_units=config.model.dense_units, dropout=config.model.dropout)
-    _compile(model, config, config.train.lr)
+    compile_model(model, config, config.train.lr)
     clock = BatchClock()
     for feed in feeds.values():  # warm-up: tracing, thread pools, first reads
         model.fit(feed, epochs=1, steps_per_epoch=min(steps, 4), verbose=0)

@@ -223,7 +223,7 @@ def prepare(path, experiment, img_size, mode, roi_mm, channels, equalize, dicom_
 
 
 TRAIN_FLAGS = ("arch", "data_dir", "img_size", "mode", "epochs", "batch_size", "lr", "weights", "seed", "trials",
-               "storage", "workers", "task", "series", "strategy", "mixed_precision")
+               "storage", "workers", "task", "series", "strategy", "mixed_precision", "folds")
 
 
 @main.command()
@@ -463,21 +463,29 @@ def score(labels_csv, submission_csv, as_json) -> None:
 @click.option("--skip-existing", is_flag=True, help="With --train: skip backbones that already have a finished run.")
 @click.option("--head", default="condition", show_default=True, type=click.Choice(["condition", "level", "severity"]),
               help="Head whose accuracy and ROC-AUC fill the table (the thesis reported condition).")
+@click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
+              help="K >= 2: compare K-fold cross-validations (trained with --train): each backbone's out-of-fold "
+                   "study score with its CI and its paired difference to the best; 0: single-split test runs.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Config overrides for --train, e.g. --set compare.archs=tiny,mobilenet_v2 --set data.data_dir=...")
 @user_errors
 @tracked
-def compare(experiment, do_train, skip_existing, head, settings) -> None:
+def compare(experiment, do_train, skip_existing, head, folds, settings) -> None:
     """The thesis's Table 3.1 from MLflow runs: one row per backbone, under one protocol.
 
-    Reads the latest finished training run per architecture in the experiment and logs the table
-    (Markdown, CSV, PNG chart) to a summary run; prints the Markdown table.
+    Reads the latest finished training run per architecture in the experiment (with --folds K, the
+    latest K-fold cross-validation) and logs the table (Markdown, CSV, PNG chart) to a summary run;
+    prints the Markdown table.
     """
+    if folds == 1:
+        raise click.BadParameter("cross-validation needs at least 2 folds (0: single-split runs)", param_hint="--folds")
     from spinemri.config import load_experiment, parse_override, resolve_experiment
     from spinemri.errors import ConfigError
     from spinemri.evaluation.compare import build_table, log_table, train_all
 
     overrides = dict(parse_override(item) for item in settings)
+    if folds and do_train:
+        overrides["split.folds"] = folds
     try:
         resolve_experiment(experiment)
     except ConfigError:
@@ -489,7 +497,7 @@ def compare(experiment, do_train, skip_existing, head, settings) -> None:
         mlflow_experiment, archs = config.mlflow.experiment, config.compare.archs
     if do_train:
         train_all(config, skip_existing=skip_existing)
-    comparison = build_table(mlflow_experiment, head, archs)
+    comparison = build_table(mlflow_experiment, head, archs, folds)
     run_id = log_table(comparison)
     click.echo(comparison.markdown())
     click.echo(f"logged compare/table.md, table.csv and chart.png to run {run_id} in {mlflow_experiment}")

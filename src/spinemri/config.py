@@ -27,6 +27,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 OPTIMIZERS = ("adam", "adamw", "sgd")
 STRATEGIES = ("default", "mirrored")
 MIXED_PRECISION = ("auto", "on", "off")
+CALIBRATIONS = ("temperature", "none")
 
 
 def setting(default, help: str):
@@ -50,8 +51,12 @@ class DataConfig:
 class SplitConfig:
     fractions: tuple[float, float, float] = setting(DEFAULT_SPLIT, "train, validation and test fractions of the studies")
     seed: int = setting(0, "seed of the study-level split")
+    folds: int = setting(0, "K >= 2: K-fold cross-validation by study of the studies outside the test split (a "
+                         "nested run per fold, out-of-fold predictions of every study); 0: one train/val/test split")
 
     def validate(self) -> None:
+        _check(isinstance(self.folds, int) and (self.folds == 0 or self.folds >= 2), "split.folds",
+               "must be 0 (one split) or a whole number >= 2", self.folds)
         f = tuple(self.fractions)
         _check(len(f) == 3 and all(v >= 0 for v in f) and abs(sum(f) - 1) < 1e-6 and f[1] > 0 and f[2] > 0,
                "split.fractions", "must be three non-negative numbers summing to 1 with val and test > 0", f)
@@ -66,10 +71,14 @@ class ModelConfig:
     loss_weights: dict = field(default_factory=lambda: {"condition": 1.0, "level": 1.0, "severity": 1.0}, metadata={"help": "weight of each head's loss (condition, level, severity)"})
     severity_sample_weights: bool = setting(True, "weight severity samples 1/2/4 as the competition metric does")
     bn_momentum: float = setting(0.0, "> 0: every BatchNormalization's momentum (0.9 settles faster in short runs); 0 keeps the backbone's")
+    calibration: str = setting("temperature", "temperature (scale each head's probabilities, severity per condition, "
+                               "by temperatures fitted on validation or out-of-fold predictions) or none")
 
     def validate(self) -> None:
         _check(self.dense_units >= 1, "model.dense_units", "must be >= 1", self.dense_units)
         _check(0 <= self.dropout < 1, "model.dropout", "must be within [0, 1)", self.dropout)
+        _check(self.calibration in CALIBRATIONS, "model.calibration", f"must be one of {', '.join(CALIBRATIONS)}",
+               self.calibration)
         _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be within [0, 1) (0 keeps the backbone's)",
                self.bn_momentum)
         _check(set(self.loss_weights) == set(HEADS) and all(float(v) >= 0 for v in self.loss_weights.values()),
@@ -347,7 +356,7 @@ SHORTCUTS = {
     "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed", "trials": "tuning.trials",
     "storage": "tuning.storage", "study_name": "tuning.study_name", "pruner": "tuning.pruner",
     "workers": "tuning.workers", "task": "task", "series": "localize.series", "strategy": "train.strategy",
-    "mixed_precision": "train.mixed_precision",
+    "mixed_precision": "train.mixed_precision", "folds": "split.folds",
 }
 # The flags of `spinemri data prepare`: the preprocessing and split of the cache it builds.
 PREPARE_SHORTCUTS = {

@@ -104,6 +104,9 @@ def tune(config: ExperimentConfig) -> TuneResult:
     tuning = config.tuning
     if tuning.trials < 1:
         raise ConfigError("trials must be >= 1 to tune (trials=0 trains once)")
+    if config.split.folds:
+        raise ConfigError(f"split.folds={config.split.folds}: tuning with cross-validation is not available (each "
+                          "trial is chosen on one validation split); set split.folds=0 (--folds 0) to tune")
     if not tuning.search_space:
         raise ConfigError(f"tuning.search_space is empty in experiment {config.name!r}; add keys such as "
                           "train.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}")

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 import pandas as pd
 from click.testing import CliRunner
 
 from spinemri.cli import main as cli
+from spinemri.data.splits import split_studies
 
 
 def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, tmp_path):
-    settings = ["--set", "compare.archs=tiny,mobilenet_v2", "--set", f"data.data_dir={phantom_dir}",
+    settings = ["--set", "compare.archs=tiny,vgg16", "--set", f"data.data_dir={phantom_dir}",
                 "--set", "preprocess.img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=32",
                 "--set", "mlflow.register=false"]
     result = CliRunner().invoke(cli, ["compare", "--experiment", "seed_table_quick", "--train", *settings])
     assert result.exit_code == 0, result.output
     table_text = result.output[result.output.index("| architecture | condition accuracy [95% CI]"):]
     rows = [line for line in table_text.splitlines()[2:] if line.startswith("| ")]
-    assert {line.split(" | ")[0].strip("| ") for line in rows} == {"tiny", "mobilenet_v2", "*majority-class baseline*"}
+    assert {line.split(" | ")[0].strip("| ") for line in rows} == {"tiny", "vgg16", "*majority-class baseline*"}
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("spinemri-seed-table-quick")
@@ -26,12 +28,12 @@ def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, 
     folder = mlflow.artifacts.download_artifacts(run_id=summary[0].info.run_id, artifact_path="compare",
                                                  dst_path=str(tmp_path))
     table = pd.read_csv(f"{folder}/table.csv")
-    assert sorted(table["arch"]) == ["mobilenet_v2", "tiny"]
+    assert sorted(table["arch"]) == ["tiny", "vgg16"]
     assert (table["epochs"] == 1).all() and (table["batch_size"] == 32).all() and (table["img_size"] == 32).all()
     assert (table["params"] > 0).all() and (table["inference_ms_per_image"] > 0).all()
     assert table["accuracy"].between(0, 1).all() and table["final_loss"].notna().all()
     assert table["majority_accuracy"].nunique() == 1  # one held-out set, one baseline
-    assert table.loc[table["arch"] == "mobilenet_v2", "params"].item() > table.loc[table["arch"] == "tiny", "params"].item()
+    assert table.loc[table["arch"] == "vgg16", "params"].item() > table.loc[table["arch"] == "tiny", "params"].item()
     with open(f"{folder}/chart.png", "rb") as png:
         assert png.read(4) == b"\x89PNG"
 
@@ -49,3 +51,73 @@ def test_compare_without_runs_says_what_to_do(tracking):
     bad = CliRunner().invoke(cli, ["compare", "--experiment", "seed_table_quick", "--train",
                                    "--set", "compare.archs=tiny,alexnet"])
     assert bad.exit_code == 1 and "compare.archs must list backbones" in bad.output
+
+
+def test_compare_folds_cross_validates_each_backbone(phantom_dir, tracking, tmp_path):
+    """--folds 2: one CV parent per backbone with a nested run per fold; every CV study predicted once, by the
+    fold that never trained on it; the locked test studies never; the table pairs each backbone with the best."""
+    settings = ["--set", "compare.archs=tiny,vgg16", "--set", f"data.data_dir={phantom_dir}",
+                "--set", "preprocess.img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=32"]
+    result = CliRunner().invoke(cli, ["compare", "--experiment", "seed_table_quick", "--train", "--folds", "2",
+                                      *settings])
+    assert result.exit_code == 0, result.output
+    assert "CV study score [95% CI]" in result.output and "*weight-aware prior*" in result.output
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("spinemri-seed-table-quick")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.role = 'cv'")
+    assert sorted(r.data.tags["arch"] for r in parents) == ["tiny", "vgg16"]
+    summary = client.search_runs([experiment.experiment_id], filter_string="tags.role = 'summary'")[0]
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=summary.info.run_id,
+                                                            artifact_path="compare/table.csv"))
+    assert table["rsna_score"].is_monotonic_increasing and table["vs_best"].iloc[0] == 0
+    other = table.iloc[1]
+    assert other["vs_best_ci_low"] <= other["vs_best"] <= other["vs_best_ci_high"]
+    assert other["vs_best"] == pytest.approx(other["rsna_score"] - table["rsna_score"].iloc[0])
+
+    parent = next(r for r in parents if r.data.tags["arch"] == "tiny")
+    m = parent.data.metrics
+    assert m["cv_rsna_score_ci_low"] <= m["cv_rsna_score"] <= m["cv_rsna_score_ci_high"]
+    for term in ("spinal", "foraminal", "subarticular", "any_severe_spinal"):
+        assert m[f"cv_rsna_{term}_ci_low"] <= m[f"cv_rsna_{term}"] <= m[f"cv_rsna_{term}_ci_high"]
+    assert {"cv_prior_rsna_score", "cv_severity_ece", "cv_severity_ece_uncalibrated",
+            "cv_severity_weighted_log_loss_ci_low"} <= set(m)
+
+    def artifact(run_id, path):
+        return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                               dst_path=str(tmp_path / run_id)))
+
+    folds = artifact(parent.info.run_id, "data/folds.csv")
+    expected_test = split_studies(folds.rename(columns={"worst_severity": "severity"}), (0.8, 0.1, 0.1), 0)
+    assert set(folds.loc[folds["fold"] < 0, "study_id"]) == \
+        set(expected_test.loc[expected_test["split"] == "test", "study_id"])  # a single split's test studies
+    folds = folds.astype({"study_id": str})
+    oof = artifact(parent.info.run_id, "evaluation/oof_predictions.csv").astype({"study_id": str})
+    cv_studies = set(folds.loc[folds["fold"] >= 0, "study_id"])
+    assert set(oof["study_id"]) == cv_studies  # every CV study, no test study
+    assert not oof.duplicated(["study_id", "series_id", "instance_number", "condition", "level"]).any()
+    fold_of = dict(zip(folds["study_id"], folds["fold"]))
+    assert (oof["fold"] == oof["study_id"].map(fold_of)).all()
+    terms = artifact(parent.info.run_id, "evaluation/cv_rsna_score.terms.csv").astype({"study_id": str})
+    assert set(terms["study_id"]) <= cv_studies and len(terms) == terms["study_id"].nunique()
+
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]
+    for child in children:
+        k = int(child.data.tags["fold"])
+        splits = artifact(child.info.run_id, "data/splits.csv").astype({"study_id": str})
+        by_split = {name: set(part["study_id"]) for name, part in splits.groupby("split")}
+        assert by_split["val"] == {s for s, f in fold_of.items() if f == k}
+        assert by_split["train"] == {s for s, f in fold_of.items() if f >= 0 and f != k}
+        assert not by_split["train"] & by_split["val"]
+        assert "temperature_severity" in child.data.metrics and child.data.tags["role"] == "fold"
+        held = artifact(child.info.run_id, "evaluation/fold_predictions.csv").astype({"study_id": str})
+        assert set(held["study_id"]) == by_split["val"]
+
+
+def test_folds_are_refused_where_they_do_not_apply(tracking):
+    bad = CliRunner().invoke(cli, ["train", "--folds", "1", "--arch", "tiny"])
+    assert bad.exit_code != 0 and "split.folds must be 0 (one split) or a whole number >= 2" in bad.output
+    tune = CliRunner().invoke(cli, ["train", "--folds", "2", "--trials", "2", "--arch", "tiny"])
+    assert tune.exit_code != 0 and "tuning with cross-validation is not available" in tune.output

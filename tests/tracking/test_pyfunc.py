@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import keras
@@ -18,7 +19,11 @@ from spinemri.data.dicom import encode_dicom, read_dicom
 from spinemri.data.preprocess import PreprocessConfig, preprocess
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.models.network import build_model
-from spinemri.tracking.pyfunc import InputError, SpineClassifier, file_row
+from spinemri.data.source import prepare_data
+from spinemri.evaluation.run import _run_config
+from spinemri.models import calibration
+from spinemri.tracking.pyfunc import InputError, SpineClassifier, file_row, load_classifier
+from spinemri.training.data import read_rows, split_data
 
 from tests.conftest import CANARIES, no_pixels_dicom_b64
 
@@ -35,21 +40,66 @@ def _labelled_site(data_dir: Path) -> tuple[Path, float, float]:
 def test_pyfunc_matches_the_keras_model_on_the_same_preprocessed_input(store):
     loaded = mlflow.pyfunc.load_model(store.model_uri)
     path, x, y = _labelled_site(store.data_dir)
-    served = loaded.predict(pd.DataFrame([file_row(path, x, y)]))
+    served = loaded.predict(pd.DataFrame([file_row(path, x, y),
+                                          {**file_row(path, x, y), "condition": "spinal_canal_stenosis"}]))
 
-    # Independently: the .keras artifact, the training preprocessing, Keras predict.
+    # Independently: the .keras artifact, the training preprocessing, Keras predict, the stored temperatures.
     local = Path(mlflow.artifacts.download_artifacts(store.model_uri))
     keras_model = keras.models.load_model(next(local.rglob("model.keras")), compile=False)
-    meta = pd.read_json(next(local.rglob("meta.json")), typ="series")
+    meta = json.loads(next(local.rglob("meta.json")).read_text())
     config = PreprocessConfig.from_dict(meta["preprocess"])
     image = read_dicom(path)
     tensor = preprocess([image.pixels], image.pixel_spacing, config, x, y)[np.newaxis].astype(np.float32)
-    expected = keras_model.predict(tensor, verbose=0)
+    raw = keras_model.predict(tensor, verbose=0)
+    temperatures = meta["temperature"]  # the quick profile calibrates
     for head, classes in HEAD_CLASSES.items():
+        t = temperatures["heads"][head]
+        assert t != pytest.approx(1.0, abs=1e-3)  # a fitted value, not the identity
+        logits = np.log(raw[head][0]) / t
+        expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         got = served[[f"{head}:{c}" for c in classes]].to_numpy()
-        np.testing.assert_allclose(got, expected[head], atol=1e-6)
+        np.testing.assert_allclose(got[0], expected, atol=1e-6)
         np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
-        assert served[head].iloc[0] == classes[int(expected[head].argmax())]
+        assert served[head].iloc[0] == classes[int(raw[head].argmax())]  # scaling never changes the class
+    by_condition = temperatures["severity_by_condition"].get("spinal_canal_stenosis", temperatures["heads"]["severity"])
+    logits = np.log(raw["severity"][0]) / by_condition
+    np.testing.assert_allclose(served[[f"severity:{c}" for c in HEAD_CLASSES["severity"]]].to_numpy()[1],
+                               np.exp(logits) / np.exp(logits).sum(), atol=1e-6)
+
+
+def test_calibration_is_fitted_on_the_validation_split_not_on_test(store, monkeypatch):
+    """Refitting on the logged model's raw validation predictions gives its stored temperatures; test would not."""
+    monkeypatch.setenv("SPINEMRI_CACHE_DIR", str(store.cache_dir))
+    classifier = load_classifier(store.model_uri)
+    config = _run_config(store.run_id)
+    dataset, samples = prepare_data(config)
+    refit = {}
+    for split in ("val", "test"):
+        part = split_data(samples, split)
+        images = read_rows(str(dataset.path / "images.npy"), part.rows).astype(np.float32)
+        raw = {h: np.asarray(p) for h, p in classifier.model.predict(images, verbose=0).items()}
+        refit[split] = calibration.fit(part.targets, raw, part.samples["condition"].tolist(),
+                                       severity_weights=config.model.severity_sample_weights)
+        if split == "test":  # and what the model serves for them is the raw output scaled by the stored ones
+            served = classifier.predict_images(images, conditions=part.samples["condition"].tolist())
+            expected = calibration.Temperatures.from_dict(classifier.meta["temperature"]).apply(
+                raw, part.samples["condition"].tolist())
+            for head in HEAD_CLASSES:
+                np.testing.assert_allclose(served[head], expected[head], atol=1e-6)
+    stored = classifier.meta["temperature"]
+    for head in HEAD_CLASSES:
+        assert refit["val"].heads[head] == pytest.approx(stored["heads"][head], rel=1e-6)
+    assert any(refit["test"].heads[h] != pytest.approx(stored["heads"][h], rel=1e-3) for h in HEAD_CLASSES)
+    run = MlflowClient().get_run(store.run_id)
+    assert run.data.metrics["temperature_severity"] == pytest.approx(stored["heads"]["severity"])
+    assert {"test_severity_ece_uncalibrated", "test_severity_loss_uncalibrated",
+            "test_severity_weighted_log_loss_uncalibrated", "test_severity_ece"} <= set(run.data.metrics)
+
+
+def test_an_unknown_condition_is_a_clear_input_error(store):
+    path, x, y = _labelled_site(store.data_dir)
+    with pytest.raises(InputError, match="row 0: condition 'spine' is not one of spinal_canal_stenosis"):
+        mlflow.pyfunc.load_model(store.model_uri).predict(pd.DataFrame([{**file_row(path, x, y), "condition": "spine"}]))
 
 
 def test_many_rows_bitmaps_and_the_default_centre(store):

@@ -17,7 +17,8 @@ from spinemri.config import TrainConfig, load_experiment
 from spinemri.errors import ConfigError
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.models.network import build_model
-from spinemri.training.train import distribution, train
+from spinemri.training.fit import distribution
+from spinemri.training.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 # Logical devices must be declared before TensorFlow initialises: a fresh interpreter does it.

@@ -5,6 +5,10 @@ experiment's split, preprocessing and budget; only the architecture changes). ``
 reads the latest finished training run per architecture from the experiment's MLflow experiment,
 and ``log_table`` writes the table as Markdown, CSV and a PNG chart into a summary run
 (tag ``role=summary``) of the same experiment.
+
+With ``folds=K`` (``spinemri compare --folds K``) each backbone is cross-validated instead
+(spinemri.training.cv) and the table holds each one's out-of-fold study-level score with its 95 % CI
+over all CV studies, and its paired difference to the best backbone's score on the same studies.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from mlflow.tracking import MlflowClient
 from spinemri.config import ExperimentConfig, with_values
 from spinemri.data.schema import HEADS
 from spinemri.errors import CompareError
+from spinemri.evaluation.paired import paired_difference, terms_artifact
 from spinemri.tracking.runs import log_figure, start_run
 from spinemri.training.plots import plt
+from spinemri.training.cv import CV_SCORE
 from spinemri.training.train import train
 
-NON_TRAINING_ROLES = ("trial", "study", "summary")
+NON_TRAINING_ROLES = ("trial", "study", "summary", "cv", "fold")
+CV_ROLE = "cv"
 
 
 @dataclass
@@ -39,7 +46,7 @@ class Comparison:
 
 def train_all(config: ExperimentConfig, *, skip_existing: bool = False) -> list[str]:
     """Train each backbone in ``config.compare.archs`` with otherwise identical settings; returns run ids."""
-    done = set(_latest_runs(config.mlflow.experiment)) if skip_existing else set()
+    done = set(_latest_runs(config.mlflow.experiment, config.split.folds)) if skip_existing else set()
     run_ids = []
     for arch in config.compare.archs:
         if arch in done:
@@ -51,15 +58,20 @@ def train_all(config: ExperimentConfig, *, skip_existing: bool = False) -> list[
     return run_ids
 
 
-def build_table(experiment: str, head: str = "condition", archs: tuple[str, ...] | None = None) -> Comparison:
+def build_table(experiment: str, head: str = "condition", archs: tuple[str, ...] | None = None,
+                folds: int = 0) -> Comparison:
     if head not in HEADS:
         raise CompareError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    runs = _latest_runs(experiment)
+    runs = _latest_runs(experiment, folds)
     if archs:
         runs = {arch: run for arch, run in runs.items() if arch in archs}
     if not runs:
-        raise CompareError(f"no finished training runs in the MLflow experiment {experiment!r} "
-                           f"({mlflow.get_tracking_uri()}); train them first with `spinemri compare --train`")
+        kind = f"{folds}-fold cross-validation" if folds else "training"
+        raise CompareError(f"no finished {kind} runs in the MLflow experiment {experiment!r} "
+                           f"({mlflow.get_tracking_uri()}); train them first with `spinemri compare --train"
+                           f"{f' --folds {folds}' if folds else ''}`")
+    if folds:
+        return _cv_table(experiment, head, runs)
     client = MlflowClient()
     rows = []
     for arch, run in runs.items():
@@ -88,18 +100,61 @@ def build_table(experiment: str, head: str = "condition", archs: tuple[str, ...]
     return Comparison(experiment=experiment, head=head, table=table)
 
 
+def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) -> Comparison:
+    """One row per backbone's latest CV run: its OOF scores with CIs and the paired difference to the best."""
+    rows, terms = [], {}
+    for arch, run in runs.items():
+        m = run.data.metrics
+        row = {"arch": arch, "folds": int(run.data.tags.get("folds", 0)), "studies": int(m.get("cv_n_studies", 0))}
+        for name, key in (("rsna_score", CV_SCORE), ("accuracy", f"cv_{head}_accuracy"),
+                          ("roc_auc", f"cv_{head}_roc_auc")):
+            row.update({name: m.get(key, math.nan), f"{name}_ci_low": m.get(f"{key}_ci_low", math.nan),
+                        f"{name}_ci_high": m.get(f"{key}_ci_high", math.nan)})
+        row.update(prior_rsna_score=m.get(f"cv_prior_{CV_SCORE[3:]}", math.nan),
+                   epochs=m.get("epochs_trained", math.nan), training_time_s=m.get("training_time_s", math.nan),
+                   run_id=run.info.run_id)
+        rows.append(row)
+        terms[arch] = _terms(run.info.run_id)
+    table = pd.DataFrame(rows).sort_values("rsna_score", na_position="last").reset_index(drop=True)
+    best = table["arch"].iloc[0]
+    differences = []
+    for arch in table["arch"]:
+        try:
+            found = paired_difference(terms[arch], terms[best], CV_SCORE) if arch != best else None
+        except ValueError as exc:  # other folds or studies: not a paired comparison
+            print(f"{arch}: no paired difference to {best} ({exc})", flush=True)
+            found = None
+        differences.append(found)
+    table["vs_best"] = [d.difference if d else (0.0 if a == best else math.nan) for a, d in zip(table["arch"], differences)]
+    table["vs_best_ci_low"] = [d.ci_low if d else math.nan for d in differences]
+    table["vs_best_ci_high"] = [d.ci_high if d else math.nan for d in differences]
+    # Clear of zero on either side: this backbone is worse than the best beyond the studies' noise.
+    table["vs_best_significant"] = [bool(d and d.enough_studies and (d.ci_low > 0 or d.ci_high < 0))
+                                    for d in differences]
+    return Comparison(experiment=experiment, head=head, table=table)
+
+
+def _terms(run_id: str) -> pd.DataFrame:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=terms_artifact(CV_SCORE))
+    return pd.read_csv(path)
+
+
+def _ci(row, name) -> str:
+    value, low, high = row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"]
+    if math.isnan(value):
+        return "—"
+    return f"{value:.3f}" + ("" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]")
+
+
 def markdown_table(table: pd.DataFrame, head: str) -> str:
-    def ci(row, name):
-        value, low, high = row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"]
-        if math.isnan(value):
-            return "—"
-        return f"{value:.3f}" + ("" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]")
+    if "rsna_score" in table.columns:
+        return _cv_markdown(table, head)
 
     header = ["architecture", f"{head} accuracy [95% CI]", f"{head} ROC-AUC [95% CI]", "epochs", "batch",
               "input px", "training time (s)", "final loss", "parameters", "inference ms/image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
-        cells = [row["arch"], ci(row, "accuracy"), ci(row, "roc_auc"), str(row["epochs"]), str(row["batch_size"]),
+        cells = [row["arch"], _ci(row, "accuracy"), _ci(row, "roc_auc"), str(row["epochs"]), str(row["batch_size"]),
                  str(row["img_size"]), f"{row['training_time_s']:.0f}", f"{row['final_loss']:.3f}",
                  f"{row['params'] / 1e6:.1f} M", f"{row['inference_ms_per_image']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -109,22 +164,52 @@ def markdown_table(table: pd.DataFrame, head: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cv_markdown(table: pd.DataFrame, head: str) -> str:
+    header = ["architecture", "CV study score [95% CI] (lower is better)", "vs best [95% CI], paired",
+              f"{head} accuracy [95% CI]", f"{head} ROC-AUC [95% CI]", "folds", "studies", "epochs (mean)",
+              "training time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, row in table.iterrows():
+        if i == 0:
+            versus = "best"
+        elif math.isnan(row["vs_best"]):
+            versus = "—"
+        else:
+            versus = (f"{row['vs_best']:+.3f} [{row['vs_best_ci_low']:+.3f}, {row['vs_best_ci_high']:+.3f}]"
+                      + (" (significant)" if row["vs_best_significant"] else " (within noise)"))
+        cells = [row["arch"], _ci(row, "rsna_score"), versus, _ci(row, "accuracy"), _ci(row, "roc_auc"),
+                 str(row["folds"]), str(row["studies"]), f"{row['epochs']:.1f}", f"{row['training_time_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    prior = table["prior_rsna_score"].dropna()
+    if len(prior):  # the same studies and folds for every run: one prior
+        lines.append(f"| *weight-aware prior* | {prior.iloc[0]:.3f} | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
 def chart(comparison: Comparison):
     table = comparison.table
+    cv = "rsna_score" in table.columns
+    panels = (("rsna_score", "study score, lower is better", "prior_rsna_score", "weight-aware prior"),
+              ("roc_auc", "macro ROC-AUC", None, "chance")) if cv else \
+        (("accuracy", "accuracy", "majority_accuracy", "majority-class baseline"),
+         ("roc_auc", "macro ROC-AUC", None, "majority-class baseline"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     x = np.arange(len(table))
-    for ax, name, title in ((axes[0], "accuracy", "accuracy"), (axes[1], "roc_auc", "macro ROC-AUC")):
+    for ax, (name, title, baseline_column, baseline_label) in zip(axes, panels):
         values = table[name].to_numpy(float)
         low = np.nan_to_num(values - table[f"{name}_ci_low"].to_numpy(float), nan=0.0)
         high = np.nan_to_num(table[f"{name}_ci_high"].to_numpy(float) - values, nan=0.0)
         ax.bar(x, values, yerr=[low, high], capsize=4, color="#4c72b0")
-        baseline = table["majority_accuracy"].dropna() if name == "accuracy" else pd.Series([0.5])
+        baseline = table[baseline_column].dropna() if baseline_column else pd.Series([0.5])
         if len(baseline):
-            ax.axhline(baseline.iloc[0], color="#c44e52", linestyle="--", label="majority-class baseline")
+            ax.axhline(baseline.iloc[0], color="#c44e52", linestyle="--", label=baseline_label)
             ax.legend(loc="lower right", fontsize=8)
         ax.set_xticks(x, table["arch"], rotation=30, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"test {comparison.head} {title} (95% CI, studies resampled)")
+        top = np.nanmax(np.concatenate([values + high, baseline.to_numpy(float)])) if name == "rsna_score" else 1
+        ax.set_ylim(0, top * 1.1 if name == "rsna_score" else 1)
+        where = "out-of-fold" if cv else "test"
+        ax.set_title(f"{where} {'study' if name == 'rsna_score' else comparison.head} {title} (95% CI, studies resampled)",
+                     fontsize=9)
     fig.suptitle(f"Backbones in {comparison.experiment}")
     fig.tight_layout()
     return fig
@@ -138,11 +223,14 @@ def log_table(comparison: Comparison) -> str:
         mlflow.log_text(comparison.markdown(), "compare/table.md")
         mlflow.log_text(comparison.table.to_csv(index=False), "compare/table.csv")
         log_figure(chart(comparison), "compare/chart.png")
-        mlflow.log_params({"compare.archs": ",".join(comparison.table["arch"]), "compare.head": comparison.head})
+        mlflow.log_params({"compare.archs": ",".join(comparison.table["arch"]), "compare.head": comparison.head,
+                           "compare.folds": int(comparison.table["folds"].iloc[0]) if "folds" in comparison.table else 0})
     return run.info.run_id
 
 
-def _latest_runs(experiment: str) -> dict[str, mlflow.entities.Run]:
+def _latest_runs(experiment: str, folds: int = 0) -> dict[str, mlflow.entities.Run]:
+    """The latest finished run per backbone: single-split training runs, or with ``folds`` the parent
+    runs of cross-validations with that many folds."""
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -152,7 +240,11 @@ def _latest_runs(experiment: str) -> dict[str, mlflow.entities.Run]:
     for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"], max_results=5000):
         tags = run.data.tags
-        if "arch" not in tags or tags.get("role") in NON_TRAINING_ROLES or "epochs_trained" not in run.data.metrics:
+        if "arch" not in tags or "epochs_trained" not in run.data.metrics:
+            continue
+        if folds and (tags.get("role") != CV_ROLE or tags.get("folds") != str(folds)):
+            continue
+        if not folds and tags.get("role") in NON_TRAINING_ROLES:
             continue
         latest.setdefault(tags["arch"], run)
     return latest

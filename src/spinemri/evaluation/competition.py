@@ -272,3 +272,26 @@ def prior_submission(study_ids: Sequence, prior: Mapping[str, Sequence[float]]) 
     """The prior as a submission: 25 rows per study, each its condition's constant probabilities."""
     rows = [(row_id(s, c, lv), *prior[c]) for s in study_ids for c in CONDITIONS for lv in LEVELS]
     return pd.DataFrame(rows, columns=list(SUBMISSION_COLUMNS))
+
+
+def site_predictions(samples: pd.DataFrame, severity_proba: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ROI classifier's severity predictions at the labelled sites as competition rows: its score
+    *at true sites* (stage 2 alone, before any localizer error).
+
+    ``samples``: the classifier's sample table (``study_id``, ``condition``, ``level``, ``severity``);
+    ``severity_proba``: (len(samples), 3). Rows of one (study, condition, level) are averaged.
+    Returns ``(labels, submission)``: ``row_id, severity`` and ``row_id, normal_mild, moderate, severe``.
+    """
+    proba = np.asarray(severity_proba, dtype=np.float64)
+    if len(proba) != len(samples):
+        raise ValueError(f"{len(proba)} predictions for {len(samples)} samples")
+    graded = (samples["condition"].isin(CONDITIONS) & samples["level"].isin(LEVELS)
+              & samples["severity"].notna()).to_numpy()
+    sites = samples[graded]
+    ids = [row_id(s, c, lv) for s, c, lv in zip(sites["study_id"], sites["condition"], sites["level"])]
+    table = pd.DataFrame(proba[graded], columns=list(PROBABILITY_COLUMNS)).assign(
+        row_id=ids, severity=sites["severity"].astype(int).to_numpy())
+    grouped = table.groupby("row_id", sort=True)
+    submission = grouped[list(PROBABILITY_COLUMNS)].mean().reset_index()
+    labels = grouped["severity"].max().reset_index()
+    return labels, submission

@@ -146,14 +146,12 @@ def paired_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: 
         return (resample_scores(y, p_ours, counts, severity=severity)[name],
                 resample_scores(y, p_theirs, counts, severity=severity)[name])
 
-    a, b = both(np.ones((1, len(ours)), np.int64))
     per_study, codes = study_resamples(ours["study_id"].to_numpy(), resamples, seed)
-    differences = np.concatenate([np.subtract(*both(per_study[start:start + RESAMPLES_AT_ONCE][:, codes]))
-                                  for start in range(0, resamples, RESAMPLES_AT_ONCE)])
-    low, high = np.nanpercentile(differences, [2.5, 97.5]) if np.isfinite(differences).any() else (np.nan, np.nan)
-    return PairedDifference(metric=metric, candidate=float(a[0]), reference=float(b[0]), difference=float(a[0] - b[0]),
-                            ci_low=float(low), ci_high=float(high), studies=int(ours["study_id"].nunique()),
-                            resamples=resamples)
+    blocks = [both(np.ones((1, len(ours)), np.int64))]
+    blocks += [both(per_study[start:start + RESAMPLES_AT_ONCE][:, codes])
+               for start in range(0, resamples, RESAMPLES_AT_ONCE)]
+    a, b = (np.concatenate([block[i] for block in blocks]) for i in (0, 1))
+    return _difference(metric, a, b, studies=int(ours["study_id"].nunique()), resamples=resamples)
 
 
 def _terms_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: str, resamples: int,
@@ -171,18 +169,52 @@ def _terms_difference(candidate: pd.DataFrame, reference: pd.DataFrame, metric: 
         raise ValueError(f"the two models were not evaluated on the same studies ({len(ours)} vs {len(theirs)})")
     if ours.empty:
         raise ValueError("no studies to compare")
-    n = len(ours)
-    per_study, codes = study_resamples(ours["study_id"].to_numpy(), resamples, seed)  # one row per study
-    counts = np.vstack([np.ones((1, n), np.int64), per_study[:, codes]])
+    counts = _study_counts(ours["study_id"], resamples, seed)
+    a, b = _terms_scores(ours, terms, counts)["score"], _terms_scores(theirs, terms, counts)["score"]
+    return _difference(metric, a, b, studies=len(ours), resamples=resamples)
 
-    def score(table: pd.DataFrame) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = [(counts @ table[f"{t}:sum"].to_numpy(np.float64))
-                      / (counts @ table[f"{t}:weight"].to_numpy(np.float64)) for t in terms]
-        return np.mean(ratios, axis=0)
 
-    a, b = score(ours), score(theirs)
-    differences = (a - b)[1:]
-    low, high = np.nanpercentile(differences, [2.5, 97.5]) if np.isfinite(differences).any() else (np.nan, np.nan)
+def score_intervals(terms: pd.DataFrame, *, resamples: int = PAIRED_RESAMPLES, seed: int = 0
+                    ) -> dict[str, tuple[float, float, float]]:
+    """A study-level score and each of its terms with a 95 % bootstrap interval over the studies of
+    ``terms`` (one row per study, ``<term>:sum`` / ``<term>:weight`` columns, as
+    :func:`spinemri.evaluation.competition.score_terms` returns): ``{name: (value, ci_low, ci_high)}``
+    with the names of the terms and ``score`` (their mean)."""
+    names = sorted(str(c)[:-len(":sum")] for c in terms.columns if str(c).endswith(":sum"))
+    if terms.empty or not names:
+        raise ValueError("no per-study terms to resample")
+    study_ids = terms["study_id"] if "study_id" in terms.columns else terms.index.to_series()
+    scores = _terms_scores(terms, names, _study_counts(study_ids, resamples, seed))
+    out = {}
+    for name, values in scores.items():
+        low, high = _percentiles(values[1:])
+        out[name] = (float(values[0]), low, high)
+    return out
+
+
+def _study_counts(study_ids, resamples: int, seed: int) -> np.ndarray:
+    """Row 0: every study once (the point value); then ``resamples`` bootstrap draws of the studies."""
+    per_study, codes = study_resamples(pd.Series(study_ids).astype(str).to_numpy(), resamples, seed)
+    return np.vstack([np.ones((1, len(codes)), np.int64), per_study[:, codes]])
+
+
+def _terms_scores(table: pd.DataFrame, terms: list[str], counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Each term's ratio of resampled sums and their mean (``score``), per row of ``counts``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = {t: (counts @ table[f"{t}:sum"].to_numpy(np.float64))
+                  / (counts @ table[f"{t}:weight"].to_numpy(np.float64)) for t in terms}
+    return {**ratios, "score": np.mean(list(ratios.values()), axis=0)}
+
+
+def _percentiles(values: np.ndarray) -> tuple[float, float]:
+    if not np.isfinite(values).any():
+        return float("nan"), float("nan")
+    low, high = np.nanpercentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _difference(metric: str, a: np.ndarray, b: np.ndarray, *, studies: int, resamples: int) -> PairedDifference:
+    """From both models' values on the same resamples (index 0: the studies as they are)."""
+    low, high = _percentiles((a - b)[1:])
     return PairedDifference(metric=metric, candidate=float(a[0]), reference=float(b[0]), difference=float(a[0] - b[0]),
-                            ci_low=float(low), ci_high=float(high), studies=n, resamples=resamples)
+                            ci_low=low, ci_high=high, studies=studies, resamples=resamples)

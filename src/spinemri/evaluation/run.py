@@ -92,7 +92,8 @@ def evaluate_run(run_id: str, split: str = "test", *, n_boot: int = 1000, seed: 
     for start in range(0, len(part), 256):
         # The batches training evaluated with, so the shared test_* metrics come out the same.
         predicted = classifier.predict_images(read_rows(images_path, part.rows[start:start + 256]),
-                                              batch_size=config.train.batch_size)
+                                              batch_size=config.train.batch_size,
+                                              conditions=part.samples["condition"].iloc[start:start + 256].tolist())
         for head in HEAD_CLASSES:
             outputs[head].append(predicted[head])
     proba = {head: np.concatenate(values) for head, values in outputs.items()}

@@ -121,7 +121,8 @@ class StudyPredictor:
                                                  y=round(site.y, 2), slice_score=round(site.slice_score, 4))
         probs = {}
         if crops:
-            severity = self.classifier.predict_images(np.stack(crops))["severity"].astype(np.float64)
+            severity = self.classifier.predict_images(np.stack(crops), conditions=[c for c, _ in keys]
+                                                      )["severity"].astype(np.float64)
             for key, p in zip(keys, severity):
                 probs[key] = p
         rows, sites = [], []

@@ -6,6 +6,8 @@ posted to ``mlflow models serve``):
     dicom_b64      base64 of a DICOM file            } exactly one of the two
     image_b64      base64 of a PNG or JPEG export    }
     x, y           optional site centre in pixels (column, row); default: the image centre
+    condition      optional: the condition whose severity the site is graded for (e.g.
+                   spinal_canal_stenosis), which picks that condition's severity temperature
     neighbors_b64  optional [previous, next] slices (base64, same kind) for 3-channel models;
                    without them the centre slice is repeated, as at the ends of a series in training
 
@@ -42,8 +44,9 @@ from spinemri.data import limits
 from spinemri.data.dicom import (DicomImage, SeriesStack, decode_bitmap_bytes, decode_dicom_bytes, encode_dicom,
                                  read_image, read_series)
 from spinemri.data.preprocess import PreprocessConfig, preprocess
-from spinemri.data.schema import HEAD_CLASSES
+from spinemri.data.schema import CONDITIONS, HEAD_CLASSES
 from spinemri.errors import ImageReadError, UserError
+from spinemri.models.calibration import Temperatures
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/spinemri, logged with every model as its code
 IMAGE_COLUMNS = ("dicom_b64", "image_b64")
@@ -53,6 +56,7 @@ INPUT_SCHEMA = Schema([
     ColSpec(DataType.double, "x", required=False),
     ColSpec(DataType.double, "y", required=False),
     ColSpec(Array(DataType.string), "neighbors_b64", required=False),
+    ColSpec(DataType.string, "condition", required=False),
 ])
 
 
@@ -165,7 +169,7 @@ class SpineClassifier(KerasWithMeta):
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         frame = _as_frame(model_input)
         images = np.stack([self.prepare_row(row, i) for i, row in enumerate(frame.to_dict("records"))])
-        return probabilities_frame(self.predict_images(images))
+        return probabilities_frame(self.predict_images(images, conditions=_conditions(frame)))
 
     def prepare_row(self, row: Mapping[str, Any], index: int) -> np.ndarray:
         """One request row -> the model input uint8 (S, S, C); InputError names the row and column."""
@@ -205,14 +209,20 @@ class SpineClassifier(KerasWithMeta):
             slices = [neighbours[0].pixels, centre.pixels, neighbours[1].pixels] if neighbours else [centre.pixels] * 3
         return preprocess(slices, centre.pixel_spacing, self.preprocessing, x, y)
 
-    def predict_images(self, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
-        """Probabilities per head for model-ready images (N, S, S, C), pixel values 0..255."""
+    def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None
+                       ) -> dict[str, np.ndarray]:
+        """Probabilities per head for model-ready images (N, S, S, C), pixel values 0..255, calibrated by the
+        model's temperatures when it has them (``conditions``: the condition each image's severity grades,
+        for the per-condition severity temperatures; see spinemri.models.calibration)."""
         images = np.asarray(images, dtype=np.float32)
         expected = tuple(self.meta["input_shape"])
         if images.ndim != 4 or images.shape[1:] != expected:
             raise InputError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
         outputs = self.model.predict(images, batch_size=batch_size, verbose=0)
-        return {head: np.asarray(outputs[head]) for head in HEAD_CLASSES}
+        proba = {head: np.asarray(outputs[head]) for head in HEAD_CLASSES}
+        if self.meta.get("temperature"):
+            proba = Temperatures.from_dict(self.meta["temperature"]).apply(proba, conditions)
+        return proba
 
 
 def load_classifier(model_uri: str) -> SpineClassifier:
@@ -305,6 +315,18 @@ def _as_frame(model_input) -> pd.DataFrame:
     if len(frame) == 0:
         raise InputError("the request has no rows; send one row per image with a dicom_b64 or image_b64 column")
     return frame
+
+
+def _conditions(frame: pd.DataFrame) -> list[str] | None:
+    """The optional ``condition`` column (what each site's severity grades), checked; None when absent."""
+    if "condition" not in frame.columns:
+        return None
+    values = ["" if not _present(v) else v for v in frame["condition"]]
+    for index, value in enumerate(values):
+        if value != "" and value not in CONDITIONS:
+            raise InputError(f"row {index}: condition {value!r} is not one of {', '.join(CONDITIONS)} "
+                             "(leave it out when unknown)")
+    return values
 
 
 def _present(value) -> bool:

@@ -1,0 +1,114 @@
+"""Temperature scaling: one temperature per head, and per condition for severity.
+
+A network trained with cross-entropy is often over- or under-confident; the competition's log
+loss punishes both. Temperature scaling divides the log-probabilities by one number ``T`` and
+renormalises, ``p_T ∝ p^(1/T)`` (the softmax of the logits over ``T``): the ranking of classes in a
+row never changes, so accuracy does not, only how sure the model says it is. ``T`` is the value
+that minimises the head's own training loss on *held-out* predictions — the validation split of a
+single-split run, the other folds' out-of-fold predictions in cross-validation — never the test
+split. Severity gets a temperature per condition (a spinal canal grade and a foraminal grade need
+not be equally over-confident), falling back to the head's when a condition has fewer than
+:data:`MIN_ROWS` labelled rows.
+
+The temperatures travel in the model's ``meta.json`` (``temperature``) and the served pyfunc and
+``predict-study`` apply them (:meth:`Temperatures.apply`) to every prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+from spinemri.data.schema import CONDITIONS, SEVERITY_WEIGHTS
+
+BOUNDS = (0.05, 20.0)  # a temperature outside this range means the held-out predictions are degenerate
+MIN_ROWS = 20
+_EPS = 1e-12
+
+
+def scale(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """``proba`` (N, K) with its log-probabilities divided by ``temperature``, rows summing to 1."""
+    logits = np.log(np.clip(np.asarray(proba, dtype=np.float64), _EPS, 1.0)) / float(temperature)
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(y: np.ndarray, proba: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The temperature that minimises the (weighted) log loss of ``proba`` against ``y`` (class indices);
+    1.0 when there is nothing to fit (no rows)."""
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) == 0:
+        return 1.0
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    log_p = np.log(np.clip(np.asarray(proba, dtype=np.float64), _EPS, 1.0))
+
+    def loss(log_t: float) -> float:
+        z = log_p / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        row = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
+        return float((w * row).sum() / w.sum())
+
+    found = minimize_scalar(loss, bounds=tuple(np.log(BOUNDS)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(found.x))
+
+
+@dataclass(frozen=True)
+class Temperatures:
+    """Per head its temperature, and per condition the severity head's."""
+
+    heads: Mapping[str, float]
+    severity_by_condition: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"heads": dict(self.heads), "severity_by_condition": dict(self.severity_by_condition)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> "Temperatures":
+        return cls(heads={k: float(v) for k, v in raw["heads"].items()},
+                   severity_by_condition={k: float(v) for k, v in raw.get("severity_by_condition", {}).items()})
+
+    def metrics(self) -> dict[str, float]:
+        """``temperature_<head>`` and ``temperature_severity_<condition>``, as runs log them."""
+        out = {f"temperature_{head}": t for head, t in self.heads.items()}
+        out.update({f"temperature_severity_{c}": t for c, t in self.severity_by_condition.items()})
+        return out
+
+    def apply(self, proba: Mapping[str, np.ndarray], conditions: Sequence | None = None) -> dict[str, np.ndarray]:
+        """Scaled probabilities per head. ``conditions`` (one per row, or None): the condition each
+        severity row grades; rows of an unknown or missing condition get the head's temperature."""
+        out = {head: scale(p, self.heads.get(head, 1.0)) for head, p in proba.items()}
+        if "severity" in proba and conditions is not None and self.severity_by_condition:
+            raw = np.asarray(proba["severity"])
+            if len(conditions) != len(raw):
+                raise ValueError(f"{len(conditions)} conditions for {len(raw)} severity rows")
+            conditions = np.asarray([str(c) for c in conditions], dtype=object)
+            for condition, t in self.severity_by_condition.items():
+                rows = conditions == condition
+                if rows.any():
+                    out["severity"][rows] = scale(raw[rows], t)
+        return out
+
+
+def fit(targets: Mapping[str, np.ndarray], proba: Mapping[str, np.ndarray], conditions: Sequence | None = None,
+        *, severity_weights: bool = True) -> Temperatures:
+    """Temperatures fitted on held-out predictions: per head on its labelled rows (severity weighted
+    1/2/4 when the model was trained so), and per condition of ``conditions`` for severity."""
+    heads, by_condition = {}, {}
+    for head, y_all in targets.items():
+        y_all = np.asarray(y_all)
+        keep = y_all >= 0
+        y, p = y_all[keep], np.asarray(proba[head])[keep]
+        weights = SEVERITY_WEIGHTS[y].astype(np.float64) if head == "severity" and severity_weights else None
+        heads[head] = fit_temperature(y, p, weights)
+        if head == "severity" and conditions is not None:
+            kept = np.asarray([str(c) for c in conditions], dtype=object)[keep]
+            for condition in CONDITIONS:
+                rows = kept == condition
+                if rows.sum() >= MIN_ROWS:
+                    by_condition[condition] = fit_temperature(y[rows], p[rows],
+                                                              None if weights is None else weights[rows])
+    return Temperatures(heads=heads, severity_by_condition=by_condition)

@@ -1,0 +1,218 @@
+"""K-fold cross-validation by study: ``spinemri train --folds K`` (``split.folds``, ``-P folds=K``).
+
+The studies outside the locked test split — the studies every single-split run holds out
+(:func:`spinemri.data.splits.fold_studies`) — are dealt into K folds stratified by their worst grade.
+Fold k's model trains on the other folds and is validated on fold k (early stopping, learning-rate
+schedule and best epoch watch it, as in the RSNA 2024 solutions); its predictions of fold k are
+that fold's out-of-fold (OOF) predictions. Every CV study is predicted once, by the one model that
+never trained on it; the locked test split is never predicted, so no choice made on CV numbers
+has seen it.
+
+One parent run (tag ``role=cv``) records ``data/folds.csv``, ``evaluation/oof_predictions.csv``
+(every CV sample with its fold and probabilities per head), the OOF evaluation ``cv_<head>_<metric>``
+with bootstrap CIs over all CV studies (spinemri.evaluation.heads), and the study-level
+competition score of the OOF severity predictions at the labelled sites, ``cv_rsna_score`` and its
+four terms ``cv_rsna_<term>``, each with ``_ci_low``/``_ci_high``, beside the weight-aware prior's
+``cv_prior_rsna_score``; its per-study terms (``evaluation/cv_rsna_score.terms.csv``) are what a
+paired comparison of two CV runs resamples. One nested run per fold (``role=fold``, ``fold=k``)
+records the fold's split, curves, model and ``fold_<head>_<metric>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from spinemri.config import HEADS, ExperimentConfig
+from spinemri.data import cache
+from spinemri.data.source import prepare_data
+from spinemri.data.splits import fold_studies
+from spinemri.errors import DatasetError
+from spinemri.evaluation import competition, heads, paired
+from spinemri.evaluation.goals import best_value
+from spinemri.models import calibration
+from spinemri.models.backbones import get_backbone
+from spinemri.tracking.runs import TrainResult, log_figure, log_split, run_tags, training_run
+from spinemri.training import plots
+from spinemri.training.data import SplitData, encode_targets, split_data
+from spinemri.training.fit import check_devices, seed_everything
+from spinemri.training.steps import calibration_effect, fit_model, log_held_out, log_trained_model, predict_split
+
+OOF_ARTIFACT = "evaluation/oof_predictions.csv"
+FOLDS_ARTIFACT = "data/folds.csv"
+CV_SCORE = "cv_rsna_score"
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    run_id: str
+    samples: pd.DataFrame  # the held-out fold's samples
+    proba: dict[str, np.ndarray]
+    train_samples: pd.DataFrame
+    model_uri: str | None
+    epochs_trained: int
+    training_time: float
+
+
+def cross_validate(config: ExperimentConfig, *, log_model: bool = True) -> TrainResult:
+    """Train one model per fold in nested runs of one parent run and log the out-of-fold evaluation."""
+    config.validate()
+    folds = config.split.folds
+    if folds < 2:
+        raise ValueError("cross_validate needs split.folds >= 2")
+    check_devices(config.train)
+    get_backbone(config.model.arch).check_size(config.preprocess.img_size)
+    dataset, samples = prepare_data(config)
+    table = fold_studies(samples, folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
+    samples = samples.drop(columns="split").merge(table[["study_id", "split", "fold"]], on="study_id", how="left")
+    for k in range(folds):
+        held = samples[samples["fold"] == k]
+        if not (held["severity"].notna()).any():
+            raise DatasetError([f"fold {k} of {folds} has no graded sample ({held['study_id'].nunique()} studies); "
+                                "use more studies or fewer folds"])
+    seed_everything(config.train)
+    params = {k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space.") and k != "task"}
+    params.update({"cv.studies": int(table["fold"].ge(0).sum()), "cv.test_studies_locked": int(table["fold"].lt(0).sum())})
+    tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": "cv", "folds": str(folds)}
+    with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
+                      tags=tags, run_name=f"{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}") as run:
+        mlflow.log_text(table.to_csv(index=False), FOLDS_ARTIFACT)
+        results = [_fold(config, dataset, samples, k, log_model) for k in range(folds)]
+        metrics = log_out_of_fold(results, config)
+        metrics.update(epochs_trained=float(np.mean([r.epochs_trained for r in results])),
+                       training_time_s=round(sum(r.training_time for r in results), 2))
+        mlflow.log_metrics({"epochs_trained": metrics["epochs_trained"], "training_time_s": metrics["training_time_s"]})
+    print(f"cross-validation run {run.info.run_id}: {folds} folds, {CV_SCORE} {metrics[CV_SCORE]:.4f} "
+          f"[{metrics[CV_SCORE + '_ci_low']:.4f}, {metrics[CV_SCORE + '_ci_high']:.4f}] over "
+          f"{int(metrics['cv_n_studies'])} studies; fold models are not registered", flush=True)
+    return TrainResult(run_id=run.info.run_id, metrics=metrics, model_uri=None,
+                       epochs_trained=int(round(metrics["epochs_trained"])))
+
+
+def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.DataFrame, k: int,
+          log_model: bool) -> FoldResult:
+    split = np.where(samples["fold"] == k, "val", np.where(samples["fold"] < 0, "test", "train"))
+    fold_samples = samples.assign(split=split)
+    splits: dict[str, SplitData] = {name: split_data(fold_samples, name) for name in ("train", "val")}
+    params = {f"split.{name}_samples": len(part) for name, part in splits.items()}
+    params.update({f"split.{name}_studies": int(part.samples["study_id"].nunique()) for name, part in splits.items()})
+    tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": "fold", "fold": str(k)}
+    print(f"== fold {k + 1}/{config.split.folds}: {params['split.train_studies']} studies train, "
+          f"{params['split.val_studies']} held out ==", flush=True)
+    with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
+                      tags=tags, run_name=f"fold-{k}", nested=True) as run:
+        log_split(fold_samples[["study_id", "split"]].drop_duplicates().sort_values("study_id"))
+        model, history, seconds = fit_model(config, dataset, splits)
+        held = splits["val"]
+        proba = predict_split(model, dataset.path / "images.npy", held, config.train.batch_size)
+        metrics = {f"fold_{head}_{name}": value for head in HEADS
+                   for name, value in heads.head_metrics(held.targets[head], proba[head]).items()
+                   if np.isfinite(value)}
+        metrics.update(training_time_s=round(seconds, 2), epochs_trained=len(history.get("loss", [])))
+        if config.train.monitor in history:
+            metrics[f"best_{config.train.monitor}"] = best_value(history[config.train.monitor], config.train.monitor)
+        mlflow.log_metrics(metrics)
+        log_figure(plots.training_curves(history, HEADS), "plots/training_curves.png")
+        mlflow.log_text(paired.prediction_table(held.samples, held.targets, proba).to_csv(index=False),
+                        "evaluation/fold_predictions.csv")
+        temperatures = None
+        if config.model.calibration == "temperature":  # the fold model's own, fitted on its validation fold
+            temperatures = calibration.fit(held.targets, proba, held.samples["condition"].tolist(),
+                                           severity_weights=config.model.severity_sample_weights)
+            mlflow.log_metrics(temperatures.metrics())
+        model_uri = log_trained_model(model, config, dataset, splits, temperatures) if log_model else None
+    return FoldResult(fold=k, run_id=run.info.run_id, samples=held.samples, proba=proba,
+                      train_samples=splits["train"].samples, model_uri=model_uri,
+                      epochs_trained=int(metrics["epochs_trained"]), training_time=seconds)
+
+
+def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig) -> dict[str, float]:
+    """Log the OOF evaluation of ``results`` into the active (parent) run; returns its headline values.
+
+    With ``model.calibration: temperature`` the OOF predictions are calibrated *cross-fitted*
+    (:func:`_cross_fitted`), so no prediction is scaled by a temperature fitted on itself;
+    ``cv_<head>_<loss|ece>_uncalibrated`` keep the numbers before.
+    """
+    samples = pd.concat([r.samples.assign(fold=r.fold) for r in results], ignore_index=True)
+    proba = {h: np.concatenate([r.proba[h] for r in results]) for h in HEADS}
+    duplicated = samples.duplicated(subset=["index"])
+    if duplicated.any():  # each sample belongs to one fold; anything else is a bug, not a user error
+        raise AssertionError(f"{int(duplicated.sum())} samples predicted by more than one fold")
+    targets = encode_targets(samples)
+    before = {}
+    if config.model.calibration == "temperature":
+        before = calibration_effect(targets, proba, "cv")
+        labels, submission = competition.site_predictions(samples, proba["severity"])
+        before[f"{CV_SCORE}_uncalibrated"] = competition.rsna_score(labels, submission)
+        mlflow.log_metrics(before)
+        proba = _cross_fitted(samples, targets, proba, config.model.severity_sample_weights)
+    # Baselines from each fold's own training folds would differ per fold; the CV studies' labels are one
+    # distribution, known to every fold model up to one fold.
+    evaluation = log_held_out(samples, targets, proba, targets, "cv")
+    table = paired.prediction_table(samples, targets, proba).assign(fold=samples["fold"].to_numpy())
+    mlflow.log_text(table.to_csv(index=False), OOF_ARTIFACT)
+    metrics = {f"cv_{head}_{name}": float(entry["value"]) for head, result in evaluation["heads"].items()
+               for name, entry in result.get("metrics", {}).items() if entry["value"] is not None}
+    metrics["cv_n_studies"] = float(evaluation["n_studies"])
+    metrics.update(log_site_score(samples, proba["severity"], _fold_priors(results), "cv"))
+    return {**metrics, **before}
+
+
+def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFrame | None, split: str
+                   ) -> dict[str, float]:
+    """The competition score of severity predictions at the labelled sites, its four terms with 95 %
+    bootstrap CIs over studies, and (``prior``: a submission of the same rows) the prior's score;
+    logged as ``<split>_rsna_score``, ``<split>_rsna_<term>`` (each with ``_ci_low``/``_ci_high``) and
+    ``<split>_prior_rsna_score``, with the per-study terms as ``evaluation/<split>_rsna_score.terms.csv``."""
+    labels, submission = competition.site_predictions(samples, severity)
+    terms = competition.score_terms(labels, submission)
+    mlflow.log_text(terms.reset_index().to_csv(index=False), paired.terms_artifact(f"{split}_rsna_score"))
+    metrics = {}
+    for name, (value, low, high) in paired.score_intervals(terms.reset_index()).items():
+        key = f"{split}_rsna_score" if name == "score" else f"{split}_rsna_{name}"
+        metrics.update({key: value, f"{key}_ci_low": low, f"{key}_ci_high": high})
+    if prior is not None:
+        metrics[f"{split}_prior_rsna_score"] = competition.rsna_score(labels, prior)
+    mlflow.log_metrics(metrics)
+    return metrics
+
+
+def _cross_fitted(samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray],
+                  severity_weights: bool) -> dict[str, np.ndarray]:
+    """OOF probabilities calibrated without fitting any row's temperature on that row.
+
+    Fold models differ in how over- or under-confident they are, so one fold's temperatures do not
+    carry to another's predictions. Each fold's held-out studies are halved instead (alternate
+    studies in id order): each half is scaled by the temperatures its own fold model gets on the
+    other half.
+    """
+    conditions = np.asarray(samples["condition"].astype(str).to_numpy(), dtype=object)
+    out = {h: np.empty_like(p) for h, p in proba.items()}
+    fold = samples["fold"].to_numpy()
+    study = samples["study_id"].astype(str).to_numpy()
+    for k in np.unique(fold):
+        mine = fold == k
+        studies = np.unique(study[mine])
+        half = np.isin(study, studies[::2])
+        for fit_on, apply_to in ((mine & ~half, mine & half), (mine & half, mine & ~half)):
+            if not apply_to.any():
+                continue
+            fitted = calibration.fit({h: t[fit_on] for h, t in targets.items()}, {h: p[fit_on] for h, p in proba.items()},
+                                     list(conditions[fit_on]), severity_weights=severity_weights)
+            scaled = fitted.apply({h: p[apply_to] for h, p in proba.items()}, list(conditions[apply_to]))
+            for h in out:
+                out[h][apply_to] = scaled[h]
+    return out
+
+
+def _fold_priors(results: list[FoldResult]) -> pd.DataFrame:
+    """The weight-aware prior of each fold's training labels, as a submission of that fold's studies."""
+    parts = [competition.prior_submission(sorted(r.samples["study_id"].astype(str).unique()),
+                                          competition.prior_from_samples(r.train_samples)) for r in results]
+    return pd.concat(parts, ignore_index=True)
+

@@ -1,0 +1,201 @@
+"""The steps every classifier training shares, whether one split (spinemri.training.train) or one fold
+of a cross-validation (spinemri.training.cv): fit under the distribution strategy, predict a split,
+fit the calibration on held-out predictions, log a held-out evaluation, log the servable model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+
+from spinemri.config import HEADS, ExperimentConfig
+from spinemri.data import cache
+from spinemri.data.dicom import series_order
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.evaluation import heads
+from spinemri.evaluation.competition import prior_from_samples
+from spinemri.evaluation.run import log_evaluation
+from spinemri.models import calibration
+from spinemri.models.network import build_model, set_backbone_trainable
+from spinemri.tracking.pyfunc import example_row, log_classifier
+from spinemri.tracking.runs import log_figure, pip_requirements
+from spinemri.training import fit, plots
+from spinemri.training.data import SplitData, make_dataset, read_rows
+from spinemri.training.fit import best_weights, check_finite, distribution
+
+
+def fit_model(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
+              extra_callbacks=()) -> tuple[keras.Model, dict[str, list[float]], float]:
+    """Fit on ``splits["train"]``, watching ``splits["val"]``, under the configured distribution strategy
+    (its tags go to the active run): the model with its best weights on one device, the history and
+    the seconds it took."""
+    with distribution(config.train) as (strategy, tags):
+        mlflow.set_tags(tags)
+        replicas = strategy.num_replicas_in_sync
+        with strategy.scope():
+            model, history, training_time = _fit(config, dataset, splits, extra_callbacks, replicas)
+        if replicas > 1:
+            # Evaluation, Grad-CAM and the logged model run on one device: a mirrored model cannot
+            # predict a batch smaller than its replica count, and serving has one device anyway.
+            model = _single_device_copy(model, config)
+    return model, history, training_time
+
+
+def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData], extra_callbacks,
+         replicas: int = 1):
+    """Build, compile and fit (in the caller's strategy scope): the model with its best weights, the
+    history, and the seconds it took. With ``train.freeze_epochs`` the backbone is first frozen."""
+    cfg, pre = config.train, config.preprocess
+    model = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
+                        dense_units=config.model.dense_units, dropout=config.model.dropout,
+                        bn_momentum=config.model.bn_momentum)
+    images_path = dataset.path / "images.npy"
+    train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed,
+                            augment=cfg.augment, severity_weights=config.model.severity_sample_weights,
+                            min_batch=replicas)
+    val_ds = make_dataset(images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed,
+                          severity_weights=config.model.severity_sample_weights, min_batch=replicas)
+    stages = []
+    if cfg.freeze_epochs > 0:
+        stages.append((False, cfg.lr, 0, cfg.freeze_epochs))
+    if cfg.epochs > cfg.freeze_epochs:
+        lr = cfg.lr * cfg.fine_tune_lr_factor if cfg.freeze_epochs > 0 else cfg.lr
+        stages.append((True, lr, cfg.freeze_epochs, cfg.epochs))
+    history: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    with best_weights(model) as best:
+        stack = fit.callbacks(cfg, cfg.monitor, best, extra=extra_callbacks)
+        for trainable, lr, first, last in stages:
+            set_backbone_trainable(model, trainable)
+            compile_model(model, config, lr)
+            fitted = model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
+                               callbacks=stack, verbose=2, shuffle=False)  # the dataset shuffles
+            for key, values in fitted.history.items():
+                history.setdefault(key, []).extend(float(v) for v in values)
+            if model.stop_training or len(fitted.history.get("loss", [])) < last - first:
+                break
+        check_finite(history, "the classifier", cfg.lr)
+    return model, history, time.perf_counter() - started
+
+
+def compile_model(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
+    cfg = config.train
+    if cfg.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(lr)
+    elif cfg.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay or 0.004)
+    else:
+        optimizer = keras.optimizers.SGD(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay or None)
+    model.compile(
+        optimizer=optimizer,
+        loss={h: keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing) for h in HEADS},
+        loss_weights={h: float(config.model.loss_weights[h]) for h in HEADS},
+        weighted_metrics={h: ["accuracy"] for h in HEADS},
+    )
+
+
+def _single_device_copy(model: keras.Model, config: ExperimentConfig) -> keras.Model:
+    """The same network with the same weights, built outside any distribution strategy."""
+    pre = config.preprocess
+    copy = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
+                       dense_units=config.model.dense_units, dropout=config.model.dropout,
+                       bn_momentum=config.model.bn_momentum)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def predict_split(model: keras.Model, images_path: Path, split: SplitData, batch_size: int) -> dict[str, np.ndarray]:
+    """The model's probabilities per head for every sample of ``split``, one batch in memory at a time."""
+    outputs = {h: [] for h in HEADS}
+    for start in range(0, len(split), batch_size):
+        batch = read_rows(str(images_path), split.rows[start:start + batch_size]).astype(np.float32)
+        predicted = model.predict_on_batch(batch)
+        for h in HEADS:
+            outputs[h].append(np.asarray(predicted[h]))
+    return {h: np.concatenate(outputs[h]) if outputs[h] else np.zeros((0, len(HEAD_CLASSES[h])))
+            for h in HEADS}
+
+
+def fit_calibration(model: keras.Model, config: ExperimentConfig, images_path: Path, held_out: SplitData
+                    ) -> calibration.Temperatures | None:
+    """With ``model.calibration: temperature``, temperatures fitted on ``held_out`` (the validation split, never
+    test) and logged as ``temperature_<head>`` / ``temperature_severity_<condition>``; else None."""
+    if config.model.calibration != "temperature":
+        return None
+    proba = predict_split(model, images_path, held_out, config.train.batch_size)
+    temperatures = calibration.fit(held_out.targets, proba, held_out.samples["condition"].tolist(),
+                                   severity_weights=config.model.severity_sample_weights)
+    mlflow.log_metrics(temperatures.metrics())
+    return temperatures
+
+
+def calibration_effect(targets: dict[str, np.ndarray], raw: dict[str, np.ndarray], split: str) -> dict[str, float]:
+    """``<split>_<head>_<loss|ece>_uncalibrated`` (and the severity weighted log loss): the held-out numbers
+    before temperature scaling, beside the calibrated ones the evaluation logs."""
+    out = {}
+    for head in HEADS:
+        keep = targets[head] >= 0
+        if not keep.any():
+            continue
+        y, p = targets[head][keep], raw[head][keep]
+        scores = heads.resample_scores(y, p, np.ones((1, len(y))), severity=head == "severity")
+        for name in ("loss", "ece") + (("weighted_log_loss",) if head == "severity" else ()):
+            if np.isfinite(scores[name][0]):
+                out[f"{split}_{head}_{name}_uncalibrated"] = float(scores[name][0])
+    return out
+
+
+def log_held_out(samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray],
+                 train_targets: dict[str, np.ndarray], split: str) -> dict:
+    """Log the evaluation of held-out predictions (``split``: test, or cv for out-of-fold ones): per head a
+    confusion matrix, ROC curves and a classification report, and the full evaluation
+    (``<split>_<head>_<metric>`` with bootstrap CIs over studies, baselines, calibration). Returns the report."""
+    suffix = "" if split == "test" else f"_{split}"
+    for head in HEADS:
+        classes = HEAD_CLASSES[head]
+        y = targets[head]
+        log_figure(plots.confusion(y, proba[head], classes, f"{head}: {split} confusion matrix"),
+                   f"plots/confusion_{head}{suffix}.png")
+        log_figure(plots.roc_curves(y, proba[head], classes, f"{head}: {split} ROC (one-vs-rest)"),
+                   f"plots/roc_{head}{suffix}.png")
+        mlflow.log_text(heads.classification_text(y, proba[head], classes),
+                        f"reports/classification_report_{head}{suffix}.txt")
+    evaluation = heads.evaluate_predictions(samples, targets, proba, train_targets=train_targets)
+    log_evaluation(evaluation, split)
+    return evaluation
+
+
+def log_trained_model(model: keras.Model, config: ExperimentConfig, dataset: cache.PreparedDataset,
+                      splits: dict[str, SplitData], temperatures: calibration.Temperatures | None = None) -> str:
+    """Log ``model`` as the run's pyfunc with what serving needs (meta.json: preprocessing, classes, the
+    prior, the temperatures); returns its URI."""
+    pre = config.preprocess
+    meta = {"arch": config.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
+            "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
+            "data_fingerprint": dataset.fingerprint,
+            # the fallback of study-level prediction where no site can be seen (spinemri.study.predictor)
+            "severity_prior": prior_from_samples(splits["train"].samples)}
+    if temperatures is not None:
+        meta["temperature"] = temperatures.to_dict()
+    shown = splits.get("test") if splits.get("test") is not None and len(splits["test"]) else splits["val"]
+    example = _request_example(shown.samples, dataset.manifest.get("dataset_root", ""), pre)
+    return log_classifier(model, meta, example, pip_requirements()).model_uri
+
+
+def _request_example(samples: pd.DataFrame, root: str, pre) -> dict:
+    """The logged input example: a de-identified crop of the first test sample (no DICOM tags)."""
+    sample = samples.iloc[0].copy()
+    sample["path"] = os.path.join(root, sample["path"])
+    neighbours: list[str] = []
+    if pre.channels == 3 and Path(sample["path"]).suffix.lower() == ".dcm":
+        order = [p for _, p, _ in series_order(sorted(Path(sample["path"]).parent.glob("*.dcm")))]
+        if sample["path"] in order:
+            i = order.index(sample["path"])
+            neighbours = [order[max(i - 1, 0)], order[min(i + 1, len(order) - 1)]]
+    return example_row(sample, pre, neighbours)
