@@ -54,7 +54,7 @@ def peak_rss_of_training(data_dir, args) -> tuple[int, float]:
     """(peak RSS in bytes, seconds) of one `spinemri train` process."""
     command = [sys.executable, "-m", "spinemri", "train", "--experiment", "quick", "--arch", args.arch,
                "--data-dir", str(data_dir), "--img-size", str(args.img_size), "--epochs", "1",
-               "--batch-size", str(args.batch_size), "--set", f"preprocess.channels={args.channels}",
+               "--batch-size", str(args.batch_size), "--set", f"preprocess.slices={args.channels}",
                "--set", "mlflow.experiment=bench-memory"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_common.ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     peak, seconds, status = peak_rss(command, env)
@@ -82,7 +82,7 @@ def main() -> None:
     with _common.private_store():
         for label, studies in (("N", args.studies), ("10N", 10 * args.studies)):
             data_dir = _common.phantom(studies)
-            dataset = prepare(data_dir, PreprocessConfig(img_size=args.img_size, channels=args.channels),
+            dataset = prepare(data_dir, PreprocessConfig(img_size=args.img_size, slices=args.channels),
                               workers=min(2, os.cpu_count() or 1))
             _common.log(f"training on {studies} studies ({dataset.manifest['samples']} samples)")
             peak, seconds = peak_rss_of_training(data_dir, args)

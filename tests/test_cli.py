@@ -171,7 +171,7 @@ def test_prepare_reports_splits_and_reuses_the_cache(phantom_dir, cache_dir):
     (["--split", "0.5,0.5,0.5"], "--split"),
     (["--split", "a,b,c"], "--split"),
     (["--mode", "cube"], "cube"),
-    (["--channels", "2"], "--channels"),
+    (["--slices", "2"], "slices must be an odd number"),
 ])
 def test_prepare_bad_options_exit_non_zero(phantom_dir, cache_dir, args, needle):
     result = invoke("data", "prepare", phantom_dir, "--cache-dir", cache_dir, *args)

@@ -182,7 +182,7 @@ def check(path, as_json, decode, workers) -> None:
 @click.argument("path", type=click.Path())
 @click.option("--experiment", default="quick", show_default=True,
               help="Experiment YAML whose preprocessing and split the cache gets (a name under experiments/ or a path).")
-@setting_options(PREPARE_SHORTCUTS, "img_size", "mode", "roi_mm", "channels", "equalize", "dicom_window", "workers",
+@setting_options(PREPARE_SHORTCUTS, "img_size", "mode", "roi_mm", "slices", "equalize", "dicom_window", "workers",
                  "split", "split_seed")
 @SET_OPTION
 @click.option("--on-bad-file", default="stop", show_default=True, type=click.Choice(["stop", "skip"]),
@@ -191,7 +191,7 @@ def check(path, as_json, decode, workers) -> None:
               help="Where caches live [default: $SPINEMRI_CACHE_DIR or ~/.cache/spinemri/prepared].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @user_errors
-def prepare(path, experiment, img_size, mode, roi_mm, channels, equalize, dicom_window, workers, split, split_seed,
+def prepare(path, experiment, img_size, mode, roi_mm, slices, equalize, dicom_window, workers, split, split_seed,
             settings, on_bad_file, cache_dir, as_json) -> None:
     """Preprocess a dataset into the on-disk cache that training streams from.
 
@@ -202,7 +202,7 @@ def prepare(path, experiment, img_size, mode, roi_mm, channels, equalize, dicom_
     """
     from spinemri.data.cache import prepare as prepare_cache
 
-    flags = dict(img_size=img_size, mode=mode, roi_mm=roi_mm, channels=channels, equalize=equalize,
+    flags = dict(img_size=img_size, mode=mode, roi_mm=roi_mm, slices=slices, equalize=equalize,
                  dicom_window=dicom_window, workers=workers, split=split.split(",") if split else split,
                  split_seed=split_seed)
     config = load_config(experiment, flags, settings, PREPARE_SHORTCUTS)
@@ -606,6 +606,32 @@ def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log
     verdict = "better" if model["score"] < base["score"] else "NOT better"
     click.echo(f"the submission is {verdict} than the prior baseline (lower wins)"
                + (f"; logged to run {run_id} in spinemri-study" if run_id else ""))
+
+
+@main.command()
+@click.option("--run", "run_ids", multiple=True, required=True,
+              help="A cross-validation run (the parent run of `spinemri train --folds K`); repeat to mix backbones.")
+@click.option("--name", default=None, help="Registered model (default: the runs' mlflow.registered_model, spinemri).")
+@click.option("--no-register", is_flag=True, help="Log the ensemble without registering it.")
+@click.option("--champion-policy", "policy", default=None, type=click.Choice(["paired", "strict"]),
+              help="How it must beat the champion (default: the runs' mlflow.champion_policy).")
+@user_errors
+@tracked
+def ensemble(run_ids, name, no_register, policy) -> None:
+    """Serve the fold models of cross-validation runs as one model: the mean of their calibrated probabilities.
+
+    The ensemble is evaluated on the locked test split (no fold trained on it), logged as a run of
+    the runs' experiment and registered like any classifier; `mlflow models serve`, `spinemri
+    predict` and `predict-study` take it unchanged.
+    """
+    from spinemri.training.ensemble import build_ensemble
+
+    result = build_ensemble(list(run_ids), registered_model=name, register=not no_register, policy=policy)
+    click.echo(f"run {result.run_id}: ensemble {result.model_uri}")
+    for key in sorted(k for k in result.metrics if k.count("_") <= 3 or k.startswith("test_severity_weighted")):
+        click.echo(f"  {key}: {result.metrics[key]:.4f}")
+    if result.registered is not None:
+        click.echo(f"  {result.registered}")
 
 
 @main.command("package-study")

@@ -20,7 +20,7 @@ import yaml
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.data.schema import DEFAULT_SPLIT, HEADS, SERIES_TYPES
 from spinemri.errors import ConfigError
-from spinemri.models.catalog import CATALOG, THESIS_ARCHS, get_spec
+from spinemri.models.catalog import CATALOG, SLICE_POOLING, THESIS_ARCHS, get_spec
 from spinemri.redact import redact_values
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
@@ -71,12 +71,17 @@ class ModelConfig:
     loss_weights: dict = field(default_factory=lambda: {"condition": 1.0, "level": 1.0, "severity": 1.0}, metadata={"help": "weight of each head's loss (condition, level, severity)"})
     severity_sample_weights: bool = setting(True, "weight severity samples 1/2/4 as the competition metric does")
     bn_momentum: float = setting(0.0, "> 0: every BatchNormalization's momentum (0.9 settles faster in short runs); 0 keeps the backbone's")
+    slice_pooling: str = setting("channels", "how the slices of a 2.5D stack (preprocess.slices) meet: channels (one "
+                                 "image, slices as channels), attention or lstm (a shared 2D backbone per slice, "
+                                 "then attention weights or an LSTM across slices)")
     calibration: str = setting("temperature", "temperature (scale each head's probabilities, severity per condition, "
                                "by temperatures fitted on validation or out-of-fold predictions) or none")
 
     def validate(self) -> None:
         _check(self.dense_units >= 1, "model.dense_units", "must be >= 1", self.dense_units)
         _check(0 <= self.dropout < 1, "model.dropout", "must be within [0, 1)", self.dropout)
+        _check(self.slice_pooling in SLICE_POOLING, "model.slice_pooling", f"must be one of {', '.join(SLICE_POOLING)}",
+               self.slice_pooling)
         _check(self.calibration in CALIBRATIONS, "model.calibration", f"must be one of {', '.join(CALIBRATIONS)}",
                self.calibration)
         _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be within [0, 1) (0 keeps the backbone's)",
@@ -314,7 +319,7 @@ class ExperimentConfig:
     def localizer_preprocessing(self) -> PreprocessConfig:
         """The localizer's: whole slices at localize.img_size and localize.channels, the same windowing."""
         return dataclasses.replace(self.preprocess, mode="slice", img_size=self.localize.img_size,
-                                   channels=self.localize.channels)
+                                   slices=self.localize.channels)
 
     def validate(self) -> "ExperimentConfig":
         self.data.validate()
@@ -326,6 +331,9 @@ class ExperimentConfig:
         self.compare.validate()
         self.localize.validate()
         _check(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
+        _check(self.model.slice_pooling == "channels" or self.preprocess.slices > 1, "model.slice_pooling",
+               f"{self.model.slice_pooling} pools across the slices of a 2.5D stack and needs preprocess.slices >= 3",
+               f"{self.model.slice_pooling} with preprocess.slices={self.preprocess.slices}")
         validate_search_space(self.tuning.search_space, self.to_dict())
         return self
 
@@ -361,7 +369,7 @@ SHORTCUTS = {
 # The flags of `spinemri data prepare`: the preprocessing and split of the cache it builds.
 PREPARE_SHORTCUTS = {
     "img_size": "preprocess.img_size", "mode": "preprocess.mode", "roi_mm": "preprocess.roi_mm",
-    "channels": "preprocess.channels", "equalize": "preprocess.equalize", "dicom_window": "preprocess.dicom_window",
+    "slices": "preprocess.slices", "equalize": "preprocess.equalize", "dicom_window": "preprocess.dicom_window",
     "workers": "data.workers", "split": "split.fractions", "split_seed": "split.seed",
 }
 
@@ -423,6 +431,9 @@ def load_experiment(experiment: str | Path = "quick", overrides: Mapping[str, An
 
 
 def from_dict(raw: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    pre = raw.get("preprocess")
+    if isinstance(pre, Mapping) and "channels" in pre and "slices" not in pre:  # the name before 2.5D stacks
+        raw = {**raw, "preprocess": {("slices" if k == "channels" else k): v for k, v in pre.items()}}
     return _build(ExperimentConfig, raw, source, "")
 
 

@@ -95,6 +95,10 @@ class CompareError(UserError):
     """A comparison without the runs it needs."""
 
 
+class EnsembleError(UserError):
+    """An ensemble of models that cannot be built (not cross-validation runs, members that differ)."""
+
+
 class StudyError(UserError):
     """A study request that cannot be met (no such study, no images, bad archive, ...)."""
 

@@ -40,8 +40,10 @@ def test_cache_holds_one_uint8_tensor_per_sample(phantom_dir, cache_dir):
     assert (dataset.path / "splits_seed0_80-10-10.csv").is_file()
 
 
-def test_cached_tensor_is_exactly_what_preprocess_gives(phantom_dir, cache_dir):
-    config = PreprocessConfig(img_size=48, roi_mm=40.0, channels=3)
+@pytest.mark.parametrize("slices", [3, 5])
+def test_cached_tensor_is_exactly_what_preprocess_gives(phantom_dir, cache_dir, slices):
+    """A 2.5D stack in the cache: the site's slice in the middle and its neighbours in series order."""
+    config = PreprocessConfig(img_size=48, roi_mm=40.0, slices=slices)
     dataset = prepare(phantom_dir, config, cache_dir=cache_dir)
     row = dataset.samples().iloc[7]
     path = phantom_dir / row["path"]
@@ -51,9 +53,12 @@ def test_cached_tensor_is_exactly_what_preprocess_gives(phantom_dir, cache_dir):
 
     order = [p for _, p, _ in series_order(folder)]
     centre = order.index(str(path))
-    slices = [read_image(order[i]) for i in neighbor_indices(centre, len(order), 3)]
-    expected = preprocess([s.pixels for s in slices], slices[1].pixel_spacing, config, row["x"], row["y"])
+    stack = [read_image(order[i]) for i in neighbor_indices(centre, len(order), slices)]
+    expected = preprocess([s.pixels for s in stack], stack[slices // 2].pixel_spacing, config, row["x"], row["y"])
+    assert expected.shape == (48, 48, slices)
     np.testing.assert_array_equal(dataset.images()[row["index"]], expected)
+    single = prepare(phantom_dir, PreprocessConfig(img_size=48, roi_mm=40.0, slices=1), cache_dir=cache_dir)
+    np.testing.assert_array_equal(dataset.images()[row["index"]][..., slices // 2], single.images()[row["index"]][..., 0])
 
 
 def test_same_command_reuses_and_changes_rebuild(phantom_copy, cache_dir):
@@ -129,7 +134,7 @@ def test_empty_or_missing_dataset_is_refused(tmp_path, cache_dir):
 
 def test_killed_prepare_leaves_no_finished_cache_and_a_rerun_completes(phantom_dir, tmp_path):
     cache_dir = tmp_path / "cache"
-    slow = ["--img-size", "384", "--channels", "3", "--equalize", "clahe"]
+    slow = ["--img-size", "384", "--slices", "3", "--equalize", "clahe"]
     command = [sys.executable, "-m", "spinemri", "data", "prepare", str(phantom_dir), "--cache-dir", str(cache_dir), *slow]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -149,7 +154,7 @@ def test_killed_prepare_leaves_no_finished_cache_and_a_rerun_completes(phantom_d
     finished = _finished(cache_dir)
     assert len(finished) == 1
     assert not list(cache_dir.glob("*.partial-*"))  # the stale partial was cleaned up
-    reference = prepare(phantom_dir, PreprocessConfig(img_size=384, channels=3, equalize="clahe"),
+    reference = prepare(phantom_dir, PreprocessConfig(img_size=384, slices=3, equalize="clahe"),
                         cache_dir=tmp_path / "reference")
     assert reference.fingerprint == finished[0].name
     np.testing.assert_array_equal(np.load(finished[0] / "images.npy", mmap_mode="r"), reference.images())
@@ -193,7 +198,7 @@ def kill_when_workers_run(command: list[str], workers: int) -> list[int]:
 def test_prepare_workers_die_with_a_killed_parent_and_its_partial_is_removed_later(phantom_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     command = [sys.executable, "-m", "spinemri", "data", "prepare", str(phantom_dir), "--cache-dir", str(cache_dir),
-               "--img-size", "384", "--channels", "3", "--equalize", "clahe", "--workers", "2"]
+               "--img-size", "384", "--slices", "3", "--equalize", "clahe", "--workers", "2"]
     workers = kill_when_workers_run(command, 2)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(running(pid) for pid in workers):

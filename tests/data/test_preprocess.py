@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spinemri.data.preprocess import (PreprocessConfig, _fast_percentiles, neighbor_indices, percentile_window,
-                                      preprocess)
+from spinemri.data.preprocess import (PreprocessConfig, _fast_percentiles, neighbor_indices, percentile_window, preprocess,
+                                      stack_neighbours, with_centre)
 
 
 def _dot_image(shape=(200, 300), dot=(120.0, 80.0), radius=3):
@@ -82,12 +82,25 @@ def test_three_channels_follow_the_neighbours():
     for s in slices:
         s[0, 0] = 0.0
         s[-1, -1] = 40.0
-    out = preprocess(slices, (1.0, 1.0), PreprocessConfig(img_size=32, channels=3, roi_mm=20, p_low=0, p_high=100))
+    out = preprocess(slices, (1.0, 1.0), PreprocessConfig(img_size=32, slices=3, roi_mm=20, p_low=0, p_high=100))
     means = out[8:24, 8:24].reshape(-1, 3).mean(axis=0)
     assert means[0] < means[1] < means[2]
     assert neighbor_indices(0, 5, 3) == [0, 0, 1]
     assert neighbor_indices(4, 5, 3) == [3, 4, 4]
     assert neighbor_indices(2, 5, 1) == [2]
+    assert neighbor_indices(1, 6, 5) == [0, 0, 1, 2, 3]
+    assert stack_neighbours(1, 6, 5) == [0, 0, 2, 3]  # the stack without the site's slice
+    assert with_centre("c", ["a", "b", "d", "e"], 5) == ["a", "b", "c", "d", "e"]
+    assert with_centre("c", [], 5) == ["c"] * 5
+    with pytest.raises(ValueError, match="a 5-slice stack needs 4 neighbouring slices, got 2"):
+        with_centre("c", ["b", "d"], 5)
+
+
+def test_models_logged_before_2_5d_stacks_still_load_their_preprocessing():
+    legacy = {**PreprocessConfig(img_size=32).to_dict(), "channels": 3}
+    del legacy["slices"]
+    config = PreprocessConfig.from_dict(legacy)
+    assert config.slices == config.channels == 3
 
 
 @pytest.mark.parametrize("method", ["hist", "clahe"])
@@ -105,7 +118,8 @@ def test_equalisation_spreads_a_narrow_histogram(method):
     (dict(img_size=0), "img_size"),
     (dict(mode="cube"), "mode must be one of roi, slice"),
     (dict(roi_mm=-5), "roi_mm"),
-    (dict(channels=2), "channels must be 1 or 3"),
+    (dict(slices=2), "slices must be an odd number from 1 to 15"),
+    (dict(slices=17), "slices must be an odd number from 1 to 15"),
     (dict(p_low=50, p_high=10), "p_low < p_high"),
     (dict(equalize="yes"), "equalize"),
 ])
@@ -197,7 +211,7 @@ def test_the_uint8_conversion_rounds_half_to_even_as_numpy_does():
     levels = rng.integers(0, 511, (90, 120)).astype(np.float32)  # (k + 0.5) / 255 steps after windowing
     for image in (rng.normal(500, 150, (90, 120)).astype(np.float32), levels):
         for channels in (1, 3):
-            config = PreprocessConfig(img_size=40, roi_mm=25, channels=channels)
+            config = PreprocessConfig(img_size=40, roi_mm=25, slices=channels)
             low, high = percentile_window(image, config.p_low, config.p_high)
             stack = [image * 0.9, image, image * 1.1][:channels] if channels == 3 else [image]
             for x, y in [(60, 45), (0, 0), (119, 89), (33.3, 70.6)]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import mlflow
-import pytest
+import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from spinemri.cli import main as cli
 from spinemri.data.splits import split_studies
+from spinemri.tracking.pyfunc import file_row, load_classifier
+from tests.conftest import isolated_tracking
 
 
 def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, tmp_path):
@@ -53,14 +56,37 @@ def test_compare_without_runs_says_what_to_do(tracking):
     assert bad.exit_code == 1 and "compare.archs must list backbones" in bad.output
 
 
-def test_compare_folds_cross_validates_each_backbone(phantom_dir, tracking, tmp_path):
-    """--folds 2: one CV parent per backbone with a nested run per fold; every CV study predicted once, by the
-    fold that never trained on it; the locked test studies never; the table pairs each backbone with the best."""
+@pytest.fixture(scope="module")
+def cross_validated(phantom_dir, tmp_path_factory):
+    """`compare --train --folds 2` of two backbones in a store of its own (one worker: xdist_group "cv")."""
+    root = tmp_path_factory.mktemp("cross_validated")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     settings = ["--set", "compare.archs=tiny,vgg16", "--set", f"data.data_dir={phantom_dir}",
                 "--set", "preprocess.img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=32"]
-    result = CliRunner().invoke(cli, ["compare", "--experiment", "seed_table_quick", "--train", "--folds", "2",
-                                      *settings])
-    assert result.exit_code == 0, result.output
+    with isolated_tracking(uri, root / "cache"):
+        result = CliRunner().invoke(cli, ["compare", "--experiment", "seed_table_quick", "--train", "--folds", "2",
+                                          *settings])
+        assert result.exit_code == 0, result.output
+    yield result, uri, root / "cache"
+
+
+@pytest.fixture
+def cv_store(cross_validated, monkeypatch):
+    """The cross-validations' store as this test's tracking URI and cache; returns compare's result."""
+    result, uri, cache = cross_validated
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SPINEMRI_CACHE_DIR", str(cache))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(uri)
+    return result
+
+
+@pytest.mark.xdist_group("cv")
+def test_compare_folds_cross_validates_each_backbone(cv_store, tmp_path):
+    """--folds 2: one CV parent per backbone with a nested run per fold; every CV study predicted once, by the
+    fold that never trained on it; the locked test studies never; the table pairs each backbone with the best."""
+    result = cv_store
     assert "CV study score [95% CI]" in result.output and "*weight-aware prior*" in result.output
 
     client = mlflow.MlflowClient()
@@ -114,6 +140,46 @@ def test_compare_folds_cross_validates_each_backbone(phantom_dir, tracking, tmp_
         assert "temperature_severity" in child.data.metrics and child.data.tags["role"] == "fold"
         held = artifact(child.info.run_id, "evaluation/fold_predictions.csv").astype({"study_id": str})
         assert set(held["study_id"]) == by_split["val"]
+
+
+
+
+@pytest.mark.xdist_group("cv")
+def test_an_ensemble_of_fold_models_is_served_as_one_model(cv_store, phantom_dir, tmp_path):
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("spinemri-seed-table-quick")
+    parents = {r.data.tags["arch"]: r.info.run_id
+               for r in client.search_runs([experiment.experiment_id], filter_string="tags.role = 'cv'")}
+    not_cv = CliRunner().invoke(cli, ["ensemble", "--run", parents["tiny"], "--run", "0" * 32])
+    assert not_cv.exit_code == 1 and f"no run '{'0' * 32}'" in not_cv.output
+
+    result = CliRunner().invoke(cli, ["ensemble", "--run", parents["tiny"], "--run", parents["vgg16"]])
+    assert result.exit_code == 0, result.output
+    run = client.search_runs([experiment.experiment_id], filter_string="tags.role = 'ensemble'")[0]
+    assert run.data.params["ensemble.members"] == "4"
+    assert {"test_severity_weighted_log_loss", "test_severity_ece", "test_condition_roc_auc"} <= set(run.data.metrics)
+    version = client.get_model_version_by_alias("spinemri", "champion")  # the first version of the name
+    assert version.run_id == run.info.run_id and version.tags["arch"] == "ensemble"
+    # The locked test split of the cross-validations is the ensemble's held-out set.
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parents["tiny"], artifact_path="data/folds.csv",
+                                                            dst_path=str(tmp_path / "folds")))
+    predictions = pd.read_csv(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="evaluation/test_predictions.csv", dst_path=str(tmp_path / "pred")))
+    assert set(predictions["study_id"]) == set(folds.loc[folds["fold"] < 0, "study_id"])
+
+    coords = pd.read_csv(phantom_dir / "train_label_coordinates.csv").head(3)
+    rows = pd.DataFrame([{**file_row(phantom_dir / "train_images" / str(c.study_id) / str(c.series_id)
+                                     / f"{c.instance_number}.dcm", c.x, c.y), "condition": c.condition}
+                         for c in coords.itertuples()])
+    model_uri = f"models:/spinemri/{version.version}"
+    served = mlflow.pyfunc.load_model(model_uri).predict(rows)
+    members = load_classifier(model_uri).meta["members"]
+    assert len(members) == 4 and {m["arch"] for m in members} == {"tiny", "vgg16"}
+    outputs = [load_classifier(f"runs:/{m['run_id']}/model").predict(None, rows) for m in members]
+    columns = [c for c in served.columns if ":" in c]
+    expected = np.mean([o[columns].to_numpy(np.float64) for o in outputs], axis=0)
+    np.testing.assert_allclose(served[columns].to_numpy(np.float64), expected, atol=1e-6)
+    assert all(m["temperature"] for m in members)  # each member calibrated on its own held-out fold
 
 
 def test_folds_are_refused_where_they_do_not_apply(tracking):

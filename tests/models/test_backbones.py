@@ -12,7 +12,7 @@ from spinemri.errors import UnknownArchitecture, WeightsUnavailable
 from spinemri.models.backbones import BACKBONES, build_backbone, get_backbone
 from spinemri.models.catalog import THESIS_ARCHS as THESIS_BACKBONES
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.models.network import build_model
+from spinemri.models.network import build_model, set_backbone_trainable
 
 REQUIRED = (*THESIS_BACKBONES, "efficientnet_b0", "convnext_tiny", "tiny")
 
@@ -85,6 +85,24 @@ def test_weights_from_a_file_and_gray_repeated_to_three_channels(tmp_path):
         build_model("mobilenet_v2", 32, 1, weights=str(tmp_path / "missing.h5"))
     gray = build_model("mobilenet_v2", 32, 1, weights="none")
     assert "gray_to_rgb" not in [layer.name for layer in gray.layers]
+    # Five slices meet ImageNet filters through a 1x1 mix to RGB that starts as the slices' mean.
+    stack = build_model("mobilenet_v2", 32, 5, weights=str(path))
+    np.testing.assert_allclose(stack.get_layer("slices_to_rgb").get_weights()[0], np.full((1, 1, 5, 3), 0.2))
+    np.testing.assert_array_equal(stack.get_layer("backbone").get_weights()[0], source.get_weights()[0])
+
+
+@pytest.mark.parametrize("pooling", ["attention", "lstm"])
+def test_per_slice_pooling_shares_one_backbone_and_freezes_with_it(pooling):
+    model = build_model("tiny", 32, 5, dense_units=8, slice_pooling=pooling)
+    assert isinstance(model.get_layer("backbone"), keras.layers.TimeDistributed)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 5)).astype(np.float32)
+    out = model.predict(images, verbose=0)
+    np.testing.assert_allclose(out["severity"].sum(axis=1), 1.0, atol=1e-5)
+    trainable = len(model.trainable_weights)
+    set_backbone_trainable(model, False)
+    assert 0 < len(model.trainable_weights) < trainable
+    with pytest.raises(ValueError, match="slice_pooling must be one of channels, attention, lstm"):
+        build_model("tiny", 32, 5, slice_pooling="mean")
 
 
 @pytest.mark.parametrize("arch, low, high", [("mobilenet_v2", -1.0, 1.0), ("tiny", 0.0, 1.0)])

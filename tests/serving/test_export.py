@@ -17,7 +17,7 @@ from spinemri.models.network import build_model
 
 SIZE = 64
 META = {"arch": "tiny", "input_shape": [SIZE, SIZE, 1],
-        "preprocess": PreprocessConfig(img_size=SIZE, channels=1).to_dict(),
+        "preprocess": PreprocessConfig(img_size=SIZE, slices=1).to_dict(),
         "classes": {head: list(names) for head, names in HEAD_CLASSES.items()}}
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="ONNX export needs tf2onnx and onnxruntime (spinemri[export])")
@@ -91,7 +91,7 @@ def test_onnx_matches_keras(model, samples, tmp_path):
 def test_imagenet_backbones_match_keras(arch, fmt, tmp_path):
     if fmt == "onnx" and not HAS_ONNX:
         pytest.skip("ONNX export needs tf2onnx and onnxruntime")
-    meta = {"preprocess": PreprocessConfig(img_size=32, channels=3).to_dict(), "input_shape": [32, 32, 3]}
+    meta = {"preprocess": PreprocessConfig(img_size=32, slices=3).to_dict(), "input_shape": [32, 32, 3]}
     images = phantom_samples(meta, count=20)
     out = tmp_path / f"{arch}.{fmt}"
     assert_parity(export_model(fitted(arch, images, lr=1e-3), fmt, out, images), out, fmt, images)
@@ -185,7 +185,7 @@ def test_phantom_samples(samples):
 
 
 def test_phantom_samples_more_than_one_study_and_three_channels():
-    meta = {"preprocess": PreprocessConfig(img_size=32, channels=3).to_dict(), "input_shape": [32, 32, 3]}
+    meta = {"preprocess": PreprocessConfig(img_size=32, slices=3).to_dict(), "input_shape": [32, 32, 3]}
     images = phantom_samples(meta, count=30, seed=1)
     assert images.shape == (30, 32, 32, 3) and images.dtype == np.float32
     np.testing.assert_array_equal(images[:3], phantom_samples(meta, count=30, seed=1)[:3])

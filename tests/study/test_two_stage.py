@@ -19,7 +19,10 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from spinemri.cli import main
-from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
+from spinemri.data.dicom import series_order
+from spinemri.data.preprocess import stack_neighbours
+from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SEVERITIES, parse_label_column
+from spinemri.tracking.pyfunc import load_classifier
 from spinemri.localization.locate import load_localizer
 from spinemri.evaluation.competition import PROBABILITY_COLUMNS
 from spinemri.data.studies import find_studies
@@ -229,6 +232,34 @@ def zip_study(folder: Path, top: str | None = None) -> str:
             name = path.relative_to(folder.parent if top is None else folder).as_posix()
             archive.write(path, name if top is None else f"{top}/{name}")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_five_slice_request_to_the_served_classifier_matches_predict_study(study_store, tmp_path):
+    """The classifier is a 5-slice stack: a request with the site's slice and its 4 neighbours, sent to
+    `mlflow models serve`, gets the probabilities predict-study gave that site."""
+    from tests.serving.server import post, serve_model
+
+    out, _ = _held_out(study_store, tmp_path)
+    sites = pd.read_csv(out.with_name("submission.sites.csv"), dtype={"row_id": str})
+    submission = pd.read_csv(out, dtype={"row_id": str}).set_index("row_id")
+    chosen = sites[sites["source"] == "model"].drop_duplicates("series_id").head(4)  # sagittal T2, T1, axial
+    rows = []
+    for site in chosen.itertuples():
+        study, column = site.row_id.split("_", 1)
+        folder = study_store.data_dir / "train_images" / study / str(int(site.series_id))
+        order = [p for _, p, _ in series_order(sorted(folder.glob("*.dcm")))]
+        i = order.index(str(folder / f"{int(site.instance_number)}.dcm"))
+        encoded = [base64.b64encode(Path(order[j]).read_bytes()).decode() for j in stack_neighbours(i, len(order), 5)]
+        rows.append({"dicom_b64": base64.b64encode(Path(order[i]).read_bytes()).decode(), "neighbors_b64": encoded,
+                     "x": site.x, "y": site.y, "condition": parse_label_column(column)[0]})
+    uri = f"runs:/{study_store.classifier.run_id}/model"
+    assert load_classifier(uri).preprocessing.slices == 5
+    with serve_model(uri, study_store.tracking_uri, tmp_path / "serve.log") as (url, _):
+        status, body = post(url, {"dataframe_records": rows})
+    assert status == 200, body
+    served = pd.DataFrame(body["predictions"])[[f"severity:{c}" for c in SEVERITIES]].to_numpy(float)
+    expected = submission.loc[chosen["row_id"], list(PROBABILITY_COLUMNS)].to_numpy(float)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

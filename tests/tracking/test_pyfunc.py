@@ -157,10 +157,10 @@ def test_missing_image_column_and_empty_requests():
         classifier.predict(None, pd.DataFrame({"dicom_b64": pd.Series([], dtype=str)}))
 
 
-def _classifier(channels: int, size: int = 32) -> SpineClassifier:
+def _classifier(channels: int, size: int = 32, slice_pooling: str = "channels") -> SpineClassifier:
     classifier = SpineClassifier()
-    classifier.model = build_model("tiny", size, channels, dense_units=8)
-    config = PreprocessConfig(img_size=size, channels=channels, roi_mm=20.0)
+    classifier.model = build_model("tiny", size, channels, dense_units=8, slice_pooling=slice_pooling)
+    config = PreprocessConfig(img_size=size, slices=channels, roi_mm=20.0)
     classifier.meta = {"input_shape": [size, size, channels], "preprocess": config.to_dict()}
     return classifier
 
@@ -176,8 +176,36 @@ def test_three_channel_models_use_the_neighbours_or_repeat_the_centre():
     np.testing.assert_array_equal(with_neighbours[..., 1], alone[..., 1])
     assert not np.array_equal(with_neighbours[..., 0], with_neighbours[..., 1])
     np.testing.assert_array_equal(alone[..., 0], alone[..., 1])
-    with pytest.raises(InputError, match="neighbors_b64 must be a list of two"):
+    with pytest.raises(InputError, match=r"neighbors_b64 must be a list of 2 base64 files.*\[previous, next\]"):
         classifier.prepare_row({"dicom_b64": b64[1], "neighbors_b64": [b64[0]]}, 0)
+
+
+@pytest.mark.parametrize("pooling", ["channels", "attention", "lstm"])
+def test_a_five_slice_request_is_the_stack_training_builds(pooling, tmp_path):
+    """neighbors_b64 holds the 4 neighbours in order; the served input equals the cache's preprocess() of the
+    same 5 slices, and the served probabilities are the network's on it, for every slice pooling."""
+    classifier = _classifier(channels=5, slice_pooling=pooling)
+    rng = np.random.default_rng(2)
+    slices = [rng.random((40, 40)) * 100 + 20 * k for k in range(5)]
+    b64 = [base64.b64encode(encode_dicom(s)).decode() for s in slices]
+    row = {"dicom_b64": b64[2], "neighbors_b64": [b64[0], b64[1], b64[3], b64[4]], "x": 19.0, "y": 21.0}
+    served = classifier.prepare_row(row, 0)
+    decoded = [read_dicom(_write(tmp_path / f"{k}.dcm", s)) for k, s in enumerate(slices)]
+    config = PreprocessConfig.from_dict(classifier.meta["preprocess"])
+    expected = preprocess([d.pixels for d in decoded], decoded[2].pixel_spacing, config, 19.0, 21.0)
+    np.testing.assert_array_equal(served, expected)
+    assert served.shape == (32, 32, 5) and len({served[..., k].tobytes() for k in range(5)}) == 5
+    out = classifier.predict(None, pd.DataFrame([row]))
+    raw = classifier.model.predict(expected[np.newaxis].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(out[[f"severity:{c}" for c in HEAD_CLASSES["severity"]]].to_numpy(), raw["severity"],
+                               atol=1e-6)
+    with pytest.raises(InputError, match="must be a list of 4 base64 files, the neighbouring slices in order"):
+        classifier.prepare_row({"dicom_b64": b64[2], "neighbors_b64": [b64[1], b64[3]]}, 0)
+
+
+def _write(path: Path, pixels: np.ndarray) -> Path:
+    path.write_bytes(encode_dicom(pixels))
+    return path
 
 
 def test_no_patient_tag_reaches_mlflow(store, tmp_path):

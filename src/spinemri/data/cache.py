@@ -305,7 +305,7 @@ def _prepare_group(job) -> tuple[list[int], list[dict]]:
         return decoded[path]
 
     order = None
-    if config.channels == 3:
+    if config.slices > 1:
         folder = Path(paths[0]).parent
         try:
             order = [p for _, p, _ in series_order(sorted(folder.glob("*.dcm")))]
@@ -318,7 +318,8 @@ def _prepare_group(job) -> tuple[list[int], list[dict]]:
                 centre = order.index(path)
             except ValueError:
                 centre = None
-            inputs = [path] * 3 if centre is None else [order[i] for i in neighbor_indices(centre, len(order), 3)]
+            inputs = [path] * config.slices if centre is None else \
+                [order[i] for i in neighbor_indices(centre, len(order), config.slices)]
         loaded = [load(p) for p in inputs]
         bad = next((img for img in loaded if isinstance(img, ImageReadError)), None)
         if bad is not None:
@@ -361,7 +362,7 @@ def _collect(result, done, failures, on_bad_file, bar) -> None:
 
 def _files_used(samples: pd.DataFrame, config: PreprocessConfig) -> set[str]:
     files = set(samples["path"])
-    if config.channels == 3:  # neighbours count too
+    if config.slices > 1:  # neighbours count too
         for folder in {str(Path(p).parent) for p in samples["path"]}:
             files.update(str(p) for p in Path(folder).glob("*.dcm"))
     return files

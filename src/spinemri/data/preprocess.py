@@ -1,7 +1,8 @@
 """The one place where pixels become a model input, for training (the cache) and serving alike.
 
-``preprocess(slices, pixel_spacing, config, x, y)`` takes the centre slice (and, for 3 channels,
-its neighbours) as decoded by :mod:`spinemri.data.dicom` and returns uint8 (S, S, C):
+``preprocess(slices, pixel_spacing, config, x, y)`` takes the site's slice (and, for a 2.5D stack of
+``config.slices`` slices, as many neighbours either side) as decoded by :mod:`spinemri.data.dicom` and
+returns uint8 (S, S, slices), one channel per slice:
 
     percentile window -> ROI crop in mm around (x, y), or the whole slice -> resize keeping the
     physical aspect ratio (zero padding outside the image) -> optional equalisation -> uint8
@@ -19,6 +20,7 @@ from spinemri.data.dicom import rescale
 from spinemri.errors import ConfigError, SiteOutsideImage
 
 MODES = ("roi", "slice")
+SLICE_COUNTS = tuple(range(1, 16, 2))
 EQUALIZE = ("none", "hist", "clahe")
 
 
@@ -30,7 +32,8 @@ class PreprocessConfig:
     mode: str = field(default="roi", metadata={
         "help": "roi: a square of roi_mm around the labelled point; slice: the whole slice (the thesis)"})
     roi_mm: float = field(default=60.0, metadata={"help": "side of the ROI square in millimetres (via PixelSpacing)"})
-    channels: int = field(default=1, metadata={"help": "1, or 3: the neighbouring slices i-1, i, i+1 as channels"})
+    slices: int = field(default=1, metadata={
+        "help": "slices centred on the site's slice, one input channel each: 1, 3, 5, ... (odd; a 2.5D stack)"})
     p_low: float = field(default=0.5, metadata={"help": "intensity percentile mapped to 0"})
     p_high: float = field(default=99.5, metadata={"help": "intensity percentile mapped to 255"})
     equalize: str = field(default="none", metadata={
@@ -46,8 +49,9 @@ class PreprocessConfig:
             problems.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not self.roi_mm > 0:
             problems.append(f"roi_mm must be > 0 millimetres, got {self.roi_mm!r}")
-        if self.channels not in (1, 3):
-            problems.append(f"channels must be 1 or 3, got {self.channels!r}")
+        if not isinstance(self.slices, int) or isinstance(self.slices, bool) or self.slices not in SLICE_COUNTS:
+            problems.append(f"slices must be an odd number from 1 to {SLICE_COUNTS[-1]} (the site's slice and as "
+                            f"many either side), got {self.slices!r}")
         if not 0 <= self.p_low < self.p_high <= 100:
             problems.append(f"need 0 <= p_low < p_high <= 100, got p_low={self.p_low}, p_high={self.p_high}")
         if self.equalize not in EQUALIZE:
@@ -55,11 +59,18 @@ class PreprocessConfig:
         if problems:
             raise ConfigError("invalid preprocessing: " + "; ".join(problems))
 
+    @property
+    def channels(self) -> int:
+        """Channels of the model input: one per slice."""
+        return self.slices
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PreprocessConfig":
+        if "channels" in values and "slices" not in values:  # the name in models logged before 2.5D stacks
+            values = {("slices" if k == "channels" else k): v for k, v in values.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -72,13 +83,30 @@ def site_inside(x: float, y: float, width: int, height: int) -> bool:
     return -0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5
 
 
-def neighbor_indices(index: int, n_slices: int, channels: int) -> list[int]:
-    """Slice indices feeding each channel: [i] or [i-1, i, i+1], repeating the edge slice at the ends."""
+def neighbor_indices(index: int, n_slices: int, count: int) -> list[int]:
+    """Slice indices feeding each channel of a ``count``-slice stack centred on ``index``: [i], [i-1, i, i+1],
+    [i-2, ..., i+2], ..., repeating the edge slice at the ends of the series."""
     if not 0 <= index < n_slices:
         raise IndexError(f"slice index {index} outside a series of {n_slices} slices")
-    if channels == 1:
-        return [index]
-    return [max(index - 1, 0), index, min(index + 1, n_slices - 1)]
+    half = count // 2
+    return [min(max(index + d, 0), n_slices - 1) for d in range(-half, half + 1)]
+
+
+def stack_neighbours(index: int, n_slices: int, count: int) -> list[int]:
+    """The stack of :func:`neighbor_indices` without the site's slice: the neighbours in order, lower
+    indices first (what a request's ``neighbors_b64`` holds)."""
+    stack = neighbor_indices(index, n_slices, count)
+    return stack[:count // 2] + stack[count // 2 + 1:]
+
+
+def with_centre(centre, neighbours: Sequence, count: int) -> list:
+    """A ``count``-slice stack from the site's slice and its ``count - 1`` neighbours in order; without
+    neighbours, the site's slice repeated (as training does at the ends of a series)."""
+    if not neighbours:
+        return [centre] * count
+    if len(neighbours) != count - 1:
+        raise ValueError(f"a {count}-slice stack needs {count - 1} neighbouring slices, got {len(neighbours)}")
+    return [*neighbours[:count // 2], centre, *neighbours[count // 2:]]
 
 
 def percentile_window(image: np.ndarray, p_low: float, p_high: float, *,
@@ -202,15 +230,15 @@ def preprocess(
     *,
     window: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """Model input from 1 (or 3: previous, centre, next) float 2-D slices of equal shape.
+    """Model input from ``config.slices`` float 2-D slices of equal shape, the site's slice in the middle.
 
     ``x``, ``y`` are the site centre in pixels (column, row) of the centre slice; in ROI mode they
     default to the image centre. ``window`` is ``percentile_window(centre, config.p_low,
     config.p_high)`` when the caller already has it (the cache computes it once per slice for all
-    the sites on it); it depends on the centre slice only. Returns uint8 (img_size, img_size, channels).
+    the sites on it); it depends on the centre slice only. Returns uint8 (img_size, img_size, slices).
     """
-    if len(slices) != config.channels:
-        raise ValueError(f"expected {config.channels} slice(s) for channels={config.channels}, got {len(slices)}")
+    if len(slices) != config.slices:
+        raise ValueError(f"expected {config.slices} slice(s) for slices={config.slices}, got {len(slices)}")
     centre = slices[len(slices) // 2]
     if centre.ndim != 2 or 0 in centre.shape:
         raise ValueError(f"expected a non-empty 2-D slice, got shape {centre.shape}")

@@ -421,11 +421,7 @@ def _looks_flat(path: Path) -> bool:
 def _condition_key(value) -> str | None:
     if _blank(value):
         return None
-    text = str(value).strip()
-    if text in schema.CONDITION_KEYS:
-        return schema.CONDITION_KEYS[text]
-    snake = text.lower().replace(" ", "_")
-    return snake if snake in schema.CONDITIONS else None
+    return schema.condition_key(str(value))
 
 
 def _level_name(value) -> str | None:

@@ -25,6 +25,16 @@ CONDITION_NAMES: dict[str, str] = {
 }
 CONDITION_KEYS: dict[str, str] = {name: key for key, name in CONDITION_NAMES.items()}
 
+
+def condition_key(text: str) -> str | None:
+    """'Left Subarticular Stenosis' or 'left_subarticular_stenosis' -> 'left_subarticular_stenosis'; None if neither."""
+    text = text.strip()
+    if text in CONDITION_KEYS:
+        return CONDITION_KEYS[text]
+    snake = text.lower().replace(" ", "_")
+    return snake if snake in CONDITIONS else None
+
+
 LEVELS: tuple[str, ...] = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
 SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
 SEVERITY_INDEX: dict[str, int] = {name: i for i, name in enumerate(SEVERITIES)}

@@ -27,11 +27,10 @@ from spinemri.errors import CompareError
 from spinemri.evaluation.paired import paired_difference, terms_artifact
 from spinemri.tracking.runs import log_figure, start_run
 from spinemri.training.plots import plt
-from spinemri.training.cv import CV_SCORE
+from spinemri.training.cv import CV_ROLE, CV_SCORE, FOLD_ROLE
 from spinemri.training.train import train
 
-NON_TRAINING_ROLES = ("trial", "study", "summary", "cv", "fold")
-CV_ROLE = "cv"
+NON_TRAINING_ROLES = ("trial", "study", "summary", CV_ROLE, FOLD_ROLE, "ensemble")
 
 
 @dataclass

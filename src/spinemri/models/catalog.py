@@ -41,6 +41,8 @@ CATALOG: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     BackboneSpec("convnext_tiny", 224, 32, "raw", "convnext_tiny_notop.h5"),
     BackboneSpec("tiny", 96, 16, "unit"),  # a small CNN for tests and quick checks (no ImageNet weights)
 )}
+# How the slices of a 2.5D stack meet in the network (spinemri.models.network builds each).
+SLICE_POOLING = ("channels", "attention", "lstm")
 # The thesis's seven backbones (its Table 3.1): the default set of `spinemri compare --train`.
 THESIS_ARCHS = ("inception_v3", "xception", "vgg16", "nasnet_large", "resnet50", "mobilenet_v2", "densenet")
 

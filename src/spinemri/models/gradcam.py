@@ -235,7 +235,11 @@ def _title(classes: Sequence[str], truth: int, probabilities: np.ndarray) -> str
 
 def _backbone(model: keras.Model) -> keras.Model:
     try:
-        return model.get_layer(BACKBONE_LAYER)
+        backbone = model.get_layer(BACKBONE_LAYER)
     except ValueError:
         raise ValueError(f"model {model.name!r} has no nested backbone layer {BACKBONE_LAYER!r}; Grad-CAM works on "
                          "models from spinemri.models.network.build_model") from None
+    if isinstance(backbone, keras.layers.TimeDistributed):
+        raise ValueError(f"model {model.name!r} encodes each slice separately (model.slice_pooling attention or "
+                         "lstm); Grad-CAM explains models that see the slices as channels (slice_pooling: channels)")
+    return backbone

@@ -2,7 +2,15 @@
 
 The model takes pixel values 0..255 (float32, the cache's uint8 as floats) and does the backbone's
 own input scaling inside, so the same tensor from :func:`spinemri.data.preprocess.preprocess`
-feeds training and serving.
+feeds training and serving. Its channels are the slices of a 2.5D stack (``preprocess.slices``),
+pooled one of three ways (``model.slice_pooling``):
+
+- ``channels``: the backbone sees the slices as the channels of one image (3 slices fill ImageNet's
+  RGB; any other count with ImageNet weights first passes a 1x1 convolution to 3 channels that
+  starts as the slices' mean);
+- ``attention``: one shared 2D backbone encodes each slice alone, and a learned softmax weight per
+  slice averages their features;
+- ``lstm``: the same per-slice encoder, then a bidirectional LSTM across the slices.
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ import numpy as np
 
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.models.backbones import Backbone, build_backbone, get_backbone
+from spinemri.models.catalog import SLICE_POOLING
 
 BACKBONE_LAYER = "backbone"
+LSTM_UNITS = 128
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225])
@@ -21,7 +31,7 @@ _CAFFE_MEAN = np.array([103.939, 116.779, 123.68])
 
 
 def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none", dense_units: int = 256,
-                dropout: float = 0.3, bn_momentum: float = 0.0) -> keras.Model:
+                dropout: float = 0.3, bn_momentum: float = 0.0, slice_pooling: str = "channels") -> keras.Model:
     """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of float32 softmaxes.
 
     Built under Keras's global dtype policy: with ``mixed_float16`` the backbone computes in float16
@@ -30,8 +40,13 @@ def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none
     ``bn_momentum`` > 0 replaces the backbone's BatchNormalization momentum (Keras applications use
     0.99, whose moving statistics need more steps than a quick run on a few hundred images has).
     """
-    inputs, x = backbone_features(arch, img_size, channels, weights=weights, bn_momentum=bn_momentum)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if slice_pooling == "channels":
+        inputs, x = backbone_features(arch, img_size, channels, weights=weights, bn_momentum=bn_momentum)
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    elif slice_pooling in SLICE_POOLING:
+        inputs, x = _pooled_slices(arch, img_size, channels, slice_pooling, weights=weights, bn_momentum=bn_momentum)
+    else:
+        raise ValueError(f"slice_pooling must be one of {', '.join(SLICE_POOLING)}, got {slice_pooling!r}")
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     # float32 heads: under mixed_float16 a float16 softmax underflows and the losses lose precision.
@@ -51,6 +66,11 @@ def backbone_features(arch: str, img_size: int, channels: int, *, weights: str =
     if channels == 1 and weights != "none" and arch != "tiny":  # ImageNet filters expect 3 channels
         x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
         channels = 3
+    elif channels not in (1, 3) and weights != "none" and arch != "tiny":
+        # More slices than RGB: a learned 1x1 mix to 3 channels, starting as the slices' mean.
+        x = keras.layers.Conv2D(3, 1, use_bias=False, kernel_initializer=keras.initializers.Constant(1.0 / channels),
+                                name="slices_to_rgb")(x)
+        channels = 3
     for layer in _scaling_layers(backbone, channels):
         x = layer(x)
     features = build_backbone(backbone, (img_size, img_size, channels), weights)
@@ -60,6 +80,26 @@ def backbone_features(arch: str, img_size: int, channels: int, *, weights: str =
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = bn_momentum
     return inputs, features(x)
+
+
+def _pooled_slices(arch: str, img_size: int, slices: int, pooling: str, *, weights: str, bn_momentum: float
+                   ) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """The input and the slice-pooled features of a per-slice encoder (``attention`` or ``lstm``)."""
+    slice_in, features = backbone_features(arch, img_size, 1, weights=weights, bn_momentum=bn_momentum)
+    encoder = keras.Model(slice_in, keras.layers.GlobalAveragePooling2D(name="slice_pool")(features),
+                          name="slice_encoder")
+    inputs = keras.Input((img_size, img_size, slices), name="image")
+    stack = keras.layers.Permute((3, 1, 2), name="slices_first")(inputs)
+    stack = keras.layers.Reshape((slices, img_size, img_size, 1), name="slice_stack")(stack)
+    per_slice = keras.layers.TimeDistributed(encoder, name=BACKBONE_LAYER)(stack)  # (B, slices, F)
+    if pooling == "lstm":
+        return inputs, keras.layers.Bidirectional(keras.layers.LSTM(LSTM_UNITS), name="slice_lstm")(per_slice)
+    hidden = keras.layers.Dense(128, activation="tanh", name="slice_attention_hidden")(per_slice)
+    scores = keras.layers.Dense(1, name="slice_attention_score")(hidden)
+    attention = keras.layers.Softmax(axis=1, name="slice_attention", dtype="float32")(scores)  # (B, slices, 1)
+    per_slice = keras.layers.Activation("linear", dtype="float32", name="slice_features")(per_slice)
+    pooled = keras.layers.Dot(axes=1, name="slice_weighted_sum")([attention, per_slice])  # (B, 1, F)
+    return inputs, keras.layers.Flatten(name="pool")(pooled)
 
 
 def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:

@@ -104,6 +104,9 @@ def export_classifier(model_uri: str, fmt: str, out: str | Path, *, count: int =
     """Export a logged classifier (``models:/spinemri@champion``, ``runs:/<id>/model``), checked on phantom images."""
     check_request(fmt, out, overwrite)  # fail before loading the model and making samples
     classifier = load_classifier(model_uri)
+    if "members" in classifier.meta:
+        raise ExportError(f"{model_uri} is an ensemble of {len(classifier.meta['members'])} models, which one mobile "
+                          "file cannot hold; export one member's model (runs:/<fold run id>/model)")
     samples = phantom_samples(classifier.meta, count=count, seed=seed)
     return export_model(classifier.model, fmt, out, samples, tolerance=tolerance, overwrite=overwrite)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data.dicom import BITMAP_SUFFIXES, read_image, series_order
+from spinemri.data.preprocess import stack_neighbours
 from spinemri.errors import ImageReadError, PredictError
 from spinemri.files import write_csv
 from spinemri.tracking.pyfunc import SpineClassifier, probabilities_frame
@@ -127,8 +128,9 @@ def predict_files(classifier: SpineClassifier, input_path: str | Path, out: str 
 
 
 def _neighbours(classifier: SpineClassifier, file: Path, orders: dict[Path, list[str]]):
-    """[previous, next] slices of a DICOM in its series folder for 3-channel models (as in training)."""
-    if classifier.preprocessing.channels != 3 or file.suffix.lower() != ".dcm":
+    """The neighbouring slices of a DICOM in its series folder for a 2.5D model, in order (as in training)."""
+    count = classifier.preprocessing.slices
+    if count == 1 or file.suffix.lower() != ".dcm":
         return None
     folder = file.parent
     if folder not in orders:
@@ -136,9 +138,8 @@ def _neighbours(classifier: SpineClassifier, file: Path, orders: dict[Path, list
     order = orders[folder]
     if str(file) not in order:
         return None
-    i = order.index(str(file))
     voi = classifier.preprocessing.dicom_window
-    return [read_image(order[max(i - 1, 0)], voi=voi), read_image(order[min(i + 1, len(order) - 1)], voi=voi)]
+    return [read_image(order[j], voi=voi) for j in stack_neighbours(order.index(str(file)), len(order), count)]
 
 
 def _bar(enabled: bool, total: int):

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data.dicom import DicomImage, read_series
+from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import (CONDITIONS, LEVELS, PROBABILITY_COLUMNS, RSNA_SEVERITY_FREQUENCIES, SERIES_TYPES,
                                   SUBMISSION_COLUMNS, row_id)
 from spinemri.data.studies import Study
@@ -110,15 +111,15 @@ class StudyPredictor:
                 return DicomImage(stack.pixels[j], "", int(stack.instance_numbers[j]), None, None, stack.pixel_spacing)
 
             try:
-                crops.append(self.classifier.prepare_image(image(i), [image(max(i - 1, 0)), image(min(i + 1, n - 1))],
-                                                           site.x, site.y))
+                neighbours = [image(j) for j in stack_neighbours(i, n, self.classifier.preprocessing.slices)]
+                crops.append(self.classifier.prepare_image(image(i), neighbours, site.x, site.y))
                 keys.append((condition, level))
             except ValueError as exc:
                 site_rows[(condition, level)] = dict(source="prior", reason=str(exc))
                 continue
             site_rows[(condition, level)] = dict(source="model", reason="", series_id=site.series_id,
-                                                 instance_number=site.instance_number, x=round(site.x, 2),
-                                                 y=round(site.y, 2), slice_score=round(site.slice_score, 4))
+                                                 instance_number=site.instance_number, x=round(site.x, 6),
+                                                 y=round(site.y, 6), slice_score=round(site.slice_score, 4))
         probs = {}
         if crops:
             severity = self.classifier.predict_images(np.stack(crops), conditions=[c for c, _ in keys]

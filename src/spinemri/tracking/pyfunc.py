@@ -8,8 +8,9 @@ posted to ``mlflow models serve``):
     x, y           optional site centre in pixels (column, row); default: the image centre
     condition      optional: the condition whose severity the site is graded for (e.g.
                    spinal_canal_stenosis), which picks that condition's severity temperature
-    neighbors_b64  optional [previous, next] slices (base64, same kind) for 3-channel models;
-                   without them the centre slice is repeated, as at the ends of a series in training
+    neighbors_b64  optional, for a 2.5D model of S slices: the S - 1 neighbouring slices in order
+                   (base64, same kind; [previous, next] for 3), the site's slice left out; without
+                   them the site's slice is repeated, as at the ends of a series in training
 
 Each image goes through :func:`spinemri.data.preprocess.preprocess` with the configuration the
 model was trained with (stored in the model's ``meta.json``): the same function that built the
@@ -43,8 +44,8 @@ from mlflow.types.schema import Array
 from spinemri.data import limits
 from spinemri.data.dicom import (DicomImage, SeriesStack, decode_bitmap_bytes, decode_dicom_bytes, encode_dicom,
                                  read_image, read_series)
-from spinemri.data.preprocess import PreprocessConfig, preprocess
-from spinemri.data.schema import CONDITIONS, HEAD_CLASSES
+from spinemri.data.preprocess import PreprocessConfig, preprocess, with_centre
+from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, condition_key
 from spinemri.errors import ImageReadError, UserError
 from spinemri.models.calibration import Temperatures
 
@@ -183,11 +184,13 @@ class SpineClassifier(KerasWithMeta):
         column = given[0]
         centre = _decode(row[column], column, index, config)
         neighbours = None
-        if config.channels == 3 and _present(row.get("neighbors_b64")):
+        if config.slices > 1 and _present(row.get("neighbors_b64")):
             values = row["neighbors_b64"]
-            if isinstance(values, str) or len(values) != 2:
-                raise InputError(f"row {index}: neighbors_b64 must be a list of two base64 files "
-                                 f"[previous, next], got {type(values).__name__}")
+            if isinstance(values, str) or len(values) != config.slices - 1:
+                shown = type(values).__name__ if isinstance(values, str) else f"{len(values)} files"
+                raise InputError(f"row {index}: neighbors_b64 must be a list of {config.slices - 1} base64 files, "
+                                 f"the neighbouring slices in order ({'[previous, next]' if config.slices == 3 else 'lower first'}) "
+                                 f"for this {config.slices}-slice model, got {shown}")
             neighbours = [_decode(v, f"neighbors_b64[{k}]", index, config) for k, v in enumerate(values)]
         x, y = _coordinate(row, "x", index), _coordinate(row, "y", index)
         if (x is None) != (y is None):
@@ -199,15 +202,14 @@ class SpineClassifier(KerasWithMeta):
 
     def prepare_image(self, centre: DicomImage, neighbours: Sequence[DicomImage] | None = None,
                       x: float | None = None, y: float | None = None) -> np.ndarray:
-        """A decoded slice (and its [previous, next] neighbours) -> the model input, as in training.
+        """A decoded slice (and, for a 2.5D model, its neighbours in order) -> the model input, as in training.
 
-        A 3-channel model without neighbours gets the centre slice three times, as training does at
-        the ends of a series. Raises ValueError (e.g. a site outside the image).
+        A 2.5D model without neighbours gets the site's slice repeated, as training does at the ends of
+        a series. Raises ValueError (e.g. a site outside the image).
         """
-        slices = [centre.pixels]
-        if self.preprocessing.channels == 3:
-            slices = [neighbours[0].pixels, centre.pixels, neighbours[1].pixels] if neighbours else [centre.pixels] * 3
-        return preprocess(slices, centre.pixel_spacing, self.preprocessing, x, y)
+        count = self.preprocessing.slices
+        stack = with_centre(centre.pixels, [n.pixels for n in neighbours or ()] if count > 1 else (), count)
+        return preprocess(stack, centre.pixel_spacing, self.preprocessing, x, y)
 
     def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None
                        ) -> dict[str, np.ndarray]:
@@ -223,6 +225,63 @@ class SpineClassifier(KerasWithMeta):
         if self.meta.get("temperature"):
             proba = Temperatures.from_dict(self.meta["temperature"]).apply(proba, conditions)
         return proba
+
+
+class SpineEnsemble(SpineClassifier):
+    """Several classifiers served as one: the same request rows, preprocessed once with the members'
+    shared preprocessing, and the mean of the members' calibrated probabilities per head.
+
+    ``meta["members"]`` lists each member (``arch``, ``run_id``, ``fold``, ``temperature``); its Keras
+    file is the artifact ``member_<i>``.
+    """
+
+    def load_context(self, context) -> None:
+        import keras
+
+        guard_scoring_server()
+        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.members = [keras.models.load_model(context.artifacts[f"member_{i}"], compile=False)
+                        for i in range(len(self.meta["members"]))]
+        self.model = self.members[0]
+
+    def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None
+                       ) -> dict[str, np.ndarray]:
+        """The mean over members of each one's probabilities, calibrated by its own temperatures."""
+        images = np.asarray(images, dtype=np.float32)
+        expected = tuple(self.meta["input_shape"])
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise InputError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
+        total: dict[str, np.ndarray] = {}
+        for model, member in zip(self.members, self.meta["members"]):
+            outputs = model.predict(images, batch_size=batch_size, verbose=0)
+            proba = {head: np.asarray(outputs[head], dtype=np.float64) for head in HEAD_CLASSES}
+            if member.get("temperature"):
+                proba = Temperatures.from_dict(member["temperature"]).apply(proba, conditions)
+            for head, p in proba.items():
+                total[head] = total.get(head, 0.0) + p
+        return {head: (p / len(self.members)).astype(np.float32) for head, p in total.items()}
+
+
+def log_ensemble(members: Sequence, meta: dict, example: dict[str, Any], pip_requirements: list[str]):
+    """Log Keras ``members`` as one :class:`SpineEnsemble` pyfunc (``model``) with ``meta``, a signature
+    and a request-row input example."""
+    ensemble = SpineEnsemble()
+    ensemble.members, ensemble.model, ensemble.meta = list(members), members[0], meta
+    example_frame = pd.DataFrame([example])
+    signature = ModelSignature(inputs=INPUT_SCHEMA, outputs=_output_schema(ensemble.predict(None, example_frame)))
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+        artifacts = {}
+        for i, member in enumerate(members):
+            path = Path(tmp) / f"member_{i}.keras"
+            member.save(path)
+            artifacts[f"member_{i}"] = str(path)
+        meta_path = Path(tmp) / "meta.json"
+        meta_path.write_text(json.dumps(meta, indent=2))
+        artifacts["meta"] = str(meta_path)
+        return mlflow.pyfunc.log_model(name="model", python_model=SpineEnsemble(), artifacts=artifacts,
+                                       code_paths=[str(PACKAGE_DIR)], signature=signature,
+                                       input_example=example_frame, pip_requirements=pip_requirements)
 
 
 def load_classifier(model_uri: str) -> SpineClassifier:
@@ -256,7 +315,7 @@ def example_row(sample: Mapping[str, Any], config: PreprocessConfig, neighbours:
     row: dict[str, Any] = {"dicom_b64": crop(image)}
     if x is not None:
         row.update(x=x - left, y=y - top)
-    if config.channels == 3 and len(neighbours) == 2:
+    if config.slices > 1 and len(neighbours) == config.slices - 1:
         row["neighbors_b64"] = [crop(read_image(p, voi=config.dicom_window)) for p in neighbours]
     return row
 
@@ -321,12 +380,17 @@ def _conditions(frame: pd.DataFrame) -> list[str] | None:
     """The optional ``condition`` column (what each site's severity grades), checked; None when absent."""
     if "condition" not in frame.columns:
         return None
-    values = ["" if not _present(v) else v for v in frame["condition"]]
-    for index, value in enumerate(values):
-        if value != "" and value not in CONDITIONS:
+    keys = []
+    for index, value in enumerate(frame["condition"]):
+        if not _present(value):
+            keys.append("")
+            continue
+        key = condition_key(value) if isinstance(value, str) else None
+        if key is None:
             raise InputError(f"row {index}: condition {value!r} is not one of {', '.join(CONDITIONS)} "
-                             "(leave it out when unknown)")
-    return values
+                             "(or their names in train_label_coordinates.csv; leave it out when unknown)")
+        keys.append(key)
+    return keys
 
 
 def _present(value) -> bool:

@@ -44,7 +44,9 @@ from spinemri.training.steps import calibration_effect, fit_model, log_held_out,
 
 OOF_ARTIFACT = "evaluation/oof_predictions.csv"
 FOLDS_ARTIFACT = "data/folds.csv"
+FOLD_MODELS_ARTIFACT = "cv/fold_models.json"  # what `spinemri ensemble` packages
 CV_SCORE = "cv_rsna_score"
+CV_ROLE, FOLD_ROLE = "cv", "fold"  # the tag `role` of the parent run and of each fold's run
 
 
 @dataclass
@@ -78,11 +80,14 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True) -> Train
     seed_everything(config.train)
     params = {k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space.") and k != "task"}
     params.update({"cv.studies": int(table["fold"].ge(0).sum()), "cv.test_studies_locked": int(table["fold"].lt(0).sum())})
-    tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": "cv", "folds": str(folds)}
+    tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": CV_ROLE, "folds": str(folds)}
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
                       tags=tags, run_name=f"{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}") as run:
         mlflow.log_text(table.to_csv(index=False), FOLDS_ARTIFACT)
         results = [_fold(config, dataset, samples, k, log_model) for k in range(folds)]
+        if log_model:
+            mlflow.log_dict({"folds": [{"fold": r.fold, "run_id": r.run_id, "model_uri": r.model_uri}
+                                       for r in results]}, FOLD_MODELS_ARTIFACT)
         metrics = log_out_of_fold(results, config)
         metrics.update(epochs_trained=float(np.mean([r.epochs_trained for r in results])),
                        training_time_s=round(sum(r.training_time for r in results), 2))
@@ -101,7 +106,7 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
     splits: dict[str, SplitData] = {name: split_data(fold_samples, name) for name in ("train", "val")}
     params = {f"split.{name}_samples": len(part) for name, part in splits.items()}
     params.update({f"split.{name}_studies": int(part.samples["study_id"].nunique()) for name, part in splits.items()})
-    tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": "fold", "fold": str(k)}
+    tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": FOLD_ROLE, "fold": str(k)}
     print(f"== fold {k + 1}/{config.split.folds}: {params['split.train_studies']} studies train, "
           f"{params['split.val_studies']} held out ==", flush=True)
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,

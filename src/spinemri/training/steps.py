@@ -17,6 +17,7 @@ import pandas as pd
 from spinemri.config import HEADS, ExperimentConfig
 from spinemri.data import cache
 from spinemri.data.dicom import series_order
+from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.evaluation import heads
 from spinemri.evaluation.competition import prior_from_samples
@@ -54,7 +55,7 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     cfg, pre = config.train, config.preprocess
     model = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
                         dense_units=config.model.dense_units, dropout=config.model.dropout,
-                        bn_momentum=config.model.bn_momentum)
+                        bn_momentum=config.model.bn_momentum, slice_pooling=config.model.slice_pooling)
     images_path = dataset.path / "images.npy"
     train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed,
                             augment=cfg.augment, severity_weights=config.model.severity_sample_weights,
@@ -105,7 +106,7 @@ def _single_device_copy(model: keras.Model, config: ExperimentConfig) -> keras.M
     pre = config.preprocess
     copy = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
                        dense_units=config.model.dense_units, dropout=config.model.dropout,
-                       bn_momentum=config.model.bn_momentum)
+                       bn_momentum=config.model.bn_momentum, slice_pooling=config.model.slice_pooling)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -184,18 +185,17 @@ def log_trained_model(model: keras.Model, config: ExperimentConfig, dataset: cac
     if temperatures is not None:
         meta["temperature"] = temperatures.to_dict()
     shown = splits.get("test") if splits.get("test") is not None and len(splits["test"]) else splits["val"]
-    example = _request_example(shown.samples, dataset.manifest.get("dataset_root", ""), pre)
+    example = request_example(shown.samples, dataset.manifest.get("dataset_root", ""), pre)
     return log_classifier(model, meta, example, pip_requirements()).model_uri
 
 
-def _request_example(samples: pd.DataFrame, root: str, pre) -> dict:
+def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
     """The logged input example: a de-identified crop of the first test sample (no DICOM tags)."""
     sample = samples.iloc[0].copy()
     sample["path"] = os.path.join(root, sample["path"])
     neighbours: list[str] = []
-    if pre.channels == 3 and Path(sample["path"]).suffix.lower() == ".dcm":
+    if pre.slices > 1 and Path(sample["path"]).suffix.lower() == ".dcm":
         order = [p for _, p, _ in series_order(sorted(Path(sample["path"]).parent.glob("*.dcm")))]
         if sample["path"] in order:
-            i = order.index(sample["path"])
-            neighbours = [order[max(i - 1, 0)], order[min(i + 1, len(order) - 1)]]
+            neighbours = [order[j] for j in stack_neighbours(order.index(sample["path"]), len(order), pre.slices)]
     return example_row(sample, pre, neighbours)

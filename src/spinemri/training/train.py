@@ -81,7 +81,8 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     epochs_trained = len(history.get("loss", []))
     temperatures = fit_calibration(model, config, images_path, splits["val"])
     metrics, predictions = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"].targets,
-                                     temperatures) if evaluate_test else ({}, None)
+                                     temperatures, explain=config.model.slice_pooling == "channels") \
+        if evaluate_test else ({}, None)
     metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained,
                    model_params=model.count_params())
     if evaluate_test:
@@ -117,8 +118,8 @@ def _inference_ms(model: keras.Model, images_path: Path, test: SplitData, batch_
 
 
 def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int,
-              train_targets: dict[str, np.ndarray], temperatures: calibration.Temperatures | None = None
-              ) -> tuple[dict[str, float], pd.DataFrame]:
+              train_targets: dict[str, np.ndarray], temperatures: calibration.Temperatures | None = None,
+              explain: bool = True) -> tuple[dict[str, float], pd.DataFrame]:
     """Predict the test split; log the figures and reports per head, the full evaluation
     (spinemri.evaluation.heads: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
     breakdowns), Grad-CAM heatmaps and the per-row predictions (what a paired champion decision compares).
@@ -129,9 +130,10 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
         mlflow.log_metrics(calibration_effect(test.targets, proba, "test"))
         proba = temperatures.apply(proba, test.samples["condition"].tolist())
     evaluation = log_held_out(test.samples, test.targets, proba, train_targets, "test")
-    for head, figure in gradcam_grid(model, _Rows(images_path, test.rows), test.targets, proba,
-                                     head=list(HEADS)).items():
-        log_figure(figure, f"gradcam/{head}.png")
+    if explain:  # Grad-CAM explains one backbone over the slices as channels, not a per-slice encoder
+        for head, figure in gradcam_grid(model, _Rows(images_path, test.rows), test.targets, proba,
+                                         head=list(HEADS)).items():
+            log_figure(figure, f"gradcam/{head}.png")
     _log_sample_predictions(images_path, test, proba)
     predictions = paired.prediction_table(test.samples, test.targets, proba)
     mlflow.log_text(predictions.to_csv(index=False), paired.PREDICTIONS_ARTIFACT)

@@ -1,0 +1,133 @@
+"""`spinemri ensemble`: the fold models of one or more cross-validations, served as one model.
+
+Every fold model of a cross-validation run (spinemri.training.cv) is a member, calibrated by its own
+temperatures (fitted on its held-out fold); the ensemble averages the members' calibrated
+probabilities (:class:`spinemri.tracking.pyfunc.SpineEnsemble`). Runs of several backbones mix,
+as long as they share the data, the split and the preprocessing, so that one request row means
+the same input to every member. Together the members trained on every study outside the locked test
+split, so the ensemble is judged on that split alone — in a run of its own (tag ``role=ensemble``) with
+the same ``test_*`` evaluation as a training run — and registered under the champion policy like any
+classifier: `mlflow models serve`, `spinemri predict` and `predict-study` take it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.data.source import prepare_data
+from spinemri.errors import EnsembleError
+from spinemri.evaluation import paired
+from spinemri.evaluation.competition import prior_from_samples
+from spinemri.evaluation.run import _run_config
+from spinemri.tracking.pyfunc import SpineEnsemble, load_classifier, log_ensemble
+from spinemri.tracking.registry import eval_set_hash
+from spinemri.tracking.runs import TrainResult, log_split, pip_requirements, register_and_tag, run_tags, training_run
+from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT
+from spinemri.training.data import read_rows, split_data
+from spinemri.training.steps import log_held_out, request_example
+
+ENSEMBLE_ROLE = "ensemble"
+# What members must share for one request row to be the same input to all of them.
+SHARED = ("preprocess", "input_shape", "data_fingerprint")
+
+
+def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = None, register: bool = True,
+                   policy: str | None = None) -> TrainResult:
+    """Package the fold models of the cross-validation runs ``run_ids`` as one model, evaluate it on
+    the locked test split, log it and (``register``) register it; see the module docstring."""
+    if not run_ids:
+        raise EnsembleError("give at least one cross-validation run (--run RUN_ID)")
+    members, described, configs = [], [], []
+    for run_id in dict.fromkeys(run_ids):
+        config, folds = _cross_validation(run_id)
+        configs.append((run_id, config))
+        for fold in folds:
+            classifier = load_classifier(fold["model_uri"])
+            members.append(classifier)
+            described.append({"arch": classifier.meta["arch"], "cv_run": run_id, "fold": fold["fold"],
+                              "run_id": fold["run_id"], "temperature": classifier.meta.get("temperature")})
+    first = members[0].meta
+    for member, about in zip(members, described):
+        differing = [key for key in SHARED if member.meta.get(key) != first.get(key)]
+        if differing:
+            raise EnsembleError(f"fold {about['fold']} of run {about['cv_run']} differs from fold "
+                                f"{described[0]['fold']} of run {described[0]['cv_run']} in {', '.join(differing)}; "
+                                "ensemble cross-validations of the same data with the same preprocessing")
+    splits = {(c.split.fractions, c.split.seed, c.split.folds) for _, c in configs}
+    if len(splits) > 1:
+        raise EnsembleError(f"the runs split the studies differently ({', '.join(r for r, _ in configs)}); "
+                            "ensemble cross-validations with the same split.fractions, split.seed and split.folds")
+    config = configs[0][1]
+    dataset, samples = prepare_data(config)
+    test = split_data(samples, "test")
+    meta = {"arch": "ensemble", "archs": sorted({d["arch"] for d in described}),
+            "input_shape": first["input_shape"], "preprocess": first["preprocess"], "classes": first["classes"],
+            "data_fingerprint": first.get("data_fingerprint"),
+            "severity_prior": prior_from_samples(samples[samples["split"] != "test"]), "members": described}
+    ensemble = SpineEnsemble()
+    ensemble.members, ensemble.model, ensemble.meta = [m.model for m in members], members[0].model, meta
+    params = {"ensemble.members": len(members), "ensemble.runs": ",".join(r for r, _ in configs),
+              "ensemble.archs": ",".join(meta["archs"]), "split.test_samples": len(test),
+              "split.test_studies": int(test.samples["study_id"].nunique())}
+    tags = {**run_tags(dataset.fingerprint, "ensemble", config.task), "role": ENSEMBLE_ROLE}
+    with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
+                      tags=tags, run_name=f"ensemble-{len(members)}-{datetime.now():%Y%m%d-%H%M%S}") as run:
+        log_split(dataset.splits(config.split.fractions, config.split.seed))
+        proba = _predict(ensemble, str(dataset.path / "images.npy"), test, config.train.batch_size)
+        evaluation = log_held_out(test.samples, test.targets, proba, split_data(samples, "train").targets, "test")
+        predictions = paired.prediction_table(test.samples, test.targets, proba)
+        mlflow.log_text(predictions.to_csv(index=False), paired.PREDICTIONS_ARTIFACT)
+        metrics = {f"test_{head}_{name}": float(entry["value"]) for head, result in evaluation["heads"].items()
+                   for name, entry in result.get("metrics", {}).items() if entry["value"] is not None}
+        example = request_example(test.samples, dataset.manifest.get("dataset_root", ""),
+                                  ensemble.preprocessing)
+        model_uri = log_ensemble(ensemble.members, meta, example, pip_requirements()).model_uri
+        decision = None
+        if register:
+            metric = config.mlflow.champion_metric
+            decision = register_and_tag(
+                model_uri, registered_model or config.mlflow.registered_model, metric=metric,
+                value=metrics.get(metric), eval_set=eval_set_hash(test.samples),
+                tags={"arch": "ensemble", "members": str(len(members)), "archs": ",".join(meta["archs"]),
+                      "experiment": config.name, "eval_set_samples": str(len(test)),
+                      "eval_set_studies": str(test.samples["study_id"].nunique())},
+                policy=policy or config.mlflow.champion_policy, evidence=predictions)
+    return TrainResult(run_id=run.info.run_id, metrics=metrics, model_uri=model_uri, epochs_trained=0,
+                       registered=decision)
+
+
+def _cross_validation(run_id: str) -> tuple:
+    """The config and fold models of a finished cross-validation run, or an EnsembleError saying why not."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise EnsembleError(f"no run {run_id!r} in {mlflow.get_tracking_uri()}") from None
+    if run.data.tags.get("role") != CV_ROLE:
+        raise EnsembleError(f"run {run_id} is not a cross-validation run (tag role=cv); cross-validate first "
+                            "with `spinemri train --folds K` and pass its parent run")
+    if run.info.status != "FINISHED":
+        raise EnsembleError(f"run {run_id} is {run.info.status}, not FINISHED; ensemble a finished cross-validation")
+    try:
+        folds = mlflow.artifacts.load_dict(f"runs:/{run_id}/{FOLD_MODELS_ARTIFACT}")["folds"]
+    except (MlflowException, OSError, KeyError):
+        raise EnsembleError(f"run {run_id} logged no fold models ({FOLD_MODELS_ARTIFACT}); cross-validate with "
+                            "the fold models logged") from None
+    return _run_config(run_id), folds
+
+
+def _predict(ensemble: SpineEnsemble, images_path: str, part, batch_size: int) -> dict[str, np.ndarray]:
+    outputs: dict[str, list[np.ndarray]] = {head: [] for head in HEAD_CLASSES}
+    conditions = part.samples["condition"].tolist()
+    for start in range(0, len(part), 256):
+        predicted = ensemble.predict_images(read_rows(images_path, part.rows[start:start + 256]),
+                                            batch_size=batch_size, conditions=conditions[start:start + 256])
+        for head in HEAD_CLASSES:
+            outputs[head].append(predicted[head])
+    return {head: np.concatenate(values) for head, values in outputs.items()}
