@@ -129,6 +129,12 @@ class TrainConfig:
     # Same seed, same results (TensorFlow's op determinism, for the whole process; slower on GPUs).
     deterministic: bool = setting(False, "same seed, same results (TensorFlow's op determinism, for the whole process; slower on GPUs)")
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "training augmentation"})
+    site_jitter_mm: float = setting(0.0, "move each training crop in plane by a normal shift of this σ per axis, in mm "
+                                    "(how far a localizer errs; 0: never)")
+    site_jitter_slices: float = setting(0.0, "chance that a training crop's slice stack moves one slice up or down "
+                                        "(how often a localizer misses the slice; 0: never)")
+    site_jitter_from: str = setting("", "a registered localizer (models:/spinemri-localizer): jitter each series type "
+                                    "as its localizer errs on held-out studies, instead of the two settings above")
     strategy: str = setting("default", "default (one device) or mirrored (all visible GPUs; batch_size is the global batch)")
     mixed_precision: str = setting("auto", "auto (mixed_float16 iff a GPU is visible), on (needs a GPU) or off")
 
@@ -159,6 +165,9 @@ class TrainConfig:
                self.monitor)
         _check(self.early_stopping_patience >= 0 and self.reduce_lr_patience >= 0, "train.*_patience",
                "must be >= 0", (self.early_stopping_patience, self.reduce_lr_patience))
+        _check(self.site_jitter_mm >= 0, "train.site_jitter_mm", "must be >= 0 millimetres", self.site_jitter_mm)
+        _check(0 <= self.site_jitter_slices <= 1, "train.site_jitter_slices", "must be a probability within [0, 1]",
+               self.site_jitter_slices)
         self.augment.validate()
 
 

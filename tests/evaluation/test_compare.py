@@ -62,7 +62,8 @@ def cross_validated(phantom_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cross_validated")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     settings = ["--set", "compare.archs=tiny,vgg16", "--set", f"data.data_dir={phantom_dir}",
-                "--set", "preprocess.img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=32"]
+                "--set", "preprocess.img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=32",
+                "--set", "train.site_jitter_mm=3", "--set", "train.site_jitter_slices=0.2"]
     with isolated_tracking(uri, root / "cache"):
         result = CliRunner().invoke(cli, ["compare", "--experiment", "seed_table_quick", "--train", "--folds", "2",
                                           *settings])
@@ -138,6 +139,8 @@ def test_compare_folds_cross_validates_each_backbone(cv_store, tmp_path):
         assert by_split["train"] == {s for s, f in fold_of.items() if f >= 0 and f != k}
         assert not by_split["train"] & by_split["val"]
         assert "temperature_severity" in child.data.metrics and child.data.tags["role"] == "fold"
+        assert child.data.params["site_jitter.axial_t2_sigma_mm"] == "3.0"  # training crops moved...
+        assert child.data.params["site_jitter.axial_t2_slice_move"] == "0.0"  # ...in plane only: 1-slice crops
         held = artifact(child.info.run_id, "evaluation/fold_predictions.csv").astype({"study_id": str})
         assert set(held["study_id"]) == by_split["val"]
 

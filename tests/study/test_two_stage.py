@@ -26,6 +26,7 @@ from spinemri.tracking.pyfunc import load_classifier
 from spinemri.localization.locate import load_localizer
 from spinemri.evaluation.competition import PROBABILITY_COLUMNS
 from spinemri.data.studies import find_studies
+from spinemri.errors import ConfigError
 from tests import hostile
 
 pytestmark = pytest.mark.xdist_group("study")
@@ -155,6 +156,25 @@ def test_the_classifier_learns_the_phantom(two_stage):
     metrics = two_stage.classifier.metrics
     assert metrics["test_severity_roc_auc"] > 0.8, metrics
     assert metrics["test_condition_roc_auc"] > 0.85, metrics
+    # Stage 2 alone: the competition score at the labelled sites, below the prior's, with its interval.
+    assert metrics["test_rsna_score_ci_low"] <= metrics["test_rsna_score"] <= metrics["test_rsna_score_ci_high"]
+    assert metrics["test_rsna_score"] < metrics["test_prior_rsna_score"], metrics
+
+
+def test_site_jitter_reads_each_localizers_held_out_error(study_store):
+    from spinemri.config import load_experiment
+    from spinemri.data.schema import SERIES_TYPES
+    from spinemri.training.jitter import site_jitter
+
+    config = load_experiment("quick", {"train.site_jitter_from": "models:/spinemri-localizer", "preprocess.slices": 5})
+    jitter = site_jitter(config)
+    for series, description in SERIES_TYPES.items():
+        run = MlflowClient().get_run(study_store.localizers[series].run_id).data.metrics
+        assert jitter.sigma_mm[description] == pytest.approx(run[f"test_{series}_point_error_mm"] / np.sqrt(np.pi / 2))
+        assert jitter.slice_move[description] == pytest.approx(1 - run[f"test_{series}_slice_exact"])
+    assert 0 < min(jitter.sigma_mm.values()) and "spinemri-localizer" in jitter.source
+    with pytest.raises(ConfigError, match="has none of the aliases sagittal_t2, sagittal_t1, axial_t2"):
+        site_jitter(load_experiment("quick", {"train.site_jitter_from": "models:/spinemri"}))
 
 
 def test_held_out_score_beats_the_prior_baseline_and_is_logged(study_store, tmp_path):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from spinemri.config import AugmentConfig
 from spinemri.data.cache import prepare
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.training.data import encode_targets, make_dataset, sample_weights, split_data
+from spinemri.training.data import encode_targets, jitter_sites, make_dataset, sample_weights, split_data
 
 
 def test_targets_follow_the_thesis_categories():
@@ -112,3 +113,51 @@ def test_read_rows_sees_a_replaced_cache_file(tmp_path):
     path.unlink()
     np.save(path, np.full((4, 2, 2, 1), 7, np.uint8))
     assert read_rows(str(path), np.array([1])).max() == 7
+
+
+def test_site_jitter_moves_crops_as_far_as_asked_and_stacks_by_one_slice():
+    """A bright dot at the centre of each crop: its displacement's spread is σ per axis; a stack moves one slice."""
+    n, size = 600, 41
+    x = np.zeros((n, size, size, 5), np.float32)
+    x[:, 20, 20, :] = 255.0
+    x *= np.arange(1, 6, dtype=np.float32)  # slice k holds value 255 * (k + 1) at the dot
+    sigma = np.full(n, 3.0, np.float32)
+    move = np.r_[np.zeros(n // 2), np.ones(n // 2)].astype(np.float32)
+    out = jitter_sites(tf.constant(x), tf.constant(sigma), tf.constant(move), seed=0).numpy()
+    centre = out[..., 2]
+    weights = centre.sum(axis=(1, 2))
+    rows = (centre.sum(axis=2) * np.arange(size)).sum(axis=1) / np.maximum(weights, 1e-9)
+    cols = (centre.sum(axis=1) * np.arange(size)).sum(axis=1) / np.maximum(weights, 1e-9)
+    kept = weights > 0  # a dot shifted off the crop is gone, as outside an image
+    for axis in (rows[kept] - 20, cols[kept] - 20):
+        assert abs(axis.mean()) < 0.5 and 2.5 < axis.std() < 3.5
+    stacks = jitter_sites(tf.constant(x), tf.zeros(n), tf.constant(move), seed=0).numpy()  # no in-plane shift
+    level = stacks.max(axis=(1, 2)) / 255.0  # which slice each channel now shows
+    assert np.allclose(level[: n // 2], np.arange(1, 6), atol=0.2)  # move 0: the stack stays
+    shifted = level[n // 2:]
+    up, down = np.allclose(shifted, [2, 3, 4, 5, 5], atol=0.2, rtol=0), np.allclose(shifted, [1, 1, 2, 3, 4], atol=0.2)
+    assert not up and not down  # both directions occur...
+    per_row = [np.allclose(r, [2, 3, 4, 5, 5], atol=0.3) or np.allclose(r, [1, 1, 2, 3, 4], atol=0.3)
+               for r in shifted]
+    assert np.mean(per_row) > 0.9  # ...and each moved stack is one slice away, its edge slice repeated
+    still = jitter_sites(tf.constant(x), tf.zeros(n), tf.zeros(n), seed=0).numpy()
+    np.testing.assert_allclose(still, x, atol=1e-4)
+
+
+def test_site_jitter_from_the_config_and_its_limits():
+    from spinemri.config import load_experiment
+    from spinemri.errors import ConfigError
+    from spinemri.training.jitter import site_jitter
+
+    assert site_jitter(load_experiment("quick")) is None
+    config = load_experiment("quick", {"train.site_jitter_mm": 4.0, "train.site_jitter_slices": 0.3,
+                                       "preprocess.slices": 3})
+    jitter = site_jitter(config)
+    samples = pd.DataFrame({"series_description": ["Axial T2", "Sagittal T1", "Unknown"]})
+    sigma, move = jitter.per_sample(samples, pixels_per_mm=2.0)
+    assert sigma.tolist() == [8.0, 8.0, 0.0] and np.allclose(move, [0.3, 0.3, 0.0])
+    assert site_jitter(load_experiment("quick", {"train.site_jitter_slices": 0.3})).slice_move["Axial T2"] == 0
+    with pytest.raises(ConfigError, match="preprocess.mode slice has no site to move"):
+        site_jitter(load_experiment("quick", {"train.site_jitter_mm": 4.0, "mode": "slice"}))
+    with pytest.raises(ConfigError, match="train.site_jitter_slices must be a probability"):
+        load_experiment("quick", {"train.site_jitter_slices": 2})

@@ -181,7 +181,8 @@ def error_terms(errors: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize_errors(errors: pd.DataFrame) -> dict[str, float]:
-    """Mean/median point error (mm), shares within 5 and 10 mm, slice accuracy (within one slice)."""
+    """Mean/median point error (mm), shares within 5 and 10 mm, slice accuracy (within one slice) and the share
+    of points found on their very slice (``slice_exact``)."""
     measured = errors["error_mm"].dropna()
     n = max(len(errors), 1)
     return {
@@ -190,5 +191,6 @@ def summarize_errors(errors: pd.DataFrame) -> dict[str, float]:
         "within_5mm": float((measured <= 5).sum() / n),
         "within_10mm": float((measured <= 10).sum() / n),
         "slice_accuracy": float(errors["slice_ok"].sum() / n),
+        "slice_exact": float((errors["slices_off"] == 0).sum() / n) if "slices_off" in errors else math.nan,
         "points": float(len(errors)),
     }

@@ -6,7 +6,8 @@ split function, same label table, same seed), so stage 1 and stage 2 are judged 
 patients. Metrics, per series type ``<s>``:
 
     test_<s>_point_error_mm (mean), _median, test_<s>_within_5mm, _within_10mm,
-    test_<s>_slice_accuracy (the labelled slice found within one slice), and the same for a
+    test_<s>_slice_accuracy (the labelled slice found within one slice), test_<s>_slice_exact (found
+    on that very slice: what spinemri.training.jitter reads), and the same for a
     baseline that always answers the training set's mean position (test_<s>_baseline_...);
     val_point_error_mm / val_slice_accuracy per epoch (step 0 = before training).
 """

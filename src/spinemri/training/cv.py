@@ -40,7 +40,8 @@ from spinemri.tracking.runs import TrainResult, log_figure, log_split, run_tags,
 from spinemri.training import plots
 from spinemri.training.data import SplitData, encode_targets, split_data
 from spinemri.training.fit import check_devices, seed_everything
-from spinemri.training.steps import calibration_effect, fit_model, log_held_out, log_trained_model, predict_split
+from spinemri.training.steps import (calibration_effect, fit_model, log_held_out, log_site_score, log_trained_model,
+                                     predict_split)
 
 OOF_ARTIFACT = "evaluation/oof_predictions.csv"
 FOLDS_ARTIFACT = "data/folds.csv"
@@ -166,25 +167,6 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig) -> dict
     metrics["cv_n_studies"] = float(evaluation["n_studies"])
     metrics.update(log_site_score(samples, proba["severity"], _fold_priors(results), "cv"))
     return {**metrics, **before}
-
-
-def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFrame | None, split: str
-                   ) -> dict[str, float]:
-    """The competition score of severity predictions at the labelled sites, its four terms with 95 %
-    bootstrap CIs over studies, and (``prior``: a submission of the same rows) the prior's score;
-    logged as ``<split>_rsna_score``, ``<split>_rsna_<term>`` (each with ``_ci_low``/``_ci_high``) and
-    ``<split>_prior_rsna_score``, with the per-study terms as ``evaluation/<split>_rsna_score.terms.csv``."""
-    labels, submission = competition.site_predictions(samples, severity)
-    terms = competition.score_terms(labels, submission)
-    mlflow.log_text(terms.reset_index().to_csv(index=False), paired.terms_artifact(f"{split}_rsna_score"))
-    metrics = {}
-    for name, (value, low, high) in paired.score_intervals(terms.reset_index()).items():
-        key = f"{split}_rsna_score" if name == "score" else f"{split}_rsna_{name}"
-        metrics.update({key: value, f"{key}_ci_low": low, f"{key}_ci_high": high})
-    if prior is not None:
-        metrics[f"{split}_prior_rsna_score"] = competition.rsna_score(labels, prior)
-    mlflow.log_metrics(metrics)
-    return metrics
 
 
 def _cross_fitted(samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray],

@@ -132,8 +132,11 @@ def read_rows(images_path: str, rows: np.ndarray) -> np.ndarray:
 
 def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, shuffle: bool, seed: int,
                  augment: AugmentConfig | None = None, severity_weights: bool = True,
-                 min_batch: int = 1) -> tf.data.Dataset:
+                 min_batch: int = 1, jitter: tuple[np.ndarray, np.ndarray] | None = None) -> tf.data.Dataset:
     """Batches of (image float32 0..255, {head: one-hot}, {head: sample weight}).
+
+    ``jitter``: per sample, the σ in pixels of a random in-plane shift and the chance that its slice
+    stack moves one slice (spinemri.training.jitter), applied before the augmentation.
 
     ``min_batch`` > 1 drops a last batch smaller than that: under MirroredStrategy with R replicas
     a batch of fewer than R images leaves a replica an empty batch, which Keras 3 cannot run
@@ -145,6 +148,7 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
     ds = tf.data.Dataset.from_tensor_slices({
         "row": split.rows, "axial": split.axial,
         **{f"y_{h}": t for h, t in split.targets.items()}, **{f"w_{h}": w for h, w in weights.items()},
+        **({"jitter_sigma": jitter[0], "jitter_move": jitter[1]} if jitter is not None else {}),
     })
     if shuffle:
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
@@ -158,6 +162,8 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
         images = tf.reshape(images, (-1, *shape))
         x = tf.cast(images, tf.float32)
         condition = batch["y_condition"]
+        if jitter is not None:
+            x = jitter_sites(x, batch["jitter_sigma"], batch["jitter_move"], seed)
         if augmenter is not None:
             x = tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0)
             if augment.flip:
@@ -169,6 +175,27 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
         return x, y, w
 
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def jitter_sites(x, sigma, move, seed: int):
+    """Each image shifted in plane by normal offsets of σ ``sigma`` pixels per axis (zeros where the shift
+    uncovers the border), and its slice stack moved one slice up or down with probability ``move`` (the
+    edge slice repeated). ``x`` float32 (B, S, S, C), ``sigma`` and ``move`` (B,)."""
+    n = tf.shape(x)[0]
+    shift = tf.random.normal([n, 2], seed=seed + 11) * tf.cast(sigma, tf.float32)[:, None]
+    ones, zeros = tf.ones([n]), tf.zeros([n])
+    # output pixel (u, v) reads input (u + dx, v + dy): the site moves by (-dx, -dy)
+    transform = tf.stack([ones, zeros, shift[:, 0], zeros, ones, shift[:, 1], zeros, zeros], axis=1)
+    x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transform, output_shape=tf.shape(x)[1:3],
+                                              fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    slices = x.shape[-1]
+    if slices and slices > 1:
+        moved = tf.random.uniform([n], seed=seed + 12) < tf.cast(move, tf.float32)
+        step = tf.where(tf.random.uniform([n], seed=seed + 13) < 0.5, -1, 1)
+        offset = tf.where(moved, step, tf.zeros_like(step))
+        index = tf.clip_by_value(tf.range(slices)[None, :] + offset[:, None], 0, slices - 1)
+        x = tf.gather(x, index, axis=3, batch_dims=1)
+    return x
 
 
 def _augmenter(augment: AugmentConfig, seed: int) -> keras.Sequential:

@@ -19,7 +19,8 @@ from spinemri.data import cache
 from spinemri.data.dicom import series_order
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.evaluation import heads
+from spinemri.errors import MetricError
+from spinemri.evaluation import competition, heads, paired
 from spinemri.evaluation.competition import prior_from_samples
 from spinemri.evaluation.run import log_evaluation
 from spinemri.models import calibration
@@ -29,6 +30,7 @@ from spinemri.tracking.runs import log_figure, pip_requirements
 from spinemri.training import fit, plots
 from spinemri.training.data import SplitData, make_dataset, read_rows
 from spinemri.training.fit import best_weights, check_finite, distribution
+from spinemri.training.jitter import site_jitter
 
 
 def fit_model(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
@@ -57,9 +59,14 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
                         dense_units=config.model.dense_units, dropout=config.model.dropout,
                         bn_momentum=config.model.bn_momentum, slice_pooling=config.model.slice_pooling)
     images_path = dataset.path / "images.npy"
+    jitter = site_jitter(config)
+    if jitter is not None:
+        mlflow.log_params(jitter.params())
+    per_sample = None if jitter is None else \
+        jitter.per_sample(splits["train"].samples, pre.img_size / pre.roi_mm)
     train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed,
                             augment=cfg.augment, severity_weights=config.model.severity_sample_weights,
-                            min_batch=replicas)
+                            min_batch=replicas, jitter=per_sample)
     val_ds = make_dataset(images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed,
                           severity_weights=config.model.severity_sample_weights, min_batch=replicas)
     stages = []
@@ -199,3 +206,27 @@ def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
         if sample["path"] in order:
             neighbours = [order[j] for j in stack_neighbours(order.index(sample["path"]), len(order), pre.slices)]
     return example_row(sample, pre, neighbours)
+
+
+def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFrame | None, split: str
+                   ) -> dict[str, float]:
+    """The competition score of severity predictions at the labelled sites (stage 2 alone: the crops the
+    classifier was given, not ones a localizer found), its four terms with 95 %
+    bootstrap CIs over studies, and (``prior``: a submission of the same rows) the prior's score;
+    logged as ``<split>_rsna_score``, ``<split>_rsna_<term>`` (each with ``_ci_low``/``_ci_high``) and
+    ``<split>_prior_rsna_score``, with the per-study terms as ``evaluation/<split>_rsna_score.terms.csv``."""
+    labels, submission = competition.site_predictions(samples, severity)
+    try:
+        terms = competition.score_terms(labels, submission)
+    except MetricError as exc:  # e.g. a held-out split without a series type: no score, not a failed run
+        print(f"no {split}_rsna_score: {exc}", flush=True)
+        return {}
+    mlflow.log_text(terms.reset_index().to_csv(index=False), paired.terms_artifact(f"{split}_rsna_score"))
+    metrics = {}
+    for name, (value, low, high) in paired.score_intervals(terms.reset_index()).items():
+        key = f"{split}_rsna_score" if name == "score" else f"{split}_rsna_{name}"
+        metrics.update({key: value, f"{key}_ci_low": low, f"{key}_ci_high": high})
+    if prior is not None:
+        metrics[f"{split}_prior_rsna_score"] = competition.rsna_score(labels, prior)
+    mlflow.log_metrics(metrics)
+    return metrics

@@ -22,6 +22,7 @@ from spinemri.data.schema import HEAD_CLASSES, SPLITS
 from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, DatasetError
 from spinemri.evaluation import paired
+from spinemri.evaluation.competition import prior_from_samples, prior_submission
 from spinemri.evaluation.goals import best_value
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
@@ -32,8 +33,8 @@ from spinemri.training import plots
 from spinemri.training.cv import cross_validate
 from spinemri.training.data import SplitData, read_rows, split_data
 from spinemri.training.fit import check_devices, seed_everything
-from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_held_out, log_trained_model,
-                                     predict_split)
+from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_held_out, log_site_score,
+                                     log_trained_model, predict_split)
 
 
 def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_model: bool = True,
@@ -80,7 +81,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     images_path = dataset.path / "images.npy"
     epochs_trained = len(history.get("loss", []))
     temperatures = fit_calibration(model, config, images_path, splits["val"])
-    metrics, predictions = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"].targets,
+    metrics, predictions = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"],
                                      temperatures, explain=config.model.slice_pooling == "channels") \
         if evaluate_test else ({}, None)
     metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained,
@@ -117,8 +118,7 @@ def _inference_ms(model: keras.Model, images_path: Path, test: SplitData, batch_
     return round((time.perf_counter() - started) * 1000 / len(batch), 3)
 
 
-def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int,
-              train_targets: dict[str, np.ndarray], temperatures: calibration.Temperatures | None = None,
+def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int, train: SplitData, temperatures: calibration.Temperatures | None = None,
               explain: bool = True) -> tuple[dict[str, float], pd.DataFrame]:
     """Predict the test split; log the figures and reports per head, the full evaluation
     (spinemri.evaluation.heads: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
@@ -129,7 +129,7 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
     if temperatures is not None:  # what the logged model serves
         mlflow.log_metrics(calibration_effect(test.targets, proba, "test"))
         proba = temperatures.apply(proba, test.samples["condition"].tolist())
-    evaluation = log_held_out(test.samples, test.targets, proba, train_targets, "test")
+    evaluation = log_held_out(test.samples, test.targets, proba, train.targets, "test")
     if explain:  # Grad-CAM explains one backbone over the slices as channels, not a per-slice encoder
         for head, figure in gradcam_grid(model, _Rows(images_path, test.rows), test.targets, proba,
                                          head=list(HEADS)).items():
@@ -139,6 +139,8 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
     mlflow.log_text(predictions.to_csv(index=False), paired.PREDICTIONS_ARTIFACT)
     metrics = {f"test_{head}_{name}": float(entry["value"]) for head, result in evaluation["heads"].items()
                for name, entry in result["metrics"].items() if entry["value"] is not None}
+    prior = prior_submission(sorted(test.samples["study_id"].astype(str).unique()), prior_from_samples(train.samples))
+    metrics.update(log_site_score(test.samples, proba["severity"], prior, "test"))
     return metrics, predictions
 
 
