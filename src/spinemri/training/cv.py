@@ -40,6 +40,7 @@ from spinemri.tracking.runs import TrainResult, log_figure, log_split, run_tags,
 from spinemri.training import plots
 from spinemri.training.data import SplitData, encode_targets, split_data
 from spinemri.training.fit import check_devices, seed_everything
+from spinemri.training.jitter import site_jitter
 from spinemri.training.steps import (calibration_effect, fit_model, log_held_out, log_site_score, log_trained_model,
                                      predict_split)
 
@@ -70,6 +71,7 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True) -> Train
         raise ValueError("cross_validate needs split.folds >= 2")
     check_devices(config.train)
     get_backbone(config.model.arch).check_size(config.preprocess.img_size)
+    site_jitter(config)  # a jitter that cannot apply fails here, before any run starts
     dataset, samples = prepare_data(config)
     table = fold_studies(samples, folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
     samples = samples.drop(columns="split").merge(table[["study_id", "split", "fold"]], on="study_id", how="left")

@@ -23,14 +23,14 @@ from spinemri.data.schema import HEAD_CLASSES
 from spinemri.data.source import prepare_data
 from spinemri.errors import EnsembleError
 from spinemri.evaluation import paired
-from spinemri.evaluation.competition import prior_from_samples
+from spinemri.evaluation.competition import prior_from_samples, prior_submission
 from spinemri.evaluation.run import _run_config
 from spinemri.tracking.pyfunc import SpineEnsemble, load_classifier, log_ensemble
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.runs import TrainResult, log_split, pip_requirements, register_and_tag, run_tags, training_run
 from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT
 from spinemri.training.data import read_rows, split_data
-from spinemri.training.steps import log_held_out, request_example
+from spinemri.training.steps import log_held_out, log_site_score, request_example
 
 ENSEMBLE_ROLE = "ensemble"
 # What members must share for one request row to be the same input to all of them.
@@ -85,6 +85,8 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
         mlflow.log_text(predictions.to_csv(index=False), paired.PREDICTIONS_ARTIFACT)
         metrics = {f"test_{head}_{name}": float(entry["value"]) for head, result in evaluation["heads"].items()
                    for name, entry in result.get("metrics", {}).items() if entry["value"] is not None}
+        prior = prior_submission(sorted(test.samples["study_id"].astype(str).unique()), meta["severity_prior"])
+        metrics.update(log_site_score(test.samples, proba["severity"], prior, "test"))
         example = request_example(test.samples, dataset.manifest.get("dataset_root", ""),
                                   ensemble.preprocessing)
         model_uri = log_ensemble(ensemble.members, meta, example, pip_requirements()).model_uri

@@ -33,6 +33,7 @@ from spinemri.training import plots
 from spinemri.training.cv import cross_validate
 from spinemri.training.data import SplitData, read_rows, split_data
 from spinemri.training.fit import check_devices, seed_everything
+from spinemri.training.jitter import site_jitter
 from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_held_out, log_site_score,
                                      log_trained_model, predict_split)
 
@@ -53,6 +54,7 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
         return cross_validate(config, log_model=log_model)
     check_devices(config.train)
     get_backbone(config.model.arch).check_size(config.preprocess.img_size)
+    site_jitter(config)  # a jitter that cannot apply fails here, before any run starts
     dataset, samples = prepare_data(config)
     splits = {name: split_data(samples, name) for name in SPLITS}
     for name, part in splits.items():
