@@ -145,7 +145,7 @@ def trained(tmp_path_factory) -> TrainedModel:
         from spinemri.training.train import train
 
         config = load_experiment("quick", {"arch": "tiny", "data_dir": str(data_dir), "img_size": 48, "epochs": 1,
-                                           "batch_size": 32})
+                                           "batch_size": 32, "model.calibration": "temperature"})
         result = train(config)
     return TrainedModel(tracking_uri=uri, data_dir=data_dir, cache_dir=root / "cache", run_id=result.run_id,
                         model_uri=result.model_uri)

@@ -74,8 +74,9 @@ class ModelConfig:
     slice_pooling: str = setting("channels", "how the slices of a 2.5D stack (preprocess.slices) meet: channels (one "
                                  "image, slices as channels), attention or lstm (a shared 2D backbone per slice, "
                                  "then attention weights or an LSTM across slices)")
-    calibration: str = setting("temperature", "temperature (scale each head's probabilities, severity per condition, "
-                               "by temperatures fitted on validation or out-of-fold predictions) or none")
+    calibration: str = setting("none", "temperature (scale each head's probabilities, severity per condition, "
+                               "by temperatures fitted on validation or out-of-fold predictions at the labelled "
+                               "sites) or none; see docs/training.md before using it for study-level grading")
 
     def validate(self) -> None:
         _check(self.dense_units >= 1, "model.dense_units", "must be >= 1", self.dense_units)

@@ -152,7 +152,8 @@ def test_a_study_missing_a_series_or_with_two_axials_still_gets_25_rows(study_st
 
 def test_the_classifier_learns_the_phantom(two_stage):
     # The image-level check of learnability (tiny backbone, 64 px, 20 epochs, deterministic): seen at
-    # 0.99 severity and 0.99 condition macro ROC-AUC on its 8 test studies.
+    # 0.89 severity and 0.96 condition macro ROC-AUC on its 8 test studies (5 slices trained on jittered
+    # sites; one slice at the labelled sites: 0.99 and 0.99).
     metrics = two_stage.classifier.metrics
     assert metrics["test_severity_roc_auc"] > 0.8, metrics
     assert metrics["test_condition_roc_auc"] > 0.85, metrics

@@ -51,7 +51,7 @@ def test_pyfunc_matches_the_keras_model_on_the_same_preprocessed_input(store):
     image = read_dicom(path)
     tensor = preprocess([image.pixels], image.pixel_spacing, config, x, y)[np.newaxis].astype(np.float32)
     raw = keras_model.predict(tensor, verbose=0)
-    temperatures = meta["temperature"]  # the quick profile calibrates
+    temperatures = meta["temperature"]  # the fixture's model is calibrated
     for head, classes in HEAD_CLASSES.items():
         t = temperatures["heads"][head]
         assert t != pytest.approx(1.0, abs=1e-3)  # a fitted value, not the identity

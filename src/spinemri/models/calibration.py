@@ -10,6 +10,12 @@ split. Severity gets a temperature per condition (a spinal canal grade and a for
 not be equally over-confident), falling back to the head's when a condition has fewer than
 :data:`MIN_ROWS` labelled rows.
 
+A few held-out rows that the model gets all right would drive ``T`` toward 0 — infinitely sure —
+and the first crop a localizer places a little off would then cost a huge loss. So ``T`` is the
+maximum a posteriori value under a log-normal prior centred on 1 (``log T ~ N(0, PRIOR_SD²)``):
+with a handful of rows it stays near 1, with thousands the data decide; and it stays within
+:data:`BOUNDS`.
+
 The temperatures travel in the model's ``meta.json`` (``temperature``) and the served pyfunc and
 ``predict-study`` apply them (:meth:`Temperatures.apply`) to every prediction.
 """
@@ -24,8 +30,9 @@ from scipy.optimize import minimize_scalar
 
 from spinemri.data.schema import CONDITIONS, SEVERITY_WEIGHTS
 
-BOUNDS = (0.05, 20.0)  # a temperature outside this range means the held-out predictions are degenerate
-MIN_ROWS = 20
+BOUNDS = (0.25, 8.0)  # a temperature outside this range means the held-out predictions are degenerate
+MIN_ROWS = 50
+PRIOR_SD = 0.5  # of log T: a factor e^±1 at two standard deviations
 _EPS = 1e-12
 
 
@@ -38,19 +45,21 @@ def scale(proba: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def fit_temperature(y: np.ndarray, proba: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """The temperature that minimises the (weighted) log loss of ``proba`` against ``y`` (class indices);
-    1.0 when there is nothing to fit (no rows)."""
+    """The temperature that minimises the (weighted) log loss of ``proba`` against ``y`` (class indices) under
+    the prior on ``log T`` (see the module docstring); 1.0 when there is nothing to fit (no rows)."""
     y = np.asarray(y, dtype=np.int64)
     if len(y) == 0:
         return 1.0
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
     log_p = np.log(np.clip(np.asarray(proba, dtype=np.float64), _EPS, 1.0))
 
-    def loss(log_t: float) -> float:
+    rows = len(y)
+
+    def loss(log_t: float) -> float:  # the mean (weighted) log loss plus the prior's share per row
         z = log_p / np.exp(log_t)
         z = z - z.max(axis=1, keepdims=True)
         row = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
-        return float((w * row).sum() / w.sum())
+        return float((w * row).sum() / w.sum()) + log_t ** 2 / (2 * PRIOR_SD ** 2 * rows)
 
     found = minimize_scalar(loss, bounds=tuple(np.log(BOUNDS)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(found.x))
