@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from spinemri.config import ExperimentConfig, with_values
@@ -119,7 +120,10 @@ def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) 
     differences = []
     for arch in table["arch"]:
         try:
-            found = paired_difference(terms[arch], terms[best], CV_SCORE) if arch != best else None
+            if arch == best or terms[arch] is None or terms[best] is None:
+                found = None
+            else:
+                found = paired_difference(terms[arch], terms[best], CV_SCORE)
         except ValueError as exc:  # other folds or studies: not a paired comparison
             print(f"{arch}: no paired difference to {best} ({exc})", flush=True)
             found = None
@@ -133,8 +137,12 @@ def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) 
     return Comparison(experiment=experiment, head=head, table=table)
 
 
-def _terms(run_id: str) -> pd.DataFrame:
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=terms_artifact(CV_SCORE))
+def _terms(run_id: str) -> pd.DataFrame | None:
+    """The run's per-study terms of its CV score; None when it logged none (no score: a group was missing)."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=terms_artifact(CV_SCORE))
+    except (MlflowException, OSError):
+        return None
     return pd.read_csv(path)
 
 

@@ -95,9 +95,10 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True) -> Train
         metrics.update(epochs_trained=float(np.mean([r.epochs_trained for r in results])),
                        training_time_s=round(sum(r.training_time for r in results), 2))
         mlflow.log_metrics({"epochs_trained": metrics["epochs_trained"], "training_time_s": metrics["training_time_s"]})
-    print(f"cross-validation run {run.info.run_id}: {folds} folds, {CV_SCORE} {metrics[CV_SCORE]:.4f} "
-          f"[{metrics[CV_SCORE + '_ci_low']:.4f}, {metrics[CV_SCORE + '_ci_high']:.4f}] over "
-          f"{int(metrics['cv_n_studies'])} studies; fold models are not registered", flush=True)
+    score = (f"{CV_SCORE} {metrics[CV_SCORE]:.4f} [{metrics[CV_SCORE + '_ci_low']:.4f}, "
+             f"{metrics[CV_SCORE + '_ci_high']:.4f}]") if CV_SCORE in metrics else f"no {CV_SCORE}"
+    print(f"cross-validation run {run.info.run_id}: {folds} folds, {score} over {int(metrics['cv_n_studies'])} "
+          "studies; fold models are not registered (`spinemri ensemble` packages them)", flush=True)
     return TrainResult(run_id=run.info.run_id, metrics=metrics, model_uri=None,
                        epochs_trained=int(round(metrics["epochs_trained"])))
 
