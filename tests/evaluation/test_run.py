@@ -91,7 +91,8 @@ def test_evaluate_run_logs_into_the_finished_run(store):
     paths = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert paths == {"evaluation/test.json", "evaluation/test.md", "evaluation/test_breakdown_severity.png",
                      *(f"evaluation/test_reliability_{h}.png" for h in HEADS),
-                     "evaluation/test_predictions.csv"}  # logged by training, for paired champion decisions
+                     "evaluation/test_predictions.csv",  # logged by training, for paired champion decisions
+                     "evaluation/test_rsna_score.terms.csv"}  # and its study score's per-study terms
     logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/test.json")
     assert logged == report
     assert "| accuracy |" in mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/test.md")
