@@ -134,8 +134,10 @@ class TrainConfig:
                                     "(how far a localizer errs; 0: never)")
     site_jitter_slices: float = setting(0.0, "chance that a training crop's slice stack moves one slice up or down "
                                         "(how often a localizer misses the slice; 0: never)")
-    site_jitter_from: str = setting("", "a registered localizer (models:/spinemri-localizer): jitter each series type "
-                                    "as its localizer errs on held-out studies, instead of the two settings above")
+    site_jitter_from: str = setting("", "a registered localizer (models:/spinemri-localizer) or localizer runs "
+                                    "(runs:/ID,runs:/ID; cross-validations give out-of-fold errors): jitter each "
+                                    "series type as its localizer errs on held-out studies, instead of the two "
+                                    "settings above")
     strategy: str = setting("default", "default (one device) or mirrored (all visible GPUs; batch_size is the global batch)")
     mixed_precision: str = setting("auto", "auto (mixed_float16 iff a GPU is visible), on (needs a GPU) or off")
 

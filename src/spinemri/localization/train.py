@@ -68,26 +68,37 @@ def registered_model_name(config: ExperimentConfig) -> str:
 
 def prepare(config: ExperimentConfig) -> tuple[LocalizerDataset, dict[str, _Split]]:
     """The slice cache for ``config.localize.series`` and its train/val/test splits (study level)."""
-    task = get_task(config.localize.series)
-    data_dir = resolve_data_dir(config)
-    dataset, samples = prepare_localizer(data_dir, task.name, config.localizer_preprocessing,
-                                         workers=config.data.workers)
+    dataset, samples = localizer_samples(config)
     split_of = dict(study_splits(samples, config.split.fractions, config.split.seed)[["study_id", "split"]]
                     .itertuples(index=False))
+    return dataset, make_splits(config, dataset, samples, split_of, ("train", "val", "test"))
+
+
+def localizer_samples(config: ExperimentConfig) -> tuple[LocalizerDataset, pd.DataFrame]:
+    """The slice cache for ``config.localize.series`` and the labelled sample table (every study's labels)."""
+    return prepare_localizer(resolve_data_dir(config), get_task(config.localize.series).name,
+                             config.localizer_preprocessing, workers=config.data.workers)
+
+
+def make_splits(config: ExperimentConfig, dataset: LocalizerDataset, samples: pd.DataFrame,
+                split_of: dict[str, str], names: tuple[str, ...]) -> dict[str, _Split]:
+    """The slices, targets and labelled points of each split in ``names`` (``split_of``: study -> split)."""
+    task = get_task(config.localize.series)
     slices = dataset.slices()
     targets = slice_targets(slices, samples, task, config.localize.slice_sigma, config.localize.point_slices)
     conditions = {c for c, *_ in task.sites}
     truth = samples[samples["condition"].isin(conditions) & (samples["series_description"] == task.description)]
+    split_of = {str(k): v for k, v in split_of.items()}
     splits = {}
-    for name in ("train", "val", "test"):
-        keep = slices["study_id"].map(split_of).eq(name).to_numpy()
+    for name in names:
+        keep = slices["study_id"].astype(str).map(split_of).eq(name).to_numpy()
         studies = set(slices.loc[keep, "study_id"])
         splits[name] = _Split(slices[keep].reset_index(drop=True), {k: v[keep] for k, v in targets.items()},
                               truth[truth["study_id"].isin(studies)].reset_index(drop=True))
         if not len(splits[name].slices) or splits[name].truth.empty:
             raise DatasetError([f"{config.data.data_dir or 'the phantom'} has no labelled {task.description} series in "
                                 f"the {name} split; use more studies or other split.fractions"])
-    return dataset, splits
+    return splits
 
 
 def make_dataset(images_path: Path, split: _Split, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
@@ -209,13 +220,16 @@ def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> TrainR
                       nested=nested) as run:
         log_split(pd.concat([pd.DataFrame({"study_id": sorted(s.slices["study_id"].unique()), "split": n})
                              for n, s in splits.items()], ignore_index=True))  # predict-study checks it for leaks
-        result = _train_in_run(config, task, dataset, splits)
+        result, _ = train_in_run(config, task, dataset, splits)
     result.run_id = run.info.run_id
     return result
 
 
-def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerDataset,
-                  splits: dict[str, _Split]) -> TrainResult:
+def train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerDataset, splits: dict[str, _Split],
+                 *, held: str = "test", prefix: str = "test", register: bool = True) -> tuple[TrainResult, pd.DataFrame]:
+    """Fit on ``splits["train"]`` (``"val"`` watched), measure on ``splits[held]`` as ``<prefix>_<s>_...``, log
+    the model (registered with ``register`` and ``mlflow.register``); returns the result and the held-out
+    point errors."""
     cfg, loc, pre = config.train, config.localize, config.localizer_preprocessing
     images_path = dataset.path / "images.npy"
     model = build_localizer(config.model.arch, loc.img_size, loc.channels, task, weights=config.model.weights,
@@ -234,12 +248,12 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
         check_finite(history, "the localizer", cfg.lr)
     training_time = time.perf_counter() - started
 
-    test = splits["test"]
+    test = splits[held]
     errors = split_errors(task, test, *split_outputs(model, images_path, test, cfg.batch_size))
     baseline = split_errors(task, test, *baseline_outputs(task, splits["train"], test))
     summary, base_summary = summarize_errors(errors), summarize_errors(baseline)
-    metrics = {f"test_{task.name}_{k}": v for k, v in summary.items() if math.isfinite(v)}
-    metrics.update({f"test_{task.name}_baseline_{k}": v for k, v in base_summary.items()
+    metrics = {f"{prefix}_{task.name}_{k}": v for k, v in summary.items() if math.isfinite(v)}
+    metrics.update({f"{prefix}_{task.name}_baseline_{k}": v for k, v in base_summary.items()
                     if k != "points" and math.isfinite(v)})
     initial = monitor.history[0].get("val_point_error_mm") if monitor.history else None
     metrics.update(training_time_s=round(training_time, 2), epochs_trained=len(history.get("loss", [])),
@@ -247,29 +261,30 @@ def _train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: Localizer
     if initial is not None:
         metrics["val_point_error_mm_untrained"] = initial
     mlflow.log_metrics(metrics)
-    mlflow.log_text(errors.to_csv(index=False), "localize/test_errors.csv")
+    mlflow.log_text(errors.to_csv(index=False), f"localize/{prefix}_errors.csv")
     log_figure(_curves(history, monitor.history), "plots/localizer_curves.png")
-    log_figure(_sites_figure(dataset, task, test, errors, model, cfg.batch_size), "plots/test_sites.png")
+    log_figure(_sites_figure(dataset, task, test, errors, model, cfg.batch_size), f"plots/{prefix}_sites.png")
 
     meta = {"series": task.name, "arch": config.model.arch, "preprocess": pre.to_dict(),
             "input_shape": [loc.img_size, loc.img_size, loc.channels], "groups": list(task.groups),
             "sites": [list(s) for s in task.sites], "data_fingerprint": dataset.fingerprint}
     model_uri = log_localizer(model, meta, pip_requirements()).model_uri
     decision = None
-    metric = f"test_{task.name}_point_error_mm"
+    metric = f"{prefix}_{task.name}_point_error_mm"
     terms = error_terms(errors)  # what a paired champion decision compares
     mlflow.log_text(terms.to_csv(index=False), terms_artifact(metric))
-    if config.mlflow.register:
+    if register and config.mlflow.register:
         decision = register_and_tag(
             model_uri, registered_model_name(config), metric=metric, value=metrics.get(metric),
             eval_set=eval_set_hash(test.truth), champion=task.name, challenger=f"{task.name}-challenger",
             policy=config.mlflow.champion_policy, evidence=terms,
             tags={"arch": config.model.arch, "series": task.name, "experiment": config.name,
                   "eval_set_studies": str(test.truth["study_id"].nunique())})
-    return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],
-                          history={**history, "val_point_error_mm_by_step": [h.get("val_point_error_mm", math.nan)
-                                                                             for h in monitor.history]},
-                          registered=decision)
+    result = TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],
+                         history={**history, "val_point_error_mm_by_step": [h.get("val_point_error_mm", math.nan)
+                                                                            for h in monitor.history]},
+                         registered=decision)
+    return result, errors
 
 
 def _curves(history: dict[str, list[float]], errors: list[dict[str, float]]) -> plt.Figure:
@@ -317,6 +332,6 @@ def _sites_figure(dataset: LocalizerDataset, task: SeriesTask, test: _Split, err
         ax.set_title(f"study {point.study_id}\ninstance {point.instance_number}", fontsize=8)
         ax.axis("off")
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{task.description}: test slices, labels vs localizer (this slice's output)", fontsize=9)
+    fig.suptitle(f"{task.description}: held-out slices, labels vs localizer (this slice's output)", fontsize=9)
     fig.tight_layout()
     return fig

@@ -53,6 +53,15 @@ class StudyPrediction:
 
 
 @dataclass
+class Located:
+    """Stage 1's answer for one study: (condition, level) -> (site, its decoded series stack), and per
+    series type without sites the reason."""
+
+    found: dict[tuple[str, str], tuple]
+    reasons: dict[str, str]
+
+
+@dataclass
 class StudyPredictor:
     """Stage 1 (localizers, one per series type; any may be absent) + stage 2 (the ROI classifier)."""
 
@@ -74,6 +83,11 @@ class StudyPredictor:
                                  "train them with the same preprocess.dicom_window")
 
     def predict(self, study: Study) -> StudyPrediction:
+        return self.grade(study.study_id, self.locate(study))
+
+    def locate(self, study: Study) -> Located:
+        """Stage 1: the sites the localizers find on the study's series (decoded once), and why the other
+        series types have none."""
         found: dict[tuple[str, str], tuple] = {}  # (condition, level) -> (site, stack)
         reasons: dict[str, str] = {}  # series type -> why its rows fall back to the prior
         for name in SERIES_TYPES:
@@ -99,10 +113,13 @@ class StudyPredictor:
             by_id = dict(stacks)
             for site in self.localizers[name].locate(stacks):
                 found[(site.condition, site.level)] = (site, by_id[site.series_id])
-        return self._grade(study.study_id, found, reasons)
+        return Located(found, reasons)
 
-    def _grade(self, study_id: str, found: Mapping, reasons: Mapping[str, str]) -> StudyPrediction:
+    def grade(self, study_id: str, located: Located) -> StudyPrediction:
+        """Stage 2: this predictor's classifier grades the crops at ``located``'s sites (any classifier
+        reading DICOM with the same window may grade what another predictor located); the prior elsewhere."""
         crops, keys, site_rows = [], [], {}
+        found, reasons = located.found, located.reasons
         for (condition, level), (site, stack) in found.items():
             i = site.slice_index
             n = len(stack.instance_numbers)

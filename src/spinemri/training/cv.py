@@ -63,8 +63,13 @@ class FoldResult:
     training_time: float
 
 
-def cross_validate(config: ExperimentConfig, *, log_model: bool = True) -> TrainResult:
-    """Train one model per fold in nested runs of one parent run and log the out-of-fold evaluation."""
+def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_table: pd.DataFrame | None = None,
+                   nested: bool = False) -> TrainResult:
+    """Train one model per fold in nested runs of one parent run and log the out-of-fold evaluation.
+
+    ``folds_table`` (study_id, split, fold; as :func:`fold_studies` returns) imposes the folds, e.g. those
+    of the localizers of the same pipeline; ``nested`` opens the parent run inside the active run.
+    """
     config.validate()
     folds = config.split.folds
     if folds < 2:
@@ -73,8 +78,14 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True) -> Train
     get_backbone(config.model.arch).check_size(config.preprocess.img_size)
     site_jitter(config)  # a jitter that cannot apply fails here, before any run starts
     dataset, samples = prepare_data(config)
-    table = fold_studies(samples, folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
-    samples = samples.drop(columns="split").merge(table[["study_id", "split", "fold"]], on="study_id", how="left")
+    table = folds_table if folds_table is not None else fold_studies(
+        samples, folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
+    fold_of = dict(zip(table["study_id"].astype(str), table["fold"].astype(int)))
+    fold = samples["study_id"].astype(str).map(fold_of)
+    if fold.isna().any():
+        raise DatasetError([f"the folds do not assign study {samples.loc[fold.isna(), 'study_id'].iloc[0]} "
+                            f"({int(samples.loc[fold.isna(), 'study_id'].nunique())} studies unassigned)"])
+    samples = samples.assign(fold=fold.astype(int).to_numpy(), split=np.where(fold < 0, "test", "cv"))
     for k in range(folds):
         held = samples[samples["fold"] == k]
         if not (held["severity"].notna()).any():
@@ -85,7 +96,8 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True) -> Train
     params.update({"cv.studies": int(table["fold"].ge(0).sum()), "cv.test_studies_locked": int(table["fold"].lt(0).sum())})
     tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": CV_ROLE, "folds": str(folds)}
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
-                      tags=tags, run_name=f"{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}") as run:
+                      tags=tags, run_name=f"{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}",
+                      nested=nested) as run:
         mlflow.log_text(table.to_csv(index=False), FOLDS_ARTIFACT)
         results = [_fold(config, dataset, samples, k, log_model) for k in range(folds)]
         if log_model:

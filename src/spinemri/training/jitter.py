@@ -14,9 +14,10 @@ less:
   (the stack holds only ``preprocess.slices`` slices); a stack of one slice cannot move.
 
 The numbers come from ``train.site_jitter_mm`` / ``train.site_jitter_slices`` (the same for every
-series type) or, with ``train.site_jitter_from`` (e.g. ``models:/spinemri-localizer``), from the
-held-out metrics of the localizer runs behind its aliases ``sagittal_t2``, ``sagittal_t1`` and
-``axial_t2``. Validation and test crops are never moved.
+series type) or, with ``train.site_jitter_from``, from localizers' held-out metrics: those of the
+runs behind a registered localizer's aliases ``sagittal_t2``, ``sagittal_t1`` and ``axial_t2``
+(``models:/spinemri-localizer``), or of localizer runs named ``runs:/<id>,runs:/<id>,...`` — a
+localizer cross-validation's out-of-fold errors are the truest measure of how stage 1 errs. Validation and test crops are never moved.
 """
 
 from __future__ import annotations
@@ -79,10 +80,14 @@ def site_jitter(config: ExperimentConfig) -> SiteJitter | None:
     return jitter
 
 
-def from_localizers(model: str) -> SiteJitter:
-    """σ and slice-move chance per series type from the held-out metrics of the runs behind a registered
-    localizer's aliases (``models:/spinemri-localizer`` or the bare name)."""
-    name = model.removeprefix("models:/").split("@")[0].split("/")[0]
+def from_localizers(source: str) -> SiteJitter:
+    """σ and slice-move chance per series type from localizers' held-out metrics: those of the runs behind a
+    registered localizer's aliases (``models:/spinemri-localizer`` or the bare name), or of localizer runs
+    given as ``runs:/<id>`` separated by commas (a cross-validation's out-of-fold ``cv_<s>_...`` numbers,
+    a single run's ``test_<s>_...``)."""
+    if source.strip().startswith("runs:/"):
+        return _from_runs([part.strip() for part in source.split(",") if part.strip()])
+    name = source.removeprefix("models:/").split("@")[0].split("/")[0]
     client = mlflow.MlflowClient()
     sigma, move, found = {}, {}, []
     for series, description in SERIES_TYPES.items():
@@ -90,15 +95,41 @@ def from_localizers(model: str) -> SiteJitter:
             version = client.get_model_version_by_alias(name, series)
         except MlflowException:
             continue
+        where = f"the {series} localizer (version {version.version} of {name})"
         metrics = client.get_run(version.run_id).data.metrics
-        error, exact = metrics.get(f"test_{series}_point_error_mm"), metrics.get(f"test_{series}_slice_exact")
-        if error is None or not math.isfinite(error):
-            raise ConfigError(f"train.site_jitter_from: the {series} localizer (version {version.version} of {name}) "
-                              f"logged no test_{series}_point_error_mm; retrain it with this version of spinemri")
-        sigma[description] = float(error) / _MEAN_RADIUS
-        move[description] = 0.0 if exact is None or not math.isfinite(exact) else float(1.0 - exact)
+        sigma[description], move[description] = _localizer_error(metrics, series, "test", where)
         found.append(f"{series} v{version.version}")
     if not found:
-        raise ConfigError(f"train.site_jitter_from: {model!r} has none of the aliases {', '.join(SERIES_TYPES)} in "
+        raise ConfigError(f"train.site_jitter_from: {source!r} has none of the aliases {', '.join(SERIES_TYPES)} in "
                           f"{mlflow.get_tracking_uri()}; train the localizers first, or set train.site_jitter_mm")
     return SiteJitter(sigma, move, f"{name} ({', '.join(found)})")
+
+
+def _from_runs(uris: list[str]) -> SiteJitter:
+    client = mlflow.MlflowClient()
+    sigma, move, found = {}, {}, []
+    for uri in uris:
+        run_id = uri.removeprefix("runs:/").strip("/").split("/")[0]
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(f"train.site_jitter_from: no run {run_id} in {mlflow.get_tracking_uri()}") from None
+        series = run.data.tags.get("localize.series")
+        if series not in SERIES_TYPES:
+            raise ConfigError(f"train.site_jitter_from: run {run_id} is not a localizer run (no localize.series tag)")
+        if SERIES_TYPES[series] in sigma:
+            raise ConfigError(f"train.site_jitter_from: two runs for {series}; give one per series type")
+        prefix = "cv" if run.data.tags.get("role") == "cv" else "test"
+        sigma[SERIES_TYPES[series]], move[SERIES_TYPES[series]] = _localizer_error(
+            run.data.metrics, series, prefix, f"localizer run {run_id}")
+        found.append(f"{series} {prefix} run {run_id[:8]}")
+    return SiteJitter(sigma, move, ", ".join(found))
+
+
+def _localizer_error(metrics: dict[str, float], series: str, prefix: str, where: str) -> tuple[float, float]:
+    """(σ mm, slice-move chance) from ``<prefix>_<series>_point_error_mm`` and ``_slice_exact``."""
+    error, exact = metrics.get(f"{prefix}_{series}_point_error_mm"), metrics.get(f"{prefix}_{series}_slice_exact")
+    if error is None or not math.isfinite(error):
+        raise ConfigError(f"train.site_jitter_from: {where} logged no {prefix}_{series}_point_error_mm; retrain it "
+                          "with this version of spinemri")
+    return float(error) / _MEAN_RADIUS, 0.0 if exact is None or not math.isfinite(exact) else float(1.0 - exact)
