@@ -165,6 +165,7 @@ def run_ablation(config: ExperimentConfig, localizer: ExperimentConfig, *, slice
         mean = mean_submission([graded["jitter"], *(graded[f"jitter_seed{m}"] for m in range(1, members))])
         submissions["ensemble"] = cross_fitted(mean, rows, config.model.severity_sample_weights)
         submissions["ensemble_uncalibrated"] = mean
+        submissions.update({f"jitter_seed{m}": graded[f"jitter_seed{m}"] for m in range(1, members)})
 
         cv_labels = labels[labels["study_id"].isin(cv_studies)]
         result_table = _score(steps(slices, members), submissions, cv_labels, rows, priors,

@@ -76,7 +76,7 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_ta
         raise ValueError("cross_validate needs split.folds >= 2")
     check_devices(config.train)
     get_backbone(config.model.arch).check_size(config.preprocess.img_size)
-    site_jitter(config)  # a jitter that cannot apply fails here, before any run starts
+    jitter = site_jitter(config)  # a jitter that cannot apply fails here, before any run starts
     dataset, samples = prepare_data(config)
     table = folds_table if folds_table is not None else fold_studies(
         samples, folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
@@ -94,6 +94,7 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_ta
     seed_everything(config.train)
     params = {k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space.") and k != "task"}
     params.update({"cv.studies": int(table["fold"].ge(0).sum()), "cv.test_studies_locked": int(table["fold"].lt(0).sum())})
+    params.update(jitter.params() if jitter else {})  # each fold's run logs them too
     tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": CV_ROLE, "folds": str(folds)}
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
                       tags=tags, run_name=f"{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}",
