@@ -4,6 +4,7 @@
 #   make study-demo  the two-stage study-level pipeline on the same phantom (runs make demo first if needed)
 #   make test   set up .venv and run the test suite (what .ci/run calls)
 #   make bench  the five benchmarks of docs/benchmarks.md (BENCH_ARGS=--quick for a smoke run)
+#   make ablation  the study pipeline and each addition cross-validated on a 120-study phantom (about an hour)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ DEMO_DIR ?= data/phantom
 STUDIES  ?= 40
 PYTEST_ARGS ?= -n 3 --dist loadgroup
 
-.PHONY: venv demo study-demo serve serve-study test bench clean
+.PHONY: venv demo study-demo serve serve-study test bench ablation clean
 
 venv: $(VENV)/.installed
 
@@ -67,6 +68,11 @@ BENCHMARKS ?= preprocess pipeline memory serve tune
 BENCH_ARGS ?=
 bench: venv
 	@for name in $(BENCHMARKS); do $(BIN)/python bench/$$name.py $(BENCH_ARGS) || exit 1; done
+
+# The ablation table of docs/study.md: localizers and classifiers cross-validated on the same folds.
+ABLATION_ARGS ?=
+ablation: venv
+	$(BIN)/spinemri ablation $(ABLATION_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

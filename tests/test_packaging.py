@@ -58,7 +58,7 @@ def test_mlproject_has_synth_and_prepare_entry_points():
     assert {"synth", "prepare"} <= set(mlproject()["entry_points"])
 
 
-@pytest.mark.parametrize("name", ["synth", "prepare"])
+@pytest.mark.parametrize("name", ["synth", "prepare", "main", "tune", "localize", "ablation"])
 def test_mlproject_placeholders_are_declared_parameters(name):
     entry = mlproject()["entry_points"][name]
     placeholders = set(re.findall(r"(?<!\$)\{(\w+)\}", entry["command"]))
@@ -77,6 +77,16 @@ def test_mlproject_commands_use_existing_cli_options(name):
     used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", command))
     assert used
     assert used <= options, used - options
+
+
+@pytest.mark.parametrize("name, command", [("main", "train"), ("tune", "tune"), ("localize", "train"),
+                                           ("ablation", "ablation")])
+def test_mlproject_step_commands_use_existing_cli_options(name, command):
+    text = mlproject()["entry_points"][name]["command"]
+    assert f"-m spinemri {command} " in text
+    options = {opt for p in cli.main.commands[command].params if isinstance(p, click.Option) for opt in p.opts}
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+    assert used and used <= options, used - options
 
 
 def test_console_script_points_at_the_cli():

@@ -156,7 +156,6 @@ def _ci(row, name) -> str:
 def markdown_table(table: pd.DataFrame, head: str) -> str:
     if "rsna_score" in table.columns:
         return _cv_markdown(table, head)
-
     header = ["architecture", f"{head} accuracy [95% CI]", f"{head} ROC-AUC [95% CI]", "epochs", "batch",
               "input px", "training time (s)", "final loss", "parameters", "inference ms/image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -24,9 +24,9 @@ from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, DatasetError, EvaluationError, ImageReadError, PrepareError
 from spinemri.evaluation.heads import evaluate_predictions
 from spinemri.evaluation.report import breakdown_figure, evaluation_markdown, evaluation_metrics, reliability_figure
-from spinemri.tracking.pyfunc import load_classifier
+from spinemri.tracking.pyfunc import SpineClassifier, load_classifier
 from spinemri.tracking.runs import PROCESS_TAG, RESUMED_FROM_TAG, log_figure, start_run
-from spinemri.training.data import read_rows, split_data
+from spinemri.training.data import SplitData, read_rows, split_data
 
 
 def log_evaluation(report: Mapping[str, Any], split: str) -> None:
@@ -87,16 +87,8 @@ def evaluate_run(run_id: str, split: str = "test", *, n_boot: int = 1000, seed: 
                               "none with a severity grade); evaluate another split")
 
     classifier = load_classifier(model.model_uri)
-    images_path = str(dataset.path / "images.npy")
-    outputs: dict[str, list[np.ndarray]] = {head: [] for head in HEAD_CLASSES}
-    for start in range(0, len(part), 256):
-        # The batches training evaluated with, so the shared test_* metrics come out the same.
-        predicted = classifier.predict_images(read_rows(images_path, part.rows[start:start + 256]),
-                                              batch_size=config.train.batch_size,
-                                              conditions=part.samples["condition"].iloc[start:start + 256].tolist())
-        for head in HEAD_CLASSES:
-            outputs[head].append(predicted[head])
-    proba = {head: np.concatenate(values) for head, values in outputs.items()}
+    # The batches training evaluated with, so the shared test_* metrics come out the same.
+    proba = predict_cached(classifier, dataset.path / "images.npy", part, config.train.batch_size)
     report = evaluate_predictions(part.samples, part.targets, proba, n_boot=n_boot, seed=seed,
                                   train_targets=split_data(samples, "train").targets)
     trained_on = classifier.meta.get("data_fingerprint")
@@ -128,6 +120,19 @@ def evaluate_run(run_id: str, split: str = "test", *, n_boot: int = 1000, seed: 
         else:
             client.set_terminated(run_id, status, end_time=end_time)
     return report
+
+
+def predict_cached(classifier: SpineClassifier, images_path, part: SplitData, batch_size: int) -> dict[str, np.ndarray]:
+    """A logged classifier's (calibrated) probabilities per head for the cached samples of ``part``, 256
+    images in memory at a time."""
+    outputs: dict[str, list[np.ndarray]] = {head: [] for head in HEAD_CLASSES}
+    conditions = part.samples["condition"].tolist()
+    for start in range(0, len(part), 256):
+        predicted = classifier.predict_images(read_rows(str(images_path), part.rows[start:start + 256]),
+                                              batch_size=batch_size, conditions=conditions[start:start + 256])
+        for head in HEAD_CLASSES:
+            outputs[head].append(predicted[head])
+    return {head: np.concatenate(values) for head, values in outputs.items()}
 
 
 def _run_config(run_id: str) -> ExperimentConfig:

@@ -211,15 +211,20 @@ class SpineClassifier(KerasWithMeta):
         stack = with_centre(centre.pixels, [n.pixels for n in neighbours or ()] if count > 1 else (), count)
         return preprocess(stack, centre.pixel_spacing, self.preprocessing, x, y)
 
+    def _model_ready(self, images: np.ndarray) -> np.ndarray:
+        """``images`` as float32, checked against the model's input shape (N, S, S, C)."""
+        images = np.asarray(images, dtype=np.float32)
+        expected = tuple(self.meta["input_shape"])
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise InputError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
+        return images
+
     def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None
                        ) -> dict[str, np.ndarray]:
         """Probabilities per head for model-ready images (N, S, S, C), pixel values 0..255, calibrated by the
         model's temperatures when it has them (``conditions``: the condition each image's severity grades,
         for the per-condition severity temperatures; see spinemri.models.calibration)."""
-        images = np.asarray(images, dtype=np.float32)
-        expected = tuple(self.meta["input_shape"])
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise InputError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
+        images = self._model_ready(images)
         outputs = self.model.predict(images, batch_size=batch_size, verbose=0)
         proba = {head: np.asarray(outputs[head]) for head in HEAD_CLASSES}
         if self.meta.get("temperature"):
@@ -247,10 +252,7 @@ class SpineEnsemble(SpineClassifier):
     def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None
                        ) -> dict[str, np.ndarray]:
         """The mean over members of each one's probabilities, calibrated by its own temperatures."""
-        images = np.asarray(images, dtype=np.float32)
-        expected = tuple(self.meta["input_shape"])
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise InputError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
+        images = self._model_ready(images)
         total: dict[str, np.ndarray] = {}
         for model, member in zip(self.members, self.meta["members"]):
             outputs = model.predict(images, batch_size=batch_size, verbose=0)

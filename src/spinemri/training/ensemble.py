@@ -16,20 +16,18 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import mlflow
-import numpy as np
 from mlflow.exceptions import MlflowException
 
-from spinemri.data.schema import HEAD_CLASSES
 from spinemri.data.source import prepare_data
 from spinemri.errors import EnsembleError
 from spinemri.evaluation import paired
 from spinemri.evaluation.competition import prior_from_samples, prior_submission
-from spinemri.evaluation.run import _run_config
+from spinemri.evaluation.run import _run_config, predict_cached
 from spinemri.tracking.pyfunc import SpineEnsemble, load_classifier, log_ensemble
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.runs import TrainResult, log_split, pip_requirements, register_and_tag, run_tags, training_run
 from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT
-from spinemri.training.data import read_rows, split_data
+from spinemri.training.data import split_data
 from spinemri.training.steps import log_held_out, log_site_score, request_example
 
 ENSEMBLE_ROLE = "ensemble"
@@ -79,7 +77,7 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
                       tags=tags, run_name=f"ensemble-{len(members)}-{datetime.now():%Y%m%d-%H%M%S}") as run:
         log_split(dataset.splits(config.split.fractions, config.split.seed))
-        proba = _predict(ensemble, str(dataset.path / "images.npy"), test, config.train.batch_size)
+        proba = predict_cached(ensemble, dataset.path / "images.npy", test, config.train.batch_size)
         evaluation = log_held_out(test.samples, test.targets, proba, split_data(samples, "train").targets, "test")
         predictions = paired.prediction_table(test.samples, test.targets, proba)
         mlflow.log_text(predictions.to_csv(index=False), paired.PREDICTIONS_ARTIFACT)
@@ -122,14 +120,3 @@ def _cross_validation(run_id: str) -> tuple:
         raise EnsembleError(f"run {run_id} logged no fold models ({FOLD_MODELS_ARTIFACT}); cross-validate with "
                             "the fold models logged") from None
     return _run_config(run_id), folds
-
-
-def _predict(ensemble: SpineEnsemble, images_path: str, part, batch_size: int) -> dict[str, np.ndarray]:
-    outputs: dict[str, list[np.ndarray]] = {head: [] for head in HEAD_CLASSES}
-    conditions = part.samples["condition"].tolist()
-    for start in range(0, len(part), 256):
-        predicted = ensemble.predict_images(read_rows(images_path, part.rows[start:start + 256]),
-                                            batch_size=batch_size, conditions=conditions[start:start + 256])
-        for head in HEAD_CLASSES:
-            outputs[head].append(predicted[head])
-    return {head: np.concatenate(values) for head, values in outputs.items()}
