@@ -168,12 +168,17 @@ def test_localizer_cross_validation_from_the_command_line(store, tmp_path):
 
 def test_ablation_refuses_settings_it_cannot_run_before_any_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    flat = tmp_path / "flat.csv"
+    flat.write_text("path,condition,level,severity\n")
     for args, message in ((["--folds", "0"], "split.folds must be >= 2"),
                           (["--slices", "4"], "odd number of slices >= 3"),
-                          (["--set", "preprocess.mode=slice"], "preprocess.mode must be roi")):
+                          (["--set", "preprocess.mode=slice"], "preprocess.mode must be roi"),
+                          (["--data-dir", str(flat)], "not an RSNA-layout folder with train.csv")):
         result = CliRunner().invoke(cli, ["ablation", *args])
         assert result.exit_code == 1 and message in result.output, result.output
         assert "Traceback" not in result.output
+    assert not (tmp_path / "mlflow.db").exists() or not mlflow.MlflowClient(
+        f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0"])
 
 
 def test_calibration_at_predicted_sites_never_fits_a_study_on_itself():

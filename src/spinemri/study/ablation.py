@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from spinemri.config import ExperimentConfig, load_experiment, with_values
+from spinemri.data.readers import detect_layout
 from spinemri.data.source import prepare_data, resolve_data_dir
 from spinemri.data.splits import fold_studies
 from spinemri.data.studies import find_studies
@@ -113,6 +114,9 @@ def run_ablation(config: ExperimentConfig, localizer: ExperimentConfig, *, slice
         raise ConfigError(f"the ensemble step needs at least 2 members, got {members}")
     started = time.perf_counter()
     data_dir = resolve_data_dir(config)
+    if detect_layout(data_dir) != "rsna" or not (data_dir / "train.csv").is_file():
+        raise ConfigError(f"{data_dir} is not an RSNA-layout folder with train.csv: the ablation locates sites on "
+                          "whole DICOM series and scores them against train.csv; give the competition folder")
     dataset, samples = prepare_data(_with(config, {"preprocess.slices": 1}))
     table = fold_studies(samples, config.split.folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
     labels = pd.read_csv(data_dir / "train.csv", dtype={"study_id": str})
