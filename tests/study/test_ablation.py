@@ -58,7 +58,7 @@ def test_ablation_logs_every_step_with_intervals_and_paired_differences(store):
     result, summary, client, _, _ = store
     metrics = summary.data.metrics
     assert "| + ensemble (2 seeds) |" in result.output and "Weight-aware prior" in result.output
-    for step in STEPS:
+    for previous, step in zip((None, *STEPS), STEPS):
         value = metrics[f"{step}_rsna_score"]
         assert metrics[f"{step}_rsna_score_ci_low"] <= value <= metrics[f"{step}_rsna_score_ci_high"]
         assert math.isclose(metrics[f"{step}_ratio_to_prior"], value / metrics["prior_rsna_score"], rel_tol=1e-9)
@@ -66,6 +66,9 @@ def test_ablation_logs_every_step_with_intervals_and_paired_differences(store):
             difference = metrics[f"{step}_vs_current"]
             assert math.isclose(difference, value - metrics["current_rsna_score"], abs_tol=1e-9)
             assert metrics[f"{step}_vs_current_ci_low"] <= difference <= metrics[f"{step}_vs_current_ci_high"]
+            step_gain = metrics[f"{step}_vs_previous"]
+            assert math.isclose(step_gain, value - metrics[f"{previous}_rsna_score"], abs_tol=1e-9)
+            assert metrics[f"{step}_vs_previous_ci_low"] <= step_gain <= metrics[f"{step}_vs_previous_ci_high"]
     table = _csv(summary.info.run_id, "ablation/table.csv")
     assert list(table["step"]) == list(STEPS) and (table["studies"] == metrics["n_studies"]).all()
     artifacts = {a.path for a in client.list_artifacts(summary.info.run_id, "plots")}
@@ -168,17 +171,21 @@ def test_localizer_cross_validation_from_the_command_line(store, tmp_path):
 
 def test_ablation_refuses_settings_it_cannot_run_before_any_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     flat = tmp_path / "flat.csv"
     flat.write_text("path,condition,level,severity\n")
     for args, message in ((["--folds", "0"], "split.folds must be >= 2"),
                           (["--slices", "4"], "odd number of slices >= 3"),
                           (["--set", "preprocess.mode=slice"], "preprocess.mode must be roi"),
+                          (["--set", "preprocess.slices=5", "--set", "model.slice_pooling=attention",
+                            "--arch", "vgg16", "--img-size", "16"], "below the minimum of 32 px for vgg16"),
                           (["--data-dir", str(flat)], "not an RSNA-layout folder with train.csv")):
         result = CliRunner().invoke(cli, ["ablation", *args])
         assert result.exit_code == 1 and message in result.output, result.output
         assert "Traceback" not in result.output
-    assert not (tmp_path / "mlflow.db").exists() or not mlflow.MlflowClient(
-        f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0"])
+    if (tmp_path / "mlflow.db").exists():
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def test_calibration_at_predicted_sites_never_fits_a_study_on_itself():
@@ -186,19 +193,23 @@ def test_calibration_at_predicted_sites_never_fits_a_study_on_itself():
     rng = np.random.default_rng(0)
     studies = [f"{s}" for s in range(100, 140)]
     conditions = ["spinal_canal_stenosis", "left_neural_foraminal_narrowing"]
-    rows = pd.DataFrame([(f"{s}_{c}_l{lv}_l{lv + 1}", s, c, lv % 2, "model") for s in studies for c in conditions
-                         for lv in range(1, 5)], columns=["row_id", "study_id", "condition", "fold", "source"])
+    rows = pd.DataFrame([(f"{s}_{c}_l{lv}_l{lv + 1}", s, c, lv % 2) for s in studies for c in conditions
+                         for lv in range(1, 5)], columns=["row_id", "study_id", "condition", "fold"])
     rows["fold"] = (rows["study_id"].astype(int) % 2).to_numpy()
     rows["target"] = rng.integers(0, 3, len(rows))
     logits = rng.normal(size=(len(rows), 3)) * 3
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    submission = pd.DataFrame({"row_id": rows["row_id"], "normal_mild": p[:, 0], "moderate": p[:, 1], "severe": p[:, 2]})
+    source = np.where(np.arange(len(rows)) % 7 == 0, "prior", "model")  # rows the prior graded stay as they are
+    submission = pd.DataFrame({"row_id": rows["row_id"], "normal_mild": p[:, 0], "moderate": p[:, 1], "severe": p[:, 2],
+                               "source": source})
     before = cross_fitted(submission, rows, severity_weights=True)
+    columns = ["normal_mild", "moderate", "severe"]
+    assert np.array_equal(before[columns].to_numpy()[source == "prior"], p[source == "prior"])
+    assert not np.allclose(before[columns].to_numpy()[source == "model"], p[source == "model"])
     fold0 = sorted(rows.loc[rows["fold"] == 0, "study_id"].unique())
     first_half = rows["study_id"].isin(fold0[::2]).to_numpy()
     changed = rows.assign(target=np.where(first_half, 2 - rows["target"], rows["target"]))
     after = cross_fitted(submission, changed, severity_weights=True)
-    columns = ["normal_mild", "moderate", "severe"]
     assert np.allclose(before[columns].to_numpy()[first_half], after[columns].to_numpy()[first_half])
     other = ((rows["fold"] == 0) & ~rows["study_id"].isin(fold0[::2])).to_numpy()
     assert not np.allclose(before[columns].to_numpy()[other], after[columns].to_numpy()[other])

@@ -63,6 +63,14 @@ def cross_validate_localizer(config: ExperimentConfig, *, folds_table: pd.DataFr
     table = folds_table if folds_table is not None else fold_studies(
         samples, folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
     fold_of = {str(s): int(f) for s, f in zip(table["study_id"], table["fold"])}
+    fold_splits = []  # every fold's splits first: a fold without a labelled series fails before any training
+    for k in range(folds):
+        split_of = {s: "val" if f == k else "train" if f >= 0 else "test" for s, f in fold_of.items()}
+        try:
+            fold_splits.append((split_of, make_splits(config, dataset, samples, split_of, ("train", "val"))))
+        except DatasetError as exc:
+            raise DatasetError([f"fold {k} of {folds} ('val' = the held-out fold): {problem}; or use fewer folds"
+                                for problem in exc.problems]) from None
     seed_everything(config.train)
     params = {k: v for k, v in config.flat().items()
               if k.split(".")[0] in ("data", "split", "model", "train", "localize", "preprocess", "name")}
@@ -75,12 +83,7 @@ def cross_validate_localizer(config: ExperimentConfig, *, folds_table: pd.DataFr
                       run_name=f"localize-{task.name}-{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}") as run:
         mlflow.log_text(table.to_csv(index=False), FOLDS_ARTIFACT)
         errors, models = [], {}
-        for k in range(folds):
-            split_of = {s: "val" if f == k else "train" if f >= 0 else "test" for s, f in fold_of.items()}
-            try:
-                splits = make_splits(config, dataset, samples, split_of, ("train", "val"))
-            except DatasetError as exc:
-                raise DatasetError([f"fold {k} of {folds}: {problem}" for problem in exc.problems]) from None
+        for k, (split_of, splits) in enumerate(fold_splits):
             print(f"== {task.name} localizer, fold {k + 1}/{folds}: {splits['train'].slices['study_id'].nunique()} "
                   f"studies train, {splits['val'].slices['study_id'].nunique()} held out ==", flush=True)
             fold_tags = {**tags, "role": FOLD_ROLE, "fold": str(k)}

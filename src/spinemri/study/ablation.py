@@ -16,7 +16,10 @@ the localizers of the fold that held it out find its sites on its DICOM series (
 code: :class:`~spinemri.study.predictor.StudyPredictor`), and each step's classifier of that fold
 grades them; one out-of-fold submission per step covers every CV study once. All trainings share
 one fold table (``data/folds.csv``), so no model grades or locates a study it trained on, and the
-locked test studies are never predicted.
+locked test studies are never predicted. As in every spinemri cross-validation (and the RSNA
+solutions), fold k's models also stop early and keep their best epoch by fold k, so the numbers are
+slightly optimistic — alike for every step, which the paired differences compare — and the
+localizers' out-of-fold errors that set the jitter pool all folds.
 
 One summary run (tag ``role=ablation``) holds the localizers' and classifiers' cross-validations as
 nested runs and logs, per step ``<key>``: ``<key>_rsna_score`` with ``_ci_low``/``_ci_high`` (95 %
@@ -49,10 +52,12 @@ from spinemri.evaluation import competition, heads, paired
 from spinemri.localization.cv import cross_validate_localizer
 from spinemri.localization.locate import load_localizer
 from spinemri.models import calibration
+from spinemri.models.backbones import get_backbone
 from spinemri.study.predictor import StudyPredictor, check_submission, classifier_prior
 from spinemri.tracking.pyfunc import load_classifier
 from spinemri.tracking.runs import log_figure, run_tags, training_run
 from spinemri.training.cv import FOLD_MODELS_ARTIFACT, FOLDS_ARTIFACT, cross_validate
+from spinemri.training.fit import check_devices
 
 ABLATION_ROLE = "ablation"
 DEFAULT_EXPERIMENT = "spinemri-ablation"
@@ -98,7 +103,9 @@ def ablation_configs(config: ExperimentConfig, localizer_experiment: str, locali
     shared = {f"data.{k}": v for k, v in config.to_dict()["data"].items()}
     shared.update({f"split.{k}": v for k, v in config.to_dict()["split"].items()})
     shared.update({"mlflow.experiment": experiment, "mlflow.register": False,
-                   "train.deterministic": config.train.deterministic})
+                   "train.deterministic": config.train.deterministic,
+                   # the localizers decode the DICOM the classifiers grade: one window for both
+                   "preprocess.dicom_window": config.preprocess.dicom_window})
     localizer = load_experiment(localizer_experiment, {**localizer_settings, **shared, "task": "localize"})
     classifier = _with(config, {"mlflow.experiment": experiment, "mlflow.register": False, "model.calibration": "none"})
     return classifier, localizer
@@ -113,11 +120,17 @@ def run_ablation(config: ExperimentConfig, localizer: ExperimentConfig, *, slice
     if members < 2:
         raise ConfigError(f"the ensemble step needs at least 2 members, got {members}")
     started = time.perf_counter()
+    # Settings that cannot run fail here, before hours of training: every step's config, sizes, devices.
+    for changes in ({"preprocess.slices": 1, "model.slice_pooling": "channels"}, {"preprocess.slices": slices}):
+        _with(config, changes)
+    get_backbone(config.model.arch).check_size(config.preprocess.img_size)
+    get_backbone(localizer.model.arch).check_size(localizer.localize.img_size)
+    check_devices(config.train)
     data_dir = resolve_data_dir(config)
     if detect_layout(data_dir) != "rsna" or not (data_dir / "train.csv").is_file():
         raise ConfigError(f"{data_dir} is not an RSNA-layout folder with train.csv: the ablation locates sites on "
                           "whole DICOM series and scores them against train.csv; give the competition folder")
-    dataset, samples = prepare_data(_with(config, {"preprocess.slices": 1}))
+    dataset, samples = prepare_data(_with(config, {"preprocess.slices": 1, "model.slice_pooling": "channels"}))
     table = fold_studies(samples, config.split.folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
     labels = pd.read_csv(data_dir / "train.csv", dtype={"study_id": str})
     cv_studies = sorted(table.loc[table["fold"] >= 0, "study_id"].astype(str))
@@ -214,9 +227,9 @@ def _grade_out_of_fold(config: ExperimentConfig, data_dir: Path, table: pd.DataF
 
 
 def label_table(labels: pd.DataFrame, submission: pd.DataFrame) -> pd.DataFrame:
-    """Per submission row: study, condition, fold, source and the label's class (-1: unlabelled)."""
+    """Per submission row: study, condition, fold and the label's class (-1: unlabelled)."""
     rows = competition.label_rows(labels)[["row_id", "condition", "severity"]]
-    table = submission[["row_id", "source", "fold"]].merge(rows, on="row_id", how="left")
+    table = submission[["row_id", "fold"]].merge(rows, on="row_id", how="left")
     table["study_id"] = table["row_id"].str.split("_", n=1).str[0]
     table["target"] = table["severity"].fillna(-1).astype(int)
     if table["condition"].isna().any():
@@ -225,14 +238,14 @@ def label_table(labels: pd.DataFrame, submission: pd.DataFrame) -> pd.DataFrame:
 
 
 def cross_fitted(submission: pd.DataFrame, rows: pd.DataFrame, severity_weights: bool) -> pd.DataFrame:
-    """``submission`` with the model-graded rows scaled by per-condition temperatures fitted at the predicted
-    sites of *other* studies: within each fold, each half of the studies (alternate ids) by temperatures
+    """``submission`` (with ``source``) with its model-graded rows scaled by per-condition temperatures fitted at
+    the predicted sites of *other* studies: within each fold, each half of the studies (alternate ids) by temperatures
     fitted on the other half; the prior's rows stay as they are."""
     if not submission["row_id"].equals(rows["row_id"]):
         raise AssertionError("submission and label rows are not aligned")
     proba = submission[PROBABILITIES].to_numpy(np.float64)
     out = proba.copy()
-    model = (rows["source"] == "model").to_numpy()
+    model = (submission["source"] == "model").to_numpy()  # this submission's own model-graded rows
     study, fold = rows["study_id"].to_numpy(), rows["fold"].to_numpy()
     target, conditions = rows["target"].to_numpy(), rows["condition"].to_numpy(dtype=object)
     for k in np.unique(fold):
@@ -255,7 +268,8 @@ def mean_submission(members: list[pd.DataFrame]) -> pd.DataFrame:
         if not other["row_id"].equals(first["row_id"]):
             raise AssertionError("ensemble members graded different rows")
     mean = np.mean([m[PROBABILITIES].to_numpy(np.float64) for m in members], axis=0)
-    return first.assign(**{c: mean[:, i] for i, c in enumerate(PROBABILITIES)})
+    graded = np.any([(m["source"] == "model").to_numpy() for m in members], axis=0)  # a model's output in the mean
+    return first.assign(source=np.where(graded, "model", "prior"), **{c: mean[:, i] for i, c in enumerate(PROBABILITIES)})
 
 
 def _score(step_list: list[Step], submissions: dict[str, pd.DataFrame], labels: pd.DataFrame, rows: pd.DataFrame,
@@ -264,12 +278,13 @@ def _score(step_list: list[Step], submissions: dict[str, pd.DataFrame], labels: 
     prior_terms = competition.score_terms(labels, priors).reset_index()
     prior_score = paired.score_intervals(prior_terms)["score"][0]
     labelled = rows["target"].to_numpy() >= 0
-    graded = labelled & (rows["source"] == "model").to_numpy()
-    y = rows["target"].to_numpy()[graded]
     records = []
-    for step in step_list:
+    for i, step in enumerate(step_list):
         value, low, high = paired.score_intervals(terms[step.key])["score"]
         diff = paired.paired_difference(terms[step.key], terms["current"], "rsna_score")
+        previous = paired.paired_difference(terms[step.key], terms[step_list[max(i - 1, 0)].key], "rsna_score")
+        graded = labelled & (submissions[step.key]["source"] == "model").to_numpy()
+        y = rows["target"].to_numpy()[graded]
         p = submissions[step.key][PROBABILITIES].to_numpy(np.float64)[graded]
         scores = heads.resample_scores(y, p, np.ones((1, len(y))), severity=True)
         run = mlflow.get_run(cv_runs[step.key]) if step.key in cv_runs else None
@@ -277,6 +292,8 @@ def _score(step_list: list[Step], submissions: dict[str, pd.DataFrame], labels: 
             "step": step.key, "label": step.label, "rsna_score": value, "ci_low": low, "ci_high": high,
             "vs_current": diff.difference, "vs_current_ci_low": diff.ci_low, "vs_current_ci_high": diff.ci_high,
             "vs_current_percent": 100.0 * diff.difference / diff.reference,
+            "vs_previous": previous.difference, "vs_previous_ci_low": previous.ci_low,
+            "vs_previous_ci_high": previous.ci_high,
             "ratio_to_prior": value / prior_score,
             "severity_ece": float(scores["ece"][0]), "severity_log_loss": float(scores["weighted_log_loss"][0]),
             "labelled_rsna_score": run.data.metrics.get("cv_rsna_score", np.nan) if run else np.nan,
@@ -285,13 +302,16 @@ def _score(step_list: list[Step], submissions: dict[str, pd.DataFrame], labels: 
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    lines = ["| step | OOF study score at predicted sites [95 % CI] | vs current [95 % CI] | × prior | severity ECE | "
-             "at labelled sites |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| step | OOF study score at predicted sites [95 % CI] | vs current [95 % CI], paired | "
+             "vs the step before [95 % CI] | × prior | severity ECE | at labelled sites |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in table.itertuples(index=False):
         versus = "—" if r.step == "current" else (f"{r.vs_current:+.3f} [{r.vs_current_ci_low:+.3f}, "
                                                    f"{r.vs_current_ci_high:+.3f}] ({r.vs_current_percent:+.1f} %)")
+        before = "—" if r.step == "current" else (f"{r.vs_previous:+.3f} [{r.vs_previous_ci_low:+.3f}, "
+                                                  f"{r.vs_previous_ci_high:+.3f}]")
         at_labels = "—" if not np.isfinite(r.labelled_rsna_score) else f"{r.labelled_rsna_score:.3f}"
-        lines.append(f"| {r.label} | {r.rsna_score:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] | {versus} | "
+        lines.append(f"| {r.label} | {r.rsna_score:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] | {versus} | {before} | "
                      f"{r.ratio_to_prior:.2f} | {r.severity_ece:.3f} | {at_labels} |")
     first = table.iloc[0]
     lines.append(f"\nWeight-aware prior (each fold's training labels): {first.prior_rsna_score:.3f}; "
@@ -310,7 +330,9 @@ def _log(table: pd.DataFrame, submissions: dict[str, pd.DataFrame], labels: pd.D
                         f"{r.step}_severity_ece": r.severity_ece, f"{r.step}_severity_log_loss": r.severity_log_loss})
         if r.step != "current":
             metrics.update({f"{r.step}_vs_current": r.vs_current, f"{r.step}_vs_current_ci_low": r.vs_current_ci_low,
-                            f"{r.step}_vs_current_ci_high": r.vs_current_ci_high})
+                            f"{r.step}_vs_current_ci_high": r.vs_current_ci_high, f"{r.step}_vs_previous": r.vs_previous,
+                            f"{r.step}_vs_previous_ci_low": r.vs_previous_ci_low,
+                            f"{r.step}_vs_previous_ci_high": r.vs_previous_ci_high})
         if np.isfinite(r.labelled_rsna_score):
             metrics[f"{r.step}_labelled_rsna_score"] = r.labelled_rsna_score
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})

@@ -119,10 +119,18 @@ def _from_runs(uris: list[str]) -> SiteJitter:
             raise ConfigError(f"train.site_jitter_from: run {run_id} is not a localizer run (no localize.series tag)")
         if SERIES_TYPES[series] in sigma:
             raise ConfigError(f"train.site_jitter_from: two runs for {series}; give one per series type")
-        prefix = "cv" if run.data.tags.get("role") == "cv" else "test"
+        role = run.data.tags.get("role")
+        if role == "fold":
+            raise ConfigError(f"train.site_jitter_from: run {run_id} is one fold of a localizer cross-validation; "
+                              f"give its parent run ({run.data.tags.get('mlflow.parentRunId', 'the role=cv run')}), "
+                              "whose errors cover every fold")
+        prefix = "cv" if role == "cv" else "test"
         sigma[SERIES_TYPES[series]], move[SERIES_TYPES[series]] = _localizer_error(
             run.data.metrics, series, prefix, f"localizer run {run_id}")
         found.append(f"{series} {prefix} run {run_id[:8]}")
+    missing = [name for name, description in SERIES_TYPES.items() if description not in sigma]
+    if missing:
+        print(f"site jitter: no localizer run for {', '.join(missing)}: those crops are not moved", flush=True)
     return SiteJitter(sigma, move, ", ".join(found))
 
 
