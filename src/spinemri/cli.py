@@ -706,14 +706,21 @@ def ablation(experiment, localizer_experiment, studies, slices, members, mlflow_
     sites, + an ensemble of seeds. Each is scored out of fold at the sites the fold's localizers
     find, with 95 % CIs and the paired difference to the current pipeline (docs/study.md).
     """
-    from spinemri.config import parse_override
+    from spinemri.config import load_experiment, parse_override
+    from spinemri.errors import ConfigError
     from spinemri.study.ablation import ablation_configs, run_ablation
 
     if studies is not None:
         settings = (*settings, f"data.phantom_studies={studies}")
     config = load_config(experiment, flags, settings)
-    localizer_changes = dict(parse_override(item) for item in localizer_settings if item.strip())
-    classifier, localizer = ablation_configs(config, localizer_experiment, localizer_changes, mlflow_experiment)
+    try:
+        localizer_changes = dict(parse_override(item) for item in localizer_settings if item.strip())
+        localizer = load_experiment(localizer_experiment, localizer_changes)
+    except ConfigError as exc:
+        given = " ".join(f"--localizer-set {item}" for item in localizer_settings)
+        raise ConfigError(f"the localizers' settings (--localizer-experiment {localizer_experiment} {given}): "
+                          f"{exc}") from None
+    classifier, localizer = ablation_configs(config, localizer, mlflow_experiment)
     result = run_ablation(classifier, localizer, slices=slices, members=members)
     click.echo(f"logged ablation/table.md, table.csv and plots/ablation.png to run {result.run_id} in "
                f"{mlflow_experiment} ({result.seconds / 60:.1f} min)")

@@ -179,7 +179,9 @@ def test_ablation_refuses_settings_it_cannot_run_before_any_run(tmp_path, monkey
                           (["--set", "preprocess.mode=slice"], "preprocess.mode must be roi"),
                           (["--set", "preprocess.slices=5", "--set", "model.slice_pooling=attention",
                             "--arch", "vgg16", "--img-size", "16"], "below the minimum of 32 px for vgg16"),
-                          (["--data-dir", str(flat)], "not an RSNA-layout folder with train.csv")):
+                          (["--data-dir", str(flat)], "not an RSNA-layout folder with train.csv"),
+                          (["--localizer-set", "train.epochs=abc"], "the localizers' settings (--localizer-experiment "
+                                                                   "ablation_localize --localizer-set train.epochs=abc)")):
         result = CliRunner().invoke(cli, ["ablation", *args])
         assert result.exit_code == 1 and message in result.output, result.output
         assert "Traceback" not in result.output

@@ -42,7 +42,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from spinemri.config import ExperimentConfig, load_experiment, with_values
+from spinemri.config import ExperimentConfig, with_values
 from spinemri.data.readers import detect_layout
 from spinemri.data.source import prepare_data, resolve_data_dir
 from spinemri.data.splits import fold_studies
@@ -89,9 +89,10 @@ def steps(slices: int, members: int) -> list[Step]:
             Step("ensemble", f"+ ensemble ({members} seeds)")]
 
 
-def ablation_configs(config: ExperimentConfig, localizer_experiment: str, localizer_settings: dict,
+def ablation_configs(config: ExperimentConfig, localizer: ExperimentConfig,
                      experiment: str) -> tuple[ExperimentConfig, ExperimentConfig]:
-    """The classifier's and the localizers' configs: the localizers read the classifier's data and folds."""
+    """The classifier's and the localizers' configs: the localizers read the classifier's data, folds and
+    DICOM window, and both log to ``experiment`` without registering."""
     if config.split.folds < 2:
         raise ConfigError(f"the ablation cross-validates: split.folds must be >= 2, got {config.split.folds} "
                           "(--folds K)")
@@ -106,7 +107,7 @@ def ablation_configs(config: ExperimentConfig, localizer_experiment: str, locali
                    "train.deterministic": config.train.deterministic,
                    # the localizers decode the DICOM the classifiers grade: one window for both
                    "preprocess.dicom_window": config.preprocess.dicom_window})
-    localizer = load_experiment(localizer_experiment, {**localizer_settings, **shared, "task": "localize"})
+    localizer = _with(localizer, {**shared, "task": "localize"})
     classifier = _with(config, {"mlflow.experiment": experiment, "mlflow.register": False, "model.calibration": "none"})
     return classifier, localizer
 
