@@ -121,3 +121,33 @@ def fit(targets: Mapping[str, np.ndarray], proba: Mapping[str, np.ndarray], cond
                     by_condition[condition] = fit_temperature(y[rows], p[rows],
                                                               None if weights is None else weights[rows])
     return Temperatures(heads=heads, severity_by_condition=by_condition)
+
+
+def cross_fitted(targets: Mapping[str, np.ndarray], proba: Mapping[str, np.ndarray], conditions: Sequence,
+                 studies: Sequence, folds: Sequence, *, fitted_rows: np.ndarray | None = None,
+                 severity_weights: bool = True) -> dict[str, np.ndarray]:
+    """Out-of-fold probabilities calibrated without fitting any row's temperature on that row's study.
+
+    Fold models differ in how over- or under-confident they are, so one fold's temperatures do not
+    carry to another's predictions. Each fold's studies are halved instead (alternate study ids), and
+    each half is scaled by the temperatures fitted on the other half. ``fitted_rows`` (boolean) limits
+    fitting and scaling to those rows (e.g. the rows a model graded, not the prior); the rest stay as
+    they are.
+    """
+    conditions = np.asarray([str(c) for c in conditions], dtype=object)
+    study, fold = np.asarray([str(s) for s in studies]), np.asarray(folds)
+    rows = np.ones(len(study), bool) if fitted_rows is None else np.asarray(fitted_rows, bool)
+    out = {h: np.array(p, dtype=np.float64, copy=True) for h, p in proba.items()}
+    for k in np.unique(fold):
+        mine = fold == k
+        half = np.isin(study, np.unique(study[mine])[::2])
+        for fit_on, apply_to in ((mine & ~half & rows, mine & half & rows), (mine & half & rows, mine & ~half & rows)):
+            if not apply_to.any() or not any((np.asarray(t)[fit_on] >= 0).any() for t in targets.values()):
+                continue
+            fitted = fit({h: np.asarray(t)[fit_on] for h, t in targets.items()},
+                         {h: np.asarray(p)[fit_on] for h, p in proba.items()}, list(conditions[fit_on]),
+                         severity_weights=severity_weights)
+            scaled = fitted.apply({h: np.asarray(p)[apply_to] for h, p in proba.items()}, list(conditions[apply_to]))
+            for h in out:
+                out[h][apply_to] = scaled[h]
+    return out

@@ -107,8 +107,8 @@ def ablation_configs(config: ExperimentConfig, localizer: ExperimentConfig,
                    "train.deterministic": config.train.deterministic,
                    # the localizers decode the DICOM the classifiers grade: one window for both
                    "preprocess.dicom_window": config.preprocess.dicom_window})
-    localizer = _with(localizer, {**shared, "task": "localize"})
-    classifier = _with(config, {"mlflow.experiment": experiment, "mlflow.register": False, "model.calibration": "none"})
+    localizer = with_values(localizer, {**shared, "task": "localize"})
+    classifier = with_values(config, {"mlflow.experiment": experiment, "mlflow.register": False, "model.calibration": "none"})
     return classifier, localizer
 
 
@@ -123,7 +123,7 @@ def run_ablation(config: ExperimentConfig, localizer: ExperimentConfig, *, slice
     started = time.perf_counter()
     # Settings that cannot run fail here, before hours of training: every step's config, sizes, devices.
     for changes in ({"preprocess.slices": 1, "model.slice_pooling": "channels"}, {"preprocess.slices": slices}):
-        _with(config, changes)
+        with_values(config, changes)
     get_backbone(config.model.arch).check_size(config.preprocess.img_size)
     get_backbone(localizer.model.arch).check_size(localizer.localize.img_size)
     check_devices(config.train)
@@ -131,7 +131,7 @@ def run_ablation(config: ExperimentConfig, localizer: ExperimentConfig, *, slice
     if detect_layout(data_dir) != "rsna" or not (data_dir / "train.csv").is_file():
         raise ConfigError(f"{data_dir} is not an RSNA-layout folder with train.csv: the ablation locates sites on "
                           "whole DICOM series and scores them against train.csv; give the competition folder")
-    dataset, samples = prepare_data(_with(config, {"preprocess.slices": 1, "model.slice_pooling": "channels"}))
+    dataset, samples = prepare_data(with_values(config, {"preprocess.slices": 1, "model.slice_pooling": "channels"}))
     table = fold_studies(samples, config.split.folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
     labels = pd.read_csv(data_dir / "train.csv", dtype={"study_id": str})
     cv_studies = sorted(table.loc[table["fold"] >= 0, "study_id"].astype(str))
@@ -155,7 +155,7 @@ def run_ablation(config: ExperimentConfig, localizer: ExperimentConfig, *, slice
         clock = time.perf_counter()
         localizer_runs = {}
         for series in ("sagittal_t2", "sagittal_t1", "axial_t2"):
-            localizer_runs[series] = cross_validate_localizer(_with(localizer, {"localize.series": series}),
+            localizer_runs[series] = cross_validate_localizer(with_values(localizer, {"localize.series": series}),
                                                               folds_table=table, nested=True)
         timings["localizers"] = time.perf_counter() - clock
         jitter_from = ",".join(f"runs:/{r.run_id}" for r in localizer_runs.values())
@@ -171,7 +171,7 @@ def run_ablation(config: ExperimentConfig, localizer: ExperimentConfig, *, slice
         for key, changes in trained.items():
             clock = time.perf_counter()
             print(f"== ablation: classifier {key} ==", flush=True)
-            cv_runs[key] = cross_validate(_with(config, changes), folds_table=table, nested=True)
+            cv_runs[key] = cross_validate(with_values(config, changes), folds_table=table, nested=True)
             timings[key] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -240,26 +240,16 @@ def label_table(labels: pd.DataFrame, submission: pd.DataFrame) -> pd.DataFrame:
 
 def cross_fitted(submission: pd.DataFrame, rows: pd.DataFrame, severity_weights: bool) -> pd.DataFrame:
     """``submission`` (with ``source``) with its model-graded rows scaled by per-condition temperatures fitted at
-    the predicted sites of *other* studies: within each fold, each half of the studies (alternate ids) by temperatures
-    fitted on the other half; the prior's rows stay as they are."""
+    the predicted sites of *other* studies (:func:`spinemri.models.calibration.cross_fitted`); the prior's
+    rows stay as they are."""
     if not submission["row_id"].equals(rows["row_id"]):
         raise AssertionError("submission and label rows are not aligned")
-    proba = submission[PROBABILITIES].to_numpy(np.float64)
-    out = proba.copy()
-    model = (submission["source"] == "model").to_numpy()  # this submission's own model-graded rows
-    study, fold = rows["study_id"].to_numpy(), rows["fold"].to_numpy()
-    target, conditions = rows["target"].to_numpy(), rows["condition"].to_numpy(dtype=object)
-    for k in np.unique(fold):
-        mine = (fold == k) & model
-        ids = np.unique(study[fold == k])
-        half = np.isin(study, ids[::2])
-        for fit_on, apply_to in ((mine & ~half, mine & half), (mine & half, mine & ~half)):
-            if not apply_to.any() or not (target[fit_on] >= 0).any():
-                continue
-            fitted = calibration.fit({"severity": target[fit_on]}, {"severity": proba[fit_on]},
-                                     list(conditions[fit_on]), severity_weights=severity_weights)
-            out[apply_to] = fitted.apply({"severity": proba[apply_to]}, list(conditions[apply_to]))["severity"]
-    return submission.assign(**{c: out[:, i] for i, c in enumerate(PROBABILITIES)})
+    scaled = calibration.cross_fitted({"severity": rows["target"].to_numpy()},
+                                      {"severity": submission[PROBABILITIES].to_numpy(np.float64)},
+                                      rows["condition"].tolist(), rows["study_id"].tolist(), rows["fold"].to_numpy(),
+                                      fitted_rows=(submission["source"] == "model").to_numpy(),
+                                      severity_weights=severity_weights)["severity"]
+    return submission.assign(**{c: scaled[:, i] for i, c in enumerate(PROBABILITIES)})
 
 
 def mean_submission(members: list[pd.DataFrame]) -> pd.DataFrame:
@@ -358,7 +348,3 @@ def _chart(table: pd.DataFrame) -> plt.Figure:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def _with(config: ExperimentConfig, values: dict) -> ExperimentConfig:
-    return with_values(config, values)

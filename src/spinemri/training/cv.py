@@ -157,7 +157,7 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig) -> dict
     """Log the OOF evaluation of ``results`` into the active (parent) run; returns its headline values.
 
     With ``model.calibration: temperature`` the OOF predictions are calibrated *cross-fitted*
-    (:func:`_cross_fitted`), so no prediction is scaled by a temperature fitted on itself;
+    (:func:`spinemri.models.calibration.cross_fitted`), so no prediction is scaled by a temperature fitted on itself;
     ``cv_<head>_<loss|ece>_uncalibrated`` keep the numbers before.
     """
     samples = pd.concat([r.samples.assign(fold=r.fold) for r in results], ignore_index=True)
@@ -172,7 +172,9 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig) -> dict
         labels, submission = competition.site_predictions(samples, proba["severity"])
         before[f"{CV_SCORE}_uncalibrated"] = competition.rsna_score(labels, submission)
         mlflow.log_metrics(before)
-        proba = _cross_fitted(samples, targets, proba, config.model.severity_sample_weights)
+        proba = calibration.cross_fitted(targets, proba, samples["condition"].tolist(), samples["study_id"].tolist(),
+                                         samples["fold"].to_numpy(),
+                                         severity_weights=config.model.severity_sample_weights)
     # Baselines from each fold's own training folds would differ per fold; the CV studies' labels are one
     # distribution, known to every fold model up to one fold.
     evaluation = log_held_out(samples, targets, proba, targets, "cv")
@@ -183,34 +185,6 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig) -> dict
     metrics["cv_n_studies"] = float(evaluation["n_studies"])
     metrics.update(log_site_score(samples, proba["severity"], _fold_priors(results), "cv"))
     return {**metrics, **before}
-
-
-def _cross_fitted(samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray],
-                  severity_weights: bool) -> dict[str, np.ndarray]:
-    """OOF probabilities calibrated without fitting any row's temperature on that row.
-
-    Fold models differ in how over- or under-confident they are, so one fold's temperatures do not
-    carry to another's predictions. Each fold's held-out studies are halved instead (alternate
-    studies in id order): each half is scaled by the temperatures its own fold model gets on the
-    other half.
-    """
-    conditions = np.asarray(samples["condition"].astype(str).to_numpy(), dtype=object)
-    out = {h: np.empty_like(p) for h, p in proba.items()}
-    fold = samples["fold"].to_numpy()
-    study = samples["study_id"].astype(str).to_numpy()
-    for k in np.unique(fold):
-        mine = fold == k
-        studies = np.unique(study[mine])
-        half = np.isin(study, studies[::2])
-        for fit_on, apply_to in ((mine & ~half, mine & half), (mine & half, mine & ~half)):
-            if not apply_to.any():
-                continue
-            fitted = calibration.fit({h: t[fit_on] for h, t in targets.items()}, {h: p[fit_on] for h, p in proba.items()},
-                                     list(conditions[fit_on]), severity_weights=severity_weights)
-            scaled = fitted.apply({h: p[apply_to] for h, p in proba.items()}, list(conditions[apply_to]))
-            for h in out:
-                out[h][apply_to] = scaled[h]
-    return out
 
 
 def _fold_priors(results: list[FoldResult]) -> pd.DataFrame:
