@@ -63,12 +63,13 @@ def tracked(command):
 def setting_options(shortcuts: dict[str, str], *names: str):
     """Flags for config settings: ``--arch`` for SHORTCUTS["arch"] (model.arch), with the setting's help.
 
-    Each flag's default is None: a flag left out keeps the experiment's value.
+    Each flag's default is None: a flag left out keeps the experiment's value. ``--img-size`` is also
+    accepted as ``--img_size``, the form ``mlflow run -P img_size=96`` passes it in.
     """
     def decorate(command):
         for name in reversed(names):
-            command = click.option(f"--{name.replace('_', '-')}", name, default=None,
-                                   help=setting_help(shortcuts[name]))(command)
+            spellings = dict.fromkeys((f"--{name.replace('_', '-')}", f"--{name}"))
+            command = click.option(*spellings, name, default=None, help=setting_help(shortcuts[name]))(command)
         return command
     return decorate
 

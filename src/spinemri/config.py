@@ -257,8 +257,15 @@ class MlflowConfig:
     champion_metric: str = setting("test_severity_weighted_log_loss", "held-out metric that decides the champion alias")
     champion_policy: str = setting("paired", "how a new version must beat the champion: paired (the 95% interval of "
                                    "a paired bootstrap over studies excludes zero) or strict (any improvement)")
+    system_metrics_interval: float = setting(10.0, "seconds between samples of CPU, memory, disk and GPU use, "
+                                             "logged as system/* metrics of training and tuning runs; 0: none")
+    ui_url: str = setting("", "the MLflow UI's address for the links spinemri prints (empty: the tracking "
+                          "server's, or http://127.0.0.1:5000 where `mlflow ui` serves a local store)")
 
     def validate(self) -> None:
+        if self.system_metrics_interval < 0:
+            raise ConfigError(f"mlflow.system_metrics_interval must be >= 0 seconds (0 turns system metrics off), "
+                              f"got {self.system_metrics_interval}")
         if not self.registered_model.strip():
             raise ConfigError("mlflow.registered_model must not be empty")
         if self.champion_policy not in ("paired", "strict"):
@@ -378,6 +385,37 @@ SHORTCUTS = {
     "workers": "tuning.workers", "task": "task", "series": "localize.series", "strategy": "train.strategy",
     "mixed_precision": "train.mixed_precision", "folds": "split.folds",
 }
+_SHORT_NAME = {key: short for short, key in SHORTCUTS.items() if short != "task"}
+# The settings a run of each task reads, by section; the MLflow params of its runs (:func:`run_params`).
+TASK_SECTIONS = {"classify": ("data", "preprocess", "split", "model", "train", "mlflow"),
+                 "localize": ("data", "preprocess", "split", "model", "train", "mlflow", "localize")}
+# A localizer takes the classifier's windowing but its own size, mode and channels (localizer_preprocessing).
+_NOT_READ = {"localize": ("preprocess.img_size", "preprocess.mode", "preprocess.roi_mm", "preprocess.slices",
+                          "model.slice_pooling", "model.loss_weights", "model.severity_sample_weights",
+                          "model.calibration", "train.site_jitter", "train.augment.")}
+
+
+def param_name(key: str, task: str = "classify") -> str:
+    """The MLflow param name of a setting: its shortcut where it has one (``arch`` for model.arch, the name
+    ``mlflow run -P`` and the CLI flags use, so that a parameter given there and the value the run resolves
+    are one param), ``experiment`` for the experiment's name, else the dotted key."""
+    if key == "name":
+        return "experiment"
+    if task == "localize" and key == "localize.img_size":
+        return "img_size"
+    return _SHORT_NAME.get(key, key) if not (task == "localize" and key == "preprocess.img_size") else key
+
+
+def run_params(config: "ExperimentConfig", *sections: str) -> dict[str, Any]:
+    """One param per setting the run's task reads (``TASK_SECTIONS``, plus ``sections`` such as
+    ``tuning``), with its resolved value, named by :func:`param_name`; the task itself is a tag."""
+    read = TASK_SECTIONS[config.task] + sections
+    skipped = _NOT_READ.get(config.task, ())
+    return {param_name(key, config.task): value for key, value in config.flat().items()
+            if (key == "name" or key.split(".")[0] in read) and not key.startswith("tuning.search_space.")
+            and not key.startswith(skipped)}
+
+
 # The flags of `spinemri data prepare`: the preprocessing and split of the cache it builds.
 PREPARE_SHORTCUTS = {
     "img_size": "preprocess.img_size", "mode": "preprocess.mode", "roi_mm": "preprocess.roi_mm",

@@ -22,7 +22,7 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from spinemri.config import ExperimentConfig, with_values
+from spinemri.config import ExperimentConfig, run_params, with_values
 from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, TuningError
 from spinemri.evaluation.goals import best_value, metric_goal
@@ -119,12 +119,14 @@ def tune(config: ExperimentConfig) -> TuneResult:
     name = study.study_name
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(config.mlflow.experiment)
-    parent = start_run(run_name=f"{name}-study", tags={"optuna.study": name, "optuna.storage": redact(storage_url),
-                                                       "role": "study", "arch": config.model.arch})
+    parent = start_run(run_name=f"{name}-study", system_metrics_interval=config.mlflow.system_metrics_interval,
+                       tags={"optuna.study": name, "optuna.storage": redact(storage_url), "role": "study",
+                             "arch": config.model.arch})
     with ending_run():
-        mlflow.log_params({"tuning.trials": tuning.trials, "tuning.pruner": tuning.pruner, "tuning.workers": tuning.workers,
-                           "tuning.monitor": config.train.monitor, "model.arch": config.model.arch,
-                           "experiment": config.name})
+        # The study's own settings; each trial and the final run log the full set.
+        mlflow.log_params({key: value for key, value in run_params(config, "tuning").items()
+                           if key.startswith("tuning.") or key in ("arch", "experiment", "data_dir", "trials", "storage",
+                                                                   "study_name", "pruner", "workers", "train.monitor")})
         mlflow.log_dict(config.to_dict(redacted=True), "config.yaml")
         experiment_id = parent.info.experiment_id
         helpers = []
@@ -186,12 +188,12 @@ def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, stor
             trial.set_user_attr("process", process_id())
 
         run = start_run(run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id,
+                        system_metrics_interval=config.mlflow.system_metrics_interval,
                         tags={"optuna.study": study.study_name, "optuna.trial": str(trial.number), "role": "trial",
                               "worker": str(worker_index)})
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         try:
             values = suggest(trial, config.tuning.search_space)
-            mlflow.log_params({f"trial.{k}": v for k, v in values.items()})
             keras.backend.clear_session()
             result = train(with_values(config, values), callbacks=[KerasPruningCallback(trial, monitor)],
                            own_run=False, log_model=False, evaluate_test=False)

@@ -60,6 +60,21 @@ class CacheFolder:
     def config(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.manifest["preprocess"])
 
+    @property
+    def content_digest(self) -> str:
+        """sha256 of what the model reads (the images and the tables, not where or when they were made):
+        the same data prepared the same way has the same digest on every machine. Folders built before it
+        was recorded get it computed once and added to their manifest."""
+        if "content_digest" not in self.manifest:
+            self.manifest["content_digest"] = content_digest(self.path)
+            try:
+                staged = self.path / f".manifest.{os.getpid()}.json"
+                staged.write_text(json.dumps(self.manifest, indent=2))
+                staged.replace(self.path / "manifest.json")
+            except OSError:  # a read-only cache still answers; it computes the digest each time
+                pass
+        return self.manifest["content_digest"]
+
     def images(self) -> np.ndarray:
         """Read-only memory map, uint8 (N, S, S, C); index it with the table's ``index`` column."""
         return np.load(self.path / "images.npy", mmap_mode="r")
@@ -130,6 +145,20 @@ def fingerprint(samples: pd.DataFrame, config: PreprocessConfig) -> str:
     return digest.hexdigest()[:20]
 
 
+def content_digest(folder: Path) -> str:
+    """sha256 over the name and bytes of every file of a cache folder except its manifest and split tables
+    (which depend on the split settings, not on the data), read 8 MiB at a time."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith((".", "manifest")) or path.name.startswith("splits_"):
+            continue
+        digest.update(f"{path.name}\0".encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
 def relative_paths(paths, root: str) -> list[str]:
     """``os.path.relpath(p, root)`` for each path (unchanged without a root), without its cost for
     the usual case of a clean path inside the root."""
@@ -190,6 +219,7 @@ def publish(cache_dir: Path, name: str, build) -> dict:
     started = time.perf_counter()
     try:
         manifest = build(staging)
+        manifest["content_digest"] = content_digest(staging)
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         try:

@@ -22,13 +22,16 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from spinemri.config import ExperimentConfig, with_values
+from spinemri.config import ExperimentConfig, param_name, with_values
 from spinemri.data.schema import HEADS
 from spinemri.errors import CompareError
 from spinemri.evaluation.paired import paired_difference, terms_artifact
+from spinemri.evaluation.run import table_artifact
+from spinemri.tracking import lineage
 from spinemri.tracking.runs import log_figure, start_run
 from spinemri.training.plots import plt
 from spinemri.training.cv import CV_ROLE, CV_SCORE, FOLD_ROLE
+from spinemri.training.steps import site_score_artifact
 from spinemri.training.train import train
 
 NON_TRAINING_ROLES = ("trial", "study", "summary", CV_ROLE, FOLD_ROLE, "ensemble")
@@ -82,13 +85,13 @@ def build_table(experiment: str, head: str = "condition", archs: tuple[str, ...]
             "accuracy": m.get(f"test_{head}_accuracy", math.nan),
             "accuracy_ci_low": m.get(f"test_{head}_accuracy_ci_low", math.nan),
             "accuracy_ci_high": m.get(f"test_{head}_accuracy_ci_high", math.nan),
-            "majority_accuracy": m.get(f"test_{head}_accuracy_majority", math.nan),
+            "majority_accuracy": _baseline(run.info.run_id, "test", head, "accuracy"),
             "roc_auc": m.get(f"test_{head}_roc_auc", math.nan),
             "roc_auc_ci_low": m.get(f"test_{head}_roc_auc_ci_low", math.nan),
             "roc_auc_ci_high": m.get(f"test_{head}_roc_auc_ci_high", math.nan),
             "epochs": int(m.get("epochs_trained", 0)),
-            "batch_size": int(p.get("train.batch_size", 0)),
-            "img_size": int(p.get("preprocess.img_size", 0)),
+            "batch_size": int(p.get(param_name("train.batch_size"), 0)),
+            "img_size": int(p.get(param_name("preprocess.img_size"), 0)),
             "training_time_s": m.get("training_time_s", math.nan),
             "final_loss": max(losses, key=lambda x: x.step).value if losses else math.nan,
             "final_val_loss": m.get("val_loss", math.nan),
@@ -105,12 +108,13 @@ def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) 
     rows, terms = [], {}
     for arch, run in runs.items():
         m = run.data.metrics
-        row = {"arch": arch, "folds": int(run.data.tags.get("folds", 0)), "studies": int(m.get("cv_n_studies", 0))}
+        row = {"arch": arch, "folds": int(run.data.tags.get("folds", 0)),
+               "studies": int(lineage.logged_profile(run, "cv").get("studies", 0))}
         for name, key in (("rsna_score", CV_SCORE), ("accuracy", f"cv_{head}_accuracy"),
                           ("roc_auc", f"cv_{head}_roc_auc")):
             row.update({name: m.get(key, math.nan), f"{name}_ci_low": m.get(f"{key}_ci_low", math.nan),
                         f"{name}_ci_high": m.get(f"{key}_ci_high", math.nan)})
-        row.update(prior_rsna_score=m.get(f"cv_prior_{CV_SCORE[3:]}", math.nan),
+        row.update(prior_rsna_score=_prior_score(run.info.run_id, "cv"),
                    epochs=m.get("epochs_trained", math.nan), training_time_s=m.get("training_time_s", math.nan),
                    run_id=run.info.run_id)
         rows.append(row)
@@ -135,6 +139,33 @@ def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) 
     table["vs_best_significant"] = [bool(d and d.enough_studies and (d.ci_low > 0 or d.ci_high < 0))
                                     for d in differences]
     return Comparison(experiment=experiment, head=head, table=table)
+
+
+def _baseline(run_id: str, split: str, head: str, metric: str, kind: str = "majority") -> float:
+    """A constant baseline's value of a head metric, from the run's evaluation table (NaN where absent)."""
+    table = _table(run_id, table_artifact(split))
+    if table is None:
+        return math.nan
+    row = table[(table["head"] == head) & (table["scope"] == "head") & (table["metric"] == metric)]
+    return float(row[kind].iloc[0]) if len(row) and row[kind].notna().iloc[0] else math.nan
+
+
+def _prior_score(run_id: str, split: str) -> float:
+    """The weight-aware prior's competition score on the run's studies (its score table; NaN where absent)."""
+    table = _table(run_id, site_score_artifact(split))
+    if table is None:
+        return math.nan
+    row = table[table["term"] == "score"]
+    return float(row["prior"].iloc[0]) if len(row) and row["prior"].notna().iloc[0] else math.nan
+
+
+def _table(run_id: str, artifact: str) -> pd.DataFrame | None:
+    """An MLflow table a run logged, or None where it has none."""
+    try:
+        table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact}")
+    except (MlflowException, OSError):
+        return None
+    return pd.DataFrame(table["data"], columns=table["columns"])
 
 
 def _terms(run_id: str) -> pd.DataFrame | None:

@@ -1,12 +1,13 @@
-"""An evaluation report (spinemri.evaluation.heads) as MLflow metric names, Markdown tables and figures."""
+"""An evaluation report (spinemri.evaluation.heads) as headline MLflow metrics, one table of every number,
+Markdown tables and figures."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from spinemri.data.schema import short_name
 from spinemri.evaluation.goals import lower_is_better
@@ -14,37 +15,48 @@ from spinemri.evaluation.heads import BREAKDOWNS, PER_CLASS_METRICS
 from spinemri.training.plots import plt
 
 
-def slug(name: str) -> str:
-    """A metric-name part: 'Normal/Mild' -> 'normal_mild', 'L4/L5' -> 'l4_l5'."""
-    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
-
-
 def evaluation_metrics(report: Mapping[str, Any], split: str) -> dict[str, float]:
-    """The MLflow metrics of a report: ``<split>_<head>_<metric>`` (the names training logs) with the suffixes
-    ``_ci_low``, ``_ci_high``, ``_majority``, ``_prior``; per class ``<split>_<head>_<f1|precision|recall>_<class>``;
-    breakdowns ``<split>_severity_<metric>_<condition or level>``; ``<split>_n_samples``, ``<split>_n_studies``.
+    """The headline MLflow metrics of a report, the same set for every run: per head
+    ``<split>_<head>_<metric>`` (accuracy, balanced accuracy, macro ROC-AUC, F1, precision and recall, log
+    loss, ECE; for severity also the weighted log loss) with ``_ci_low`` / ``_ci_high``. Per-class values,
+    the breakdowns by condition and level, and the baselines are rows of :func:`evaluation_table` instead.
     Undefined values are left out."""
-    out: dict[str, float] = {f"{split}_n_samples": float(report["n_samples"]),
-                             f"{split}_n_studies": float(report["n_studies"])}
+    out: dict[str, float] = {}
+    for head, result in report["heads"].items():
+        for metric, entry in result.get("metrics", {}).items():
+            for suffix, key in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high")):
+                if entry.get(key) is not None:
+                    out[f"{split}_{head}_{metric}{suffix}"] = float(entry[key])
+    return out
 
-    def add(name, entry):
-        for suffix, key in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"),
-                            ("_majority", "majority"), ("_prior", "prior")):
-            if entry.get(key) is not None:
-                out[name + suffix] = float(entry[key])
+
+TABLE_COLUMNS = ("head", "scope", "group", "metric", "value", "ci_low", "ci_high", "n_valid", "n_samples",
+                 "majority", "prior")
+
+
+def evaluation_table(report: Mapping[str, Any]) -> pd.DataFrame:
+    """Every number of a report as one row (what ``evaluation/<split>_table.json`` holds): ``scope`` is
+    ``head`` for the headline metrics, ``class`` for per-class scores, ``condition`` or ``level`` for the
+    severity breakdowns; ``majority`` and ``prior`` are the two constant baselines of the same metric."""
+    rows = []
+
+    def add(head, scope, group, metric, entry, n_samples):
+        rows.append({"head": head, "scope": scope, "group": group, "metric": metric,
+                     **{key: entry.get(key) for key in ("value", "ci_low", "ci_high", "n_valid", "majority", "prior")},
+                     "n_samples": n_samples})
 
     for head, result in report["heads"].items():
         for metric, entry in result.get("metrics", {}).items():
-            add(f"{split}_{head}_{metric}", entry)
+            add(head, "head", "all", metric, entry, result["n_samples"])
         for cls, scores in result.get("per_class", {}).items():
             for score in PER_CLASS_METRICS:
-                add(f"{split}_{head}_{score}_{slug(cls)}", scores[score])
+                add(head, "class", cls, score, scores[score], scores["support"])
     for head, columns in report["breakdowns"].items():
-        for groups in columns.values():
+        for column, groups in columns.items():
             for group, result in groups.items():
                 for metric, entry in result["metrics"].items():
-                    add(f"{split}_{head}_{metric}_{slug(group)}", entry)
-    return out
+                    add(head, column, group, metric, entry, result["n_samples"])
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
 def evaluation_markdown(report: Mapping[str, Any], split: str) -> str:

@@ -23,14 +23,16 @@ from spinemri.data.schema import HEAD_CLASSES, SPLITS
 from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, DatasetError, EvaluationError, ImageReadError, PrepareError
 from spinemri.evaluation.heads import evaluate_predictions
-from spinemri.evaluation.report import breakdown_figure, evaluation_markdown, evaluation_metrics, reliability_figure
+from spinemri.evaluation.report import (breakdown_figure, evaluation_markdown, evaluation_metrics, evaluation_table,
+                                        reliability_figure)
 from spinemri.tracking.pyfunc import SpineClassifier, load_classifier
 from spinemri.tracking.runs import PROCESS_TAG, RESUMED_FROM_TAG, log_figure, start_run
 from spinemri.training.data import SplitData, read_rows, split_data
 
 
 def log_evaluation(report: Mapping[str, Any], split: str) -> None:
-    """Log a report into the active run: :func:`evaluation_metrics`, ``evaluation/<split>.json``,
+    """Log a report into the active run: the headline :func:`evaluation_metrics`, every number as the MLflow
+    table ``evaluation/<split>_table.json`` (:func:`evaluation_table`), ``evaluation/<split>.json``,
     ``evaluation/<split>.md``, ``evaluation/<split>_reliability_<head>.png`` and
     ``evaluation/<split>_breakdown_severity.png``."""
     if mlflow.active_run() is None:
@@ -38,6 +40,7 @@ def log_evaluation(report: Mapping[str, Any], split: str) -> None:
     if not re.fullmatch(r"[a-z0-9_]+", split):
         raise ValueError(f"split must be a plain name such as test, got {split!r}")
     mlflow.log_metrics(evaluation_metrics(report, split))
+    mlflow.log_table(evaluation_table(report), table_artifact(split))
     mlflow.log_dict(dict(report), f"evaluation/{split}.json")
     mlflow.log_text(evaluation_markdown(report, split), f"evaluation/{split}.md")
     for head, result in report["heads"].items():
@@ -45,6 +48,11 @@ def log_evaluation(report: Mapping[str, Any], split: str) -> None:
             log_figure(reliability_figure(report, head), f"evaluation/{split}_reliability_{head}.png")
     if report["breakdowns"].get("severity"):
         log_figure(breakdown_figure(report), f"evaluation/{split}_breakdown_severity.png")
+
+
+def table_artifact(split: str) -> str:
+    """Where a run keeps every number of its evaluation of ``split`` (an MLflow table)."""
+    return f"evaluation/{split}_table.json"
 
 
 def evaluate_run(run_id: str, split: str = "test", *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

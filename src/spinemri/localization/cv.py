@@ -25,13 +25,14 @@ from datetime import datetime
 import mlflow
 import pandas as pd
 
-from spinemri.config import ExperimentConfig
+from spinemri.config import ExperimentConfig, run_params
 from spinemri.data.splits import fold_studies
 from spinemri.errors import DatasetError
 from spinemri.evaluation.paired import score_intervals, terms_artifact
 from spinemri.localization.locate import error_terms, summarize_errors
 from spinemri.localization.sites import get_task
 from spinemri.localization.train import experiment_name, localizer_samples, make_splits, train_in_run
+from spinemri.tracking import lineage
 from spinemri.tracking.runs import log_split, run_tags, training_run
 from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT, FOLD_ROLE, FOLDS_ARTIFACT
 from spinemri.training.fit import seed_everything
@@ -72,16 +73,17 @@ def cross_validate_localizer(config: ExperimentConfig, *, folds_table: pd.DataFr
             raise DatasetError([f"fold {k} of {folds} ('val' = the held-out fold): {problem}; or use fewer folds"
                                 for problem in exc.problems]) from None
     seed_everything(config.train)
-    params = {k: v for k, v in config.flat().items()
-              if k.split(".")[0] in ("data", "split", "model", "train", "localize", "preprocess", "name")}
-    params.update({"cv.studies": sum(f >= 0 for f in fold_of.values()),
-                   "cv.test_studies_locked": sum(f < 0 for f in fold_of.values())})
+    params = {**run_params(config), "data_dir": dataset.manifest["data_dir"]}
     tags = {**run_tags(dataset.fingerprint, config.model.arch, "localize"), "localize.series": task.name,
             "role": CV_ROLE, "folds": str(folds)}
     with training_run(experiment=experiment_name(config), config=config.to_dict(redacted=True), params=params,
                       tags=tags, nested=nested,
                       run_name=f"localize-{task.name}-{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}") as run:
         mlflow.log_text(table.to_csv(index=False), FOLDS_ARTIFACT)
+        slices = dataset.slices()
+        fold = slices["study_id"].astype(str).map(fold_of)
+        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+                           {"cv": slices[fold >= 0], "test": slices[fold < 0]}, unit="slices")
         errors, models = [], {}
         for k, (split_of, splits) in enumerate(fold_splits):
             print(f"== {task.name} localizer, fold {k + 1}/{folds}: {splits['train'].slices['study_id'].nunique()} "
@@ -89,8 +91,9 @@ def cross_validate_localizer(config: ExperimentConfig, *, folds_table: pd.DataFr
             fold_tags = {**tags, "role": FOLD_ROLE, "fold": str(k)}
             fold_tags.pop("folds")
             with training_run(experiment=experiment_name(config), config=config.to_dict(redacted=True),
-                              params={f"split.{n}_studies": int(s.slices["study_id"].nunique()) for n, s in splits.items()},
-                              tags=fold_tags, run_name=f"{task.name}-fold-{k}", nested=True) as fold_run:
+                              params={}, tags=fold_tags, run_name=f"{task.name}-fold-{k}", nested=True) as fold_run:
+                lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+                                   {n: s.slices for n, s in splits.items()}, unit="slices")
                 log_split(pd.DataFrame([(s, n) for s, n in sorted(split_of.items()) if n in splits],
                                        columns=["study_id", "split"]))
                 result, held = train_in_run(config, task, dataset, splits, held="val", prefix="fold", register=False)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from spinemri.config import ExperimentConfig, MlflowConfig
+from spinemri.config import ExperimentConfig, MlflowConfig, run_params
 from spinemri.errors import DatasetError
 from spinemri.data.source import resolve_data_dir
 from spinemri.evaluation.paired import terms_artifact
@@ -37,6 +37,7 @@ from spinemri.localization.locate import (SeriesSlices, choose_sites, error_term
 from spinemri.localization.model import build_localizer, point_loss, slice_loss
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.tracking.registry import eval_set_hash
+from spinemri.tracking import lineage
 from spinemri.tracking.runs import (TrainResult, log_figure, log_split, pip_requirements, register_and_tag, run_tags,
                                     training_run)
 from spinemri.training import fit
@@ -210,16 +211,15 @@ def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> TrainR
     task = get_task(config.localize.series)
     dataset, splits = prepare(config)
     seed_everything(config.train)
-    params = {k: v for k, v in config.flat().items()
-              if k.split(".")[0] in ("data", "split", "model", "train", "localize", "preprocess", "name")}  # task: a tag
-    params.update({f"split.{n}_studies": int(s.slices["study_id"].nunique()) for n, s in splits.items()})
-    params.update({f"split.{n}_slices": len(s.slices) for n, s in splits.items()})
+    params = {**run_params(config), "data_dir": dataset.manifest["data_dir"]}
     tags = {**run_tags(dataset.fingerprint, config.model.arch, "localize"), "localize.series": task.name}
     with training_run(experiment=experiment_name(config), config=config.to_dict(redacted=True), params=params,
                       tags=tags, run_name=f"localize-{task.name}-{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}",
                       nested=nested) as run:
         log_split(pd.concat([pd.DataFrame({"study_id": sorted(s.slices["study_id"].unique()), "split": n})
                              for n, s in splits.items()], ignore_index=True))  # predict-study checks it for leaks
+        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+                           {n: s.slices for n, s in splits.items()}, unit="slices")
         result, _ = train_in_run(config, task, dataset, splits)
     result.run_id = run.info.run_id
     return result

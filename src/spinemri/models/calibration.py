@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize_scalar
 
 from spinemri.data.schema import CONDITIONS, SEVERITY_WEIGHTS
 
 BOUNDS = (0.25, 8.0)  # a temperature outside this range means the held-out predictions are degenerate
 MIN_ROWS = 50
+TABLE_ARTIFACT = "calibration/temperatures.json"  # a run's fitted temperatures (an MLflow table)
 PRIOR_SD = 0.5  # of log T: a factor e^±1 at two standard deviations
 _EPS = 1e-12
 
@@ -80,11 +82,11 @@ class Temperatures:
         return cls(heads={k: float(v) for k, v in raw["heads"].items()},
                    severity_by_condition={k: float(v) for k, v in raw.get("severity_by_condition", {}).items()})
 
-    def metrics(self) -> dict[str, float]:
-        """``temperature_<head>`` and ``temperature_severity_<condition>``, as runs log them."""
-        out = {f"temperature_{head}": t for head, t in self.heads.items()}
-        out.update({f"temperature_severity_{c}": t for c, t in self.severity_by_condition.items()})
-        return out
+    def table(self) -> pd.DataFrame:
+        """One row per temperature (head, condition: '' for the head's own), as runs log them (TABLE_ARTIFACT)."""
+        rows = [{"head": head, "condition": "", "temperature": t} for head, t in self.heads.items()]
+        rows += [{"head": "severity", "condition": c, "temperature": t} for c, t in self.severity_by_condition.items()]
+        return pd.DataFrame(rows, columns=["head", "condition", "temperature"])
 
     def apply(self, proba: Mapping[str, np.ndarray], conditions: Sequence | None = None) -> dict[str, np.ndarray]:
         """Scaled probabilities per head. ``conditions`` (one per row, or None): the condition each

@@ -35,9 +35,17 @@ from spinemri.tracking import registry
 PROCESS_TAG = "process"  # host:pid:start time of the process that owns a RUNNING run (spinemri.processes)
 
 
-def start_run(*, tags: dict[str, str] | None = None, **kwargs) -> mlflow.ActiveRun:
+def start_run(*, tags: dict[str, str] | None = None, system_metrics_interval: float = 0.0, **kwargs
+              ) -> mlflow.ActiveRun:
     """``mlflow.start_run`` with the run marked as this process's, so that the run of a process that
-    dies without ending it is found and marked FAILED (:func:`reap_dead_runs`)."""
+    dies without ending it is found and marked FAILED (:func:`reap_dead_runs`). With
+    ``system_metrics_interval`` (seconds, the setting mlflow.system_metrics_interval) MLflow samples the
+    machine's CPU, memory, disk and GPU use into the run's system/* metrics while it is active."""
+    if system_metrics_interval > 0:
+        from mlflow.system_metrics import set_system_metrics_sampling_interval
+
+        set_system_metrics_sampling_interval(system_metrics_interval)
+        kwargs["log_system_metrics"] = True
     return mlflow.start_run(tags={PROCESS_TAG: process_id(), **(tags or {})}, **kwargs)
 
 
@@ -195,7 +203,9 @@ def training_run(*, experiment: str, config: Mapping[str, Any], tags: Mapping[st
     """The MLflow run of one training, opened the same way by both trainers.
 
     Starts a run in ``experiment`` — or continues the one ``mlflow run`` opened (MLFLOW_RUN_ID) —
-    tags it (``tags``, the run name), logs ``params`` and ``config`` as config.yaml, and ends it
+    tags it (``tags``, the run name), logs ``params`` (but not the ones ``mlflow run`` already logged
+    from its -P parameters, which have the same names) and ``config`` as config.yaml, samples system
+    metrics every ``mlflow.system_metrics_interval`` seconds of ``config``, and ends it
     FINISHED, KILLED or FAILED (:func:`ending_run`). ``own_run=False`` logs into the caller's active
     run and leaves its start and end to the caller (an Optuna trial).
     """
@@ -203,14 +213,17 @@ def training_run(*, experiment: str, config: Mapping[str, Any], tags: Mapping[st
         if own_run:
             if not nested and not os.environ.get("MLFLOW_RUN_ID"):
                 mlflow.set_experiment(experiment)
-            run = start_run(run_name=run_name, nested=nested)
+            interval = float((config.get("mlflow") or {}).get("system_metrics_interval", 0) or 0)
+            run = start_run(run_name=run_name, nested=nested, system_metrics_interval=interval)
             stack.enter_context(ending_run())
         else:
             run = mlflow.active_run()
             if run is None:
                 raise RuntimeError("training_run(own_run=False) needs an active MLflow run")
         mlflow.set_tags({**tags, **({"mlflow.runName": run_name} if run_name else {})})  # `mlflow run` names it too
-        mlflow.log_params(dict(params))
+        # `mlflow run` has logged the parameters it was given (-P lr=1e-3): those names stay as typed.
+        given = mlflow.get_run(run.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in given})
         mlflow.log_dict(dict(config), "config.yaml")
         yield run
 

@@ -27,7 +27,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from spinemri.config import HEADS, ExperimentConfig
+from spinemri.config import HEADS, ExperimentConfig, run_params
 from spinemri.data import cache
 from spinemri.data.source import prepare_data
 from spinemri.data.splits import fold_studies
@@ -36,6 +36,7 @@ from spinemri.evaluation import competition, heads, paired
 from spinemri.evaluation.goals import best_value
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
+from spinemri.tracking import lineage
 from spinemri.tracking.runs import TrainResult, log_figure, log_split, run_tags, training_run
 from spinemri.training import plots
 from spinemri.training.data import SplitData, encode_targets, split_data
@@ -92,14 +93,15 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_ta
             raise DatasetError([f"fold {k} of {folds} has no graded sample ({held['study_id'].nunique()} studies); "
                                 "use more studies or fewer folds"])
     seed_everything(config.train)
-    params = {k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space.") and k != "task"}
-    params.update({"cv.studies": int(table["fold"].ge(0).sum()), "cv.test_studies_locked": int(table["fold"].lt(0).sum())})
+    params = {**run_params(config), "data_dir": dataset.manifest["data_dir"]}
     params.update(jitter.params() if jitter else {})  # each fold's run logs them too
     tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": CV_ROLE, "folds": str(folds)}
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
                       tags=tags, run_name=f"{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}",
                       nested=nested) as run:
         mlflow.log_text(table.to_csv(index=False), FOLDS_ARTIFACT)
+        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+                           {"cv": samples[samples["fold"] >= 0], "test": samples[samples["fold"] < 0]})
         results = [_fold(config, dataset, samples, k, log_model) for k in range(folds)]
         if log_model:
             mlflow.log_dict({"folds": [{"fold": r.fold, "run_id": r.run_id, "model_uri": r.model_uri}
@@ -121,14 +123,15 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
     split = np.where(samples["fold"] == k, "val", np.where(samples["fold"] < 0, "test", "train"))
     fold_samples = samples.assign(split=split)
     splits: dict[str, SplitData] = {name: split_data(fold_samples, name) for name in ("train", "val")}
-    params = {f"split.{name}_samples": len(part) for name, part in splits.items()}
-    params.update({f"split.{name}_studies": int(part.samples["study_id"].nunique()) for name, part in splits.items()})
     tags = {**run_tags(dataset.fingerprint, config.model.arch, config.task), "role": FOLD_ROLE, "fold": str(k)}
-    print(f"== fold {k + 1}/{config.split.folds}: {params['split.train_studies']} studies train, "
-          f"{params['split.val_studies']} held out ==", flush=True)
-    with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
+    print(f"== fold {k + 1}/{config.split.folds}: {splits['train'].samples['study_id'].nunique()} studies train, "
+          f"{splits['val'].samples['study_id'].nunique()} held out ==", flush=True)
+    # The settings are the parent's params; a fold run records its data.
+    with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params={},
                       tags=tags, run_name=f"fold-{k}", nested=True) as run:
         log_split(fold_samples[["study_id", "split"]].drop_duplicates().sort_values("study_id"))
+        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+                           {name: part.samples for name, part in splits.items()})
         model, history, seconds = fit_model(config, dataset, splits)
         held = splits["val"]
         proba = predict_split(model, dataset.path / "images.npy", held, config.train.batch_size)
@@ -146,7 +149,7 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
         if config.model.calibration == "temperature":  # the fold model's own, fitted on its validation fold
             temperatures = calibration.fit(held.targets, proba, held.samples["condition"].tolist(),
                                            severity_weights=config.model.severity_sample_weights)
-            mlflow.log_metrics(temperatures.metrics())
+            mlflow.log_table(temperatures.table(), calibration.TABLE_ARTIFACT)
         model_uri = log_trained_model(model, config, dataset, splits, temperatures) if log_model else None
     return FoldResult(fold=k, run_id=run.info.run_id, samples=held.samples, proba=proba,
                       train_samples=splits["train"].samples, model_uri=model_uri,

@@ -22,20 +22,32 @@ from spinemri.errors import ConfigError, TrainingError
 from spinemri.evaluation.goals import keras_mode
 
 
+HISTORY_ARTIFACT = "training/history.json"  # every Keras epoch metric, one row per epoch (an MLflow table)
+
+
+def curve_metrics(logs: dict) -> dict[str, float]:
+    """The per-epoch metrics a run charts: the total loss, every validation metric, the learning rate.
+    Per-output training metrics (and Keras's own copy of the learning rate) stay in HISTORY_ARTIFACT."""
+    return {k: float(v) for k, v in logs.items() if k in ("loss", "lr") or k.startswith("val_")}
+
+
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs every Keras epoch metric (train and validation) and the learning rate to the active run."""
+    """Logs each epoch's :func:`curve_metrics` to the active run, and the whole epoch row (train and
+    validation, every output, the learning rate) to the table HISTORY_ARTIFACT."""
 
     def __init__(self, step_offset: int = 0):
         super().__init__()
         self.step_offset = step_offset
 
     def on_epoch_end(self, epoch, logs=None):
-        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        row = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
         try:
-            metrics["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         except (AttributeError, TypeError, ValueError):
             pass
-        mlflow.log_metrics(metrics, step=epoch + self.step_offset)
+        step = epoch + self.step_offset
+        mlflow.log_metrics(curve_metrics(row), step=step)
+        mlflow.log_table({"epoch": [step], **{k: [v] for k, v in row.items()}}, HISTORY_ARTIFACT)
 
 
 @contextlib.contextmanager

@@ -133,21 +133,21 @@ def predict_split(model: keras.Model, images_path: Path, split: SplitData, batch
 def fit_calibration(model: keras.Model, config: ExperimentConfig, images_path: Path, held_out: SplitData
                     ) -> calibration.Temperatures | None:
     """With ``model.calibration: temperature``, temperatures fitted on ``held_out`` (the validation split, never
-    test) and logged as ``temperature_<head>`` / ``temperature_severity_<condition>``; else None."""
+    test) and logged as the table ``calibration/temperatures.json``; else None."""
     if config.model.calibration != "temperature":
         return None
     proba = predict_split(model, images_path, held_out, config.train.batch_size)
     temperatures = calibration.fit(held_out.targets, proba, held_out.samples["condition"].tolist(),
                                    severity_weights=config.model.severity_sample_weights)
-    mlflow.log_metrics(temperatures.metrics())
+    mlflow.log_table(temperatures.table(), calibration.TABLE_ARTIFACT)
     return temperatures
 
 
 def calibration_effect(targets: dict[str, np.ndarray], raw: dict[str, np.ndarray], split: str) -> dict[str, float]:
-    """``<split>_<head>_<loss|ece>_uncalibrated`` (and the severity weighted log loss): the held-out numbers
-    before temperature scaling, beside the calibrated ones the evaluation logs."""
+    """``<split>_severity_<loss|ece|weighted_log_loss>_uncalibrated``: the held-out severity numbers before
+    temperature scaling, beside the calibrated ones the evaluation logs."""
     out = {}
-    for head in HEADS:
+    for head in ("severity",):
         keep = targets[head] >= 0
         if not keep.any():
             continue
@@ -208,13 +208,18 @@ def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
     return example_row(sample, pre, neighbours)
 
 
+def site_score_artifact(split: str) -> str:
+    """The MLflow table of a run's competition score and its terms, each with its CI and the prior's value."""
+    return f"evaluation/{split}_rsna_score_table.json"
+
+
 def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFrame | None, split: str
                    ) -> dict[str, float]:
     """The competition score of severity predictions at the labelled sites (stage 2 alone: the crops the
-    classifier was given, not ones a localizer found), its four terms with 95 %
-    bootstrap CIs over studies, and (``prior``: a submission of the same rows) the prior's score;
-    logged as ``<split>_rsna_score``, ``<split>_rsna_<term>`` (each with ``_ci_low``/``_ci_high``) and
-    ``<split>_prior_rsna_score``, with the per-study terms as ``evaluation/<split>_rsna_score.terms.csv``."""
+    classifier was given, not ones a localizer found) and its four terms, logged as ``<split>_rsna_score``
+    (with its 95 % bootstrap CI over studies, ``_ci_low``/``_ci_high``) and ``<split>_rsna_<term>``. Every
+    term's CI and (``prior``: a submission of the same rows) the prior's score and terms go to the table
+    :func:`site_score_artifact`, the per-study terms to ``evaluation/<split>_rsna_score.terms.csv``."""
     labels, submission = competition.site_predictions(samples, severity)
     try:
         terms = competition.score_terms(labels, submission)
@@ -222,11 +227,17 @@ def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFr
         print(f"no {split}_rsna_score: {exc}", flush=True)
         return {}
     mlflow.log_text(terms.reset_index().to_csv(index=False), paired.terms_artifact(f"{split}_rsna_score"))
-    metrics = {}
+    baseline = {}
+    if prior is not None:
+        prior_terms = competition.score_terms(labels, prior).reset_index()
+        baseline = {name: value for name, (value, _, _) in paired.score_intervals(prior_terms, resamples=1).items()}
+    metrics, rows = {}, []
     for name, (value, low, high) in paired.score_intervals(terms.reset_index()).items():
         key = f"{split}_rsna_score" if name == "score" else f"{split}_rsna_{name}"
-        metrics.update({key: value, f"{key}_ci_low": low, f"{key}_ci_high": high})
-    if prior is not None:
-        metrics[f"{split}_prior_rsna_score"] = competition.rsna_score(labels, prior)
+        metrics[key] = value
+        if name == "score":
+            metrics.update({f"{key}_ci_low": low, f"{key}_ci_high": high})
+        rows.append({"term": name, "value": value, "ci_low": low, "ci_high": high, "prior": baseline.get(name)})
     mlflow.log_metrics(metrics)
+    mlflow.log_table(pd.DataFrame(rows), site_score_artifact(split))
     return metrics

@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from spinemri.config import HEADS, ExperimentConfig
+from spinemri.config import HEADS, ExperimentConfig, run_params
 from spinemri.data import cache
 from spinemri.data.schema import HEAD_CLASSES, SPLITS
 from spinemri.data.source import prepare_data
@@ -27,6 +27,7 @@ from spinemri.evaluation.goals import best_value
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
 from spinemri.models.gradcam import gradcam_grid
+from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.runs import TrainResult, log_figure, log_split, register_and_tag, run_tags, training_run
 from spinemri.training import plots
@@ -63,14 +64,14 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
                                 f"split ({len(part)} samples); use more studies or other split.fractions"])
     seed_everything(config.train)
     # The search space stays in config.yaml; the task is a tag.
-    params = {k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space.") and k != "task"}
-    params.update({f"split.{name}_samples": len(part) for name, part in splits.items()})
-    params.update({f"split.{name}_studies": int(part.samples["study_id"].nunique()) for name, part in splits.items()})
+    params = {**run_params(config), "data_dir": dataset.manifest["data_dir"]}
     run_name = f"{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}" if own_run else None
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
                       tags=run_tags(dataset.fingerprint, config.model.arch, config.task), run_name=run_name,
                       nested=nested, own_run=own_run) as run:
         log_split(dataset.splits(config.split.fractions, config.split.seed))
+        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+                           {name: part.samples for name, part in splits.items()})
         result = _train_in_run(config, dataset, splits, callbacks, log_model, evaluate_test)
     result.run_id = run.info.run_id
     return result
