@@ -491,7 +491,7 @@ def compare(experiment, do_train, skip_existing, head, folds, settings) -> None:
         raise click.BadParameter("cross-validation needs at least 2 folds (0: single-split runs)", param_hint="--folds")
     from spinemri.config import load_experiment, parse_override, resolve_experiment
     from spinemri.errors import ConfigError
-    from spinemri.evaluation.compare import build_table, log_table, train_all
+    from spinemri.evaluation.compare import build_table, compare_link, log_table, train_all
 
     overrides = dict(parse_override(item) for item in settings)
     if folds and do_train:
@@ -508,9 +508,11 @@ def compare(experiment, do_train, skip_existing, head, folds, settings) -> None:
     if do_train:
         train_all(config, skip_existing=skip_existing)
     comparison = build_table(mlflow_experiment, head, archs, folds)
-    run_id = log_table(comparison)
+    link = compare_link(comparison, config.mlflow.ui_url if config else "")
+    run_id = log_table(comparison, link)
     click.echo(comparison.markdown())
     click.echo(f"logged compare/table.md, table.csv and chart.png to run {run_id} in {mlflow_experiment}")
+    click.echo(f"compare them in the MLflow UI: {link}")
 
 
 @main.command("evaluate")

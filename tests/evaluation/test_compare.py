@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from spinemri.tracking import lineage
+from spinemri.tracking.links import compare_runs_url
 from spinemri.cli import main as cli
 from spinemri.data.splits import split_studies
 from spinemri.tracking.pyfunc import file_row, load_classifier
@@ -35,7 +37,12 @@ def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, 
     assert (table["epochs"] == 1).all() and (table["batch_size"] == 32).all() and (table["img_size"] == 32).all()
     assert (table["params"] > 0).all() and (table["inference_ms_per_image"] > 0).all()
     assert table["accuracy"].between(0, 1).all() and table["final_loss"].notna().all()
-    assert table["majority_accuracy"].nunique() == 1  # one held-out set, one baseline
+    assert table["majority_accuracy"].nunique() == 1 and table["majority_accuracy"].between(0, 1).all()
+    # The UI's compare page of the table's runs: printed and kept on the summary run.
+    link = summary[0].data.tags["compare.link"]
+    assert f"compare them in the MLflow UI: {link}" in result.output
+    assert link == compare_runs_url("http://127.0.0.1:5000", list(table["run_id"]), [experiment.experiment_id])
+    assert link in summary[0].data.tags["mlflow.note.content"]
     assert table.loc[table["arch"] == "vgg16", "params"].item() > table.loc[table["arch"] == "tiny", "params"].item()
     with open(f"{folder}/chart.png", "rb") as png:
         assert png.read(4) == b"\x89PNG"
@@ -106,10 +113,16 @@ def test_compare_folds_cross_validates_each_backbone(cv_store, tmp_path):
     parent = next(r for r in parents if r.data.tags["arch"] == "tiny")
     m = parent.data.metrics
     assert m["cv_rsna_score_ci_low"] <= m["cv_rsna_score"] <= m["cv_rsna_score_ci_high"]
+    score = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/evaluation/cv_rsna_score_table.json")
+    terms = {row[0]: dict(zip(score["columns"], row)) for row in score["data"]}
     for term in ("spinal", "foraminal", "subarticular", "any_severe_spinal"):
-        assert m[f"cv_rsna_{term}_ci_low"] <= m[f"cv_rsna_{term}"] <= m[f"cv_rsna_{term}_ci_high"]
-    assert {"cv_prior_rsna_score", "cv_severity_ece", "cv_severity_ece_uncalibrated",
-            "cv_severity_weighted_log_loss_ci_low"} <= set(m)
+        assert terms[term]["ci_low"] <= m[f"cv_rsna_{term}"] == terms[term]["value"] <= terms[term]["ci_high"]
+    assert terms["score"]["prior"] == table.loc[table["arch"] == "tiny", "prior_rsna_score"].iloc[0]
+    assert {"cv_severity_ece", "cv_severity_ece_uncalibrated", "cv_severity_weighted_log_loss_ci_low"} <= set(m)
+    assert len([k for k in m if not k.startswith("system/")]) <= 100
+    assert {lineage.logged_profile(parent, s)["studies"] for s in ("cv", "test")} == \
+        {table["studies"].iloc[0], int((pd.read_csv(mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id, artifact_path="data/folds.csv", dst_path=str(tmp_path)))["fold"] < 0).sum())}
 
     def artifact(run_id, path):
         return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
@@ -139,7 +152,8 @@ def test_compare_folds_cross_validates_each_backbone(cv_store, tmp_path):
         assert by_split["val"] == {s for s, f in fold_of.items() if f == k}
         assert by_split["train"] == {s for s, f in fold_of.items() if f >= 0 and f != k}
         assert not by_split["train"] & by_split["val"]
-        assert "temperature_severity" in child.data.metrics and child.data.tags["role"] == "fold"
+        temperatures = mlflow.artifacts.load_dict(f"runs:/{child.info.run_id}/calibration/temperatures.json")
+        assert ["severity", ""] in [row[:2] for row in temperatures["data"]] and child.data.tags["role"] == "fold"
         assert child.data.params["site_jitter.axial_t2_sigma_mm"] == "3.0"  # training crops moved...
         assert child.data.params["site_jitter.axial_t2_slice_move"] == "0.0"  # ...in plane only: 1-slice crops
         held = artifact(child.info.run_id, "evaluation/fold_predictions.csv").astype({"study_id": str})

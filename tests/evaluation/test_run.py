@@ -17,6 +17,7 @@ from spinemri.config import load_experiment
 from spinemri.data.phantom import PhantomConfig, synthesize
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import EvaluationError
+from spinemri.tracking import lineage
 from spinemri.evaluation.heads import METRICS
 from spinemri.evaluation.run import evaluate_run
 
@@ -72,7 +73,8 @@ def test_evaluate_run_logs_into_the_finished_run(store):
     after = client.get_run(run_id)
     assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
     assert report["run_id"] == run_id and report["split"] == "test" and report["model_uri"].startswith("models:/")
-    assert report["baseline_source"] == "train" and report["n_samples"] == int(before.data.params["split.test_samples"])
+    assert report["baseline_source"] == "train"
+    assert report["n_samples"] == lineage.logged_profile(before, "test")["samples"]
 
     metrics = after.data.metrics
     for head in HEADS:
@@ -81,18 +83,24 @@ def test_evaluate_run_logs_into_the_finished_run(store):
             if key in before.data.metrics:  # training leaves out NaN (e.g. an AUC with one class)
                 values = {m.value for m in client.get_metric_history(run_id, key)}
                 assert values == {before.data.metrics[key]}, key  # the same number, logged again
-        assert f"test_{head}_ece" in metrics and f"test_{head}_accuracy_majority" in metrics
+        assert f"test_{head}_ece" in metrics
+        assert f"test_{head}_accuracy_majority" not in metrics  # baselines are rows of the table
     assert {m.value for m in client.get_metric_history(run_id, "test_severity_weighted_log_loss")} == \
         {before.data.metrics["test_severity_weighted_log_loss"]}
-    assert metrics["test_severity_accuracy_prior"] == report["heads"]["severity"]["metrics"]["accuracy"]["prior"]
-    assert metrics["test_n_samples"] == report["n_samples"]
-    assert any(k.startswith("test_severity_accuracy_l") and k.count("_") == 4 for k in metrics)  # per level
+    assert not any(k.startswith("test_severity_accuracy_l") for k in metrics)  # per level: the table
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/test_table.json")
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    accuracy = next(r for r in rows if (r["head"], r["scope"], r["metric"]) == ("severity", "head", "accuracy"))
+    assert accuracy["prior"] == report["heads"]["severity"]["metrics"]["accuracy"]["prior"]
+    assert accuracy["n_samples"] == report["heads"]["severity"]["n_samples"]
+    assert {r["group"] for r in rows if r["scope"] == "level"} == {"L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"}
 
     paths = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert paths == {"evaluation/test.json", "evaluation/test.md", "evaluation/test_breakdown_severity.png",
                      *(f"evaluation/test_reliability_{h}.png" for h in HEADS),
                      "evaluation/test_predictions.csv",  # logged by training, for paired champion decisions
-                     "evaluation/test_rsna_score.terms.csv"}  # and its study score's per-study terms
+                     "evaluation/test_rsna_score.terms.csv",  # and its study score's per-study terms
+                     "evaluation/test_table.json", "evaluation/test_rsna_score_table.json"}  # MLflow tables
     logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/test.json")
     assert logged == report
     assert "| accuracy |" in mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/test.md")

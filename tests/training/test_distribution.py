@@ -48,7 +48,7 @@ def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phant
     assert run.data.tags["strategy"] == "mirrored"
     assert run.data.tags["replicas"] == "2"
     assert run.data.tags["mixed_precision"] == "off"  # no GPU here: auto stays float32
-    assert run.data.params["train.strategy"] == "mirrored"
+    assert run.data.params["strategy"] == "mirrored"
 
     from spinemri.tracking.pyfunc import file_row, load_classifier
 

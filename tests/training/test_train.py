@@ -3,6 +3,7 @@ staged fine-tuning, interrupted runs and bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,7 +42,7 @@ def _runs(tracking_uri: str, experiment: str):
 def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
     command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name",
                "e2e", "-P", "arch=tiny", "-P", f"data_dir={phantom40}", "-P", "img_size=48", "-P", "epochs=2",
-               "-P", "batch_size=32"]
+               "-P", "batch_size=32", "-P", "set=mlflow.system_metrics_interval=1"]
     done = subprocess.run(command, capture_output=True, text=True, env=_env(tracking), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     client, runs = _runs(tracking, "e2e")
@@ -51,9 +52,28 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
     assert run.data.tags["mlflow.runName"].startswith("tiny-")
     for tag in ("git_commit", "data_fingerprint", "device", "version.tensorflow", "version.mlflow", "version.keras"):
         assert run.data.tags.get(tag), tag
+    # One param per setting: the -P names, resolved; no section the task does not read.
     params = run.data.params
-    assert params["model.arch"] == "tiny" and params["train.epochs"] == "2" and params["preprocess.img_size"] == "48"
-    assert int(params["split.train_samples"]) > int(params["split.test_samples"]) > 0
+    assert params["arch"] == "tiny" and params["epochs"] == "2" and params["img_size"] == "48"
+    assert params["experiment"] == "quick" and params["train.optimizer"] == "adam" and params["weights"] == "none"
+    assert not {"model.arch", "train.epochs", "preprocess.img_size", "name"} & set(params)
+    assert not [k for k in params if k.split(".")[0] in ("localize", "compare", "tuning", "trial")]
+    assert "" not in params.values()
+    # The data it saw: three dataset inputs with the cache's content digest and per-split counts.
+    inputs = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i.dataset
+              for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "test"}
+    assert {d.name for d in inputs.values()} == {f"{phantom40.name}-{s}" for s in ("train", "val", "test")}
+    assert len({d.digest for d in inputs.values()}) == 1 and len(inputs["training"].digest) == 20
+    profiles = {k: json.loads(d.profile) for k, d in inputs.items()}
+    assert profiles["training"]["samples"] > profiles["test"]["samples"] > 0 and profiles["test"]["studies"] >= 3
+    assert json.loads(inputs["test"].source)["uri"] == str(phantom40.resolve())
+
+    # Headline metrics, not every breakdown: well under a hundred, plus MLflow's system metrics.
+    own = [k for k in run.data.metrics if not k.startswith("system/")]
+    assert 60 <= len(own) <= 100, sorted(own)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert "test_severity_weighted_log_loss_ci_low" in own and not [k for k in own if k.endswith(("_majority", "_prior"))]
 
     metrics = run.data.metrics
     for head in HEADS:
@@ -62,8 +82,10 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
     for name in ("test_severity_weighted_log_loss", "training_time_s", "epochs_trained"):
         assert name in metrics
     assert metrics["epochs_trained"] == 2
-    for key in ("loss", "val_loss", "lr", *[f"{h}_accuracy" for h in HEADS], *[f"val_{h}_accuracy" for h in HEADS]):
+    for key in ("loss", "val_loss", "lr", *[f"val_{h}_accuracy" for h in HEADS]):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+    history = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/training/history.json")
+    assert {f"{h}_accuracy" for h in HEADS} <= set(history["columns"]) and len(history["data"]) == 2
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     for folder in ("plots", "reports", "data"):
@@ -120,9 +142,8 @@ def test_deterministic_training_repeats_its_run_exactly(phantom_dir, tracking):
         {k: v for k, v in second.metrics.items() if k not in timings}
     assert first.history == second.history
     params = mlflow.MlflowClient().get_run(first.run_id).data.params
-    assert params["train.deterministic"] == "True" and params["train.seed"] == "0"
-    # A password in a URL setting is masked in the params and the logged config.yaml.
-    assert params["tuning.storage"] == "postgresql://alice:***@db.example/optuna"
+    assert params["train.deterministic"] == "True" and params["seed"] == "0"
+    # A password in a URL setting is masked in the logged config.yaml (a tuning study's params: test_tuning).
     assert "s3cret" not in mlflow.artifacts.load_text(f"runs:/{first.run_id}/config.yaml")
 
 

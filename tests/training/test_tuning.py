@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from spinemri.cli import main as cli
 from spinemri.config import load_experiment
 from spinemri.errors import ConfigError
+from spinemri.config import param_name
 from spinemri.tuning import open_storage, tune
 
 SMALL_SPACE = {
@@ -62,12 +63,16 @@ def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_pat
     assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == list(range(6))
     for run in trials:
         assert run.info.status == "FINISHED"
-        assert "trial.train.lr" in run.data.params and "val_loss" in run.data.metrics
+        sampled = study.trials[int(run.data.tags["optuna.trial"])].params
+        # The sampled values are the trial's settings, logged once under the setting's param name.
+        assert {param_name(k): str(v) for k, v in sampled.items()}.items() <= run.data.params.items()
+        assert not [k for k in run.data.params if k.startswith("trial.")] and "val_loss" in run.data.metrics
         assert not any(k.startswith("test_") for k in run.data.metrics)  # trials never look at the test split
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert {f"best.{k}" for k in SMALL_SPACE} <= set(parent.data.params)
     assert parent.data.metrics["trials_pruned"] >= 1
+    assert len([k for k in parent.data.metrics if not k.startswith("system/")]) <= 150
     artifacts = {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(parent.info.run_id, "study")}
     assert {"study/optimization_history.png", "study/parallel_coordinate.png", "study/trials.csv"} <= artifacts
 

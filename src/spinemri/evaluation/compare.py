@@ -27,11 +27,11 @@ from spinemri.data.schema import HEADS
 from spinemri.errors import CompareError
 from spinemri.evaluation.paired import paired_difference, terms_artifact
 from spinemri.evaluation.run import table_artifact
-from spinemri.tracking import lineage
-from spinemri.tracking.runs import log_figure, start_run
+from spinemri.tracking import lineage, links
+from spinemri.tracking.runs import log_figure, logged_table, start_run
 from spinemri.training.plots import plt
 from spinemri.training.cv import CV_ROLE, CV_SCORE, FOLD_ROLE
-from spinemri.training.steps import site_score_artifact
+from spinemri.training.steps import prior_site_score
 from spinemri.training.train import train
 
 NON_TRAINING_ROLES = ("trial", "study", "summary", CV_ROLE, FOLD_ROLE, "ensemble")
@@ -114,7 +114,7 @@ def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) 
                           ("roc_auc", f"cv_{head}_roc_auc")):
             row.update({name: m.get(key, math.nan), f"{name}_ci_low": m.get(f"{key}_ci_low", math.nan),
                         f"{name}_ci_high": m.get(f"{key}_ci_high", math.nan)})
-        row.update(prior_rsna_score=_prior_score(run.info.run_id, "cv"),
+        row.update(prior_rsna_score=prior_site_score(run.info.run_id, "cv"),
                    epochs=m.get("epochs_trained", math.nan), training_time_s=m.get("training_time_s", math.nan),
                    run_id=run.info.run_id)
         rows.append(row)
@@ -143,29 +143,11 @@ def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) 
 
 def _baseline(run_id: str, split: str, head: str, metric: str, kind: str = "majority") -> float:
     """A constant baseline's value of a head metric, from the run's evaluation table (NaN where absent)."""
-    table = _table(run_id, table_artifact(split))
+    table = logged_table(run_id, table_artifact(split))
     if table is None:
         return math.nan
     row = table[(table["head"] == head) & (table["scope"] == "head") & (table["metric"] == metric)]
     return float(row[kind].iloc[0]) if len(row) and row[kind].notna().iloc[0] else math.nan
-
-
-def _prior_score(run_id: str, split: str) -> float:
-    """The weight-aware prior's competition score on the run's studies (its score table; NaN where absent)."""
-    table = _table(run_id, site_score_artifact(split))
-    if table is None:
-        return math.nan
-    row = table[table["term"] == "score"]
-    return float(row["prior"].iloc[0]) if len(row) and row["prior"].notna().iloc[0] else math.nan
-
-
-def _table(run_id: str, artifact: str) -> pd.DataFrame | None:
-    """An MLflow table a run logged, or None where it has none."""
-    try:
-        table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact}")
-    except (MlflowException, OSError):
-        return None
-    return pd.DataFrame(table["data"], columns=table["columns"])
 
 
 def _terms(run_id: str) -> pd.DataFrame | None:
@@ -252,11 +234,22 @@ def chart(comparison: Comparison):
     return fig
 
 
-def log_table(comparison: Comparison) -> str:
-    """A summary run in the same experiment with the table as Markdown, CSV and PNG; returns its id."""
+def compare_link(comparison: Comparison, ui_url: str = "") -> str:
+    """The MLflow UI's compare-runs page for the runs of the table (mlflow.ui_url, or where the UI of the
+    tracking store is served: spinemri.tracking.links)."""
     experiment = MlflowClient().get_experiment_by_name(comparison.experiment)
-    with start_run(experiment_id=experiment.experiment_id, run_name=f"compare-{comparison.head}",
-                          tags={"role": "summary", "compare.head": comparison.head}) as run:
+    return links.compare_runs_url(links.ui_base_url(mlflow.get_tracking_uri(), ui_url),
+                                  list(comparison.table["run_id"]), [experiment.experiment_id])
+
+
+def log_table(comparison: Comparison, link: str = "") -> str:
+    """A summary run in the same experiment with the table as Markdown, CSV and PNG and (``link``) the UI's
+    compare page of its runs as the tag ``compare.link`` and the run's description; returns its id."""
+    experiment = MlflowClient().get_experiment_by_name(comparison.experiment)
+    tags = {"role": "summary", "compare.head": comparison.head}
+    if link:
+        tags.update({"compare.link": link, "mlflow.note.content": f"[Compare these runs in the MLflow UI]({link})"})
+    with start_run(experiment_id=experiment.experiment_id, run_name=f"compare-{comparison.head}", tags=tags) as run:
         mlflow.log_text(comparison.markdown(), "compare/table.md")
         mlflow.log_text(comparison.table.to_csv(index=False), "compare/table.csv")
         log_figure(chart(comparison), "compare/chart.png")

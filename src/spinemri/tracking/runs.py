@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import pandas as pd
 
 from spinemri.processes import HOST, process_gone, process_id
@@ -302,6 +303,15 @@ def run_tags(fingerprint: str, arch: str, task: str) -> dict[str, str]:
 def pip_requirements() -> list[str]:
     return [f"{name}=={package_version(name)}" for name in MODEL_REQUIREMENTS
             if package_version(name) != "not installed"]
+
+
+def logged_table(run_id: str, artifact: str) -> pd.DataFrame | None:
+    """An MLflow table (``mlflow.log_table``) a run logged, or None where it has none."""
+    try:
+        table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact}")
+    except (MlflowException, OSError):
+        return None
+    return pd.DataFrame(table["data"], columns=table["columns"])
 
 
 def log_figure(figure, path: str) -> None:

@@ -26,7 +26,7 @@ from spinemri.evaluation.run import log_evaluation
 from spinemri.models import calibration
 from spinemri.models.network import build_model, set_backbone_trainable
 from spinemri.tracking.pyfunc import example_row, log_classifier
-from spinemri.tracking.runs import log_figure, pip_requirements
+from spinemri.tracking.runs import log_figure, logged_table, pip_requirements
 from spinemri.training import fit, plots
 from spinemri.training.data import SplitData, make_dataset, read_rows
 from spinemri.training.fit import best_weights, check_finite, distribution
@@ -211,6 +211,13 @@ def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
 def site_score_artifact(split: str) -> str:
     """The MLflow table of a run's competition score and its terms, each with its CI and the prior's value."""
     return f"evaluation/{split}_rsna_score_table.json"
+
+
+def prior_site_score(run_id: str, split: str) -> float:
+    """The weight-aware prior's competition score on a run's ``split`` (from its score table; NaN where absent)."""
+    table = logged_table(run_id, site_score_artifact(split))
+    row = table[table["term"] == "score"] if table is not None else ()
+    return float(row["prior"].iloc[0]) if len(row) and pd.notna(row["prior"].iloc[0]) else float("nan")
 
 
 def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFrame | None, split: str
