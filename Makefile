@@ -12,7 +12,7 @@ DEMO_DIR ?= data/phantom
 STUDIES  ?= 40
 PYTEST_ARGS ?= -n 3 --dist loadgroup
 
-.PHONY: venv demo study-demo serve serve-study test bench ablation clean
+.PHONY: venv demo study-demo serve serve-study test browser bench ablation clean
 
 venv: $(VENV)/.installed
 
@@ -60,8 +60,18 @@ STUDY_PORT ?= 5002
 serve-study: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m models:/spinemri-study@champion --env-manager local -h 127.0.0.1 -p $(STUDY_PORT)
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# tests/tracking/test_ui_browser.py renders the MLflow UI in a headless Chromium: installed here when
+# missing on Debian as root; elsewhere that test is skipped (or set SPINEMRI_CHROMIUM to a Chrome binary).
+browser:
+	@if [ -n "$$SPINEMRI_CHROMIUM" ] || command -v chromium || command -v chromium-browser || command -v google-chrome; \
+	then :; elif command -v apt-get && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (apt-get) for the headless-browser check of the MLflow UI" >&2; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+			|| echo "note: installing chromium failed; the MLflow UI browser test will be skipped" >&2; \
+	else echo "note: no chromium or google-chrome on PATH; the MLflow UI browser test will be skipped" >&2; fi >/dev/null
 
 # One JSON line and one summary line per benchmark; stdout collects them, stderr has the logs.
 BENCHMARKS ?= preprocess pipeline memory serve tune

@@ -1,20 +1,26 @@
 """The MLflow UI, rendered by a real headless Chromium, shows what spinemri's training logged.
 
-Two short training runs go to a private sqlite store; a real `mlflow server` serves it; the system
-Chromium (``chromium --headless --dump-dom --screenshot``) renders the experiment's runs table and
-the compare-runs page of :func:`spinemri.tracking.links.compare_runs_url`. The UI is a React app
-that fetches its data after the first paint, so the browser is given virtual time
-(``--virtual-time-budget``, which stands still while requests are pending) and a page that has not
-shown the runs yet is rendered again with more.
+Two short training runs go to a private sqlite store, a real `mlflow server` serves it, and the
+system Chromium opens the experiment's runs table and the compare-runs page of
+:func:`spinemri.tracking.links.compare_runs_url`. Chromium is driven over the DevTools protocol on
+a pipe (``--remote-debugging-pipe``: no port, no extra package): the UI is a React app that fetches
+its data after the first paint, so each check waits, within a bound, until the page shows the runs,
+and the compare page's metrics table is virtualized (about seven rows drawn at a time), so its
+metric names are read by scrolling it.
 
-Screenshots (1600x1000) land in each test's tmp folder and, when SPINEMRI_SCREENSHOTS names a
-folder, there too. Without a Chromium on PATH (or SPINEMRI_CHROMIUM) the tests are skipped.
+Screenshots (1600x1000: runs_table.png, compare_runs.png and compare_runs_metrics.png, the latter
+scrolled to the metrics table) land in each test's tmp folder and, when SPINEMRI_SCREENSHOTS names
+a folder, there too. Without a Chromium on PATH (or SPINEMRI_CHROMIUM) the tests are skipped.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
+import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -23,9 +29,8 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 import pytest
@@ -42,7 +47,7 @@ WINDOW = (1600, 1000)
 HEADLINE_METRICS = ("test_severity_weighted_log_loss", "test_rsna_score")
 EXPERIMENT = "spinemri-classify"
 SERVER_START_S = 180  # a cold `mlflow server` imports for 10-30 s on a busy 2-core machine
-VIRTUAL_TIME_MS = (10_000, 30_000)  # the second render only when the first did not show the runs yet
+PAGE_LOAD_S = 60  # the UI's first paint and fetches: about 6 s on a busy 2-core machine
 
 
 def find_browser() -> str | None:
@@ -82,17 +87,17 @@ def mlflow_server(uri: str, workdir: Path) -> Iterator[tuple[str, Callable[[], N
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    log = open(workdir / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = workdir / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        yield url, lambda: wait_until_up(process, url, workdir / "server.log")
+        yield url, lambda: wait_until_up(process, url, log_path)
     finally:
         stop(process)
-        log.close()
 
 
 def wait_until_up(process: subprocess.Popen, url: str, log: Path, timeout: float = SERVER_START_S) -> None:
@@ -109,15 +114,15 @@ def wait_until_up(process: subprocess.Popen, url: str, log: Path, timeout: float
     pytest.fail(f"mlflow server did not answer on {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """End the server and its uvicorn worker: SIGTERM to the group, SIGKILL after 15 s."""
+def stop(process: subprocess.Popen, grace: float = 15) -> None:
+    """End a process started in its own session and all it started: SIGTERM, then SIGKILL after ``grace`` s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, 15)
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
-            process.wait(timeout=15)
+            process.wait(timeout=grace)
 
 
 # --- two training runs -----------------------------------------------------------------------------
@@ -126,7 +131,7 @@ def stop(process: subprocess.Popen) -> None:
 class UiStore:
     url: str
     experiment_id: str
-    runs: list[mlflow.entities.Run]
+    runs: list[Any]  # mlflow.entities.Run
     dataset_name: str
 
 
@@ -155,92 +160,167 @@ def ui_store(browser, phantom_dir, tmp_path_factory) -> Iterator[UiStore]:
         yield UiStore(url=url, experiment_id=experiment_id, runs=runs, dataset_name=phantom_dir.name)
 
 
-# --- rendering ---------------------------------------------------------------------------------------
+# --- a headless Chromium over the DevTools protocol ------------------------------------------------
 
-def render(browser: str, url: str, png: Path, ready: Callable[[str], bool]) -> str:
-    """The DOM of ``url`` once ``ready(dom)`` (or after the last virtual-time budget), with a screenshot."""
-    for budget in VIRTUAL_TIME_MS:
-        dom = _render_once(browser, url, png, budget)
-        if ready(dom):
-            break
-    for folder in filter(None, [os.environ.get("SPINEMRI_SCREENSHOTS", "").strip()]):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy(png, Path(folder) / png.name)
-    return dom
+# Puts the pipe ends on fds 3 and 4, where --remote-debugging-pipe expects them, then becomes Chromium
+# (a shell cannot do it portably: dash takes one-digit fds only; preexec_fn is unsafe with threads).
+PIPE_LAUNCHER = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); " \
+                "os.execv(sys.argv[3], sys.argv[3:])"
 
 
-def _render_once(browser: str, url: str, png: Path, budget_ms: int) -> str:
-    """One headless load: the DOM after ``budget_ms`` of virtual time, and a PNG of the same moment."""
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                   "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
-                   f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--virtual-time-budget={budget_ms}",
-                   f"--screenshot={png}", "--dump-dom", url]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and png.is_file(), (done.returncode, done.stderr[-3000:])
-    return done.stdout
+def _above_4(fd: int) -> int:
+    """``fd`` moved to a number above 4, so that putting one pipe end on 3 or 4 cannot close the other."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 5)
+    os.close(fd)
+    return moved
 
 
-class _Page(HTMLParser):
-    """The text of a dumped DOM: all of it, per runs-table column header, and per (row, column) cell.
+class Chromium:
+    """One headless Chromium with one page, driven over ``--remote-debugging-pipe``.
 
-    The runs table is an ag-grid: a row is ``role=row`` with ``row-id`` = the run id, a cell
-    ``role=gridcell`` with a ``col-id``, and a header ``role=columnheader`` with the same ``col-id``.
+    Chromium reads protocol messages (JSON, each ended by a NUL byte) on its fd 3 and answers on fd 4;
+    every call waits for its own answer, within a bound, and events in between are dropped.
     """
 
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
-    HIDDEN = {"script", "style", "noscript", "template"}
+    def __init__(self, binary: str, workdir: Path, window: tuple[int, int] = WINDOW):
+        self.profile = tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True)
+        command_read, self._command_write = os.pipe()
+        self._reply_read, reply_write = os.pipe()
+        command_read, reply_write = _above_4(command_read), _above_4(reply_write)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--hide-scrollbars", "--remote-debugging-pipe", f"--user-data-dir={self.profile.name}",
+                f"--window-size={window[0]},{window[1]}", "about:blank"]
+        with open(workdir / "chromium.log", "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", PIPE_LAUNCHER, str(command_read), str(reply_write), binary, *args],
+                pass_fds=(command_read, reply_write), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(command_read)
+        os.close(reply_write)
+        self._last_id, self._buffer = 0, b""
+        page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        self.page("Emulation.setDeviceMetricsOverride", width=window[0], height=window[1], deviceScaleFactor=1,
+                  mobile=False)
 
-    def __init__(self, dom: str):
-        super().__init__()
-        self.stack: list[tuple[str, dict]] = []
-        self.text: list[str] = []
-        self.headers: dict[str, list[str]] = {}
-        self.cells: dict[tuple[str, str], list[str]] = {}
-        self.feed(dom)
+    def call(self, method: str, session: str | None = None, timeout: float = 60, **params) -> dict:
+        """Send one protocol command (to the browser, or to a page's ``session``) and return its result."""
+        self._last_id += 1
+        message = {"id": self._last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._command_write, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._last_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._reply_read], [], [], left)[0]:
+                raise TimeoutError(f"Chromium did not answer {method} within {timeout} s")
+            chunk = os.read(self._reply_read, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"Chromium closed its pipe during {method} (exit {self.process.poll()})")
+            self._buffer += chunk
 
-    def handle_starttag(self, tag, attrs):
-        if tag not in self.VOID:
-            self.stack.append((tag, dict(attrs)))
+    def page(self, method: str, **params) -> dict:
+        return self.call(method, session=self.session, **params)
 
-    def handle_startendtag(self, tag, attrs):
-        pass
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (promises are awaited)."""
+        result = self.page("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression[:200]}: {result['exceptionDetails'].get('exception', result)}")
+        return result["result"].get("value")
 
-    def handle_endtag(self, tag):
-        while self.stack:
-            if self.stack.pop()[0] == tag:
-                break
+    def open(self, url: str, ready: str, timeout: float = PAGE_LOAD_S) -> None:
+        """Navigate to ``url`` and wait until the JavaScript condition ``ready`` holds."""
+        self.page("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(f"(() => {{ try {{ return Boolean({ready}); }} catch (e) {{ return false; }} }})()"):
+            if time.monotonic() > deadline:
+                text = self.evaluate("document.body ? document.body.innerText : ''") or ""
+                pytest.fail(f"{url} did not show {ready} within {timeout:.0f} s; the page shows:\n{text[:3000]}")
+            time.sleep(0.25)
 
-    def handle_data(self, data):
-        if any(tag in self.HIDDEN for tag, _ in self.stack) or not data.strip():
-            return
-        self.text.append(data.strip())
-        row = next((a["row-id"] for _, a in reversed(self.stack) if a.get("role") == "row" and "row-id" in a), None)
-        for _, attrs in reversed(self.stack):
-            if "col-id" not in attrs:  # MLflow's own header parts also say role=columnheader
-                continue
-            if attrs.get("role") == "gridcell" and row is not None:
-                self.cells.setdefault((row, attrs["col-id"]), []).append(data.strip())
-                return
-            if attrs.get("role") == "columnheader":
-                self.headers.setdefault(attrs["col-id"], []).append(data.strip())
-                return
+    def screenshot(self, path: Path) -> None:
+        """A PNG of the viewport, saved to ``path`` and copied into $SPINEMRI_SCREENSHOTS when set."""
+        path.write_bytes(base64.b64decode(self.page("Page.captureScreenshot", format="png")["data"]))
+        folder = os.environ.get("SPINEMRI_SCREENSHOTS", "").strip()
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(folder) / path.name)
 
-    def all_text(self) -> str:
-        return " ".join(self.text)
-
-    def column(self, header: str) -> str:
-        """The ``col-id`` of the column headed ``header``."""
-        found = [col for col, words in self.headers.items() if " ".join(words) == header]
-        assert found, f"no '{header}' column; the headers: {[' '.join(w) for w in self.headers.values()]}"
-        return found[0]
-
-    def cell(self, row_id: str, header: str) -> str:
-        return " ".join(self.cells.get((row_id, self.column(header)), []))
+    def close(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
+            self.call("Browser.close", timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        stop(self.process, grace=5)
+        os.close(self._command_write)
+        os.close(self._reply_read)
+        self.profile.cleanup()
 
 
-def training_dataset(run: mlflow.entities.Run) -> str:
-    """How the runs table shows the run's training dataset: ``name (digest)``; '' when none is logged."""
+@pytest.fixture(scope="module")
+def chromium(browser, tmp_path_factory) -> Iterator[Chromium]:
+    driver = Chromium(browser, tmp_path_factory.mktemp("chromium"))
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
+def eventually(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 10) -> Any:
+    """``read()`` until ``ok`` holds or ``timeout`` s pass; returns the last value read."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return value
+
+
+# In the runs table (an ag-grid) a row is role=row with row-id = the run id, a cell role=gridcell and
+# a column header role=columnheader with the same col-id; innerText is the text as drawn.
+RUNS_TABLE_JS = """(() => {
+  const headers = {};
+  for (const h of document.querySelectorAll('[role=columnheader][col-id]')) headers[h.getAttribute('col-id')] = h.innerText.trim();
+  const rows = {};
+  for (const cell of document.querySelectorAll('[role=row][row-id] [role=gridcell][col-id]')) {
+    const row = cell.closest('[role=row][row-id]').getAttribute('row-id');
+    (rows[row] = rows[row] || {})[headers[cell.getAttribute('col-id')] || cell.getAttribute('col-id')] = cell.innerText.trim();
+  }
+  return rows;
+})()"""
+
+# The compare page's metrics table: two react-virtualized grids, names and values, that draw only the
+# rows their 300 px show; the values grid scrolls and the names grid follows it. Scrolled through to
+# read every metric name in order, then left at the row of `show`, in view.
+METRIC_GRIDS = "document.querySelectorAll('.ReactVirtualized__Grid')"
+METRICS_TABLE_JS = """(async (show) => {
+  const grids = [...%s];
+  if (grids.length !== 2) return null;
+  const [names, values] = grids;
+  const drawn = () => new Promise(done => requestAnimationFrame(() => setTimeout(done, 50)));
+  const scroll = async (top) => { values.scrollTop = top; await drawn(); names.scrollTop = top; await drawn(); };
+  const lines = () => names.innerText.split('\\n').map(line => line.trim()).filter(Boolean);
+  const seen = [];
+  for (let top = 0; ; top += names.clientHeight) {
+    await scroll(top);
+    for (const name of lines()) if (!seen.includes(name)) seen.push(name);
+    if (top >= names.scrollHeight - names.clientHeight) break;
+  }
+  await scroll(Math.max(0, seen.indexOf(show)) * names.scrollHeight / seen.length);
+  names.scrollIntoView({block: 'center'});
+  await drawn();
+  return {names: seen, drawn: lines()};
+})""" % METRIC_GRIDS
+
+
+def training_dataset(run) -> str:
+    """How the runs table shows the run's training dataset, ``name (digest)``; '' when none is logged."""
     for item in run.inputs.dataset_inputs if run.inputs else []:
         if any(t.key == "mlflow.data.context" and t.value == "training" for t in item.tags):
             return f"{item.dataset.name} ({item.dataset.digest})"
@@ -249,29 +329,39 @@ def training_dataset(run: mlflow.entities.Run) -> str:
 
 # --- the checks ----------------------------------------------------------------------------------------
 
-def test_the_runs_table_lists_both_runs_with_their_training_dataset(browser, ui_store, tmp_path):
+def test_the_runs_table_lists_both_runs_with_their_training_dataset(ui_store, chromium, tmp_path):
     run_ids = [run.info.run_id for run in ui_store.runs]
-    dom = render(browser, experiment_runs_url(ui_store.url, ui_store.experiment_id), tmp_path / "runs_table.png",
-                 ready=lambda dom: all(f'row-id="{run_id}"' in dom for run_id in run_ids))
-    page = _Page(dom)
+    rows_shown = " && ".join(f"document.querySelector('[role=row][row-id=\"{run_id}\"]')" for run_id in run_ids)
+    chromium.open(experiment_runs_url(ui_store.url, ui_store.experiment_id), ready=rows_shown)
+    folder = ui_store.dataset_name
+    table = eventually(lambda: chromium.evaluate(RUNS_TABLE_JS),
+                       lambda rows: all(rows.get(r, {}).get("Dataset", "").startswith(folder) for r in run_ids),
+                       timeout=5)
+    chromium.screenshot(tmp_path / "runs_table.png")
     for run in ui_store.runs:
-        # the cell also holds the run's colour ("#277c43 tiny-20261202-130501")
-        assert run.info.run_name in page.cell(run.info.run_id, "Run Name").split(), page.all_text()[:3000]
-    shown = {run.info.run_name: page.cell(run.info.run_id, "Dataset") for run in ui_store.runs}
+        assert run.info.run_name in table[run.info.run_id].get("Run Name", "").split(), table
+    # name (digest) of each run's training input, as the column draws it: named after the data folder
     logged = {run.info.run_name: training_dataset(run) for run in ui_store.runs}
-    expected = f"{ui_store.dataset_name} ("
-    assert all(text.startswith(expected) and "training" in text.lower() and logged[name] in text
+    shown = {run.info.run_name: table[run.info.run_id].get("Dataset", "") for run in ui_store.runs}
+    assert all(logged[name].startswith(folder) and logged[name] in text and "training" in text.lower()
                for name, text in shown.items()), \
-        f"the Dataset column should show the training dataset '{expected}<digest>)': shown {shown}, " \
-        f"logged as training input (mlflow.log_input) {logged}"
+        f"the Dataset column should show each run's training input, named after the data folder " \
+        f"'{folder}': shown {shown}, logged as training input (mlflow.log_input) {logged}"
 
 
-def test_the_compare_page_shows_both_runs_and_the_headline_metrics(browser, ui_store, tmp_path):
+def test_the_compare_page_shows_both_runs_and_the_headline_metrics(ui_store, chromium, tmp_path):
     run_ids = [run.info.run_id for run in ui_store.runs]
     url = compare_runs_url(ui_store.url, run_ids, [ui_store.experiment_id])
-    dom = render(browser, url, tmp_path / "compare_runs.png",
-                 ready=lambda dom: all(run_id in _Page(dom).all_text() for run_id in run_ids))
-    text = _Page(dom).all_text()
-    expected = run_ids + [run.info.run_name for run in ui_store.runs] + list(HEADLINE_METRICS)
-    missing = [word for word in expected if word not in text]
+    ids_shown = " && ".join(f"document.body.innerText.includes('{run_id}')" for run_id in run_ids)
+    chromium.open(url, ready=f"{ids_shown} && {METRIC_GRIDS}.length === 2")
+    chromium.screenshot(tmp_path / "compare_runs.png")
+    text = chromium.evaluate("document.body.innerText")
+    missing = [word for word in run_ids + [run.info.run_name for run in ui_store.runs] if word not in text]
     assert not missing, f"the compare page ({url}) lacks {missing}:\n{text[:3000]}"
+
+    table = chromium.evaluate(f"{METRICS_TABLE_JS}({json.dumps(HEADLINE_METRICS[1])})")
+    assert table is not None, f"the compare page's metrics table is no longer two virtualized grids:\n{text[:3000]}"
+    assert set(HEADLINE_METRICS) <= set(table["names"]), table["names"]
+    assert set(table["names"]) == set(ui_store.runs[0].data.metrics) | set(ui_store.runs[1].data.metrics)
+    assert HEADLINE_METRICS[1] in table["drawn"], table["drawn"]  # the second picture shows the score's row
+    chromium.screenshot(tmp_path / "compare_runs_metrics.png")

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from spinemri.cli import main as cli
-from spinemri.config import load_experiment
+from spinemri.config import SHORTCUTS, load_experiment
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.tracking.store import open_tracking_store
 from spinemri.evaluation.heads import METRICS
@@ -58,7 +58,8 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
     assert params["experiment"] == "quick" and params["train.optimizer"] == "adam" and params["weights"] == "none"
     assert not {"model.arch", "train.epochs", "preprocess.img_size", "name"} & set(params)
     assert not [k for k in params if k.split(".")[0] in ("localize", "compare", "tuning", "trial")]
-    assert "" not in params.values()
+    assert params["mode"] == "roi" and params["preprocess.slices"] == "1"  # not given: the experiment's, resolved
+    assert not [k for k, v in params.items() if v == "" and k in SHORTCUTS]
     # The data it saw: three dataset inputs with the cache's content digest and per-split counts.
     inputs = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i.dataset
               for i in run.inputs.dataset_inputs}
@@ -152,7 +153,8 @@ def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+# SIGINT takes SIGTERM's path (both become KeyboardInterrupt in ending_run): checked in the slow run.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL])
 def test_interrupted_training_ends_killed_not_running(phantom_dir, tracking, sig):
     command = [sys.executable, "-m", "spinemri", "train", "--arch", "tiny", "--data-dir", str(phantom_dir),
                "--img-size", "32", "--epochs", "200", "--set", "train.early_stopping_patience=500",

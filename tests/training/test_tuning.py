@@ -79,7 +79,7 @@ def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_pat
     final = next(r for r in children if r.info.run_id == parent.data.tags["final_run_id"])
     assert final.info.status == "FINISHED" and "test_severity_roc_auc" in final.data.metrics
     for key, value in study.best_params.items():
-        assert final.data.params[key] == str(value)
+        assert final.data.params[param_name(key)] == str(value)
     # Only the retrained best configuration is registered, never a trial.
     versions = mlflow.MlflowClient().search_model_versions("name = 'spinemri'")
     assert [v.run_id for v in versions] == [final.info.run_id]
