@@ -11,9 +11,9 @@ has seen it.
 One parent run (tag ``role=cv``) records ``data/folds.csv``, ``evaluation/oof_predictions.csv``
 (every CV sample with its fold and probabilities per head), the OOF evaluation ``cv_<head>_<metric>``
 with bootstrap CIs over all CV studies (spinemri.evaluation.heads), and the study-level
-competition score of the OOF severity predictions at the labelled sites, ``cv_rsna_score`` and its
-four terms ``cv_rsna_<term>``, each with ``_ci_low``/``_ci_high``, beside the weight-aware prior's
-``cv_prior_rsna_score``; its per-study terms (``evaluation/cv_rsna_score.terms.csv``) are what a
+competition score of the OOF severity predictions at the labelled sites, ``cv_rsna_score`` (with
+``_ci_low``/``_ci_high``) and its four terms ``cv_rsna_<term>`` (their CIs and the weight-aware prior's
+score in ``evaluation/cv_rsna_score_table.json``); its per-study terms (``evaluation/cv_rsna_score.terms.csv``) are what a
 paired comparison of two CV runs resamples. One nested run per fold (``role=fold``, ``fold=k``)
 records the fold's split, curves, model and ``fold_<head>_<metric>``.
 """

@@ -25,6 +25,7 @@ from spinemri.evaluation.competition import prior_from_samples, prior_submission
 from spinemri.evaluation.run import _run_config, predict_cached
 from spinemri.tracking.pyfunc import SpineEnsemble, load_classifier, log_ensemble
 from spinemri.tracking.registry import eval_set_hash
+from spinemri.tracking import lineage
 from spinemri.tracking.runs import TrainResult, log_split, pip_requirements, register_and_tag, run_tags, training_run
 from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT
 from spinemri.training.data import split_data
@@ -71,12 +72,12 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
     ensemble = SpineEnsemble()
     ensemble.members, ensemble.model, ensemble.meta = [m.model for m in members], members[0].model, meta
     params = {"ensemble.members": len(members), "ensemble.runs": ",".join(r for r, _ in configs),
-              "ensemble.archs": ",".join(meta["archs"]), "split.test_samples": len(test),
-              "split.test_studies": int(test.samples["study_id"].nunique())}
+              "ensemble.archs": ",".join(meta["archs"])}
     tags = {**run_tags(dataset.fingerprint, "ensemble", config.task), "role": ENSEMBLE_ROLE}
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
                       tags=tags, run_name=f"ensemble-{len(members)}-{datetime.now():%Y%m%d-%H%M%S}") as run:
         log_split(dataset.splits(config.split.fractions, config.split.seed))
+        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest, {"test": test.samples})
         proba = predict_cached(ensemble, dataset.path / "images.npy", test, config.train.batch_size)
         evaluation = log_held_out(test.samples, test.targets, proba, split_data(samples, "train").targets, "test")
         predictions = paired.prediction_table(test.samples, test.targets, proba)
