@@ -44,6 +44,24 @@ def phantom_copy(phantom_dir, tmp_path) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with its tables, made once per test worker: a new store spends seconds
+    in schema migrations, a copy of this one none (tests/tracking/test_store.py creates stores for real)."""
+    from spinemri.tracking.store import open_tracking_store
+
+    path = tmp_path_factory.mktemp("store_template") / "mlflow.db"
+    open_tracking_store(f"sqlite:///{path}", reap=False)
+    return path
+
+
+def copy_store(template: Path, path: Path) -> str:
+    """A new store at ``path``, copied from :func:`store_template`; returns its tracking URI."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
@@ -78,9 +96,9 @@ def phantom40(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def tracking(tmp_path, monkeypatch) -> str:
+def tracking(tmp_path, monkeypatch, store_template) -> str:
     """A fresh sqlite MLflow store and cache folder for one test; returns the tracking URI."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = copy_store(store_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SPINEMRI_CACHE_DIR", str(tmp_path / "cache"))
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
@@ -135,12 +153,12 @@ def add_patient_tags(folder: Path) -> int:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> TrainedModel:
+def trained(tmp_path_factory, store_template) -> TrainedModel:
     root = tmp_path_factory.mktemp("served")
     data_dir = root / "data"
     synthesize(data_dir, PhantomConfig(studies=10, seed=5), workers=1)
     assert add_patient_tags(data_dir / "train_images") > 100
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = copy_store(store_template, root / "mlflow.db")
     with isolated_tracking(uri, root / "cache"):
         from spinemri.training.train import train
 

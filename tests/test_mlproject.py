@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+from tests.conftest import copy_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +27,8 @@ def _mlflow_run(entry_point: str, params: dict, tracking_uri: str, env_extra: di
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_synth_and_prepare_entry_points(tmp_path):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_synth_and_prepare_entry_points(tmp_path, store_template):
+    tracking_uri = copy_store(store_template, tmp_path / "mlflow.db")
     env = {"SPINEMRI_CACHE_DIR": str(tmp_path / "cache")}
     synth = _mlflow_run("synth", {"out": tmp_path / "phantom", "studies": 3, "seed": 2}, tracking_uri, env)
     assert synth.returncode == 0, synth.stderr[-2000:]
@@ -43,8 +44,8 @@ def test_synth_and_prepare_entry_points(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_a_failing_entry_point_fails_the_run(tmp_path):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_failing_entry_point_fails_the_run(tmp_path, store_template):
+    tracking_uri = copy_store(store_template, tmp_path / "mlflow.db")
     (tmp_path / "empty").mkdir()
     result = _mlflow_run("prepare", {"data_dir": tmp_path / "empty"}, tracking_uri, {})
     assert result.returncode != 0

@@ -13,7 +13,7 @@ from spinemri.tracking.links import compare_runs_url
 from spinemri.cli import main as cli
 from spinemri.data.splits import split_studies
 from spinemri.tracking.pyfunc import file_row, load_classifier
-from tests.conftest import isolated_tracking
+from tests.conftest import copy_store, isolated_tracking
 
 
 def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, tmp_path):
@@ -64,10 +64,10 @@ def test_compare_without_runs_says_what_to_do(tracking):
 
 
 @pytest.fixture(scope="module")
-def cross_validated(phantom_dir, tmp_path_factory):
+def cross_validated(phantom_dir, tmp_path_factory, store_template):
     """`compare --train --folds 2` of two backbones in a store of its own (one worker: xdist_group "cv")."""
     root = tmp_path_factory.mktemp("cross_validated")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = copy_store(store_template, root / "mlflow.db")
     settings = ["--set", "compare.archs=tiny,vgg16", "--set", f"data.data_dir={phantom_dir}",
                 "--set", "preprocess.img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=32",
                 "--set", "train.site_jitter_mm=3", "--set", "train.site_jitter_slices=0.2",

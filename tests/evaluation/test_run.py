@@ -20,6 +20,7 @@ from spinemri.errors import EvaluationError
 from spinemri.tracking import lineage
 from spinemri.evaluation.heads import METRICS
 from spinemri.evaluation.run import evaluate_run
+from tests.conftest import copy_store
 
 HEADS = tuple(HEAD_CLASSES)
 
@@ -27,12 +28,12 @@ HEADS = tuple(HEAD_CLASSES)
 # --- evaluate_run on a real run ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, store_template):
     """One tiny training run on an 8-study phantom in a private store: (tracking URI, cache dir, data dir, run id)."""
     root = tmp_path_factory.mktemp("evaluate")
     data_dir = root / "data"
     synthesize(data_dir, PhantomConfig(studies=8, seed=3), workers=1)
-    uri, cache_dir = f"sqlite:///{root / 'mlflow.db'}", root / "cache"
+    uri, cache_dir = copy_store(store_template, root / "mlflow.db"), root / "cache"
     from spinemri.training.train import train
 
     with pytest.MonkeyPatch.context() as patch:

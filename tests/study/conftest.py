@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from spinemri.config import load_experiment
-from tests.conftest import isolated_tracking
+from tests.conftest import copy_store, isolated_tracking
 from spinemri.data.phantom import PhantomConfig, synthesize
 
 # 40 studies, a fifth of them held out (8): enough for every series type and a held-out score that
@@ -42,11 +42,11 @@ class TwoStage:
 
 
 @pytest.fixture(scope="session")
-def two_stage(tmp_path_factory) -> TwoStage:
+def two_stage(tmp_path_factory, store_template) -> TwoStage:
     root = tmp_path_factory.mktemp("two_stage")
     data_dir = root / "data"
     synthesize(data_dir, STUDY_PHANTOM, workers=2)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = copy_store(store_template, root / "mlflow.db")
     system = TwoStage(uri, data_dir, root / "cache")
     with isolated_tracking(uri, root / "cache"):
         from spinemri.localization.train import train_localizer

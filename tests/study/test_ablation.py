@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from spinemri.cli import main as cli
 from spinemri.data.phantom import PhantomConfig, synthesize
 from spinemri.study.ablation import cross_fitted
-from tests.conftest import isolated_tracking
+from tests.conftest import copy_store, isolated_tracking
 
 pytestmark = pytest.mark.xdist_group("ablation")
 
@@ -24,11 +24,11 @@ STEPS = ("current", "stack", "jitter", "calibrated", "ensemble")
 
 
 @pytest.fixture(scope="module")
-def ablated(tmp_path_factory):
+def ablated(tmp_path_factory, store_template):
     root = tmp_path_factory.mktemp("ablation")
     data = root / "data"
     synthesize(data, PhantomConfig(studies=16, seed=3), workers=2)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = copy_store(store_template, root / "mlflow.db")
     with isolated_tracking(uri, root / "cache"):
         result = CliRunner().invoke(cli, ["ablation", "--data-dir", str(data), *TINY])
         assert result.exit_code == 0, result.output

@@ -19,11 +19,12 @@ from spinemri.cli import main as cli
 from spinemri.processes import HOST, process_gone, process_id
 from spinemri.tracking.runs import PROCESS_TAG, RESUMED_FROM_TAG, ending_run, reap_dead_runs, start_run
 from spinemri.tracking.store import open_tracking_store
+from tests.conftest import copy_store
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path, monkeypatch, store_template) -> str:
+    uri = copy_store(store_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(var, raising=False)

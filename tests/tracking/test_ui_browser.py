@@ -37,8 +37,7 @@ import pytest
 
 from spinemri.config import load_experiment
 from spinemri.tracking.links import compare_runs_url, experiment_runs_url
-from spinemri.tracking.store import open_tracking_store
-from tests.conftest import isolated_tracking
+from tests.conftest import copy_store, isolated_tracking
 
 pytestmark = pytest.mark.xdist_group("ui")
 
@@ -136,13 +135,12 @@ class UiStore:
 
 
 @pytest.fixture(scope="module")
-def ui_store(browser, phantom_dir, tmp_path_factory) -> Iterator[UiStore]:
+def ui_store(browser, phantom_dir, tmp_path_factory, store_template) -> Iterator[UiStore]:
     """Two finished training runs (lr 1e-3 and 2e-3) in a private store, served by `mlflow server`."""
     from spinemri.training.train import train
 
     root = tmp_path_factory.mktemp("ui")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    open_tracking_store(uri, reap=False)  # the tables exist before the server opens the store
+    uri = copy_store(store_template, root / "mlflow.db")  # the tables exist before the server opens the store
     client = mlflow.MlflowClient(uri)
     experiment_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     with mlflow_server(uri, root) as (url, wait_until_up):
