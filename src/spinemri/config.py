@@ -401,9 +401,9 @@ def param_name(key: str, task: str = "classify") -> str:
     are one param), ``experiment`` for the experiment's name, else the dotted key."""
     if key == "name":
         return "experiment"
-    if task == "localize" and key == "localize.img_size":
-        return "img_size"
-    return _SHORT_NAME.get(key, key) if not (task == "localize" and key == "preprocess.img_size") else key
+    if task == "localize" and key in ("localize.img_size", "preprocess.img_size"):  # -P img_size sets the first
+        return "img_size" if key == "localize.img_size" else key
+    return _SHORT_NAME.get(key, key)
 
 
 def run_params(config: "ExperimentConfig", *sections: str) -> dict[str, Any]:
