@@ -605,7 +605,7 @@ def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log
     report = evaluate_study_files(labels_path, submission, prior_labels_path=prior_labels, classifier_uri=classifier)
     sites_path = sites or os.path.join(os.path.dirname(submission) or ".",
                                        os.path.splitext(os.path.basename(submission))[0] + ".sites.csv")
-    run_id = None if no_log else log_study_evaluation(report, Path(submission), Path(sites_path),
+    run_id = None if no_log else log_study_evaluation(report, Path(labels_path), Path(submission), Path(sites_path),
                                                       {"data_dir": str(data_dir)})
     if as_json:
         click.echo(json.dumps({**report, "run_id": run_id}, indent=2))

@@ -26,12 +26,11 @@ from spinemri.config import ExperimentConfig, param_name, with_values
 from spinemri.data.schema import HEADS
 from spinemri.errors import CompareError
 from spinemri.evaluation.paired import paired_difference, terms_artifact
-from spinemri.evaluation.run import table_artifact
+from spinemri.evaluation.run import prior_site_score, table_artifact
 from spinemri.tracking import lineage, links
 from spinemri.tracking.runs import log_figure, logged_table, start_run
 from spinemri.training.plots import plt
 from spinemri.training.cv import CV_ROLE, CV_SCORE, FOLD_ROLE
-from spinemri.training.steps import prior_site_score
 from spinemri.training.train import train
 
 NON_TRAINING_ROLES = ("trial", "study", "summary", CV_ROLE, FOLD_ROLE, "ensemble")

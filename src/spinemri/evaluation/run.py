@@ -14,6 +14,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import yaml
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
@@ -22,11 +23,12 @@ from spinemri.config import ExperimentConfig, from_dict
 from spinemri.data.schema import HEAD_CLASSES, SPLITS
 from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, DatasetError, EvaluationError, ImageReadError, PrepareError
+from spinemri.evaluation import competition, paired
 from spinemri.evaluation.heads import evaluate_predictions
 from spinemri.evaluation.report import (breakdown_figure, evaluation_markdown, evaluation_metrics, evaluation_table,
                                         reliability_figure)
 from spinemri.tracking.pyfunc import SpineClassifier, load_classifier
-from spinemri.tracking.runs import PROCESS_TAG, RESUMED_FROM_TAG, log_figure, start_run
+from spinemri.tracking.runs import PROCESS_TAG, RESUMED_FROM_TAG, log_figure, logged_table, start_run
 from spinemri.training.data import SplitData, read_rows, split_data
 
 
@@ -48,6 +50,44 @@ def log_evaluation(report: Mapping[str, Any], split: str) -> None:
             log_figure(reliability_figure(report, head), f"evaluation/{split}_reliability_{head}.png")
     if report["breakdowns"].get("severity"):
         log_figure(breakdown_figure(report), f"evaluation/{split}_breakdown_severity.png")
+
+
+def log_competition_score(labels: pd.DataFrame, submission: pd.DataFrame, prior: pd.DataFrame | None, split: str
+                          ) -> dict[str, float]:
+    """Log the competition score of ``submission`` on ``labels`` into the active run, the same way for a
+    classifier at the labelled sites and for the study pipeline: ``<split>_rsna_score`` with its 95 %
+    bootstrap CI over studies (``_ci_low``/``_ci_high``) and its terms ``<split>_rsna_<term>`` as metrics;
+    every term's CI and (``prior``: a submission of the same studies) the prior's values as the table
+    :func:`site_score_artifact`; the per-study terms as ``evaluation/<split>_rsna_score.terms.csv``.
+    Returns the metrics; a MetricError (nothing to score) is the caller's."""
+    terms = competition.score_terms(labels, submission)
+    mlflow.log_text(terms.reset_index().to_csv(index=False), paired.terms_artifact(f"{split}_rsna_score"))
+    baseline = {}
+    if prior is not None:
+        prior_terms = competition.score_terms(labels, prior).reset_index()
+        baseline = {name: value for name, (value, _, _) in paired.score_intervals(prior_terms, resamples=1).items()}
+    metrics, rows = {}, []
+    for name, (value, low, high) in paired.score_intervals(terms.reset_index()).items():
+        key = f"{split}_rsna_score" if name == "score" else f"{split}_rsna_{name}"
+        metrics[key] = value
+        if name == "score":
+            metrics.update({f"{key}_ci_low": low, f"{key}_ci_high": high})
+        rows.append({"term": name, "value": value, "ci_low": low, "ci_high": high, "prior": baseline.get(name)})
+    mlflow.log_metrics(metrics)
+    mlflow.log_table(pd.DataFrame(rows), site_score_artifact(split))
+    return metrics
+
+
+def site_score_artifact(split: str) -> str:
+    """The MLflow table of a run's competition score and its terms, each with its CI and the prior's value."""
+    return f"evaluation/{split}_rsna_score_table.json"
+
+
+def prior_site_score(run_id: str, split: str) -> float:
+    """The weight-aware prior's competition score on a run's ``split`` (from its score table; NaN where absent)."""
+    table = logged_table(run_id, site_score_artifact(split))
+    row = table[table["term"] == "score"] if table is not None else ()
+    return float(row["prior"].iloc[0]) if len(row) and pd.notna(row["prior"].iloc[0]) else float("nan")
 
 
 def table_artifact(split: str) -> str:

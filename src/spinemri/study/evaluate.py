@@ -11,6 +11,7 @@ import pandas as pd
 
 from spinemri.errors import StudyError, UserError
 from spinemri.evaluation.competition import label_rows, prior_from_labels, prior_submission, rsna_score
+from spinemri.evaluation.run import log_competition_score
 from spinemri.study.predictor import classifier_prior
 from spinemri.tracking.pyfunc import load_classifier
 from spinemri.tracking.runs import start_run
@@ -95,19 +96,24 @@ def _read_labels(path, what: str) -> pd.DataFrame:
     return labels
 
 
-def log_study_evaluation(report: Mapping, submission_path: Path, sites_path: Path | None, tags: Mapping[str, str]) -> str:
-    """One MLflow run in ``spinemri-study`` with the score, its terms, the baseline and the files."""
+def log_study_evaluation(report: Mapping, labels_path: Path, submission_path: Path, sites_path: Path | None,
+                         tags: Mapping[str, str]) -> str:
+    """One MLflow run in ``spinemri-study`` with the score under the names every run uses
+    (``test_rsna_score`` with its CI, ``test_rsna_<term>``; the terms' CIs and the prior baseline in
+    ``evaluation/test_rsna_score_table.json``: spinemri.evaluation.run.log_competition_score) and the files."""
+    labels = _read_labels(labels_path, "labels")
+    submission = _read_table(submission_path, "submission", dtype={"row_id": str})
+    studies = sorted(submission["row_id"].astype(str).str.split("_", n=1).str[0].unique())
+    scored = labels[labels["study_id"].astype(str).isin(studies)]
     mlflow.set_experiment("spinemri-study")
     with start_run(run_name=f"study-evaluation-{report['studies']}-studies") as run:
         mlflow.set_tags({"role": "study-evaluation", **tags})
         mlflow.set_tag("prior_source", report.get("prior_source", ""))
-        metrics = {"studies": report["studies"], "prior_studies": report["prior_studies"]}
-        for prefix, parts in (("study", report["model"]), ("prior", report["prior_baseline"])):
-            metrics[f"{prefix}_rsna_score"] = parts["score"]
-            metrics.update({f"{prefix}_{k}": v for k, v in parts.items() if k not in ("score", "rows")})
+        log_competition_score(scored, submission, prior_submission(studies, report["prior"]), "test")
+        metrics = {"test_studies": report["studies"], "prior_studies": report["prior_studies"]}
         if sites_path is not None and sites_path.is_file():
             sites = pd.read_csv(sites_path)
-            metrics["rows_from_prior"] = int((sites["source"] == "prior").sum())
+            metrics["test_rows_from_prior"] = int((sites["source"] == "prior").sum())
             mlflow.log_artifact(str(sites_path), "study")
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(submission_path), "study")

@@ -30,8 +30,8 @@ from mlflow.types import ColSpec, DataType, Schema
 
 from spinemri.data.studies import study_from_zip
 from spinemri.errors import ImageReadError, StudyError
-from spinemri.evaluation.competition import score_terms
-from spinemri.evaluation.paired import terms_artifact
+from spinemri.evaluation.competition import prior_submission, score_terms
+from spinemri.evaluation.run import log_competition_score
 from spinemri.localization.locate import SpineLocalizer, register_layers
 from spinemri.study.evaluate import evaluate_submission
 from spinemri.study.held_out import held_out
@@ -120,10 +120,9 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
             scored = labels[labels["study_id"].astype(str).isin([s.study_id for s in studies])]
             eval_set = eval_set_hash(scored)
             terms = score_terms(scored, submission).reset_index()  # what a paired champion decision compares
-            mlflow.log_text(terms.to_csv(index=False), terms_artifact("test_rsna_score"))
-            mlflow.log_metrics({"test_rsna_score": metric_value, "test_prior_rsna_score": report["prior_baseline"]["score"],
-                                "test_rows_from_prior": summary.from_prior, "test_studies": len(studies),
-                                **{f"test_{k}": v for k, v in report["model"].items() if k not in ("score", "rows")}})
+            log_competition_score(scored, submission, prior_submission([s.study_id for s in studies], report["prior"]),
+                                  "test")
+            mlflow.log_metrics({"test_rows_from_prior": summary.from_prior, "test_studies": len(studies)})
             mlflow.log_artifact(str(summary.out), "study")
             mlflow.log_artifact(str(summary.sites), "study")
             mlflow.log_text(json.dumps(report, indent=2), "study/evaluation.json")

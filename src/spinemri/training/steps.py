@@ -20,13 +20,13 @@ from spinemri.data.dicom import series_order
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import MetricError
-from spinemri.evaluation import competition, heads, paired
+from spinemri.evaluation import competition, heads
 from spinemri.evaluation.competition import prior_from_samples
-from spinemri.evaluation.run import log_evaluation
+from spinemri.evaluation.run import log_competition_score, log_evaluation
 from spinemri.models import calibration
 from spinemri.models.network import build_model, set_backbone_trainable
 from spinemri.tracking.pyfunc import example_row, log_classifier
-from spinemri.tracking.runs import log_figure, logged_table, pip_requirements
+from spinemri.tracking.runs import log_figure, pip_requirements
 from spinemri.training import fit, plots
 from spinemri.training.data import SplitData, make_dataset, read_rows
 from spinemri.training.fit import best_weights, check_finite, distribution
@@ -208,43 +208,17 @@ def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
     return example_row(sample, pre, neighbours)
 
 
-def site_score_artifact(split: str) -> str:
-    """The MLflow table of a run's competition score and its terms, each with its CI and the prior's value."""
-    return f"evaluation/{split}_rsna_score_table.json"
-
-
-def prior_site_score(run_id: str, split: str) -> float:
-    """The weight-aware prior's competition score on a run's ``split`` (from its score table; NaN where absent)."""
-    table = logged_table(run_id, site_score_artifact(split))
-    row = table[table["term"] == "score"] if table is not None else ()
-    return float(row["prior"].iloc[0]) if len(row) and pd.notna(row["prior"].iloc[0]) else float("nan")
-
-
 def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFrame | None, split: str
                    ) -> dict[str, float]:
     """The competition score of severity predictions at the labelled sites (stage 2 alone: the crops the
     classifier was given, not ones a localizer found) and its four terms, logged as ``<split>_rsna_score``
     (with its 95 % bootstrap CI over studies, ``_ci_low``/``_ci_high``) and ``<split>_rsna_<term>``. Every
     term's CI and (``prior``: a submission of the same rows) the prior's score and terms go to the table
-    :func:`site_score_artifact`, the per-study terms to ``evaluation/<split>_rsna_score.terms.csv``."""
+    ``evaluation/<split>_rsna_score_table.json``, the per-study terms to
+    ``evaluation/<split>_rsna_score.terms.csv`` (:func:`spinemri.evaluation.run.log_competition_score`)."""
     labels, submission = competition.site_predictions(samples, severity)
     try:
-        terms = competition.score_terms(labels, submission)
+        return log_competition_score(labels, submission, prior, split)
     except MetricError as exc:  # e.g. a held-out split without a series type: no score, not a failed run
         print(f"no {split}_rsna_score: {exc}", flush=True)
         return {}
-    mlflow.log_text(terms.reset_index().to_csv(index=False), paired.terms_artifact(f"{split}_rsna_score"))
-    baseline = {}
-    if prior is not None:
-        prior_terms = competition.score_terms(labels, prior).reset_index()
-        baseline = {name: value for name, (value, _, _) in paired.score_intervals(prior_terms, resamples=1).items()}
-    metrics, rows = {}, []
-    for name, (value, low, high) in paired.score_intervals(terms.reset_index()).items():
-        key = f"{split}_rsna_score" if name == "score" else f"{split}_rsna_{name}"
-        metrics[key] = value
-        if name == "score":
-            metrics.update({f"{key}_ci_low": low, f"{key}_ci_high": high})
-        rows.append({"term": name, "value": value, "ci_low": low, "ci_high": high, "prior": baseline.get(name)})
-    mlflow.log_metrics(metrics)
-    mlflow.log_table(pd.DataFrame(rows), site_score_artifact(split))
-    return metrics
