@@ -67,12 +67,14 @@ class CacheFolder:
         was recorded get it computed once and added to their manifest."""
         if "content_digest" not in self.manifest:
             self.manifest["content_digest"] = content_digest(self.path)
+            staged = self.path / f".manifest.{os.getpid()}.json"
             try:
-                staged = self.path / f".manifest.{os.getpid()}.json"
                 staged.write_text(json.dumps(self.manifest, indent=2))
                 staged.replace(self.path / "manifest.json")
             except OSError:  # a read-only cache still answers; it computes the digest each time
                 pass
+            finally:
+                staged.unlink(missing_ok=True)
         return self.manifest["content_digest"]
 
     def images(self) -> np.ndarray:
