@@ -17,6 +17,7 @@ when complete: a killed run never leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -74,7 +75,8 @@ class CacheFolder:
             except OSError:  # a read-only cache still answers; it computes the digest each time
                 pass
             finally:
-                staged.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    staged.unlink(missing_ok=True)
         return self.manifest["content_digest"]
 
     def images(self) -> np.ndarray:
