@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from spinemri.data.schema import HEAD_CLASSES, short_name
 from spinemri.models.network import BACKBONE_LAYER
+from spinemri.figures import grid_margins
 
 # Layers that only shrink or reshape a feature map on its way to the heads: the Grad-CAM layer is
 # the last one before them (their outputs are coarser maps, or no longer maps at all).
@@ -185,7 +186,7 @@ def gradcam_figure(images: Sequence[np.ndarray | None], maps: Sequence[np.ndarra
         ax.set_title(title, fontsize=7)
     for ax, label in zip(axes[:, 0], row_labels or ()):
         ax.text(-0.06, 0.5, label, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=9)
-    fig.tight_layout()
+    grid_margins(fig, left=0.05 if row_labels else 0.01)
     return fig
 
 

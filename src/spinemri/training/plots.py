@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 from spinemri.data.schema import short_name  # noqa: E402
+from spinemri.figures import grid_margins  # noqa: E402
 
 
 def training_curves(history: dict[str, list[float]], heads) -> plt.Figure:
@@ -64,6 +65,6 @@ def sample_predictions(images: np.ndarray, truths: list[str], predictions: list[
         color = "green" if truth == pred else "red"
         ax.set_title(f"true {short_name(truth)}\npred {short_name(pred)} {prob:.2f}", fontsize=7, color=color)
     fig.suptitle(title)
-    fig.tight_layout()
+    grid_margins(fig, top_title=True)
     return fig
 
