@@ -32,10 +32,10 @@ main(sys.argv[1:], prog_name="spinemri")
 """
 
 
-def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phantom40, tracking, tmp_path):
+def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phantom_dir, tracking, tmp_path):
     inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
     env = {**inherited, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-c", TWO_CPUS, "train", "--arch", "tiny", "--data-dir", str(phantom40),
+    command = [sys.executable, "-c", TWO_CPUS, "train", "--arch", "tiny", "--data-dir", str(phantom_dir),
                "--img-size", "48", "--epochs", "1", "--batch-size", "32", "--strategy", "mirrored",
                "--set", "mlflow.experiment=mirrored"]
     # cwd: a sqlite store keeps run artifacts under ./mlruns
@@ -53,8 +53,8 @@ def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phant
     from spinemri.tracking.pyfunc import file_row, load_classifier
 
     classifier = load_classifier(f"runs:/{run.info.run_id}/model")
-    samples = pd.read_csv(phantom40 / "train_label_coordinates.csv").iloc[:2]
-    rows = [file_row(phantom40 / "train_images" / str(s.study_id) / str(s.series_id) / f"{s.instance_number}.dcm",
+    samples = pd.read_csv(phantom_dir / "train_label_coordinates.csv").iloc[:2]
+    rows = [file_row(phantom_dir / "train_images" / str(s.study_id) / str(s.series_id) / f"{s.instance_number}.dcm",
                      s.x, s.y) for s in samples.itertuples()]
     predicted = classifier.predict(None, pd.DataFrame(rows))
     assert len(predicted) == 2
