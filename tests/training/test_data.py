@@ -55,6 +55,16 @@ def test_batches_stream_from_the_cache_with_one_hot_targets(prepared):
         assert w[head].shape == (16,)
 
 
+def test_replicas_get_batches_of_one_size(prepared):
+    # Under MirroredStrategy with 2 replicas a batch must split evenly: an odd last batch is trimmed.
+    dataset, samples = prepared
+    train = split_data(samples, "train")
+    sizes = [len(x) for x, _, _ in make_dataset(dataset.path / "images.npy", train, 15, shuffle=False, seed=0,
+                                                min_batch=2)]
+    full, rest = divmod(len(train), 15)
+    assert sizes == [14] * full + ([rest // 2 * 2] if rest >= 2 else [])
+
+
 def test_shuffle_changes_order_per_epoch_but_not_content(prepared):
     dataset, samples = prepared
     train = split_data(samples, "train")

@@ -138,9 +138,10 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
     ``jitter``: per sample, the σ in pixels of a random in-plane shift and the chance that its slice
     stack moves one slice (spinemri.training.jitter), applied before the augmentation.
 
-    ``min_batch`` > 1 drops a last batch smaller than that: under MirroredStrategy with R replicas
-    a batch of fewer than R images leaves a replica an empty batch, which Keras 3 cannot run
-    (at most R - 1 samples per epoch are left out; with shuffling, different ones each epoch).
+    ``min_batch`` > 1 (the replica count R under MirroredStrategy) trims the last batch to a multiple
+    of R: a batch of fewer than R images leaves a replica an empty batch, and one that does not divide
+    by R gives the replicas batches of different sizes; Keras 3 can run neither (at most R - 1 samples
+    per epoch are left out; with shuffling, different ones each epoch).
     """
     images_path = str(images_path)
     shape = _open_images(images_path)[1][1:]
@@ -154,7 +155,11 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if min_batch > 1:
-        ds = ds.filter(lambda batch: tf.shape(batch["row"])[0] >= min_batch)
+        def whole_replicas(batch):
+            keep = tf.shape(batch["row"])[0] // min_batch * min_batch
+            return {key: value[:keep] for key, value in batch.items()}
+
+        ds = ds.map(whole_replicas).filter(lambda batch: tf.shape(batch["row"])[0] > 0)
     augmenter = _augmenter(augment, seed) if augment is not None else None
 
     def load(batch):
