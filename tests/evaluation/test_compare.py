@@ -17,14 +17,14 @@ from tests.conftest import copy_store, isolated_tracking
 
 
 def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, tmp_path):
-    settings = ["--set", "compare.archs=tiny,mobilenet_v2", "--set", f"data.data_dir={phantom_dir}",
+    settings = ["--set", "compare.archs=tiny,vgg16", "--set", f"data.data_dir={phantom_dir}",
                 "--set", "preprocess.img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=32",
                 "--set", "mlflow.register=false"]
     result = CliRunner().invoke(cli, ["compare", "--experiment", "seed_table_quick", "--train", *settings])
     assert result.exit_code == 0, result.output
     table_text = result.output[result.output.index("| architecture | condition accuracy [95% CI]"):]
     rows = [line for line in table_text.splitlines()[2:] if line.startswith("| ")]
-    assert {line.split(" | ")[0].strip("| ") for line in rows} == {"tiny", "mobilenet_v2", "*majority-class baseline*"}
+    assert {line.split(" | ")[0].strip("| ") for line in rows} == {"tiny", "vgg16", "*majority-class baseline*"}
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("spinemri-seed-table-quick")
@@ -33,7 +33,7 @@ def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, 
     folder = mlflow.artifacts.download_artifacts(run_id=summary[0].info.run_id, artifact_path="compare",
                                                  dst_path=str(tmp_path))
     table = pd.read_csv(f"{folder}/table.csv")
-    assert sorted(table["arch"]) == ["mobilenet_v2", "tiny"]
+    assert sorted(table["arch"]) == ["tiny", "vgg16"]
     assert (table["epochs"] == 1).all() and (table["batch_size"] == 32).all() and (table["img_size"] == 32).all()
     assert (table["params"] > 0).all() and (table["inference_ms_per_image"] > 0).all()
     assert table["accuracy"].between(0, 1).all() and table["final_loss"].notna().all()
@@ -43,7 +43,7 @@ def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, 
     assert f"compare them in the MLflow UI: {link}" in result.output
     assert link == compare_runs_url("http://127.0.0.1:5000", list(table["run_id"]), [experiment.experiment_id])
     assert link in summary[0].data.tags["mlflow.note.content"]
-    assert table.loc[table["arch"] == "mobilenet_v2", "params"].item() > table.loc[table["arch"] == "tiny", "params"].item()
+    assert table.loc[table["arch"] == "vgg16", "params"].item() > table.loc[table["arch"] == "tiny", "params"].item()
     with open(f"{folder}/chart.png", "rb") as png:
         assert png.read(4) == b"\x89PNG"
 
@@ -68,7 +68,7 @@ def cross_validated(phantom_dir, tmp_path_factory, store_template):
     """`compare --train --folds 2` of two backbones in a store of its own (one worker: xdist_group "cv")."""
     root = tmp_path_factory.mktemp("cross_validated")
     uri = copy_store(store_template, root / "mlflow.db")
-    settings = ["--set", "compare.archs=tiny,mobilenet_v2", "--set", f"data.data_dir={phantom_dir}",
+    settings = ["--set", "compare.archs=tiny,vgg16", "--set", f"data.data_dir={phantom_dir}",
                 "--set", "preprocess.img_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=32",
                 "--set", "train.site_jitter_mm=3", "--set", "train.site_jitter_slices=0.2",
                 "--set", "model.calibration=temperature"]
@@ -101,7 +101,7 @@ def test_compare_folds_cross_validates_each_backbone(cv_store, tmp_path):
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("spinemri-seed-table-quick")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.role = 'cv'")
-    assert sorted(r.data.tags["arch"] for r in parents) == ["mobilenet_v2", "tiny"]
+    assert sorted(r.data.tags["arch"] for r in parents) == ["tiny", "vgg16"]
     summary = client.search_runs([experiment.experiment_id], filter_string="tags.role = 'summary'")[0]
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=summary.info.run_id,
                                                             artifact_path="compare/table.csv"))
@@ -172,7 +172,7 @@ def test_an_ensemble_of_fold_models_is_served_as_one_model(cv_store, phantom_dir
     not_cv = CliRunner().invoke(cli, ["ensemble", "--run", parents["tiny"], "--run", "0" * 32])
     assert not_cv.exit_code == 1 and f"no run '{'0' * 32}'" in not_cv.output
 
-    result = CliRunner().invoke(cli, ["ensemble", "--run", parents["tiny"], "--run", parents["mobilenet_v2"]])
+    result = CliRunner().invoke(cli, ["ensemble", "--run", parents["tiny"], "--run", parents["vgg16"]])
     assert result.exit_code == 0, result.output
     run = client.search_runs([experiment.experiment_id], filter_string="tags.role = 'ensemble'")[0]
     assert run.data.params["ensemble.members"] == "4"
@@ -193,7 +193,7 @@ def test_an_ensemble_of_fold_models_is_served_as_one_model(cv_store, phantom_dir
     model_uri = f"models:/spinemri/{version.version}"
     served = mlflow.pyfunc.load_model(model_uri).predict(rows)
     members = load_classifier(model_uri).meta["members"]
-    assert len(members) == 4 and {m["arch"] for m in members} == {"tiny", "mobilenet_v2"}
+    assert len(members) == 4 and {m["arch"] for m in members} == {"tiny", "vgg16"}
     outputs = [load_classifier(f"runs:/{m['run_id']}/model").predict(None, rows) for m in members]
     columns = [c for c in served.columns if ":" in c]
     expected = np.mean([o[columns].to_numpy(np.float64) for o in outputs], axis=0)

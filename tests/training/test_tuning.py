@@ -147,7 +147,9 @@ def test_kill_and_resume_finishes_exactly_n_trials(phantom_dir, tmp_path, tracki
     assert "died without ending the run" in killed_study[0].data.tags["fail_reason"]
 
 
-@pytest.mark.parametrize("how", ["two commands", "--workers 2"])
+# Two processes on one study: --workers 2 starts them; two separate commands (the slow set) do the same
+# through the storage alone, and commands opening one store together are tests/tracking/test_store.py's.
+@pytest.mark.parametrize("how", [pytest.param("two commands", marks=pytest.mark.slow), "--workers 2"])
 def test_two_processes_share_one_study_and_stop_at_n(phantom_dir, tmp_path, tracking, how):
     command = _tune_command(phantom_dir, tmp_path, 4, 3)
     # Both processes open one store at once (creating a new one at once: tracking/test_store.py).
