@@ -12,7 +12,7 @@ DEMO_DIR ?= data/phantom
 STUDIES  ?= 40
 PYTEST_ARGS ?= -n 3 --dist loadgroup
 
-.PHONY: venv demo study-demo serve serve-study test browser bench ablation clean
+.PHONY: venv demo study-demo serve serve-study test browser postgres bench ablation clean
 
 venv: $(VENV)/.installed
 
@@ -60,7 +60,7 @@ STUDY_PORT ?= 5002
 serve-study: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m models:/spinemri-study@champion --env-manager local -h 127.0.0.1 -p $(STUDY_PORT)
 
-test: venv browser
+test: venv browser postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # tests/tracking/test_ui_browser.py renders the MLflow UI in a headless Chromium: installed here when
@@ -72,6 +72,16 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 			|| echo "note: installing chromium failed; the MLflow UI browser test will be skipped" >&2; \
 	else echo "note: no chromium or google-chrome on PATH; the MLflow UI browser test will be skipped" >&2; fi >/dev/null
+
+# The PostgreSQL tests (tuning and tracking shared by several machines) start their own server from initdb
+# and pg_ctl: installed here when missing on Debian as root; elsewhere set SPINEMRI_PG_BINDIR or install it.
+postgres:
+	@if [ -n "$$SPINEMRI_PG_BINDIR" ] || command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; \
+	then :; elif command -v apt-get && [ "$$(id -u)" = 0 ]; then \
+		echo "installing postgresql (apt-get) for the multi-machine tuning and tracking-server tests" >&2; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
+			|| echo "note: installing postgresql failed; the PostgreSQL tests will be skipped" >&2; \
+	else echo "note: no PostgreSQL (initdb) found; the PostgreSQL tests will be skipped" >&2; fi >/dev/null
 
 # One JSON line and one summary line per benchmark; stdout collects them, stderr has the logs.
 BENCHMARKS ?= preprocess pipeline memory serve tune

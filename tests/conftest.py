@@ -177,3 +177,25 @@ def store(trained, monkeypatch) -> TrainedModel:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(trained.tracking_uri)
     return trained
+
+
+# --- real servers: PostgreSQL and an MLflow tracking server on it (tests/services.py) ------------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL cluster on 127.0.0.1 for this test worker (about 2 s to start)."""
+    from tests.services import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory) -> str:
+    """``mlflow server`` with a PostgreSQL backend and a local artifact destination; yields its http URL."""
+    from tests.services import mlflow_server
+
+    root = tmp_path_factory.mktemp("tracking_server")
+    with mlflow_server(postgres.create_database("mlflow"), root / "artifacts", root / "server.log") as url:
+        yield url
