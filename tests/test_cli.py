@@ -97,7 +97,7 @@ def test_synth_writes_layout_refuses_to_overwrite_and_overwrites(tmp_path):
     assert json.loads(replaced.stdout)["studies"] == 2
 
 
-@pytest.mark.parametrize("args", [["--studies", "0"], ["--workers", "0"], ["--seed", "x"]])
+@pytest.mark.parametrize("args", [["--studies", "0"], ["--workers", "0"], ["--seed", "x"], ["--profile", "rsn"]])
 def test_synth_bad_options_exit_non_zero(tmp_path, args):
     result = invoke("data", "synth", "--out", tmp_path / "x", *args)
     assert result.exit_code != 0

@@ -121,6 +121,10 @@ def data() -> None:
               help="Folder to create (RSNA layout: train.csv, ..., train_images/).")
 @click.option("--studies", default=40, show_default=True, type=click.IntRange(min=1), help="Number of studies.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, identical files.")
+@click.option("--profile", default="fast", show_default=True,
+              help="fast: short series (about 55 files a study) of 256-512 px, quick to write and train on; "
+                   "rsna: the real data's series lengths (Axial T2 5-192 slices, mostly 24-44), image sizes "
+                   "(256-1024 px) and shares of extra and missing series (about 76 files a study; docs/data.md).")
 @click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=1),
               help="Processes writing studies in parallel (the output does not depend on it).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier phantom in --out.")
@@ -128,7 +132,7 @@ def data() -> None:
               "(everything in it is deleted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def synth(out_dir, studies, seed, workers, overwrite, force, as_json) -> None:
+def synth(out_dir, studies, seed, profile, workers, overwrite, force, as_json) -> None:
     """Write a synthetic lumbar-spine MRI dataset (real DICOM files) in the RSNA 2024 layout.
 
     Sagittal T1, Sagittal T2/STIR and Axial T2 series whose anatomy changes with each label:
@@ -138,7 +142,7 @@ def synth(out_dir, studies, seed, workers, overwrite, force, as_json) -> None:
     from spinemri.data import phantom
 
     started = time.perf_counter()
-    summary = phantom.synthesize(out_dir, phantom.PhantomConfig(studies=studies, seed=seed),
+    summary = phantom.synthesize(out_dir, phantom.profile(profile, studies=studies, seed=seed),
                                  workers=workers, overwrite=overwrite, force=force,
                                  progress=not as_json and sys.stderr.isatty())
     result = {**asdict(summary), "seconds": round(time.perf_counter() - started, 2)}

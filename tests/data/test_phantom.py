@@ -14,7 +14,9 @@ import pytest
 
 from spinemri.data import schema
 from spinemri.data.dicom import read_dicom
-from spinemri.data.phantom import MARKER, PhantomConfig, sample_labels, synthesize
+from spinemri.data.phantom import (MARKER, PROFILES, PhantomConfig, image_size, profile, sample_labels, series_plan,
+                                   synthesize)
+from spinemri.errors import ConfigError
 from spinemri.data.schema import RSNA_SEVERITY_FREQUENCIES as SEVERITY_PRIORS
 
 
@@ -236,3 +238,77 @@ def test_overwrite_refuses_a_folder_that_is_not_a_phantom(tmp_path):
     synthesize(mine, config, overwrite=True, force=True)
     assert not (mine / "notes.txt").exists() and (mine / MARKER).is_file()
     synthesize(mine, config, overwrite=True)  # a phantom now: --overwrite alone replaces it
+
+
+# --- profiles ----------------------------------------------------------------------------------
+
+def test_fast_is_the_default_profile_and_an_unknown_one_names_the_choices():
+    assert PROFILES["fast"] == PhantomConfig()
+    assert profile("fast", studies=3, seed=7) == PhantomConfig(studies=3, seed=7)
+    with pytest.raises(ConfigError, match=r"'rsn' \(--profile\): choose one of fast, rsna"):
+        profile("rsn")
+
+
+def test_rsna_profile_slice_counts_follow_the_real_series():
+    """Many draws of the sampler, no files: the real data's axial quartiles 24/29/44 and mean 34 in
+    5-192, sagittal means 17 in 10-38 (T1) and 8-29 (T2/STIR)."""
+    counts = PROFILES["rsna"].slice_counts
+    rng = np.random.default_rng(0)
+    axial = np.array([counts[schema.AXIAL_T2].draw(rng) for _ in range(20_000)])
+    q1, median, q3 = np.percentile(axial, [25, 50, 75])
+    assert 21.5 <= q1 <= 26.5 and 26 <= median <= 32 and 40 <= q3 <= 48, (q1, median, q3)
+    assert 32 <= axial.mean() <= 36
+    assert axial.min() >= 5 and axial.max() <= 192 and (axial > 100).any()  # a long tail, clipped
+    for description, (low, high) in ((schema.SAGITTAL_T1, (10, 38)), (schema.SAGITTAL_T2, (8, 29))):
+        sagittal = np.array([counts[description].draw(rng) for _ in range(5_000)])
+        assert 16 <= sagittal.mean() <= 18 and sagittal.min() >= low and sagittal.max() <= high, description
+
+
+def test_rsna_profile_series_shares_and_image_sizes_follow_the_real_data():
+    """17 % of studies with two or more axial series (a few three or four), 0.15 % missing a series
+    type, images from 256 to 1024 px, most 384-640."""
+    config = PROFILES["rsna"]
+    rng = np.random.default_rng(1)
+    plans = [series_plan(rng, config) for _ in range(20_000)]
+    axial = np.array([[d for d, *_ in plan].count(schema.AXIAL_T2) for plan in plans])
+    assert 0.155 <= (axial >= 2).mean() <= 0.185
+    assert 0.008 <= (axial >= 3).mean() <= 0.03 and axial.max() == 4
+    missing = np.mean([len({d for d, *_ in plan}) < 3 for plan in plans])
+    assert 0.0006 <= missing <= 0.003, missing
+    # However many axial series there are, together they carry every subarticular label once.
+    for plan in (series_plan(rng, profile("rsna", p_missing_series=0)) for _ in range(2_000)):
+        carried = [(k, side) for d, levels, sides in plan if d == schema.AXIAL_T2 for k in levels for side in sides]
+        assert sorted(carried) == sorted((k, side) for k in range(5) for side in ("left", "right"))
+    sizes = np.array([image_size(rng, config) for _ in range(20_000)])
+    assert sizes.min() == 256 and sizes.max() == 1024
+    assert ((sizes >= 384) & (sizes <= 640)).mean() >= 0.7
+    assert 0.03 <= (sizes == 1024).mean() <= 0.07
+
+
+@pytest.fixture(scope="module")
+def rsna_phantom(tmp_path_factory) -> Path:
+    """10 rsna-profile studies with small images (the profile's 256-1024 px take minutes to write)."""
+    out = tmp_path_factory.mktemp("rsna") / "p"
+    synthesize(out, profile("rsna", studies=10, seed=2, image_sizes=(48,), image_size_weights=(), p_second_axial=0.3,
+                            p_blank=0),
+               workers=2)
+    return out
+
+
+def test_rsna_profile_phantom_puts_every_label_on_a_slice_of_its_long_series(rsna_phantom):
+    from spinemri.data.readers import check_dataset
+
+    series = pd.read_csv(rsna_phantom / schema.SERIES_CSV)
+    files = {(s, se): sorted(int(p.stem) for p in (rsna_phantom / schema.IMAGES_DIR / str(s) / str(se)).glob("*.dcm"))
+             for s, se in zip(series["study_id"], series["series_id"])}
+    lengths = series.assign(slices=[len(files[(s, se)]) for s, se in zip(series["study_id"], series["series_id"])])
+    axial = lengths.loc[lengths["series_description"] == schema.AXIAL_T2, "slices"]
+    assert axial.between(5, 192).all() and axial.max() > 40  # longer than any fast-profile series (<= 25)
+    assert (series.groupby("study_id").size() >= 4).any()
+    coords = pd.read_csv(rsna_phantom / schema.COORDINATES_CSV)
+    assert len(coords) == 10 * 25  # no blank label, no missing series here: every label has its point
+    for row in coords.itertuples():
+        assert row.instance_number in files[(row.study_id, row.series_id)]
+        assert 0 <= row.x < 48 and 0 <= row.y < 48
+    report = check_dataset(rsna_phantom)
+    assert report.ok, report.problems

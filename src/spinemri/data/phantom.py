@@ -11,10 +11,11 @@ coordinate points at the pixel where its anatomy is drawn. Same seed, same bytes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 
@@ -40,28 +41,101 @@ RECESS_A_MM, RECESS_B_MM = 9.5, 2.2  # subarticular recess centre (lateral, post
 
 
 @dataclass(frozen=True)
+class SliceCount:
+    """How many slices a series has: ``round(median * exp(sigma * z))`` for a standard normal z,
+    clipped to [low, high] (a lognormal: skewed toward long series, as the real ones are)."""
+
+    median: float
+    sigma: float
+    low: int
+    high: int
+
+    @classmethod
+    def fitted(cls, quartiles: tuple[float, float, float], low: int, high: int) -> "SliceCount":
+        """The lognormal closest (least squares in log space) to the given first quartile, median and
+        third quartile."""
+        z = NormalDist().inv_cdf(0.75)
+        logs = [math.log(q) for q in quartiles]
+        return cls(median=math.exp(sum(logs) / 3), sigma=(logs[2] - logs[0]) / (2 * z), low=low, high=high)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.low <= self.median <= self.high:
+            raise ConfigError(f"SliceCount needs 1 <= low <= median <= high, got low={self.low}, "
+                              f"median={self.median}, high={self.high}")
+        if self.sigma < 0:
+            raise ConfigError(f"SliceCount sigma must be >= 0, got {self.sigma}")
+
+    def draw(self, rng: np.random.Generator) -> int:
+        return int(np.clip(round(self.median * math.exp(self.sigma * rng.standard_normal())), self.low, self.high))
+
+
+@dataclass(frozen=True)
 class PhantomConfig:
-    """What varies between phantom datasets; defaults follow the real data (FACTS.md)."""
+    """What varies between phantom datasets. The defaults are the quick phantom ("fast" in PROFILES):
+    the real data's labels and quirks on short series and mid-size images; "rsna" adds the real series
+    lengths, image sizes and series shares."""
 
     studies: int = 40
     seed: int = 0
     p_blank: float = 0.01  # share of label cells left blank (with no coordinate)
     p_second_axial: float = 0.15  # studies with a second Axial T2 series
+    p_more_axial: float = 0.0  # of those, the share with a third (and of those, with a fourth)
     p_missing_series: float = 0.03  # studies missing one of their series
     image_sizes: tuple[int, ...] = (256, 320, 384, 448, 512)
+    image_size_weights: tuple[float, ...] = ()  # how often each image size occurs; empty: equally often
     median_sagittal_slices: int = 17
+    # Slices per series by series description; empty: sagittal series around median_sagittal_slices
+    # (9-32) and 3-5 axial slices through each disc.
+    slice_counts: dict[str, SliceCount] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.studies < 1:
             raise ConfigError(f"studies must be >= 1, got {self.studies}")
-        for name in ("p_blank", "p_second_axial", "p_missing_series"):
+        for name in ("p_blank", "p_second_axial", "p_more_axial", "p_missing_series"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ConfigError(f"{name} must be within [0, 1], got {value}")
         if not self.image_sizes or min(self.image_sizes) < 32:
             raise ConfigError(f"image_sizes must be >= 32 pixels, got {self.image_sizes}")
+        weights = self.image_size_weights
+        if weights and (len(weights) != len(self.image_sizes) or min(weights) < 0 or abs(sum(weights) - 1) > 1e-6):
+            raise ConfigError(f"image_size_weights must give one non-negative share per image size "
+                              f"({len(self.image_sizes)}) summing to 1, got {weights}; leave it empty for equal shares")
         if self.median_sagittal_slices < 5:
             raise ConfigError(f"median_sagittal_slices must be >= 5, got {self.median_sagittal_slices}")
+        if self.slice_counts and set(self.slice_counts) != set(schema.SERIES_DESCRIPTIONS):
+            raise ConfigError(f"slice_counts must have one SliceCount for each of {', '.join(schema.SERIES_DESCRIPTIONS)}, "
+                              f"got {', '.join(self.slice_counts) or 'none'}; leave it empty for the fast phantom's counts")
+        if self.slice_counts and self.slice_counts[AXIAL_T2].low < len(LEVELS):
+            raise ConfigError(f"slice_counts[{AXIAL_T2!r}].low must be >= {len(LEVELS)} (a slice through each disc), "
+                              f"got {self.slice_counts[AXIAL_T2].low}")
+
+
+# The real RSNA 2024 training data (FACTS): Axial T2 series have 5-192 slices (quartiles 24/29/44, mean 34),
+# Sagittal T1 10-38 and Sagittal T2/STIR 8-29 (both mean 17); 17 % of studies have two or more Axial T2
+# series, a few three or four; 0.15 % lack a series type. Image sizes span the clinical range, mostly
+# 384-640 px, some 1024; the shares of each size below are an estimate within that range.
+_RSNA_IMAGE_SIZES = {256: 0.04, 320: 0.06, 384: 0.2, 448: 0.12, 512: 0.3, 576: 0.05, 640: 0.15, 768: 0.03, 1024: 0.05}
+PROFILES: dict[str, PhantomConfig] = {
+    "fast": PhantomConfig(),
+    "rsna": PhantomConfig(
+        p_second_axial=0.17,
+        p_more_axial=0.1,
+        p_missing_series=0.0015,
+        image_sizes=tuple(_RSNA_IMAGE_SIZES),
+        image_size_weights=tuple(_RSNA_IMAGE_SIZES.values()),
+        slice_counts={SAGITTAL_T1: SliceCount(median=17, sigma=0.2, low=10, high=38),
+                      SAGITTAL_T2: SliceCount(median=17, sigma=0.2, low=8, high=29),
+                      AXIAL_T2: SliceCount.fitted(quartiles=(24, 29, 44), low=5, high=192)},
+    ),
+}
+
+
+def profile(name: str, **changes) -> PhantomConfig:
+    """The named profile of PROFILES with ``changes`` (studies, seed, or any other PhantomConfig field)."""
+    if name not in PROFILES:
+        raise ConfigError(f"unknown phantom profile {name!r} (--profile): choose one of {', '.join(PROFILES)}")
+    return dataclasses.replace(PROFILES[name], **changes)
 
 
 @dataclass(frozen=True)
@@ -248,21 +322,13 @@ def _write_study(job) -> dict:
         bias=float(rng.uniform(0.08, 0.3)),
     )
 
-    # Which series the study has: 3 usually, a second axial sometimes, one missing rarely.
-    plan = [SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2]
-    axial_split = None
-    if rng.random() < config.p_second_axial:
-        plan.append(AXIAL_T2)
-        axial_split = "levels" if rng.random() < 0.6 else "sides"
-    if rng.random() < config.p_missing_series:
-        plan.pop(int(rng.integers(0, 3)))
+    plan = series_plan(rng, config)
     plan_order = rng.permutation(len(plan))
 
     study_uid = _uid(study_id)
     frame_uid = _uid(study_id, "frame")
     series_rows, coordinates, n_images = [], [], 0
-    axial_seen = 0
-    for index, description in enumerate(plan):
+    for index, (description, levels, sides) in enumerate(plan):
         series_id = int(series_ids[plan_order[index]])
         series_rows.append((study_id, series_id, description))
         folder = staging / schema.IMAGES_DIR / str(study_id) / str(series_id)
@@ -270,13 +336,6 @@ def _write_study(job) -> dict:
         meta = dict(study_uid=study_uid, frame_uid=frame_uid, series_uid=_uid(study_id, series_id),
                     series_number=index + 1, description=description)
         if description == AXIAL_T2:
-            axial_seen += 1
-            levels = list(range(5))
-            sides = ("left", "right")
-            if axial_split == "levels":
-                levels = [0, 1, 2] if axial_seen == 1 else [3, 4]
-            elif axial_split == "sides":
-                sides = ("left",) if axial_seen == 1 else ("right",)
             points, n = _render_axial(rng, anatomy, acquisition, folder, meta, levels, sides, config)
         else:
             points, n = _render_sagittal(rng, anatomy, acquisition, folder, meta, config)
@@ -292,15 +351,54 @@ def _write_study(job) -> dict:
     return dict(labels=labels, series=series_rows, coordinates=coordinates, images=n_images)
 
 
+def series_plan(rng: np.random.Generator, config: PhantomConfig) -> list[tuple[str, list[int], tuple[str, ...]]]:
+    """The series of one study: (series description, levels, sides) each, where an axial series'
+    levels (indices into LEVELS) and sides are the subarticular labels it carries.
+
+    Three series usually; sometimes a second axial (rarely a third or fourth), the axial series then
+    sharing the labels: each a run of levels, or one the left side and the other the right. Rarely one
+    of the first three series is missing; a missing axial series takes the last share of the labels.
+    """
+    axial, axial_split = 1, None
+    if rng.random() < config.p_second_axial:
+        axial, axial_split = 2, "levels" if rng.random() < 0.6 else "sides"
+        # No draw at all when p_more_axial is 0: a profile without it writes the files it wrote before.
+        while config.p_more_axial and axial < 4 and rng.random() < config.p_more_axial:
+            axial, axial_split = axial + 1, "levels"
+    every_level, both_sides = list(range(len(LEVELS))), ("left", "right")
+    if axial_split == "levels":
+        shares = [([int(k) for k in run], both_sides) for run in np.array_split(every_level, axial)]
+    elif axial_split == "sides":
+        shares = [(every_level, ("left",)), (every_level, ("right",))]
+    else:
+        shares = [(every_level, both_sides)]
+    descriptions = [SAGITTAL_T1, SAGITTAL_T2] + [AXIAL_T2] * axial
+    if rng.random() < config.p_missing_series:
+        descriptions.pop(int(rng.integers(0, 3)))
+    shares_left = iter(shares)
+    return [(d, *next(shares_left)) if d == AXIAL_T2 else (d, every_level, both_sides) for d in descriptions]
+
+
+def image_size(rng: np.random.Generator, config: PhantomConfig) -> int:
+    """Rows (= columns) of one series' images."""
+    return int(rng.choice(config.image_sizes, p=config.image_size_weights or None))
+
+
+def sagittal_slice_count(rng: np.random.Generator, config: PhantomConfig, description: str) -> int:
+    if config.slice_counts:
+        return config.slice_counts[description].draw(rng)
+    return int(np.clip(round(rng.normal(config.median_sagittal_slices, 3.5)), 9, 32))
+
+
 # --- sagittal series ---------------------------------------------------------------------------
 
 def _render_sagittal(rng, anatomy: _Anatomy, acquisition, folder: Path, meta, config) -> tuple[list, int]:
     description = meta["description"]
     tissue = _TISSUE[description]
-    size = int(rng.choice(config.image_sizes))
+    size = image_size(rng, config)
     fov = float(rng.uniform(210, 280))
     spacing = fov / size
-    n = int(np.clip(round(rng.normal(config.median_sagittal_slices, 3.5)), 9, 32))
+    n = sagittal_slice_count(rng, config, description)
     gap = max(3.0, 50.0 / (n - 1)) * float(rng.uniform(1.0, 1.08))
     x_centre = anatomy.centre[0] + float(rng.uniform(-2, 2))
     slice_x = x_centre + (np.arange(n) - (n - 1) / 2) * gap
@@ -423,7 +521,7 @@ def _sagittal_layers(anatomy: _Anatomy, U, V, tissue, description) -> dict:
 
 def _render_axial(rng, anatomy: _Anatomy, acquisition, folder: Path, meta, levels, sides, config) -> tuple[list, int]:
     tissue = _TISSUE[AXIAL_T2]
-    size = int(rng.choice(config.image_sizes))
+    size = image_size(rng, config)
     fov = float(rng.uniform(160, 220))
     spacing = fov / size
     # Rows run posterior (+y), columns toward the patient's left (+x).
@@ -434,10 +532,14 @@ def _render_axial(rng, anatomy: _Anatomy, acquisition, folder: Path, meta, level
     X, Y = np.meshgrid(cols, rows)
     bias = _bias_field(rng, size, acquisition["bias"])
     gap = float(rng.uniform(3.5, 4.5))
+    total = config.slice_counts[AXIAL_T2].draw(rng) if config.slice_counts else None
+    if total is not None:  # a long series packs its slices closer: each level's stay within its segment
+        gap = min(gap, 0.9 * anatomy.pitch / math.ceil(total / len(levels)))
 
     slices = []  # (z, level index, offset from the disc)
-    for k in levels:
-        n_k = int(rng.integers(3, 6))
+    for i, k in enumerate(levels):
+        # The series' slices shared between its levels, or (without slice_counts) 3-5 through each disc.
+        n_k = int(rng.integers(3, 6)) if total is None else total // len(levels) + int(i < total % len(levels))
         offsets = (np.arange(n_k) - (n_k - 1) / 2) * gap + float(rng.uniform(-0.8, 0.8))
         y_k, z_k = anatomy.to_patient_sagittal(0.0, anatomy.disc_v(k))
         slices += [(z_k + off, k, off, y_k) for off in offsets]
