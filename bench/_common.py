@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +68,33 @@ def private_store():
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+# Linux keeps a process's peak-RSS mark across fork and exec, so a child forked straight from a
+# big process reports at least that process's size. A small launcher forks the command instead.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
+def peak_rss(command: list[str], env: dict | None = None, stdout=None) -> tuple[int, float, int]:
+    """(peak RSS in bytes, seconds, exit status) of one command; its output goes to ``stdout`` (a file
+    object, default stderr). The peak is the kernel's ``ru_maxrss`` of the command's process and of the
+    processes it waited for (worker pools): the largest of them, not their sum."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *command], stdout=stdout or sys.stderr,
+                       stderr=sys.stderr, env=env, check=True)
+        seconds = time.perf_counter() - started
+        kib, status = (int(v) for v in report.read_text().split())
+    return kib * 1024, seconds, status  # Linux reports ru_maxrss in KiB
 
 
 def machine() -> dict:

@@ -14,40 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import _common
 
 TARGET = 1.10
-
-
-# Linux keeps a process's peak-RSS mark across fork and exec, so a child forked straight from a
-# big process reports at least that process's size. A small launcher forks the command instead.
-LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as out:
-    out.write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
-"""
-
-
-def peak_rss(command: list[str], env: dict | None = None) -> tuple[int, float, int]:
-    """(peak RSS in bytes, seconds, exit status) of one command, its output sent to stderr."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "rusage"
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *command], stdout=sys.stderr,
-                       stderr=sys.stderr, env=env, check=True)
-        seconds = time.perf_counter() - started
-        kib, status = (int(v) for v in report.read_text().split())
-    return kib * 1024, seconds, status  # Linux reports ru_maxrss in KiB
 
 
 def peak_rss_of_training(data_dir, args) -> tuple[int, float]:
@@ -57,7 +28,7 @@ def peak_rss_of_training(data_dir, args) -> tuple[int, float]:
                "--batch-size", str(args.batch_size), "--set", f"preprocess.slices={args.channels}",
                "--set", "mlflow.experiment=bench-memory"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_common.ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    peak, seconds, status = peak_rss(command, env)
+    peak, seconds, status = _common.peak_rss(command, env)
     if status != 0:
         raise SystemExit(f"training on {data_dir} failed with exit status {status} (see stderr)")
     return peak, seconds

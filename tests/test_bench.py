@@ -59,8 +59,39 @@ def test_pipeline_quick_compares_cache_and_memory_feeds(bench_env):
     assert result["result"] == ("pass" if result["ratio"] >= 0.9 else "miss")
 
 
+def test_scale_quick_fits_the_exponents_of_its_own_measurements(bench_env):
+    import numpy as np
+
+    record, summary = run_quick("scale", bench_env)
+    rows, fits = record["rows"], record["fits"]
+    assert [r["studies"] for r in rows] == [3, 6] and record["steps"] == ["synth", "prepare", "localizer_caches"]
+    files = [r["files"] for r in rows]
+    assert files[0] < files[1] and all(r["cache_bytes"] > 0 and r["phantom_bytes"] > 0 for r in rows)
+    for step in record["steps"]:
+        seconds = [r[step]["seconds"] for r in rows]
+        exponent = np.polyfit(np.log(files), np.log(seconds), 1)[0]
+        assert fits[step]["exponent"] == pytest.approx(exponent, abs=1e-3)
+        assert fits[step]["exponent_result"] == ("pass" if fits[step]["exponent"] <= 1.05 else "miss")
+        ratio = rows[1][step]["peak_rss_mb"] / rows[0][step]["peak_rss_mb"]
+        assert fits[step]["rss_ratio"] == pytest.approx(ratio, abs=1e-3)
+        assert 50 < rows[0][step]["peak_rss_mb"] < 4000  # a process's peak, in MB
+    localizer_slices = sum(rows[1]["localizer_caches"]["slices"].values())
+    assert localizer_slices == files[1]  # every slice of every labelled series: here, every file
+    assert record["full_dataset"]["files"] == 147_218
+    assert Path(record["plot"]).is_file() and "scale" in summary
+    assert not list(Path(bench_env["SPINEMRI_BENCH_DIR"]).glob("scale-rsna-*"))  # phantoms deleted
+
+
+@pytest.mark.slow
+def test_scale_quick_with_the_model_steps(bench_env):
+    record, _ = run_quick("scale", bench_env, "--steps", "all")
+    for row in record["rows"]:
+        assert row["train"]["seconds"] > 0 and row["predict"]["studies_per_s"] > 0
+    assert set(record["fits"]) >= {"train", "predict", "cache_bytes"}
+
+
 def test_peak_rss_of_a_child_follows_what_it_allocates():
-    from memory import peak_rss
+    from _common import peak_rss
 
     allocate = "import numpy as np; a = np.ones({} * 2**20, np.uint8); print(a.sum(), flush=True)"
     small, _, status_small = peak_rss([sys.executable, "-c", allocate.format(10)])
