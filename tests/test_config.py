@@ -55,6 +55,9 @@ def test_overrides_from_the_command_line_are_typed():
     ({"train.colour": "1"}, "unknown key(s) colour in section 'train'"),
     ({"preprocess.colour": "1"}, "unknown key(s) colour in section 'preprocess'"),
     ({"split.fractions": [0.9, 0.1, 0.0]}, "split.fractions"),
+    ({"tuning.heartbeat_interval": "0"}, "tuning.heartbeat_interval must be a whole number of seconds >= 1"),
+    ({"tuning.heartbeat_interval": "5", "tuning.grace_period": "5"}, "tuning.grace_period must be a whole number of "
+                                                                     "seconds above tuning.heartbeat_interval (5), e.g. 15"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -195,6 +195,9 @@ class TuningConfig:
     study_name: str = setting("", "Optuna study name; empty: <experiment>-<arch>")
     storage: str = setting("", "Optuna storage: a journal file path or postgresql://...; empty: optuna-journal.log next to the MLflow store")
     workers: int = setting(1, "processes working on the study at once")
+    heartbeat_interval: int = setting(10, "database storages: seconds between a running trial's heartbeats")
+    grace_period: int = setting(60, "database storages: a running trial without a heartbeat for this many seconds "
+                                    "is failed and retried by another worker")
     search_space: dict = field(default_factory=dict, metadata={"help": "dotted config key -> distribution (type float|int|categorical, low, high, log, choices)"})
 
     def validate(self) -> None:
@@ -203,6 +206,11 @@ class TuningConfig:
         _check(self.n_startup_trials >= 0 and self.n_warmup_steps >= 0, "tuning.n_startup_trials/n_warmup_steps",
                "must be >= 0", (self.n_startup_trials, self.n_warmup_steps))
         _check(self.workers >= 1, "tuning.workers", "must be >= 1", self.workers)
+        _check(isinstance(self.heartbeat_interval, int) and self.heartbeat_interval >= 1, "tuning.heartbeat_interval",
+               "must be a whole number of seconds >= 1", self.heartbeat_interval)
+        _check(isinstance(self.grace_period, int) and self.grace_period > self.heartbeat_interval,
+               "tuning.grace_period", f"must be a whole number of seconds above tuning.heartbeat_interval "
+               f"({self.heartbeat_interval}), e.g. {3 * self.heartbeat_interval}", self.grace_period)
 
 
 def validate_search_space(space: Mapping[str, Any], config_dict: Mapping[str, Any]) -> None:

@@ -10,9 +10,15 @@ run and trains the best configuration as a normal run with its model.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
 import multiprocessing
 import os
+import sys
+import threading
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,9 +26,10 @@ from urllib.parse import urlparse
 
 import mlflow
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from spinemri.config import ExperimentConfig, run_params, with_values
+from spinemri.config import ExperimentConfig, TuningConfig, run_params, with_values
 from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, TuningError
 from spinemri.evaluation.goals import best_value, metric_goal
@@ -30,10 +37,11 @@ from spinemri.models.catalog import get_spec
 from spinemri.processes import die_with_parent, process_gone, process_id
 from spinemri.redact import redact
 from spinemri.tracking.runs import ending_run, start_run
-from spinemri.tracking.store import LOCK_SUFFIX, exclusive_lock
+from spinemri.tracking.store import LOCK_SUFFIX, exclusive_lock, sqlite_path
 from spinemri.training.train import train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_RETRIES = 3  # a trial whose workers die this many times is left FAIL
 
 
 @dataclass
@@ -79,11 +87,22 @@ def default_storage() -> str:
     return str(folder.resolve() / "optuna-journal.log")
 
 
-def open_storage(url: str):
-    """Optuna storage for a journal file path or an RDB URL; an unreachable one fails here."""
+def open_storage(url: str, tuning: TuningConfig | None = None):
+    """Optuna storage for a journal file path or an RDB URL; an unreachable one fails here.
+
+    A database storage records a heartbeat of every running trial (``tuning.heartbeat_interval``); a
+    trial silent for ``tuning.grace_period`` seconds is failed by the next worker that looks, and
+    queued again with the same parameters (:func:`_retry_stale_trial`).
+    """
+    tuning = tuning or TuningConfig()
     if "://" in url:
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                                  heartbeat_interval=tuning.heartbeat_interval,
+                                                  grace_period=tuning.grace_period,
+                                                  heartbeat_stale_trial_callback=_retry_stale_trial)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind
             raise TuningError(redact(f"storage {url} is unreachable or invalid ({type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0][:200]}); check the URL, or leave --storage empty "
@@ -166,57 +185,77 @@ def tune(config: ExperimentConfig) -> TuneResult:
 def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, storage_url: str, worker_index: int) -> None:
     """Ask, train, tell — until the study has ``tuning.trials`` finished trials.
 
-    A lock file next to a journal storage makes "count, then ask" atomic across processes, so
-    parallel workers stop at exactly N finished trials.
+    "Count, then ask" runs under one lock for every worker of the study (:func:`study_lock`), so
+    parallel workers, on one machine or many, stop at exactly N finished trials. On a database
+    storage a worker that finds the last trials taken by others waits for them: a trial whose
+    worker died stops sending heartbeats, is failed and queued again, and is then taken here.
     """
-    import keras
-    from optuna_integration import KerasPruningCallback
-
-    target, monitor = config.tuning.trials, config.train.monitor
+    target = config.tuning.trials
+    heartbeats = getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None  # database storages
+    poll = min(max(config.tuning.heartbeat_interval / 2, 1.0), 10.0)
     while True:
-        with _study_lock(storage_url):
+        with study_lock(storage_url, study.study_name):
+            optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
             failed = sum(t.state == TrialState.FAIL for t in trials)
-            if finished + running >= target:
+            if finished >= target or (finished + running >= target and not heartbeats):
                 return
             if failed >= max(target, 3):
                 raise TuningError(f"{failed} trials of study {study.study_name} failed; fix the cause (see their "
                                   "fail_reason) before tuning on")
-            trial = study.ask()
-            trial.set_user_attr("process", process_id())
+            trial = study.ask() if finished + running < target else None
+            if trial is not None:
+                if heartbeats:
+                    study._storage.record_heartbeat(trial._trial_id)
+                trial.set_user_attr("process", process_id())
+        if trial is None:  # the last trials run elsewhere: wait for them, or for their heartbeats to stop
+            time.sleep(poll)
+            continue
+        with _heartbeat(study, trial, config.tuning.heartbeat_interval, enabled=heartbeats):
+            _run_trial(config, study, trial, parent_run_id, worker_index)
 
-        run = start_run(run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id,
-                        system_metrics_interval=config.mlflow.system_metrics_interval,
-                        tags={"optuna.study": study.study_name, "optuna.trial": str(trial.number), "role": "trial",
-                              "worker": str(worker_index)})
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        try:
-            values = suggest(trial, config.tuning.search_space)
-            keras.backend.clear_session()
-            result = train(with_values(config, values), callbacks=[KerasPruningCallback(trial, monitor)],
-                           own_run=False, log_model=False, evaluate_test=False)
-            value = best_value(result.history.get(monitor, []), monitor)
-            if not math.isfinite(value):
-                raise TuningError(f"{monitor} was never finite in this trial")
-        except optuna.TrialPruned as exc:
-            mlflow.set_tags({"optuna.state": "PRUNED", "pruned_reason": str(exc)})
-            study.tell(trial, state=TrialState.PRUNED)
-            mlflow.end_run("FINISHED")
-        except KeyboardInterrupt:
-            _fail(study, trial, "interrupted")
-            mlflow.end_run("KILLED")
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
-            reason = f"{type(exc).__name__}: {exc}"[:500]
-            _fail(study, trial, reason)
-            mlflow.end_run("FAILED")
-        else:
-            mlflow.log_metric("trial_value", value)
-            mlflow.set_tag("optuna.state", "COMPLETE")
-            study.tell(trial, value)
-            mlflow.end_run("FINISHED")
+
+def _run_trial(config, study, trial, parent_run_id, worker_index) -> None:
+    """One trial as one nested MLflow run: train, then tell Optuna COMPLETE, PRUNED or FAIL."""
+    import keras
+    from optuna_integration import KerasPruningCallback
+
+    monitor = config.train.monitor
+    tags = {"optuna.study": study.study_name, "optuna.trial": str(trial.number), "role": "trial",
+            "worker": str(worker_index)}
+    retry_of = study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history")  # set on a retry
+    if retry_of:
+        tags["optuna.retry_of"] = str(retry_of[-1])
+    run = start_run(run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id,
+                    system_metrics_interval=config.mlflow.system_metrics_interval, tags=tags)
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    try:
+        values = suggest(trial, config.tuning.search_space)
+        keras.backend.clear_session()
+        result = train(with_values(config, values), callbacks=[KerasPruningCallback(trial, monitor)],
+                       own_run=False, log_model=False, evaluate_test=False)
+        value = best_value(result.history.get(monitor, []), monitor)
+        if not math.isfinite(value):
+            raise TuningError(f"{monitor} was never finite in this trial")
+    except optuna.TrialPruned as exc:
+        mlflow.set_tags({"optuna.state": "PRUNED", "pruned_reason": str(exc)})
+        study.tell(trial, state=TrialState.PRUNED)
+        mlflow.end_run("FINISHED")
+    except KeyboardInterrupt:
+        _fail(study, trial, "interrupted")
+        mlflow.end_run("KILLED")
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        _fail(study, trial, reason)
+        mlflow.end_run("FAILED")
+    else:
+        mlflow.log_metric("trial_value", value)
+        mlflow.set_tag("optuna.state", "COMPLETE")
+        study.tell(trial, value)
+        mlflow.end_run("FINISHED")
 
 
 def _fail(study, trial, reason: str) -> None:
@@ -243,7 +282,7 @@ def _load_study(config: ExperimentConfig, storage_url: str, seed_offset: int = 0
         pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.train.epochs)
     else:
         pruner = optuna.pruners.NopPruner()
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, tuning)
     return optuna.create_study(
         study_name=study_name(config), storage=storage, load_if_exists=True,
         direction=metric_goal(config.train.monitor), pruner=pruner,
@@ -261,13 +300,96 @@ def _recover_dead(study: optuna.Study) -> None:
 
 
 @contextlib.contextmanager
-def _study_lock(storage_url: str):
-    """An exclusive lock next to a local journal; RDB storages (several machines) go without."""
-    if "://" in storage_url:
+def study_lock(storage_url: str, name: str):
+    """One holder at a time for the study ``name``, across every process and machine that shares the storage.
+
+    PostgreSQL: a session advisory lock (``pg_advisory_lock``), released by the server when the holder's
+    connection ends, even if its process is killed; MySQL: ``GET_LOCK``; a sqlite database or a journal
+    file (one machine): a file lock beside it.
+    """
+    if "://" not in storage_url:
+        with exclusive_lock(f"{storage_url}{LOCK_SUFFIX}"):  # not ".lock": Optuna's own journal lock
+            yield
+        return
+    dialect = urlparse(storage_url).scheme.split("+", 1)[0]
+    if dialect == "sqlite":
+        database = sqlite_path(storage_url)
+        if database is None:  # in memory: this process only
+            yield
+            return
+        with exclusive_lock(f"{database}{LOCK_SUFFIX}"):
+            yield
+        return
+    if dialect not in ("postgresql", "mysql"):
+        raise TuningError(f"storage {redact(storage_url)}: parallel workers are coordinated on postgresql, mysql or "
+                          "sqlite databases and journal files; use one of those for --storage")
+    import sqlalchemy
+
+    engine = _lock_engine(storage_url)
+    key = int.from_bytes(hashlib.sha256(f"spinemri-tune:{name}".encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as connection:
+        if dialect == "postgresql":
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            unlock = sqlalchemy.text("SELECT pg_advisory_unlock(:key)")
+        else:
+            connection.execute(sqlalchemy.text("SELECT GET_LOCK(:key, -1)"), {"key": str(key)})
+            unlock = sqlalchemy.text("SELECT RELEASE_LOCK(:key)")
+        try:
+            yield
+        finally:
+            connection.execute(unlock, {"key": key if dialect == "postgresql" else str(key)})
+
+
+@functools.lru_cache(maxsize=4)
+def _lock_engine(storage_url: str):
+    """A connection per lock, none kept open between them: the lock lives exactly as long as its holder."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    return sqlalchemy.create_engine(storage_url, poolclass=NullPool)
+
+
+@contextlib.contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial, interval: int, enabled: bool):
+    """Record the trial's heartbeat every ``interval`` seconds from a thread while the block runs."""
+    if not enabled:
         yield
         return
-    with exclusive_lock(f"{storage_url}{LOCK_SUFFIX}"):  # not ".lock": Optuna's own journal lock
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                study._storage.record_heartbeat(trial._trial_id)
+            except Exception as exc:  # noqa: BLE001 - a lost database connection; the next beat retries
+                print(f"warning: heartbeat of trial {trial.number} not recorded ({type(exc).__name__}); retrying",
+                      file=sys.stderr)
+
+    thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
         yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose worker stopped sending heartbeats (Optuna has just made it FAIL): end its MLflow run FAILED
+    with the reason, and queue it again with the same parameters (its ``failed_trial`` system attribute)."""
+    reason = ("its worker stopped sending heartbeats for longer than tuning.grace_period (killed, crashed or cut off); "
+              "retried by another worker")
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        try:
+            client = mlflow.MlflowClient()
+            client.set_tag(run_id, "fail_reason", reason)
+            client.set_tag(run_id, "optuna.state", "FAIL")
+            client.set_terminated(run_id, "FAILED")
+        except Exception as exc:  # noqa: BLE001 - the trial is retried whatever the tracking store says
+            print(f"warning: MLflow run {run_id} of stale trial {trial.number} not marked FAILED ({exc})",
+                  file=sys.stderr)
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
 def _log_study_plots(study: optuna.Study) -> None:
