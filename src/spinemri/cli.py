@@ -109,6 +109,9 @@ def main() -> None:
     RSNA 2024 layout, `spinemri data check` to validate a dataset, and `spinemri data prepare`
     to build the preprocessed cache that training reads.
     """
+    # On a tracking server (never on a sqlite store) MLflow writes "View run … at: http://…" to stdout
+    # whenever a run ends, the reaper's included: stdout stays the command's own, and --json stays JSON.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 @main.group()
