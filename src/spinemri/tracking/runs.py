@@ -52,7 +52,7 @@ def start_run(*, tags: dict[str, str] | None = None, system_metrics_interval: fl
 
 # Modules in which an interrupt must not land: a store write cut in half can leave the store
 # unable to record the run's end (a SQLAlchemy session or sqlite transaction left open).
-TRACKING_MODULES = frozenset({"mlflow", "sqlalchemy", "alembic", "sqlite3", "psycopg2", "urllib3", "requests",
+TRACKING_MODULES = frozenset({"mlflow", "sqlalchemy", "alembic", "sqlite3", "psycopg", "urllib3", "requests",
                               "http"})
 MAX_DEFER_S = 15.0  # the longest an interrupt waits for tracking code to return
 _RECHECK_S = 0.05
