@@ -90,6 +90,35 @@ def test_scale_quick_with_the_model_steps(bench_env):
     assert set(record["fits"]) >= {"train", "predict", "cache_bytes"}
 
 
+def test_feed_quick_measures_one_core_and_all_and_leaves_the_gpu_side_unmeasured(bench_env):
+    record, summary = run_quick("feed", bench_env)
+    [result] = record["results"]
+    cores = record["machine"]["cores"]
+    assert result["cpus"]["1_core"] == [min(result["cpus"]["all_cores"])]  # the 1-core process was pinned
+    assert len(result["cpus"]["all_cores"]) == record["cores"] <= cores
+    assert result["images_per_s"]["1_core"] > 0 and result["images_per_s"]["all_cores"] > 0
+    assert result["per_core"] == result["images_per_cpu_s"]["1_core"]
+    assert result["extrapolated_16_cores"] == round(16 * result["per_core"])
+    assert result["ratio"] == {"densenet": None, "mobilenet_v2": None}
+    assert record["result"] == result["result"] == "unmeasured" and "unmeasured" in summary
+    assert record["gpu"]["measure_with"] == "python bench/gpu_train_speed.py"
+
+
+def test_feed_ratio_is_the_16_core_capacity_over_the_gpu_table(monkeypatch):
+    import feed
+
+    monkeypatch.setattr(feed, "GPU_IMAGES_PER_S", {"densenet": {128: 1000.0}, "mobilenet_v2": {128: 2000.0}})
+    one = {"images_per_s": 100.0, "images_per_cpu_s": 150.0, "cpu_busy": 0.7, "cpus": [0], "rounds": [100.0],
+           "train_samples": 10}
+    every = {**one, "images_per_s": 180.0, "images_per_cpu_s": 135.0, "cpus": [0, 1]}
+    result = feed.summarize(128, 5, {1: one, 2: every}, 2)
+    assert result["extrapolated_16_cores"] == 2400 and result["scaling"] == 0.9
+    assert result["ratio"] == {"densenet": 2.4, "mobilenet_v2": 1.2} and result["result"] == "pass"
+    assert feed.summarize(224, 5, {1: one, 2: every}, 2)["result"] == "unmeasured"  # no GPU figure at 224
+    monkeypatch.setattr(feed, "GPU_IMAGES_PER_S", {"mobilenet_v2": {128: 2500.0}})
+    assert feed.summarize(128, 5, {1: one, 2: every}, 2)["result"] == "miss"
+
+
 def test_peak_rss_of_a_child_follows_what_it_allocates():
     from _common import peak_rss
 
