@@ -1,5 +1,6 @@
 """The benchmarks in bench/: their --quick paths print one JSON line and one summary line whose
-ratios follow from their own raw numbers, and the peak-RSS measurement sees a child's memory."""
+ratios follow from their own raw numbers, the peak-RSS measurement sees a child's memory, and the GPU
+training-speed script refuses a machine without a GPU."""
 
 from __future__ import annotations
 
@@ -119,6 +120,13 @@ def test_feed_ratio_is_the_16_core_capacity_over_the_gpu_table(monkeypatch):
     assert feed.summarize(128, 5, {1: one, 2: every}, 2)["result"] == "miss"
 
 
+def test_gpu_train_speed_refuses_without_a_gpu(bench_env):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train_speed.py")], capture_output=True,
+                          text=True, env={**bench_env, "CUDA_VISIBLE_DEVICES": "-1"}, timeout=300, cwd=ROOT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "sees no GPU" in done.stderr and "--cpu-smoke" in done.stderr
+
+
 def test_peak_rss_of_a_child_follows_what_it_allocates():
     from _common import peak_rss
 
@@ -138,3 +146,15 @@ def test_peak_rss_of_a_child_follows_what_it_allocates():
 def test_training_benchmarks_quick(name, bench_env):
     record, _ = run_quick(name, bench_env)
     assert record["result"] in ("pass", "miss")
+
+
+# Minutes on a CPU (building a training graph); the feed and refusal tests above cover the rest.
+@pytest.mark.slow
+def test_gpu_train_speed_cpu_smoke_trains_and_compares(bench_env):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train_speed.py"), "--cpu-smoke", "--archs",
+                           "mobilenet_v2"], capture_output=True, text=True, env=bench_env, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout.splitlines()[0])
+    [result] = record["results"]
+    assert result["gpu_images_per_s"] > 0 and result["pipeline_images_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["pipeline_images_per_s"] / result["gpu_images_per_s"], rel=0.01)
