@@ -175,6 +175,18 @@ def test_series_are_ordered_by_position_not_instance_number(phantom_dir):
         stack.index_of(99999)
 
 
+def test_a_series_mixing_image_sizes_is_refused_naming_its_folder(phantom_copy):
+    folder = _series_folders(phantom_copy)[0]
+    last = sorted(folder.glob("*.dcm"))[-1]
+    ds = pydicom.dcmread(last)
+    ds.Rows, ds.Columns = ds.Rows // 2, ds.Columns // 2
+    ds.PixelData = np.zeros((ds.Rows, ds.Columns), np.uint16).tobytes()
+    ds.save_as(last)
+    with pytest.raises(DicomReadError, match="mixes image sizes .* in one series") as raised:
+        read_series(folder)
+    assert str(folder) in str(raised.value)
+
+
 def _series_folders(phantom_dir):
     table = pd.read_csv(phantom_dir / schema.SERIES_CSV).head(6)
     return [phantom_dir / schema.IMAGES_DIR / str(s) / str(se) for s, se in zip(table["study_id"], table["series_id"])]

@@ -227,20 +227,29 @@ def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) 
         if not paths:
             raise DicomReadError(folder, "contains no .dcm files", None)
     order = series_order(paths)
-    images = [read_dicom(path, voi=voi) for _, path, _ in order]
-    shapes = {img.pixels.shape for img in images}
-    if len(shapes) > 1:
-        raise DicomReadError(
-            Path(order[0][1]).parent, f"mixes image sizes {sorted(shapes)} in one series", None
-        )
-    geometry = all(img.position is not None and img.orientation is not None for img in images)
+    # One stack filled slice by slice: each decoded slice (its float32 pixels, its stored integers and
+    # file bytes) is dropped once copied, so a long series of large images costs its stack and one
+    # slice, not every slice two and a half times over.
+    first = read_dicom(order[0][1], voi=voi)
+    pixels = np.empty((len(order), *first.pixels.shape), dtype=np.float32)
+    positions, orientations = [], []
+    for i, (_, path, _) in enumerate(order):
+        image = first if i == 0 else read_dicom(path, voi=voi)
+        if image.pixels.shape != first.pixels.shape:
+            raise DicomReadError(Path(order[0][1]).parent,
+                                 f"mixes image sizes {sorted({first.pixels.shape, image.pixels.shape})} in one series",
+                                 None)
+        pixels[i] = image.pixels
+        positions.append(image.position)
+        orientations.append(image.orientation)
+    geometry = all(pos is not None and orient is not None for pos, orient in zip(positions, orientations))
     return SeriesStack(
-        pixels=np.stack([img.pixels for img in images]),
+        pixels=pixels,
         instance_numbers=tuple(n for n, _, _ in order),
         positions=tuple(pos for _, _, pos in order),
-        pixel_spacing=images[0].pixel_spacing,
-        origins=tuple(tuple(img.position) for img in images) if geometry else None,
-        normal=tuple(float(v) for v in slice_normal(images[0].orientation)) if geometry else None,
+        pixel_spacing=first.pixel_spacing,
+        origins=tuple(tuple(pos) for pos in positions) if geometry else None,
+        normal=tuple(float(v) for v in slice_normal(first.orientation)) if geometry else None,
     )
 
 
