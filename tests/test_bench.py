@@ -69,16 +69,19 @@ def test_scale_quick_fits_the_exponents_of_its_own_measurements(bench_env):
     files = [r["files"] for r in rows]
     assert files[0] < files[1] and all(r["cache_bytes"] > 0 and r["phantom_bytes"] > 0 for r in rows)
     for step in record["steps"]:
-        seconds = [r[step]["seconds"] for r in rows]
-        exponent = np.polyfit(np.log(files), np.log(seconds), 1)[0]
-        assert fits[step]["exponent"] == pytest.approx(exponent, abs=1e-3)
-        assert fits[step]["exponent_result"] == ("pass" if fits[step]["exponent"] <= 1.05 else "miss")
+        for measure, exponent_name in (("cpu_s", "cpu_exponent"), ("seconds", "wall_exponent")):
+            exponent = np.polyfit(np.log(files), np.log([r[step][measure] for r in rows]), 1)[0]
+            assert fits[step][exponent_name] == pytest.approx(exponent, abs=1e-3)
+        assert fits[step]["exponent_result"] == ("pass" if fits[step]["cpu_exponent"] <= 1.05 else "miss")
         ratio = rows[1][step]["peak_rss_mb"] / rows[0][step]["peak_rss_mb"]
         assert fits[step]["rss_ratio"] == pytest.approx(ratio, abs=1e-3)
         assert 50 < rows[0][step]["peak_rss_mb"] < 4000  # a process's peak, in MB
     localizer_slices = sum(rows[1]["localizer_caches"]["slices"].values())
     assert localizer_slices == files[1]  # every slice of every labelled series: here, every file
-    assert record["full_dataset"]["files"] == 147_218
+    full = record["full_dataset"]
+    assert full["files"] == 147_218
+    assert full["prepare_cpu_s"] == pytest.approx(sum(fits[s]["full_dataset_cpu_s"] for s in ("prepare", "localizer_caches")),
+                                                  abs=0.2)
     assert Path(record["plot"]).is_file() and "scale" in summary
     assert not list(Path(bench_env["SPINEMRI_BENCH_DIR"]).glob("scale-rsna-*"))  # phantoms deleted
 
