@@ -132,7 +132,8 @@ def read_rows(images_path: str, rows: np.ndarray) -> np.ndarray:
 
 def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, shuffle: bool, seed: int,
                  augment: AugmentConfig | None = None, severity_weights: bool = True,
-                 min_batch: int = 1, jitter: tuple[np.ndarray, np.ndarray] | None = None) -> tf.data.Dataset:
+                 min_batch: int = 1, jitter: tuple[np.ndarray, np.ndarray] | None = None,
+                 replica_batches: tuple[int, int] | None = None) -> tf.data.Dataset:
     """Batches of (image float32 0..255, {head: one-hot}, {head: sample weight}).
 
     ``jitter``: per sample, the σ in pixels of a random in-plane shift and the chance that its slice
@@ -142,6 +143,11 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
     of R: a batch of fewer than R images leaves a replica an empty batch, and one that does not divide
     by R gives the replicas batches of different sizes; Keras 3 can run neither (at most R - 1 samples
     per epoch are left out; with shuffling, different ones each epoch).
+
+    ``replica_batches`` = (first, count) cuts every batch into its ``min_batch`` replica batches and
+    keeps ``count`` of them from the ``first``-th on, each an element of its own: what one worker's
+    replicas train on under MultiWorkerMirroredStrategy (every worker shuffles and batches alike from
+    the same seed). Only those images are read.
     """
     images_path = str(images_path)
     shape = _open_images(images_path)[1][1:]
@@ -160,6 +166,14 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
             return {key: value[:keep] for key, value in batch.items()}
 
         ds = ds.map(whole_replicas).filter(lambda batch: tf.shape(batch["row"])[0] > 0)
+    if replica_batches is not None:
+        first, count = replica_batches
+
+        def these_replicas(batch):  # every value is one number per sample
+            return tf.data.Dataset.from_tensor_slices(
+                {key: tf.reshape(value, [min_batch, -1])[first:first + count] for key, value in batch.items()})
+
+        ds = ds.flat_map(these_replicas)
     augmenter = _augmenter(augment, seed) if augment is not None else None
 
     def load(batch):
