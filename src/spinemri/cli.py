@@ -281,6 +281,8 @@ def train(experiment, settings, **flags) -> None:
         from spinemri.training.train import train as run_training
 
         result = run_training(config)
+        if not result.run_id:  # a worker of a multi-worker training other than the chief: the chief has the run
+            return
         click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), model {result.model_uri}")
     for key, value in sorted(result.metrics.items()):
         click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

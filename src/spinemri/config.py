@@ -25,7 +25,7 @@ from spinemri.redact import redact_values
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 OPTIMIZERS = ("adam", "adamw", "sgd")
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multiworker")
 MIXED_PRECISION = ("auto", "on", "off")
 CALIBRATIONS = ("temperature", "none")
 
@@ -138,7 +138,11 @@ class TrainConfig:
                                     "(runs:/ID,runs:/ID; cross-validations give out-of-fold errors): jitter each "
                                     "series type as its localizer errs on held-out studies, instead of the two "
                                     "settings above")
-    strategy: str = setting("default", "default (one device) or mirrored (all visible GPUs; batch_size is the global batch)")
+    strategy: str = setting("default", "default (one device), mirrored (all visible GPUs) or multiworker (several "
+                            "machines, from the TF_CONFIG variable); batch_size is the global batch")
+    worker_timeout_s: float = setting(300.0, "multiworker: seconds a worker waits for the others, to join the cluster "
+                                      "and at each training step, before the training stops as failed (a killed "
+                                      "worker is noticed sooner, by its missing heartbeats)")
     mixed_precision: str = setting("auto", "auto (mixed_float16 iff a GPU is visible), on (needs a GPU) or off")
 
     def __post_init__(self) -> None:
@@ -148,7 +152,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.strategy in STRATEGIES, "train.strategy", f"must be one of {', '.join(STRATEGIES)} "
-               "(mirrored = all visible GPUs of this machine)", self.strategy)
+               "(mirrored = all visible GPUs of this machine, multiworker = several machines)", self.strategy)
+        _check(isinstance(self.worker_timeout_s, (int, float)) and self.worker_timeout_s > 0, "train.worker_timeout_s",
+               "must be a number of seconds > 0", self.worker_timeout_s)
         _check(self.mixed_precision in MIXED_PRECISION, "train.mixed_precision",
                f"must be one of {', '.join(MIXED_PRECISION)} (auto = mixed_float16 when a GPU is visible)",
                self.mixed_precision)
@@ -361,6 +367,11 @@ class ExperimentConfig:
         _check(self.model.slice_pooling == "channels" or self.preprocess.slices > 1, "model.slice_pooling",
                f"{self.model.slice_pooling} pools across the slices of a 2.5D stack and needs preprocess.slices >= 3",
                f"{self.model.slice_pooling} with preprocess.slices={self.preprocess.slices}")
+        if self.train.strategy == "multiworker":  # every other training is several runs, or a localizer's
+            for key, value, alone in (("split.folds", self.split.folds, 0), ("tuning.trials", self.tuning.trials, 0),
+                                      ("task", self.task, "classify")):
+                _check(value == alone, "train.strategy", f"multiworker trains one classifier in one run, not with "
+                       f"{key}={value!r}; set {key}={alone!r} or use --strategy mirrored", self.train.strategy)
         validate_search_space(self.tuning.search_space, self.to_dict())
         return self
 

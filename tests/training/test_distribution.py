@@ -83,8 +83,8 @@ def test_mixed_precision_on_without_a_gpu_is_refused_before_training(tracking):
 
 
 def test_bad_strategy_and_precision_values_name_the_key_and_choices():
-    with pytest.raises(ConfigError, match="train.strategy must be one of default, mirrored"):
-        load_experiment("quick", {"strategy": "multiworker"})
+    with pytest.raises(ConfigError, match="train.strategy must be one of default, mirrored, multiworker"):
+        load_experiment("quick", {"strategy": "tpu"})
     with pytest.raises(ConfigError, match="train.mixed_precision must be one of auto, on, off"):
         load_experiment("quick", {"mixed_precision": "half"})
     assert load_experiment("quick", {"train.mixed_precision": False}).train.mixed_precision == "off"  # YAML `off`

@@ -9,6 +9,7 @@ metrics — inside :func:`best_weights`, and check the result with :func:`check_
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import tempfile
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Iterator, Sequence
 
 import keras
 import mlflow
+import numpy as np
 
 from spinemri.config import TrainConfig
 from spinemri.errors import ConfigError, TrainingError
 from spinemri.evaluation.goals import keras_mode
+from spinemri.training import cluster
 
 
 HISTORY_ARTIFACT = "training/history.json"  # every Keras epoch metric, one row per epoch (an MLflow table)
@@ -61,10 +64,12 @@ def best_weights(model: keras.Model) -> Iterator[Path]:
 
 
 def callbacks(cfg: TrainConfig, monitor: str, best: Path, *, first: Sequence[keras.callbacks.Callback] = (),
-              extra: Sequence[keras.callbacks.Callback] = (), step_offset: int = 0) -> list[keras.callbacks.Callback]:
+              extra: Sequence[keras.callbacks.Callback] = (), step_offset: int = 0, tracked: bool = True
+              ) -> list[keras.callbacks.Callback]:
     """The callback stack of every spinemri fit, in order: ``first`` (callbacks that add metrics to the
     epoch logs the others read), NaN stop, best checkpoint, early stopping, LR schedule, MLflow
-    metrics (step = epoch + ``step_offset``), then ``extra`` (e.g. Optuna's pruning callback)."""
+    metrics (step = epoch + ``step_offset``; not with ``tracked=False``, a worker other than the chief
+    of a multi-worker training), then ``extra`` (e.g. Optuna's pruning callback)."""
     mode = keras_mode(monitor)
     return [
         *first,
@@ -72,9 +77,18 @@ def callbacks(cfg: TrainConfig, monitor: str, best: Path, *, first: Sequence[ker
         keras.callbacks.ModelCheckpoint(best, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True),
         keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, patience=cfg.reduce_lr_patience),
-        MlflowEpochLogger(step_offset),
+        *([MlflowEpochLogger(step_offset)] if tracked else []),
         *extra,
     ]
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 (hex) of every weight of ``model``, trainable or not, in order: the same for the same weights
+    (every worker of a multi-worker training; two runs with ``train.deterministic``)."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()
 
 
 def check_finite(history: dict[str, list[float]], what: str, lr: float) -> None:
@@ -114,23 +128,33 @@ def distribution(cfg):
     iff a GPU is visible); a model built and compiled in ``strategy.scope()`` is mirrored over its
     replicas, and ``train.batch_size`` is then the global batch, split evenly over them.
     ``mirrored`` uses every visible GPU, or every logical CPU device where there is no GPU (one on
-    a plain machine, two in the tests). The previous policy comes back on exit.
+    a plain machine, two in the tests). ``multiworker`` uses the cluster this process joined
+    (:mod:`spinemri.training.cluster`: every worker's GPUs, or its CPU), adds the tags ``workers``
+    and ``cluster``, and turns a worker that stops responding into a TrainingError naming it. The
+    previous policy comes back on exit.
     """
     import tensorflow as tf
 
     gpus = tf.config.list_logical_devices("GPU")
     check_devices(cfg)
     mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and bool(gpus))
+    failures = contextlib.nullcontext()
     if cfg.strategy == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices)
+    elif cfg.strategy == "multiworker":
+        workers, strategy = cluster.joined()
+        failures = cluster.naming_stopped_workers(workers, cfg.worker_timeout_s)
     else:
         strategy = tf.distribute.get_strategy()  # the default: the one device TensorFlow picks
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     tags = {"strategy": cfg.strategy, "replicas": str(strategy.num_replicas_in_sync),
             "mixed_precision": "mixed_float16" if mixed else "off"}
+    if cfg.strategy == "multiworker":
+        tags.update(workers=str(len(workers.workers)), cluster=",".join(workers.workers))
     try:
-        yield strategy, tags
+        with failures:
+            yield strategy, tags
     finally:
         keras.mixed_precision.set_global_policy(previous)

@@ -28,21 +28,25 @@ from spinemri.models.network import build_model, set_backbone_trainable
 from spinemri.tracking.pyfunc import example_row, log_classifier
 from spinemri.tracking.runs import log_figure, pip_requirements
 from spinemri.training import fit, plots
+from spinemri.training.cluster import average_statistics, distribute
 from spinemri.training.data import SplitData, make_dataset, read_rows
 from spinemri.training.fit import best_weights, check_finite, distribution
 from spinemri.training.jitter import site_jitter
 
 
 def fit_model(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
-              extra_callbacks=()) -> tuple[keras.Model, dict[str, list[float]], float]:
+              extra_callbacks=(), *, tracked: bool = True) -> tuple[keras.Model, dict[str, list[float]], float]:
     """Fit on ``splits["train"]``, watching ``splits["val"]``, under the configured distribution strategy
-    (its tags go to the active run): the model with its best weights on one device, the history and
-    the seconds it took."""
+    (its tags and the epochs' metrics go to the active run; ``tracked=False``: to no run at all): the
+    model with its best weights on one device, the history and the seconds it took."""
     with distribution(config.train) as (strategy, tags):
-        mlflow.set_tags(tags)
+        if tracked:
+            mlflow.set_tags(tags)
         replicas = strategy.num_replicas_in_sync
         with strategy.scope():
-            model, history, training_time = _fit(config, dataset, splits, extra_callbacks, replicas)
+            model, history, training_time = _fit(config, dataset, splits, extra_callbacks, strategy, tracked)
+            if config.train.strategy == "multiworker":
+                average_statistics(strategy, model)
         if replicas > 1:
             # Evaluation, Grad-CAM and the logged model run on one device: a mirrored model cannot
             # predict a batch smaller than its replica count, and serving has one device anyway.
@@ -51,8 +55,8 @@ def fit_model(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: 
 
 
 def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData], extra_callbacks,
-         replicas: int = 1):
-    """Build, compile and fit (in the caller's strategy scope): the model with its best weights, the
+         strategy, tracked: bool):
+    """Build, compile and fit (in ``strategy``'s scope): the model with its best weights, the
     history, and the seconds it took. With ``train.freeze_epochs`` the backbone is first frozen."""
     cfg, pre = config.train, config.preprocess
     model = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
@@ -60,15 +64,18 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
                         bn_momentum=config.model.bn_momentum, slice_pooling=config.model.slice_pooling)
     images_path = dataset.path / "images.npy"
     jitter = site_jitter(config)
-    if jitter is not None:
+    if jitter is not None and tracked:
         mlflow.log_params(jitter.params())
     per_sample = None if jitter is None else \
         jitter.per_sample(splits["train"].samples, pre.img_size / pre.roi_mm)
-    train_ds = make_dataset(images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed,
-                            augment=cfg.augment, severity_weights=config.model.severity_sample_weights,
-                            min_batch=replicas, jitter=per_sample)
-    val_ds = make_dataset(images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed,
-                          severity_weights=config.model.severity_sample_weights, min_batch=replicas)
+    replicas = strategy.num_replicas_in_sync
+    train_ds = distribute(strategy, lambda part: make_dataset(
+        images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
+        severity_weights=config.model.severity_sample_weights, min_batch=replicas, jitter=per_sample,
+        replica_batches=part))
+    val_ds = distribute(strategy, lambda part: make_dataset(
+        images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed,
+        severity_weights=config.model.severity_sample_weights, min_batch=replicas, replica_batches=part))
     stages = []
     if cfg.freeze_epochs > 0:
         stages.append((False, cfg.lr, 0, cfg.freeze_epochs))
@@ -78,7 +85,7 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     history: dict[str, list[float]] = {}
     started = time.perf_counter()
     with best_weights(model) as best:
-        stack = fit.callbacks(cfg, cfg.monitor, best, extra=extra_callbacks)
+        stack = fit.callbacks(cfg, cfg.monitor, best, extra=extra_callbacks, tracked=tracked)
         for trainable, lr, first, last in stages:
             set_backbone_trainable(model, trainable)
             compile_model(model, config, lr)

@@ -2,7 +2,8 @@
 
 The same function serves `spinemri train`, the MLproject `main` entry point and (logging into the
 trial's run, with a pruning callback) every Optuna trial; with ``split.folds`` it cross-validates
-instead (spinemri.training.cv).
+instead (spinemri.training.cv). With ``train.strategy: multiworker`` every worker of the cluster runs
+it and only the chief (worker 0) opens the run (spinemri.training.cluster).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from spinemri.config import HEADS, ExperimentConfig, run_params
 from spinemri.data import cache
 from spinemri.data.schema import HEAD_CLASSES, SPLITS
 from spinemri.data.source import prepare_data
-from spinemri.errors import ConfigError, DatasetError
+from spinemri.errors import ConfigError, DatasetError, TrainingError
 from spinemri.evaluation import paired
 from spinemri.evaluation.competition import prior_from_samples, prior_submission
 from spinemri.evaluation.goals import best_value
@@ -31,9 +32,10 @@ from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.runs import TrainResult, log_figure, log_split, register_and_tag, run_tags, training_run
 from spinemri.training import plots
+from spinemri.training.cluster import Cluster, check_same_data, data_digest, join, read_cluster
 from spinemri.training.cv import cross_validate
 from spinemri.training.data import SplitData, read_rows, split_data
-from spinemri.training.fit import check_devices, seed_everything
+from spinemri.training.fit import check_devices, seed_everything, weights_digest
 from spinemri.training.jitter import site_jitter
 from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_held_out, log_site_score,
                                      log_trained_model, predict_split)
@@ -53,6 +55,10 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
             raise ConfigError(f"split.folds={config.split.folds}: cross-validation runs its own parent and fold "
                               "runs; tuning with folds is not available, set split.folds=0 to tune")
         return cross_validate(config, log_model=log_model)
+    workers = strategy = None
+    if config.train.strategy == "multiworker":  # TensorFlow allows it only before any other operation
+        workers = read_cluster()
+        strategy = join(workers, config.train.worker_timeout_s)
     check_devices(config.train)
     get_backbone(config.model.arch).check_size(config.preprocess.img_size)
     site_jitter(config)  # a jitter that cannot apply fails here, before any run starts
@@ -62,7 +68,11 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
         if not (part.targets["severity"] >= 0).any():
             raise DatasetError([f"{config.data.data_dir or 'the phantom'} has no labelled samples in the {name} "
                                 f"split ({len(part)} samples); use more studies or other split.fractions"])
+    if workers is not None:
+        check_same_data(strategy, workers, data_digest(dataset.content_digest, splits), config.train.worker_timeout_s)
     seed_everything(config.train)
+    if workers is not None and not workers.is_chief:
+        return _train_as_worker(config, dataset, splits, workers)
     # The search space stays in config.yaml; the task is a tag.
     params = {**run_params(config), "data_dir": dataset.manifest["data_dir"]}
     run_name = f"{config.model.arch}-{datetime.now():%Y%m%d-%H%M%S}" if own_run else None
@@ -72,15 +82,32 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
         log_split(dataset.splits(config.split.fractions, config.split.seed))
         lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
                            {name: part.samples for name, part in splits.items()})
-        result = _train_in_run(config, dataset, splits, callbacks, log_model, evaluate_test)
+        try:
+            result = _train_in_run(config, dataset, splits, callbacks, log_model, evaluate_test)
+        except TrainingError as exc:  # the run ends FAILED; say why on it
+            mlflow.set_tag("fail_reason", str(exc))
+            raise
     result.run_id = run.info.run_id
     return result
+
+
+def _train_as_worker(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
+                     workers: Cluster) -> TrainResult:
+    """A multi-worker training on a worker other than the chief: the same fit, without any MLflow run
+    and without evaluation (the chief logs, evaluates and registers the model). Prints the digest of
+    its weights, which the chief's run records as the tag ``weights_sha256``."""
+    model, history, _ = fit_model(config, dataset, splits, tracked=False)
+    epochs = len(history.get("loss", []))
+    print(f"worker {workers.index} ({workers.address}) finished {epochs} epoch(s) without a run of its own (the "
+          f"chief, {workers.workers[0]}, logs it): weights_sha256 {weights_digest(model)}", flush=True)
+    return TrainResult(run_id="", metrics={}, model_uri=None, epochs_trained=epochs, history=history)
 
 
 def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
                   extra_callbacks, log_model: bool, evaluate_test: bool) -> TrainResult:
     cfg = config.train
     model, history, training_time = fit_model(config, dataset, splits, extra_callbacks)
+    mlflow.set_tag("weights_sha256", weights_digest(model))
     images_path = dataset.path / "images.npy"
     epochs_trained = len(history.get("loss", []))
     temperatures = fit_calibration(model, config, images_path, splits["val"])
