@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -142,6 +143,9 @@ def join(cluster: Cluster, timeout_s: float) -> tf.distribute.Strategy:
             raise
         raise ConfigError("train.strategy=multiworker must join its cluster before TensorFlow runs anything else in "
                           "the process; run the training in a process of its own (spinemri train ...)") from None
+    # TensorFlow's cluster runtime takes SIGTERM over to note a preemption, which nothing here reads:
+    # give it back, so that `kill` ends a worker (or the chief's run, KILLED) as it ends any command.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _joined = (cluster, strategy)
     return strategy
 
