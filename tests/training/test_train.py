@@ -142,7 +142,10 @@ def test_deterministic_training_repeats_its_run_exactly(phantom_dir, tracking):
     assert {k: v for k, v in first.metrics.items() if k not in timings} == \
         {k: v for k, v in second.metrics.items() if k not in timings}
     assert first.history == second.history
-    params = mlflow.MlflowClient().get_run(first.run_id).data.params
+    client = mlflow.MlflowClient()
+    digests = [client.get_run(result.run_id).data.tags["weights_sha256"] for result in (first, second)]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]  # the same weights, bit for bit
+    params = client.get_run(first.run_id).data.params
     assert params["train.deterministic"] == "True" and params["seed"] == "0"
     # A password in a URL setting is masked in the logged config.yaml (a tuning study's params: test_tuning).
     assert "s3cret" not in mlflow.artifacts.load_text(f"runs:/{first.run_id}/config.yaml")
