@@ -3,7 +3,7 @@
 #   make serve  serve models:/spinemri@champion on http://127.0.0.1:$(PORT) (after make demo)
 #   make study-demo  the two-stage study-level pipeline on the same phantom (runs make demo first if needed)
 #   make test   set up .venv and run the test suite (what .ci/run calls)
-#   make bench  the six benchmarks of docs/benchmarks.md (BENCH_ARGS=--quick for a smoke run)
+#   make bench  the seven benchmarks of docs/benchmarks.md (BENCH_ARGS=--quick for a smoke run)
 #   make ablation  the study pipeline and each addition cross-validated on a 120-study phantom (about an hour)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -84,7 +84,7 @@ postgres:
 	else echo "note: no PostgreSQL (initdb) found; the PostgreSQL tests will be skipped" >&2; fi >/dev/null
 
 # One JSON line and one summary line per benchmark; stdout collects them, stderr has the logs.
-BENCHMARKS ?= preprocess pipeline memory serve tune feed
+BENCHMARKS ?= preprocess pipeline memory serve tune feed scale
 BENCH_ARGS ?=
 bench: venv
 	@for name in $(BENCHMARKS); do $(BIN)/python bench/$$name.py $(BENCH_ARGS) || exit 1; done
