@@ -278,8 +278,8 @@ def plot(rows: list[dict], steps: list[str], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="3 and 6 studies of 96-px images, synth and prepare only (add --steps all for the rest)")
-    parser.add_argument("--sizes", default="20,60,180", help="phantom sizes in studies, smallest first")
+                        help="3 and 6 studies of 96-px images, synth and the caches only (add --steps all for the rest)")
+    parser.add_argument("--sizes", default="20,60,180", help="phantom sizes in studies, at least two")
     parser.add_argument("--steps", default=None, help=f"comma-separated subset of {','.join(STEPS)}, or all "
                                                       "[default: all; with --quick synth,prepare,localizer_caches]")
     parser.add_argument("--workers", type=int, default=2, help="processes of synth and of both prepares")
@@ -293,12 +293,17 @@ def main() -> None:
         args.phantom_changes = {"image_sizes": [96], "image_size_weights": []}
     args.plot = Path(args.plot or (_common.work_dir() / "scale-quick.png" if args.quick
                                    else _common.ROOT / "docs" / "images" / "scale.png"))
-    sizes = sorted(int(s) for s in args.sizes.split(","))
+    try:
+        sizes = sorted({int(s) for s in args.sizes.split(",")})
+    except ValueError:
+        sizes = []
+    if len(sizes) < 2 or sizes[0] < 2:
+        raise SystemExit(f"--sizes must be at least two numbers of studies (>= 2), comma-separated, e.g. 20,60,180; "
+                         f"got {args.sizes!r}")
     chosen = list(STEPS) if args.steps in (None, "all") else [s.strip() for s in args.steps.split(",")]
-    unknown = set(chosen) - set(STEPS)
-    if unknown or "synth" not in chosen or len(sizes) < 2:
-        raise SystemExit(f"--steps must name steps of {', '.join(STEPS)} including synth (got {args.steps}), "
-                         f"--sizes at least two sizes (got {args.sizes})")
+    if set(chosen) - set(STEPS) or "synth" not in chosen:
+        raise SystemExit(f"--steps must be 'all' or steps of {','.join(STEPS)} that include synth (the others "
+                         f"measure its phantom); got {args.steps!r}")
     if "predict" in chosen and "train" not in chosen:
         raise SystemExit("--steps predict needs train: predict-study grades with the classifier trained on the "
                          "smallest phantom; add train to --steps")
