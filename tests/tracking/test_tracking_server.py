@@ -106,6 +106,7 @@ def test_a_training_elsewhere_is_read_back_through_the_server(trained_on_server,
 
 def test_a_finished_run_is_evaluated_again_through_the_server(trained_on_server, on_server, monkeypatch):
     monkeypatch.setenv("SPINEMRI_CACHE_DIR", str(trained_on_server.cache_dir))  # the machine that trained it
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")  # another experiment active: the run's own is used
     client = MlflowClient(tracking_uri=on_server)
     before = client.get_run(trained_on_server.run_id).info
     result = CliRunner().invoke(cli, ["evaluate", "--run", before.run_id, "--split", "val", "--n-boot", "100",

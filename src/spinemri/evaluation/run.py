@@ -153,6 +153,9 @@ def evaluate_run(run_id: str, split: str = "test", *, n_boot: int = 1000, seed: 
     # Reopened as this process's run, with its status noted: if this process dies before the end
     # below, the next command puts that status back (spinemri.tracking.runs.reap_dead_runs).
     owner = run.data.tags.get(PROCESS_TAG)
+    # MLflow refuses to resume a run of another experiment than the active one (MLFLOW_EXPERIMENT_ID, an
+    # earlier set_experiment): the run's own experiment is made the active one.
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
     start_run(run_id=run_id, tags={RESUMED_FROM_TAG: status} if status != "RUNNING" else {})
     try:
         log_evaluation(report, split)
