@@ -42,6 +42,8 @@ from spinemri.training.train import train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_RETRIES = 3  # a trial whose workers die this many times is left FAIL
+LATE_HEARTBEATS = ("another worker failed this trial, its heartbeats later than tuning.grace_period, and queued it "
+                   "again; raise tuning.grace_period on a busy or slow machine")
 
 
 @dataclass
@@ -191,7 +193,7 @@ def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, stor
     worker died stops sending heartbeats, is failed and queued again, and is then taken here.
     """
     target = config.tuning.trials
-    heartbeats = getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None  # database storages
+    heartbeats = _has_heartbeats(study)
     poll = min(max(config.tuning.heartbeat_interval / 2, 1.0), 10.0)
     while True:
         with study_lock(storage_url, study.study_name):
@@ -232,30 +234,36 @@ def _run_trial(config, study, trial, parent_run_id, worker_index) -> None:
                     system_metrics_interval=config.mlflow.system_metrics_interval, tags=tags)
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
     try:
-        values = suggest(trial, config.tuning.search_space)
-        keras.backend.clear_session()
-        result = train(with_values(config, values), callbacks=[KerasPruningCallback(trial, monitor)],
-                       own_run=False, log_model=False, evaluate_test=False)
-        value = best_value(result.history.get(monitor, []), monitor)
-        if not math.isfinite(value):
-            raise TuningError(f"{monitor} was never finite in this trial")
-    except optuna.TrialPruned as exc:
-        mlflow.set_tags({"optuna.state": "PRUNED", "pruned_reason": str(exc)})
-        study.tell(trial, state=TrialState.PRUNED)
-        mlflow.end_run("FINISHED")
-    except KeyboardInterrupt:
-        _fail(study, trial, "interrupted")
-        mlflow.end_run("KILLED")
-        raise
-    except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
-        reason = f"{type(exc).__name__}: {exc}"[:500]
-        _fail(study, trial, reason)
+        try:
+            values = suggest(trial, config.tuning.search_space)
+            keras.backend.clear_session()
+            result = train(with_values(config, values), callbacks=[KerasPruningCallback(trial, monitor)],
+                           own_run=False, log_model=False, evaluate_test=False)
+            value = best_value(result.history.get(monitor, []), monitor)
+            if not math.isfinite(value):
+                raise TuningError(f"{monitor} was never finite in this trial")
+        except optuna.TrialPruned as exc:
+            mlflow.set_tags({"optuna.state": "PRUNED", "pruned_reason": str(exc)})
+            study.tell(trial, state=TrialState.PRUNED)
+            mlflow.end_run("FINISHED")
+        except KeyboardInterrupt:
+            _fail(study, trial, "interrupted")
+            mlflow.end_run("KILLED")
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            _fail(study, trial, reason)
+            mlflow.end_run("FAILED")
+        else:
+            mlflow.log_metric("trial_value", value)
+            mlflow.set_tag("optuna.state", "COMPLETE")
+            study.tell(trial, value)
+            mlflow.end_run("FINISHED")
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Another worker found this trial's heartbeats late (a stalled or overloaded machine), failed it and
+        # queued it again: that copy counts, this one ends here.
+        mlflow.set_tags({"optuna.state": "FAIL", "fail_reason": LATE_HEARTBEATS})
         mlflow.end_run("FAILED")
-    else:
-        mlflow.log_metric("trial_value", value)
-        mlflow.set_tag("optuna.state", "COMPLETE")
-        study.tell(trial, value)
-        mlflow.end_run("FINISHED")
 
 
 def _fail(study, trial, reason: str) -> None:
@@ -292,11 +300,22 @@ def _load_study(config: ExperimentConfig, storage_url: str, seed_offset: int = 0
 
 def _recover_dead(study: optuna.Study) -> None:
     """Trials left RUNNING by a process that died on this machine become FAIL (their MLflow runs are
-    marked FAILED by every command that opens the store: :func:`spinemri.tracking.runs.reap_dead_runs`)."""
+    marked FAILED by every command that opens the store: :func:`spinemri.tracking.runs.reap_dead_runs`).
+
+    A database storage has heartbeats instead, which find a dead worker on any machine, fail its trial
+    and queue it again (:func:`_retry_stale_trial`).
+    """
+    if _has_heartbeats(study):
+        return
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if process_gone(str(trial.user_attrs.get("process", ""))):
             study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its process died (killed or crashed)")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def _has_heartbeats(study: optuna.Study) -> bool:
+    """Database storages (:func:`open_storage`) record heartbeats; a journal file does not."""
+    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
 
 
 @contextlib.contextmanager

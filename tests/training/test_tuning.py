@@ -114,6 +114,9 @@ def _env(tracking):
     return {**env, "MLFLOW_TRACKING_URI": tracking}
 
 
+# Slow set: a worker killed mid-trial with the study still ending at exactly N finished trials is
+# tests/training/test_tuning_postgres.py's (heartbeats); this is the journal's own recovery on resume.
+@pytest.mark.slow
 def test_kill_and_resume_finishes_exactly_n_trials(phantom_dir, tmp_path, tracking):
     command = _tune_command(phantom_dir, tmp_path, 2, 8)
     process = subprocess.Popen(command, env=_env(tracking), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
