@@ -79,6 +79,9 @@ def test_two_machines_end_with_exactly_n_trials_when_one_is_killed(postgres, tra
     experiment = client.get_experiment_by_name("team-tune")
     runs = client.search_runs([experiment.experiment_id])
     by_trial = {r.data.tags["optuna.trial"]: r for r in runs if r.data.tags.get("role") == "trial"}
+    seen = [(r.data.tags.get("role"), r.data.tags.get("optuna.trial"), r.info.status, r.data.tags.get("fail_reason"))
+            for r in runs]
+    assert {str(t.number) for t in trials} <= set(by_trial), (seen, err.decode()[-3000:])
     assert by_trial[str(killed_number)].info.status == "FAILED"
     assert "stopped sending heartbeats" in by_trial[str(killed_number)].data.tags["fail_reason"]
     assert by_trial[str(retry[0].number)].data.tags["optuna.retry_of"] == str(killed_number)
