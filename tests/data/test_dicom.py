@@ -187,6 +187,40 @@ def test_a_series_mixing_image_sizes_is_refused_naming_its_folder(phantom_copy):
     assert str(folder) in str(raised.value)
 
 
+def test_a_series_decodes_each_slice_when_it_is_read_and_keeps_only_a_few(phantom_dir, monkeypatch):
+    from spinemri.data import dicom
+    from spinemri.data.preprocess import PreprocessConfig
+    from spinemri.localization.dataset import series_inputs
+
+    folder = max(_series_folders(phantom_dir), key=lambda f: len(list(f.glob("*.dcm"))))
+    ordered = [path for _, path, _ in series_order(sorted(folder.glob("*.dcm")))]
+    expected = np.stack([read_dicom(path).pixels for path in ordered])
+    decoded = []
+    real = dicom.read_dicom
+    monkeypatch.setattr(dicom, "read_dicom", lambda path, **kw: decoded.append(path) or real(path, **kw))
+    stack = read_series(folder)
+    assert decoded == ordered[:1], "only the first slice is decoded to read the series"
+    series_inputs(stack, PreprocessConfig(img_size=32, slices=3, mode="slice"))
+    assert decoded == ordered, "a pass with each slice's two neighbours decodes every file once"
+    assert len(stack.pixels._recent) <= 4  # the memory a series holds: a few slices, not the volume
+    np.testing.assert_array_equal(np.asarray(stack.pixels), expected)
+    np.testing.assert_array_equal(stack.pixels[-1, 3:5], expected[-1, 3:5])
+    with pytest.raises(ValueError, match="read-only"):
+        stack.pixels[0][0, 0] = 1.0
+
+
+def test_a_slice_that_cannot_be_decoded_is_named_when_it_is_read(phantom_copy):
+    folder = _series_folders(phantom_copy)[0]
+    ordered = [path for _, path, _ in series_order(sorted(folder.glob("*.dcm")))]
+    broken = ordered[len(ordered) // 2]
+    data = open(broken, "rb").read()
+    open(broken, "wb").write(data[: len(data) - 200])  # the pixel data cut short, the header intact
+    stack = read_series(folder)
+    with pytest.raises(DicomReadError) as raised:
+        stack.pixels[ordered.index(broken)]
+    assert broken in str(raised.value)
+
+
 def _series_folders(phantom_dir):
     table = pd.read_csv(phantom_dir / schema.SERIES_CSV).head(6)
     return [phantom_dir / schema.IMAGES_DIR / str(s) / str(se) for s, se in zip(table["study_id"], table["series_id"])]

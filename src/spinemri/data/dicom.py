@@ -10,6 +10,8 @@ import io
 import os
 import warnings
 import zlib
+import operator
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -50,9 +52,10 @@ class DicomImage:
 
 @dataclass(frozen=True)
 class SeriesStack:
-    """A series ordered along the slice normal. ``pixels`` is float32 (N, H, W)."""
+    """A series ordered along the slice normal. ``pixels`` is float32 (N, H, W): an array, or from
+    :func:`read_series` the :class:`SeriesPixels` that decode each slice when it is read."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | SeriesPixels
     instance_numbers: tuple[int, ...]
     positions: tuple[float, ...]  # position of each slice along the normal, mm (index order if absent)
     pixel_spacing: tuple[float, float]
@@ -203,54 +206,117 @@ def series_order(paths: Iterable[str | Path]) -> list[tuple[int, str, float]]:
     ImagePositionPatient/ImageOrientationPatient fall back to InstanceNumber order, because
     instance numbers may be non-contiguous or reversed relative to anatomy.
     """
+    return [(n, path, position) for n, path, position, _ in _ordered_headers(paths)]
+
+
+def _ordered_headers(paths: Iterable[str | Path]) -> list[tuple[int, str, float, Dataset]]:
     entries = []
     for path in paths:
         ds = read_header(path)
         if "InstanceNumber" not in ds or ds.InstanceNumber in (None, ""):
             raise DicomReadError(path, "has no InstanceNumber, so labels cannot be matched to it")
-        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-        entries.append((int(ds.InstanceNumber), str(path), ipp, iop))
-    if entries and all(ipp is not None and iop is not None for _, _, ipp, iop in entries):
-        normal = slice_normal(entries[0][3])
-        ordered = [(n, p, float(np.dot(np.asarray(ipp, float), normal))) for n, p, ipp, _ in entries]
+        entries.append((int(ds.InstanceNumber), str(path), ds))
+    if entries and all(_geometry(ds) is not None for *_, ds in entries):
+        normal = slice_normal(_geometry(entries[0][2])[1])
+        ordered = [(n, p, float(np.dot(_geometry(ds)[0], normal)), ds) for n, p, ds in entries]
     else:
-        ordered = [(n, p, float(n)) for n, p, _, _ in entries]
+        ordered = [(n, p, float(n), ds) for n, p, ds in entries]
     ordered.sort(key=lambda e: (e[2], e[0]))
     return ordered
 
 
+def _geometry(ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """A header's (ImagePositionPatient, ImageOrientationPatient), or None where either is missing or malformed."""
+    ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    try:
+        ipp, iop = np.asarray(ipp, float), np.asarray(iop, float)
+    except (TypeError, ValueError):
+        return None
+    return (ipp, iop) if ipp.shape == (3,) and iop.shape == (6,) else None
+
+
 def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) -> SeriesStack:
-    """Read a series (a folder of .dcm files, or a list of files) into a stack ordered by position."""
+    """Read a series (a folder of .dcm files, or a list of files) into a stack ordered by position.
+
+    The headers are read here, and the first slice decoded; the other slices are decoded when they
+    are read (:class:`SeriesPixels`), so a long series of large images costs a few slices of memory.
+    A file whose pixels cannot be decoded raises :class:`DicomReadError` when its slice is read.
+    """
     if isinstance(paths, (str, Path)):
         folder = Path(paths)
         paths = sorted(folder.glob("*.dcm"))
         if not paths:
             raise DicomReadError(folder, "contains no .dcm files", None)
-    order = series_order(paths)
-    # One stack filled slice by slice: each decoded slice (its float32 pixels, its stored integers and
-    # file bytes) is dropped once copied, so a long series of large images costs its stack and one
-    # slice, not every slice two and a half times over.
+    order = _ordered_headers(paths)
+    if not order:
+        raise DicomReadError(".", "the series has no files", None)
+    sizes = sorted({(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for *_, ds in order})
+    if len(sizes) > 1:
+        raise DicomReadError(Path(order[0][1]).parent, f"mixes image sizes {sizes} in one series", None)
     first = read_dicom(order[0][1], voi=voi)
-    pixels = np.empty((len(order), *first.pixels.shape), dtype=np.float32)
-    positions, orientations = [], []
-    for i, (_, path, _) in enumerate(order):
-        image = first if i == 0 else read_dicom(path, voi=voi)
-        if image.pixels.shape != first.pixels.shape:
-            raise DicomReadError(Path(order[0][1]).parent,
-                                 f"mixes image sizes {sorted({first.pixels.shape, image.pixels.shape})} in one series",
-                                 None)
-        pixels[i] = image.pixels
-        positions.append(image.position)
-        orientations.append(image.orientation)
-    geometry = all(pos is not None and orient is not None for pos, orient in zip(positions, orientations))
+    geometry = [_geometry(ds) for *_, ds in order]
+    known = all(g is not None for g in geometry)
     return SeriesStack(
-        pixels=pixels,
-        instance_numbers=tuple(n for n, _, _ in order),
-        positions=tuple(pos for _, _, pos in order),
+        pixels=SeriesPixels([path for _, path, _, _ in order], first, voi=voi),
+        instance_numbers=tuple(n for n, *_ in order),
+        positions=tuple(position for _, _, position, _ in order),
         pixel_spacing=first.pixel_spacing,
-        origins=tuple(tuple(pos) for pos in positions) if geometry else None,
-        normal=tuple(float(v) for v in slice_normal(first.orientation)) if geometry else None,
+        origins=tuple(tuple(float(v) for v in g[0]) for g in geometry) if known else None,
+        normal=tuple(float(v) for v in slice_normal(geometry[0][1])) if known else None,
     )
+
+
+class SeriesPixels:
+    """The float32 (N, H, W) slices of a series in position order, each decoded when it is read.
+
+    The last few slices read are kept (``keep``), so one pass over the series with each slice's
+    neighbours decodes every file once. Indexing by slice index (and then by row and column) gives
+    an array, ``np.asarray`` the whole volume. Kept slices are read-only.
+    """
+
+    def __init__(self, paths: Sequence[str], first: DicomImage, *, voi: bool, keep: int = 4):
+        self.paths = tuple(str(p) for p in paths)
+        self.voi = voi
+        self.shape = (len(self.paths), *first.pixels.shape)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 3
+        self._keep = max(keep, 1)
+        self._recent: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._remember(0, first.pixels)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            return self[index[0]][index[1:]] if index else self[:]
+        if isinstance(index, slice):
+            return np.stack([self[i] for i in range(*index.indices(len(self)))]) if len(self) else \
+                np.zeros((0, *self.shape[1:]), np.float32)
+        i = operator.index(index)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"slice {i} of a series of {len(self)}")
+        i %= len(self)
+        if i in self._recent:
+            self._recent.move_to_end(i)
+            return self._recent[i]
+        pixels = read_dicom(self.paths[i], voi=self.voi).pixels
+        if pixels.shape != self.shape[1:]:
+            raise DicomReadError(Path(self.paths[i]).parent, f"mixes image sizes {sorted({self.shape[1:], pixels.shape})} "
+                                 "in one series", None)
+        return self._remember(i, pixels)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        volume = self[:]
+        return volume if dtype is None else volume.astype(dtype)
+
+    def _remember(self, i: int, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels, np.float32)
+        pixels.flags.writeable = False
+        self._recent[i] = pixels
+        while len(self._recent) > self._keep:
+            self._recent.popitem(last=False)
+        return pixels
 
 
 # --- internals -----------------------------------------------------------------------------------

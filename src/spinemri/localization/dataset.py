@@ -191,22 +191,25 @@ def _build(files: pd.DataFrame, config: PreprocessConfig, staging: Path, *, work
     groups = [(config, key, list(group["path"])) for key, group in files.groupby(["study_id", "series_id"], sort=True)]
     offsets = np.cumsum([0] + [len(paths) for *_, paths in groups])
     shape = (int(offsets[-1]), config.img_size, config.img_size, config.channels)
-    images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
     tables, skipped = [], []
-    with contextlib.ExitStack() as stack:
+    # Written in order with plain writes, not through a memory map: the written pages go to the page
+    # cache, not to this process's memory, so building a cache costs the same memory at any size.
+    with contextlib.ExitStack() as stack, open(staging / "images.npy", "wb") as out:
+        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                   "fortran_order": False, "shape": shape})
         jobs = map(_prepare_series, groups) if workers == 1 else \
             stack.enter_context(worker_pool(workers)).map(_prepare_series, groups, chunksize=2)
-        for offset, (rows, arrays, failure) in zip(offsets, jobs):
+        for offset, end, (rows, arrays, failure) in zip(offsets[:-1], offsets[1:], jobs):
             if failure is not None:
                 if on_bad_file == "stop":
                     raise PrepareError(f"{failure}; skip bad series with --on-bad-file=skip")
                 skipped.append(failure)
-                continue
-            images[offset: offset + len(arrays)] = arrays
-            tables.append(pd.DataFrame(rows, columns=list(SLICE_COLUMNS)).assign(
-                index=np.arange(offset, offset + len(rows))))
-    images.flush()
-    del images
+                rows, arrays = [], np.zeros((0, *shape[1:]), np.uint8)
+            out.write(np.ascontiguousarray(arrays, np.uint8).tobytes())
+            out.write(bytes((end - offset - len(arrays)) * int(np.prod(shape[1:]))))  # the rows of no slice: zeros
+            if rows:
+                tables.append(pd.DataFrame(rows, columns=list(SLICE_COLUMNS)).assign(
+                    index=np.arange(offset, offset + len(rows))))
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=[*SLICE_COLUMNS, "index"])
     table["path"] = [os.path.relpath(p, root) for p in table["path"]]
     write_csv(table, staging / "slices.csv")
@@ -219,8 +222,9 @@ def _prepare_series(job):
     """All slices of one series, in position order, preprocessed whole (no site)."""
     config, (study, series_id), paths = job
     cache.keep_heap_padding()
-    try:
+    try:  # the headers and first slice here, every other slice in series_inputs
         stack = read_series(paths, voi=config.dicom_window)
+        inputs = series_inputs(stack, config)
     except ImageReadError as exc:
         return [], None, f"series {study}/{series_id}: {exc.path} {exc.reason}"
     n = len(stack.instance_numbers)
@@ -235,7 +239,7 @@ def _prepare_series(job):
         origin = stack.origins[i] if stack.origins else (np.nan,) * 3
         rows.append((study, series_id, instance, i, n, width, height, row_mm, col_mm,
                      by_instance.get(str(instance), paths[0]), *origin, *normal))
-    return rows, series_inputs(stack, config), None
+    return rows, inputs, None
 
 
 def stack_positions(series) -> list[np.ndarray]:

@@ -110,8 +110,23 @@ class StudyPredictor:
             if not stacks:
                 reasons[name] = f"{task.description} unreadable: {unreadable[0]}"
                 continue
+            while stacks:  # slices are decoded as the localizer reads them: a bad file drops its series
+                try:
+                    sites = self.localizers[name].locate(stacks)
+                    break
+                except ImageTooLarge:
+                    raise
+                except ImageReadError as exc:
+                    remaining = [(i, stack) for i, stack in stacks if not _holds(stack, exc.path)]
+                    if len(remaining) == len(stacks):
+                        raise
+                    unreadable.append(f"{exc.path} {exc.reason}")
+                    stacks = remaining
+            if not stacks:
+                reasons[name] = f"{task.description} unreadable: {unreadable[0]}"
+                continue
             by_id = dict(stacks)
-            for site in self.localizers[name].locate(stacks):
+            for site in sites:
                 found[(site.condition, site.level)] = (site, by_id[site.series_id])
         return Located(found, reasons)
 
@@ -161,6 +176,12 @@ class StudyPredictor:
         sites_frame = pd.DataFrame(sites).reindex(columns=["row_id", "source", "reason", "series_id", "instance_number",
                                                            "x", "y", "slice_score"])
         return StudyPrediction(pd.DataFrame(rows, columns=list(SUBMISSION_COLUMNS)), sites_frame)
+
+
+def _holds(stack, path) -> bool:
+    """Whether ``path`` (a file, or the folder an error names) is one of the stack's files."""
+    files = getattr(stack.pixels, "paths", ())
+    return str(path) in files or any(str(Path(f).parent) == str(path) for f in files)
 
 
 def resolve_localizer_uris(uris: Sequence[str]) -> list[str]:

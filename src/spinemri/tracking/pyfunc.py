@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import math
 import tempfile
@@ -350,7 +351,8 @@ def series_from_b64(values: Sequence) -> SeriesStack:
             path.write_bytes(data)
             paths.append(path)
         try:
-            return read_series(paths)
+            stack = read_series(paths)
+            return dataclasses.replace(stack, pixels=np.asarray(stack.pixels))  # decoded before the files go
         except ImageReadError as exc:
             raise InputError(f"the series cannot be stacked: {exc.reason}") from None
 
