@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from spinemri.config import PREPARE_SHORTCUTS, SHORTCUTS, setting_help
-from spinemri.errors import UserError
+from spinemri.errors import DatasetError, UserError
 from spinemri.redact import redact
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
@@ -162,22 +162,32 @@ def synth(out_dir, studies, seed, profile, workers, overwrite, force, as_json) -
 @click.option("--decode", is_flag=True, help="Decode every labelled image (slower), not only its header.")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Threads reading files.")
 def check(path, as_json, decode, workers) -> None:
-    """Validate a dataset: an RSNA-layout folder or the thesis's flat CSV.
+    """Validate a dataset: an RSNA-layout folder, the thesis's flat CSV, or a folder of studies.
+
+    For a folder of <study>/<series>/*.dcm, prints each series' type and why (the RSNA name, or the
+    plane, contrast and rule read from its images; skipped series say what they are).
 
     Prints studies, series per description, labelled points per condition, blank labels,
     missing and unreadable files. Exits with status 1 on structural problems (missing CSV or
     column, labels pointing at absent series/instances, unknown condition or level), each named
     with its file, row and fix. Never prints patient-identifying DICOM tags.
     """
-    from spinemri.data.readers import check_dataset
+    from spinemri.data.readers import check_dataset, detect_layout
+    from spinemri.data.studies import check_studies
 
-    report = check_dataset(path, decode=decode, workers=workers)
+    try:
+        studies = detect_layout(path) == "studies"
+    except DatasetError:
+        studies = False  # check_dataset reports what is wrong with the path
+    report = check_studies(path) if studies else check_dataset(path, decode=decode, workers=workers)
     if as_json:
         click.echo(report.to_json())
     else:
         click.echo(f"{report.path} ({report.layout} layout)")
         for key, value in report.summary.items():
             click.echo(f"  {key}: {value}")
+        for row in report.series:
+            click.echo(f"  series {row['study_id']}/{row['series_id']} ({row['files']} files): {row['type']} - {row['why']}")
         for line in report.warnings:
             click.echo(f"warning: {line}")
         for line in report.problems:

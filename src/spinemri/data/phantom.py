@@ -334,7 +334,8 @@ def _write_study(job) -> dict:
         folder = staging / schema.IMAGES_DIR / str(study_id) / str(series_id)
         folder.mkdir(parents=True)
         meta = dict(study_uid=study_uid, frame_uid=frame_uid, series_uid=_uid(study_id, series_id),
-                    series_number=index + 1, description=description)
+                    series_number=index + 1, description=description,
+                    sequence=sequence_tags(description, np.random.default_rng([study_id, series_id])))
         if description == AXIAL_T2:
             points, n = _render_axial(rng, anatomy, acquisition, folder, meta, levels, sides, config)
         else:
@@ -637,6 +638,21 @@ def _layer(value, alpha, mask, tissue_value):
     np.maximum(alpha, mask, out=alpha)
 
 
+def sequence_tags(description: str, rng: np.random.Generator) -> dict:
+    """The acquisition tags a scanner writes for a series of this type (timings in ms): a T2 or STIR
+    sagittal, a T1 sagittal, a T2 axial, with the spread of clinical protocols. Drawn from a generator
+    of the series' own, so that the images do not change with them."""
+    if description == SAGITTAL_T2 and rng.random() < 0.3:  # STIR: inversion recovery, short TI
+        tags = dict(ScanningSequence=["SE", "IR"], RepetitionTime=rng.uniform(3500, 5500),
+                    EchoTime=rng.uniform(35, 70), InversionTime=rng.uniform(140, 230))
+    elif description == SAGITTAL_T1:
+        tags = dict(ScanningSequence="SE", RepetitionTime=rng.uniform(400, 750), EchoTime=rng.uniform(8, 16))
+    else:  # a T2 turbo spin echo, sagittal or axial
+        tags = dict(ScanningSequence="SE", RepetitionTime=rng.uniform(2500, 5000), EchoTime=rng.uniform(85, 120))
+    return {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"], "MRAcquisitionType": "2D",
+            **{k: round(v, 1) if isinstance(v, float) else v for k, v in tags.items()}}
+
+
 def _bias_field(rng, size, amplitude):
     coarse = rng.uniform(-1, 1, size=(4, 4)).astype(np.float32)
     smooth = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
@@ -680,6 +696,8 @@ def _write_image(folder, instance, image, bias, rng, acquisition, meta, position
     ds.PatientID = ""
     ds.BodyPartExamined = "LSPINE"
     ds.SeriesDescription = meta["description"]
+    for keyword, value in meta["sequence"].items():
+        setattr(ds, keyword, value)
     ds.SeriesNumber = meta["series_number"]
     ds.InstanceNumber = int(instance)
     ds.ImagePositionPatient = [round(v, 4) for v in position]

@@ -29,7 +29,8 @@ MAX_LISTED = 10  # problems of one kind listed before "... and N more"
 
 
 def detect_layout(path: str | Path) -> str:
-    """'rsna' for a folder with train.csv + train_series_descriptions.csv, 'flat' for a CSV file."""
+    """'rsna' for a folder with train.csv + train_series_descriptions.csv, 'flat' for a CSV file,
+    'studies' for a folder of unlabelled ``<study>/<series>/*.dcm`` folders."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         return "flat"
@@ -39,9 +40,12 @@ def detect_layout(path: str | Path) -> str:
         flat = [p for p in path.glob("*.csv") if _looks_flat(p)]
         if len(flat) == 1:
             return "flat"
+        if next(path.glob("*/*/*.dcm"), None) is not None or next(path.glob("*_images/*/*/*.dcm"), None) is not None:
+            return "studies"
         raise DatasetError([
-            f"{path}: no {schema.TRAIN_CSV} / {schema.COORDINATES_CSV} (RSNA layout) and no single flat CSV "
-            f"with columns {', '.join(schema.FLAT_COLUMNS)}; point to the competition folder or to the CSV file"
+            f"{path}: no {schema.TRAIN_CSV} / {schema.COORDINATES_CSV} (RSNA layout), no single flat CSV "
+            f"with columns {', '.join(schema.FLAT_COLUMNS)} and no <study>/<series>/*.dcm folders; point to the "
+            "competition folder, to the CSV file or to a folder of studies"
         ])
     if path.exists():
         raise DatasetError([f"{path} is neither a folder nor a .csv file; pass the dataset folder (RSNA layout) "
@@ -128,6 +132,7 @@ class CheckReport:
     summary: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    series: list[dict] = field(default_factory=list)  # a folder of studies: each series' type and why
 
     @property
     def ok(self) -> bool:
@@ -149,6 +154,10 @@ def check_dataset(path: str | Path, *, decode: bool = False, workers: int = 4) -
     except DatasetError as exc:
         return CheckReport(str(path), "unknown", problems=exc.problems)
     report = CheckReport(str(path), layout)
+    if layout == "studies":  # unlabelled: its series are what there is to check
+        report.problems.append(f"{path} is a folder of studies without labels; check it with "
+                               "spinemri.data.studies.check_studies (what `spinemri data check` does)")
+        return report
     if layout == "rsna":
         tables = _read_rsna_tables(path, report.problems)
         if report.problems:

@@ -3,7 +3,7 @@
 ``find_studies`` reads them from a dataset folder (the RSNA layout, or ``<study>/<series>/*.dcm``)
 and ``study_from_zip`` from an uploaded archive, which is unpacked within the limits of
 :mod:`spinemri.data.limits`. A series' type comes from the dataset's series-descriptions CSV, else
-from the SeriesDescription tag.
+from its images (:mod:`spinemri.data.series_types`: the RSNA names, else plane, contrast and description).
 """
 
 from __future__ import annotations
@@ -11,21 +11,26 @@ from __future__ import annotations
 import io
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from pydicom.dataset import Dataset
+
 from spinemri.data import limits, schema
 from spinemri.data.dicom import read_header
-from spinemri.data.readers import series_descriptions
+from spinemri.data.readers import CheckReport, series_descriptions
+from spinemri.data.series_types import SeriesType, series_type
 from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
 
 
 @dataclass(frozen=True)
 class StudySeries:
     series_id: int
-    description: str | None  # None: unknown (not listed and no SeriesDescription tag we recognise)
+    description: str | None  # a series type; None: skipped (a localizer, DWI, ... or nothing a rule takes)
     files: tuple[Path, ...]
+    reason: str = ""  # where the type came from (the series CSV, or the rule and header values that decided)
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,8 @@ class Study:
 
 def find_studies(data_dir: str | Path, study_ids: Sequence | None = None) -> list[Study]:
     """Studies of an RSNA-layout folder (``train_images/`` or ``test_images/``), or a folder of study
-    folders. Series types come from ``*_series_descriptions.csv`` when present, else each series'
-    SeriesDescription tag."""
+    folders. Series types come from ``*_series_descriptions.csv`` when present, else from each series'
+    first file (:func:`header_type`)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise StudyError(f"{root} is not a folder; pass a dataset folder (with train_images/ or test_images/) "
@@ -66,31 +71,48 @@ def _study(folder: Path, descriptions: Mapping) -> Study:
             series_id = int(series_folder.name)
         except ValueError:  # a stable number for a named folder (str hashes change from run to run)
             series_id = zlib.crc32(series_folder.name.encode())
-        description = descriptions.get((folder.name, series_id))
-        if description is None and files:
-            description = header_description(files[0])
-        series.append(StudySeries(series_id, description, files))
+        listed = descriptions.get((folder.name, series_id))
+        if listed is not None:
+            series.append(StudySeries(series_id, listed, files, "listed in the series descriptions CSV"))
+        elif files:
+            found = header_type(files[0])
+            series.append(StudySeries(series_id, found.description, files, found.reason))
+        else:
+            series.append(StudySeries(series_id, None, files, "no .dcm files"))
     return Study(folder.name, tuple(series))
 
 
-def header_description(path: Path) -> str | None:
-    """A known series type from the SeriesDescription tag ('Sagittal T2/STIR', 'SAG T1', 'AX T2 ...')."""
+def header_type(path: Path, header: Dataset | None = None) -> SeriesType:
+    """The series type of the series ``path`` belongs to, from its header (:func:`series_types.series_type`)."""
     try:
-        text = str(read_header(path).get("SeriesDescription", "")).lower()
+        header = read_header(path) if header is None else header
     except ImageTooLarge:
         raise
-    except ImageReadError:
-        return None
-    if text in (d.lower() for d in schema.SERIES_DESCRIPTIONS):
-        return next(d for d in schema.SERIES_DESCRIPTIONS if d.lower() == text)
-    sagittal, axial = "sag" in text, "ax" in text
-    if sagittal and ("t2" in text or "stir" in text):
-        return schema.SAGITTAL_T2
-    if sagittal and "t1" in text:
-        return schema.SAGITTAL_T1
-    if axial and "t2" in text:
-        return schema.AXIAL_T2
-    return None
+    except ImageReadError as exc:
+        return SeriesType(None, "unreadable", f"skipped: {exc.path} {exc.reason}")
+    return series_type(header)
+
+
+def check_studies(path: str | Path) -> CheckReport:
+    """A folder of unlabelled studies: each series' type (from the series CSV, else its images) and why."""
+    report = CheckReport(str(path), "studies")
+    try:
+        studies = find_studies(path)
+    except (StudyError, ImageTooLarge) as exc:
+        report.problems.append(str(exc))
+        return report
+    report.series = [{"study_id": study.study_id, "series_id": s.series_id, "files": len(s.files),
+                      "type": s.description or "skipped", "why": s.reason}
+                     for study in studies for s in study.series]
+    types = Counter(row["type"] for row in report.series)
+    report.summary = {"studies": len(studies), "series": len(report.series),
+                      "series_per_type": dict(sorted(types.items()))}
+    for study in studies:
+        missing = [d for d in schema.SERIES_DESCRIPTIONS if d not in {s.description for s in study.series}]
+        if missing:
+            report.warnings.append(f"study {study.study_id} has no {' and no '.join(missing)} series: its rows read "
+                                   "from them fall back to the prior")
+    return report
 
 
 def study_from_zip(data: bytes, study_id: str | None, workdir: Path, name: str = "study_zip_b64") -> Study:
@@ -126,13 +148,14 @@ def study_from_zip(data: bytes, study_id: str | None, workdir: Path, name: str =
         parent = Path(member.filename).parent.name
         series_id = int(parent) if parent.isdigit() else int(header.get("SeriesNumber", 0) or 0)
         groups.setdefault(uid, []).append(target)
-        meta.setdefault(uid, (series_id, header_description(target)))
+        meta.setdefault(uid, (series_id, header_type(target, header)))
     if not groups:
         raise StudyError(f"{name}: none of the {len(members)} files in the archive is a DICOM file")
     if study_id in (None, ""):
         tops = {Path(m.filename).parts[0] for m in members if len(Path(m.filename).parts) > 1}
         study_id = tops.pop() if len(tops) == 1 else "study"
-    series = [StudySeries(meta[uid][0], meta[uid][1], tuple(paths)) for uid, paths in groups.items()]
+    series = [StudySeries(meta[uid][0], meta[uid][1].description, tuple(paths), meta[uid][1].reason)
+              for uid, paths in groups.items()]
     return Study(str(study_id), tuple(sorted(series, key=lambda s: s.series_id)))
 
 
