@@ -1,0 +1,363 @@
+"""`spinemri pacs`: MR studies pulled from a DICOMweb server, graded, and their findings stored back as DICOM SR.
+
+One pass (:func:`run_pass`):
+
+    QIDO-RS: the MR studies of a date window -> per study: is its report by this model version already
+    there (QIDO, by the report's SOP Instance UID)? -> each MR series' type from one instance's metadata
+    (WADO-RS metadata, :mod:`spinemri.data.series_types`) -> the series the models read, streamed to a
+    temporary folder one instance at a time (WADO-RS) -> the study model (predict) -> a Comprehensive SR
+    (:mod:`spinemri.pacs.report`) -> STOW-RS
+
+A study is reported once per model version: the report's UIDs come from the study's UID and the model's
+name and version, so a second pass, or a second worker on the same studies, finds the report and skips
+the study, or stores an instance the server already holds. A server that refuses connections or
+answers 5xx is retried with exponential backoff for ``retry_for`` seconds; a study it cut off is left
+without a report and taken again on the next pass. A study whose files are incomplete or do not decode
+gets a log line and no report. Log lines and the MLflow run name a study by a digest of its UID
+(:func:`study_key`), never by a patient or study attribute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pandas as pd
+from pydicom.dataset import Dataset
+
+from spinemri.data.dicom import read_header, series_order
+from spinemri.data.schema import SERIES_DESCRIPTIONS
+from spinemri.data.series_types import series_type
+from spinemri.data.studies import Study, StudySeries
+from spinemri.errors import ConfigError, ImageReadError, StudyError, UserError
+from spinemri.pacs.report import report_uids, structured_report
+from spinemri.redact import redact
+
+log = logging.getLogger("spinemri.pacs")
+T = TypeVar("T")
+
+DEFAULT_MODEL = "models:/spinemri-study@champion"
+USER_ENV, PASSWORD_ENV = "SPINEMRI_PACS_USER", "SPINEMRI_PACS_PASSWORD"
+MAX_BACKOFF_S = 30.0
+TAGS = {"study": "0020000D", "series": "0020000E", "instance": "00080018", "modality": "00080060",
+        "instances": "00201209", "sop_class": "00080016"}
+
+
+class PacsUnavailable(UserError):
+    """The DICOMweb server did not answer for ``retry_for`` seconds."""
+
+
+@dataclass
+class PassResult:
+    """What one pass did: per study (by :func:`study_key`) its status and reason."""
+
+    found: int = 0
+    rows: list[dict] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
+
+
+@dataclass(frozen=True)
+class Settings:
+    url: str
+    model_uri: str = DEFAULT_MODEL
+    since: dt.date | None = None  # the first StudyDate of the window (None: every date)
+    until: dt.date | None = None
+    retry_for: float = 300.0
+    timeout: float = 60.0
+    workdir: str | None = None
+
+
+def study_key(study_uid: str) -> str:
+    """A study's name in logs and MLflow: the first 12 hex digits of the SHA-256 of its Study Instance UID."""
+    return hashlib.sha256(study_uid.encode()).hexdigest()[:12]
+
+
+def client_for(settings: Settings):
+    """A dicomweb-client for ``settings.url``, with basic auth from SPINEMRI_PACS_USER/SPINEMRI_PACS_PASSWORD."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    for name in ("dicomweb_client", "highdicom"):  # their info lines name studies and instances by UID
+        logging.getLogger(name).setLevel(logging.WARNING)
+    session = requests.Session()
+    if os.environ.get(USER_ENV):
+        session.auth = (os.environ[USER_ENV], os.environ.get(PASSWORD_ENV, ""))
+    return DICOMwebClient(url=settings.url.rstrip("/"), session=session, timeout=settings.timeout)
+
+
+def with_retry(settings: Settings, what: str, call: Callable[[], T]) -> T:
+    """``call()``, retried with exponential backoff (1 s, 2 s, ... at most 30 s) while the server refuses
+    connections, times out or answers 5xx/429, for at most ``settings.retry_for`` seconds."""
+    import requests
+
+    deadline, delay = time.monotonic() + settings.retry_for, 1.0
+    while True:
+        try:
+            return call()
+        except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if isinstance(exc, requests.HTTPError) and status is not None and status < 500 and status != 429:
+                raise
+            reason = f"HTTP {status}" if status else type(exc).__name__
+            if time.monotonic() + delay > deadline:
+                raise PacsUnavailable(f"{redact(settings.url)} did not answer {what} for {settings.retry_for:g} s "
+                                      f"({reason}); the studies left are taken on the next pass") from None
+            log.warning("%s: %s failed (%s); retrying in %.0f s", redact(settings.url), what, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+
+
+def load_study_model(uri: str):
+    """(StudyPredictor, registered name, version) of a registered study model (models:/NAME@ALIAS or
+    models:/NAME/VERSION): the report names the model's version, so it must be a registered one."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    path = uri[len("models:/"):] if uri.startswith("models:/") else ""
+    name, _, version = path.partition("/")
+    name, _, alias = name.partition("@")
+    if not name or (not alias and not version.isdigit()):
+        raise ConfigError(f"--model {uri}: give a registered study model, models:/NAME@ALIAS or models:/NAME/VERSION "
+                          f"(the report names its version), e.g. {DEFAULT_MODEL}")
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias).version if alias else version
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    except MlflowException as exc:
+        raise ConfigError(f"--model {uri}: {exc.message.splitlines()[0]}; register one with "
+                          "`spinemri package-study` or name another") from None
+    predictor = getattr(model.unwrap_python_model(), "predictor", None)
+    if predictor is None:
+        raise ConfigError(f"--model {uri} is not a study model (spinemri package-study logs one)")
+    return predictor, name, str(version)
+
+
+def run_pass(settings: Settings, predictor, model_name: str, model_version: str) -> PassResult:
+    """Every MR study of the window: reported, skipped (already reported), or failed with its reason."""
+    client = client_for(settings)
+    filters = {"ModalitiesInStudy": "MR"}
+    if settings.since or settings.until:
+        filters["StudyDate"] = f"{_date(settings.since)}-{_date(settings.until)}"
+    studies = _search_studies(settings, client, filters)
+    result = PassResult(found=len(studies))
+    log.info("%d MR stud%s found", len(studies), "y" if len(studies) == 1 else "ies")
+    for found in studies:
+        uid = _value(found, "study")
+        if not uid:
+            continue
+        row = {"study": study_key(uid)}
+        try:
+            row.update(_process(settings, client, uid, predictor, model_name, model_version))
+        except (StudyError, ImageReadError, ValueError, KeyError) as exc:
+            row.update(status="failed", reason=_reason(exc))
+        result.rows.append(row)
+        log.info("study %s: %s%s", row["study"], row["status"], f" ({row['reason']})" if row.get("reason") else "")
+    return result
+
+
+PAGE = 100  # studies per QIDO-RS page
+
+
+def _search_studies(settings, client, filters: dict) -> list[dict]:
+    """Every study matching ``filters``, page by page (limit/offset). A server that ignores the offset answers
+    with studies already seen, which ends the search as a short page does."""
+    found: dict[str, dict] = {}
+    offset = 0
+    while True:
+        page = with_retry(settings, "the study search (QIDO-RS)", lambda: client.search_for_studies(
+            search_filters=filters, limit=PAGE, offset=offset))
+        new = {_value(s, "study"): s for s in page if _value(s, "study") not in found}
+        found.update(new)
+        if len(page) < PAGE or not new:
+            return list(found.values())
+        offset += len(page)
+
+
+def _process(settings, client, study_uid, predictor, model_name, model_version) -> dict:
+    _, sop_uid = report_uids(study_uid, model_name, model_version)
+    if _reported(settings, client, study_uid, sop_uid):
+        return dict(status="skipped", reason=f"reported by {model_name} v{model_version} already")
+    series = with_retry(settings, "the series search (QIDO-RS)",
+                        lambda: client.search_for_series(study_uid, search_filters={"Modality": "MR"}))
+    workdir = Path(tempfile.mkdtemp(prefix="spinemri-pacs-", dir=settings.workdir))
+    try:
+        study, skipped = _fetch(settings, client, study_uid, series, workdir)
+        prediction = predictor.predict(study)
+        missing_types = [d for d in SERIES_DESCRIPTIONS if d not in {s.description for s in study.series}]
+        headers = {s.series_id: {int(read_header(p).InstanceNumber): p for p in s.files} for s in study.series}
+        sources, missing = {}, {}
+        for site in prediction.sites.itertuples(index=False):
+            if site.source == "model":
+                sources[site.row_id] = read_header(headers[int(site.series_id)][int(site.instance_number)])
+            else:
+                lacking = next((d for d in missing_types if site.reason == f"no {d} series"), None)
+                if lacking:
+                    missing[site.row_id] = lacking
+        first = next(p for s in study.series for p in s.files)
+        report = structured_report(prediction.rows, prediction.sites, sources, read_header(first),
+                                   model_name=model_name, model_version=model_version, missing=missing)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    with_retry(settings, "storing the report (STOW-RS)", lambda: client.store_instances([report]))
+    reason = f"{25 - prediction.from_prior} rows from the model, {prediction.from_prior} from the prior"
+    if missing_types:
+        reason += f"; no {', '.join(missing_types)} series"
+    if skipped:
+        reason += f"; {len(skipped)} series skipped ({'; '.join(skipped)})"
+    return dict(status="reported", reason=reason, report=sop_uid, from_prior=prediction.from_prior)
+
+
+def _reported(settings, client, study_uid: str, sop_uid: str) -> bool:
+    found = with_retry(settings, "the report search (QIDO-RS)", lambda: client.search_for_instances(
+        study_instance_uid=study_uid, search_filters={"SOPInstanceUID": sop_uid}))
+    return any(_value(item, "instance") == sop_uid for item in found)
+
+
+def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) -> tuple[Study, list[str]]:
+    """The study's series of the types the models read, on disk; and what the other MR series are."""
+    kept, skipped = [], []
+    for item in sorted(series, key=lambda s: _value(s, "series")):
+        series_uid = _value(item, "series")
+        if _value(item, "modality") not in ("MR", None):
+            continue
+        metadata = with_retry(settings, "the series metadata (WADO-RS)",
+                              lambda: client.retrieve_series_metadata(study_uid, series_uid))
+        if not metadata:
+            raise StudyError("a series has no instances")
+        kind = series_type(_header(metadata[0]))
+        if kind.description is None:
+            skipped.append(kind.reason.removeprefix("skipped: ").split(";")[0])
+            continue
+        series_id = zlib.crc32(series_uid.encode())
+        folder = workdir / str(series_id)
+        folder.mkdir()
+
+        def download() -> list[Path]:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            files = []
+            for k, instance in enumerate(client.iter_series(study_uid, series_uid)):
+                path = folder / f"{k:05d}.dcm"
+                instance.save_as(path, enforce_file_format=True)
+                files.append(path)
+            return files
+
+        files = with_retry(settings, "the series (WADO-RS)", download)
+        if len(files) != len(metadata):
+            raise StudyError(f"a series came with {len(files)} of its {len(metadata)} instances (a partial study)")
+        try:
+            series_order(files)  # every file can be placed in its series
+        except ImageReadError as exc:
+            raise StudyError(f"malformed: a {kind.description} file {exc.reason}") from None
+        kept.append(StudySeries(series_id, kind.description, tuple(files), kind.reason))
+    if not kept and not skipped:
+        raise StudyError("the study has no MR series")
+    return Study(study_key(study_uid), tuple(kept)), skipped
+
+
+def _header(metadata: dict) -> Dataset:
+    """A pydicom header from a WADO-RS metadata object (bulk data left out)."""
+    return Dataset.from_json({tag: value for tag, value in metadata.items() if "BulkDataURI" not in value
+                              and "InlineBinary" not in value})
+
+
+def _value(item: dict, name: str):
+    values = (item.get(TAGS[name]) or {}).get("Value") or [None]
+    return values[0]
+
+
+def _date(day: dt.date | None) -> str:
+    return day.strftime("%Y%m%d") if day else ""
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ImageReadError):
+        return f"malformed: a file {exc.reason}"
+    return str(exc).splitlines()[0][:300]
+
+
+# --- the worker: passes, state, MLflow ---------------------------------------------------------
+
+STATE_DIR_ENV = "SPINEMRI_PACS_STATE"
+
+
+def state_path(url: str) -> Path:
+    """Where a worker remembers the date of its last complete pass against ``url``."""
+    root = Path(os.environ.get(STATE_DIR_ENV) or Path.home() / ".cache" / "spinemri" / "pacs")
+    return root / f"{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:16]}.json"
+
+
+def last_pass(url: str) -> dt.date | None:
+    path = state_path(url)
+    try:
+        return dt.date.fromisoformat(json.loads(path.read_text())["last_pass"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember_pass(url: str, day: dt.date) -> None:
+    path = state_path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps({"last_pass": day.isoformat()}))
+    staging.replace(path)
+
+
+def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | None, every_date: bool,
+         echo: Callable[[str], None] = print) -> list[PassResult]:
+    """Passes until stopped (``once``: one). The window: ``settings.since``/``until`` if given, every date with
+    ``every_date``, else from the last complete pass's date (the last ``days`` days on the first pass)."""
+    import mlflow
+
+    from spinemri.tracking.runs import ending_run, start_run
+
+    predictor, name, version = load_study_model(settings.model_uri)
+    echo(f"model {name} v{version}; DICOMweb server {redact(settings.url)}")
+    results = []
+    while True:
+        today = dt.date.today()
+        window = settings
+        if not every_date and settings.since is None:
+            start = last_pass(settings.url) or today - dt.timedelta(days=max((days or 7) - 1, 0))
+            window = dataclasses.replace(settings, since=start, until=None)
+        started = time.perf_counter()
+        start_run(run_name=f"pacs-{today:%Y%m%d}", tags={"role": "pacs", "model": f"{name}/{version}",
+                                                          "dicomweb": redact(settings.url)})
+        with ending_run():
+            mlflow.log_params({"model_uri": settings.model_uri, "model_version": version,
+                               "since": _date(window.since) or "any", "until": _date(window.until) or "any"})
+            try:
+                result = run_pass(window, predictor, name, version)
+            except PacsUnavailable as exc:
+                mlflow.set_tag("fail_reason", str(exc))
+                if once:
+                    raise
+                echo(f"warning: {exc}")
+                result = None
+            if result is not None:
+                mlflow.log_metrics({"studies_found": result.found, "reported": result.count("reported"),
+                                    "skipped": result.count("skipped"), "failed": result.count("failed"),
+                                    "seconds": round(time.perf_counter() - started, 2)})
+                mlflow.log_text(pd.DataFrame(result.rows, columns=["study", "status", "reason", "report", "from_prior"])
+                                .to_csv(index=False), "pacs/studies.csv")
+                if not every_date and settings.since is None:
+                    remember_pass(settings.url, today)
+                echo(f"pass: {result.found} MR studies, {result.count('reported')} reported, "
+                     f"{result.count('skipped')} already reported, {result.count('failed')} failed")
+                results.append(result)
+        if once:
+            return results
+        time.sleep(poll_seconds)

@@ -1,0 +1,188 @@
+"""`spinemri pacs` against a real Orthanc (DICOMweb plugin): studies uploaded with patient identity and clinical
+series names, reported once as a DICOM SR whose findings equal predict-study's, by two workers at once; a second
+run stores nothing new; an Orthanc outage mid-run is retried; a malformed study is logged and skipped."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+from spinemri.cli import main
+from spinemri.data.schema import CONDITIONS, LEVELS, PROBABILITY_COLUMNS, SAGITTAL_T1, SEVERITIES, row_id
+from spinemri.pacs.report import read_report
+from tests.services import orthanc_server
+
+pytestmark = pytest.mark.xdist_group("study")
+
+PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-778899", "PatientBirthDate": "19610203", "PatientSex": "F"}
+CLINICAL = {"Sagittal T1": "T1_TSE_SAG", "Sagittal T2/STIR": "T2_TSE_SAG", "Axial T2": "t2_tse_tra"}
+
+
+def _held_out(two_stage, n: int) -> list[str]:
+    splits = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=two_stage.classifier.run_id,
+                                                             artifact_path="data/splits.csv"))
+    return [str(s) for s in splits.loc[splits["split"] == "test", "study_id"].head(n)]
+
+
+def _upload(orthanc, two_stage, study: str, folder: Path, *, drop: str | None = None, break_one: bool = False) -> None:
+    """Upload a phantom study to Orthanc with a patient identity, today's date and clinical series names (also
+    copied to ``folder/<study>`` for predict-study); ``drop`` leaves out a series type; ``break_one`` removes a
+    sagittal file's InstanceNumber."""
+    series = pd.read_csv(two_stage.data_dir / "train_series_descriptions.csv")
+    kinds = {str(r.series_id): r.series_description for r in series[series["study_id"] == int(study)].itertuples()}
+    for series_folder in sorted((two_stage.data_dir / "train_images" / study).iterdir()):
+        kind = kinds[series_folder.name]
+        if kind == drop:
+            continue
+        target = folder / study / series_folder.name
+        target.mkdir(parents=True)
+        for k, path in enumerate(sorted(series_folder.glob("*.dcm"))):
+            ds = pydicom.dcmread(path)
+            for keyword, value in {**PATIENT, "StudyDate": dt.date.today().strftime("%Y%m%d"),
+                                   "SeriesDescription": CLINICAL[kind]}.items():
+                setattr(ds, keyword, value)
+            if break_one and kind == SAGITTAL_T1 and k == 0:
+                del ds.InstanceNumber
+            ds.save_as(target / path.name)
+            orthanc.upload(target / path.name)
+
+
+def _worker(two_stage, orthanc, tmp_path, *args, wait=True, log=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=two_stage.tracking_uri, SPINEMRI_CACHE_DIR=str(two_stage.cache_dir),
+               SPINEMRI_PACS_STATE=str(tmp_path / "state"))
+    command = [sys.executable, "-m", "spinemri", "pacs", "--url", orthanc.dicomweb, "--once", *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True,
+                               stderr=open(log, "w") if log else subprocess.PIPE)
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-4000:]
+    return out, err
+
+
+def _reports(orthanc) -> dict[str, list[bytes]]:
+    return orthanc.reports()
+
+
+def test_studies_are_reported_once_as_an_sr_that_equals_predict_study(study_model, study_store, tmp_path):
+    two_stage = study_store
+    studies = _held_out(two_stage, 3)
+    folder = tmp_path / "studies"
+    with orthanc_server() as orthanc:
+        _upload(orthanc, two_stage, studies[0], folder)
+        _upload(orthanc, two_stage, studies[1], folder, drop=SAGITTAL_T1)  # an SR that says what was missing
+        _upload(orthanc, two_stage, studies[2], folder, break_one=True)  # a malformed study: no SR
+        # Two workers at once on the same studies (as two machines would run them): one report per study.
+        workers = [_worker(two_stage, orthanc, tmp_path / f"worker-{k}", wait=False) for k in range(2)]
+        outputs = [process.communicate(timeout=600) for process in workers]
+        for process, (out, err) in zip(workers, outputs):
+            assert process.returncode == 0, err[-4000:]
+            assert "3 MR studies" in out and "1 failed" in out, out + err
+            assert "failed (malformed: a Sagittal T1 file has no InstanceNumber" in err, err[-3000:]
+        reports = _reports(orthanc)
+        assert sorted(len(v) for v in reports.values()) == [1, 1]
+
+        out, err = _worker(two_stage, orthanc, tmp_path / "worker-0")  # a second run stores nothing new
+        assert "3 MR studies, 0 reported, 2 already reported, 1 failed" in out, out + err
+        assert sorted(len(v) for v in _reports(orthanc).values()) == [1, 1]
+        outputs.append((out, err))
+
+    expected_out = tmp_path / "submission.csv"
+    shutil.rmtree(folder / studies[2])
+    result = CliRunner().invoke(main, ["predict-study", "--data", str(folder), "--out", str(expected_out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    expected = pd.read_csv(expected_out, dtype={"row_id": str}).set_index("row_id")
+    sites = pd.read_csv(tmp_path / "submission.sites.csv", dtype={"row_id": str}).set_index("row_id")
+    by_study = {}
+    for [data] in reports.values():
+        ds = pydicom.dcmread(io.BytesIO(data))
+        assert str(ds.PatientName) == PATIENT["PatientName"] and ds.PatientID == PATIENT["PatientID"]
+        assert ds.SeriesDescription == "spinemri spinemri-study v1" and ds.Modality == "SR"
+        source = next(s for s in studies[:2] if (folder / s).is_dir() and ds.StudyInstanceUID ==
+                      pydicom.dcmread(next((folder / s).rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+        by_study[source] = (ds, read_report(ds))
+    assert set(by_study) == set(studies[:2])
+    for study, (ds, found) in by_study.items():
+        assert len(found) == 25
+        content = str(ds.ContentSequence)  # the algorithm's name and version sit on every measurement group
+        assert "spinemri-study" in content and "spinemri-study 1" in content
+        for row in found.itertuples():
+            rid = row_id(study, row.condition, row.level)
+            want = expected.loc[rid, list(PROBABILITY_COLUMNS)].to_numpy(float)
+            got = np.array([getattr(row, c) for c in PROBABILITY_COLUMNS])
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=rid)
+            assert row.grade == SEVERITIES[int(np.argmax(want))]
+            assert row.source == sites.loc[rid, "source"]
+            if row.source == "model":
+                assert row.x == pytest.approx(sites.loc[rid, "x"], abs=1e-3)
+                assert row.y == pytest.approx(sites.loc[rid, "y"], abs=1e-3)
+                assert row.sop_instance_uid  # the site's source image, referenced by its UID
+    missing = by_study[studies[1]][1]
+    foraminal = missing[missing["condition"].str.contains("foraminal")]
+    assert (foraminal["source"] == "prior").all() and (foraminal["missing"] == SAGITTAL_T1).all()
+    assert (missing.loc[~missing["condition"].str.contains("foraminal"), "source"] == "model").all()
+
+    # Nothing of the patient module in the worker's output or in MLflow.
+    client = mlflow.MlflowClient(tracking_uri=two_stage.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.role = 'pacs'")
+    assert len(runs) == 3 and runs[0].data.metrics["skipped"] == 2 and runs[0].data.metrics["failed"] == 1
+    assert sum(r.data.metrics["reported"] for r in runs) >= 2  # each study by one worker, or by both
+    texts = [*(text for pair in outputs for text in pair), *(json.dumps(r.to_dictionary(), default=str) for r in runs)]
+    texts += [Path(mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="pacs/studies.csv",
+                                                       tracking_uri=two_stage.tracking_uri)).read_text() for r in runs]
+    for text in texts:
+        for value in ("Doe^Jane", "Doe", "PID-778899", "778899", "19610203"):  # (the sex, "F", is one letter)
+            assert value not in text
+
+
+def test_an_orthanc_outage_mid_run_is_retried_and_nothing_is_lost(study_model, two_stage, tmp_path):
+    studies = _held_out(two_stage, 4)
+    with orthanc_server() as orthanc:
+        for study in studies:
+            _upload(orthanc, two_stage, study, tmp_path / "studies")
+        log = tmp_path / "worker.log"
+        process = _worker(two_stage, orthanc, tmp_path, "--retry-for", "120", wait=False, log=log)
+        deadline = time.monotonic() + 300
+        while not _reports(orthanc):  # the first report is stored: the worker is mid-run
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        orthanc.stop()
+        while "retrying" not in log.read_text():  # down until the worker has found it down, and waits
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        orthanc.start()
+        out, _ = process.communicate(timeout=600)
+        err = log.read_text()
+        assert process.returncode == 0, err[-4000:]
+        assert "4 MR studies, 4 reported, 0 already reported, 0 failed" in out, out + err[-3000:]
+        reports = _reports(orthanc)
+        assert len(reports) == 4 and all(len(v) == 1 for v in reports.values())
+
+
+def test_a_worker_refuses_an_unregistered_model_and_names_an_unreachable_server(study_model, study_store, tmp_path,
+                                                                                monkeypatch):
+    result = CliRunner().invoke(main, ["pacs", "--url", "http://127.0.0.1:9/dicom-web", "--once", "--model",
+                                       "runs:/abc/model"])
+    assert result.exit_code == 1 and "models:/NAME@ALIAS or models:/NAME/VERSION" in result.output
+    monkeypatch.setenv("SPINEMRI_PACS_STATE", str(tmp_path))
+    result = CliRunner().invoke(main, ["pacs", "--url", "http://user:secret@127.0.0.1:9/dicom-web", "--once",
+                                       "--retry-for", "2"])
+    assert result.exit_code == 1, result.output
+    assert "did not answer the study search (QIDO-RS) for 2 s" in result.output and "secret" not in result.output
