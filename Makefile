@@ -2,6 +2,7 @@
 #   make demo   set up .venv and train on the built-in phantom with `mlflow run` (ARCH=densenet)
 #   make serve  serve models:/spinemri@champion on http://127.0.0.1:$(PORT) (after make demo)
 #   make study-demo  the two-stage study-level pipeline on the same phantom (runs make demo first if needed)
+#   make pacs-demo  a local Orthanc, phantom studies uploaded, `spinemri pacs` reports them as DICOM SR (after study-demo)
 #   make test   set up .venv and run the test suite (what .ci/run calls)
 #   make bench  the seven benchmarks of docs/benchmarks.md (BENCH_ARGS=--quick for a smoke run)
 #   make ablation  the study pipeline and each addition cross-validated on a 120-study phantom (about an hour)
@@ -12,7 +13,7 @@ DEMO_DIR ?= data/phantom
 STUDIES  ?= 40
 PYTEST_ARGS ?= -n 3 --dist loadgroup
 
-.PHONY: venv demo study-demo serve serve-study test browser postgres bench ablation clean
+.PHONY: venv demo study-demo pacs-demo serve serve-study test browser postgres orthanc bench ablation clean
 
 venv: $(VENV)/.installed
 
@@ -50,6 +51,14 @@ study-demo: venv
 	$(BIN)/spinemri evaluate-study --data $(DEMO_DIR) --submission submission.csv
 	$(BIN)/spinemri package-study --data $(DEMO_DIR) --split test
 
+# The PACS loop on a local Orthanc (installed by `make orthanc` where it can be): phantom studies uploaded over
+# its REST API, `spinemri pacs --once` reports each as a DICOM SR, the findings read back and printed.
+# PACS_DEMO_ARGS=--keep leaves Orthanc running to browse the studies and reports in its web interface.
+PACS_DEMO_ARGS ?=
+pacs-demo: venv orthanc
+	@$(BIN)/spinemri registry list --name spinemri-study >/dev/null 2>&1 || $(MAKE) study-demo
+	$(BIN)/python -m spinemri.pacs.demo --data $(DEMO_DIR) $(PACS_DEMO_ARGS)
+
 # Serve the registry's champion (after `make demo`); see README "Serving" for a curl request.
 PORT ?= 5001
 serve: venv
@@ -60,7 +69,7 @@ STUDY_PORT ?= 5002
 serve-study: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m models:/spinemri-study@champion --env-manager local -h 127.0.0.1 -p $(STUDY_PORT)
 
-test: venv browser postgres
+test: venv browser postgres orthanc
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # tests/tracking/test_ui_browser.py renders the MLflow UI in a headless Chromium: installed here when
@@ -82,6 +91,17 @@ postgres:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
 			|| echo "note: installing postgresql failed; the PostgreSQL tests will be skipped" >&2; \
 	else echo "note: no PostgreSQL (initdb) found; the PostgreSQL tests will be skipped" >&2; fi >/dev/null
+
+# The PACS tests and `make pacs-demo` start a real Orthanc with its DICOMweb plugin: installed here when missing on
+# Debian as root; elsewhere install Orthanc or set SPINEMRI_ORTHANC and SPINEMRI_ORTHANC_DICOMWEB.
+orthanc:
+	@if { [ -n "$$SPINEMRI_ORTHANC" ] || command -v Orthanc || test -x /usr/sbin/Orthanc; } && \
+		{ [ -n "$$SPINEMRI_ORTHANC_DICOMWEB" ] || ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so; }; \
+	then :; elif command -v apt-get && [ "$$(id -u)" = 0 ]; then \
+		echo "installing orthanc and orthanc-dicomweb (apt-get) for the PACS tests" >&2; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb \
+			|| echo "note: installing Orthanc failed; the PACS tests will be skipped" >&2; \
+	else echo "note: no Orthanc found; the PACS tests will be skipped" >&2; fi >/dev/null
 
 # One JSON line and one summary line per benchmark; stdout collects them, stderr has the logs.
 BENCHMARKS ?= preprocess pipeline memory serve tune feed scale

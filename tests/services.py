@@ -1,4 +1,5 @@
-"""Real servers for the tests: a PostgreSQL cluster in a temp folder, and an MLflow tracking server on it.
+"""Real servers for the tests: a PostgreSQL cluster in a temp folder, an MLflow tracking server on it, and an
+Orthanc PACS with its DICOMweb plugin.
 
 Each starts on 127.0.0.1 and a free port and is stopped (its process group) when the context ends.
 PostgreSQL refuses to run as root: as root, the cluster's folder is given to the ``postgres`` user
@@ -133,3 +134,17 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def orthanc_server():
+    """Yield a running :class:`spinemri.pacs.orthanc.Orthanc` with an empty storage in a new temp folder, removed
+    afterwards; skip the test where Orthanc or its DICOMweb plugin is absent."""
+    from spinemri.pacs.orthanc import find_orthanc, local_orthanc
+
+    if find_orthanc() is None:
+        pytest.skip("Orthanc with its DICOMweb plugin not found: `make test` installs them (orthanc, "
+                    "orthanc-dicomweb) on Debian/Ubuntu as root; elsewhere install them or set SPINEMRI_ORTHANC "
+                    "and SPINEMRI_ORTHANC_DICOMWEB")
+    with local_orthanc() as server:
+        yield server

@@ -592,6 +592,45 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
         click.echo(f"    {count:>4}  {reason}")
 
 
+@main.command()
+@click.option("--url", required=True, help="The DICOMweb server's root, e.g. http://127.0.0.1:8042/dicom-web "
+              "(basic auth from SPINEMRI_PACS_USER and SPINEMRI_PACS_PASSWORD).")
+@click.option("--model", "model_uri", default="models:/spinemri-study@champion", show_default=True,
+              help="A registered study model (spinemri package-study), models:/NAME@ALIAS or models:/NAME/VERSION.")
+@click.option("--once", is_flag=True, help="One pass over the studies there, then exit (default: poll).")
+@click.option("--poll-seconds", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="Between passes, without --once.")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y%m%d"]), default=None,
+              help="Studies from this StudyDate on [default: since the last complete pass, or the last --days days].")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d", "%Y%m%d"]), default=None, help="... up to this StudyDate.")
+@click.option("--days", default=7, show_default=True, type=click.IntRange(min=1),
+              help="The first pass's window without --since: the last DAYS days, today included.")
+@click.option("--all-dates", is_flag=True, help="Every MR study on the server, whatever its date.")
+@click.option("--retry-for", default=300.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to keep retrying (with backoff) a server that refuses connections or answers 5xx.")
+@user_errors
+@tracked
+def pacs(url, model_uri, once, poll_seconds, since, until, days, all_dates, retry_for) -> None:
+    """Grade new MR studies of a DICOMweb server and store each one's findings back as a DICOM SR.
+
+    Finds MR studies with QIDO-RS, fetches the series the study model reads with WADO-RS (series
+    types from the images), runs the model and stores a Comprehensive SR (TID 1500) with STOW-RS:
+    per condition and level the grade, its three probabilities and the site on its source image. A
+    study is reported once per model version. Log lines name studies by a digest of their UID,
+    never by a patient attribute.
+    """
+    import logging
+
+    from spinemri.pacs.worker import Settings, work
+
+    if all_dates and (since or until):
+        raise click.UsageError("--all-dates takes every date; leave out --since and --until")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    settings = Settings(url=url, model_uri=model_uri, since=since.date() if since else None,
+                        until=until.date() if until else None, retry_for=retry_for)
+    work(settings, once=once, poll_seconds=poll_seconds, days=days, every_date=all_dates, echo=click.echo)
+
+
 @main.command("evaluate-study")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Dataset folder whose train.csv labels the submitted studies.")

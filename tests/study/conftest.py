@@ -71,3 +71,16 @@ def study_store(two_stage, monkeypatch) -> TwoStage:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(two_stage.tracking_uri)
     return two_stage
+
+
+@pytest.fixture(scope="session")
+def study_model(two_stage) -> str:
+    """package-study once: evaluated on the held-out studies, registered as spinemri-study v1; its output."""
+    from click.testing import CliRunner
+
+    from spinemri.cli import main
+
+    with isolated_tracking(two_stage.tracking_uri, two_stage.cache_dir):
+        result = CliRunner().invoke(main, ["package-study", "--data", str(two_stage.data_dir)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output

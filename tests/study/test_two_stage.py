@@ -292,15 +292,6 @@ def test_a_five_slice_request_to_the_served_classifier_matches_predict_study(stu
     np.testing.assert_allclose(served, expected, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def study_model(two_stage):
-    """package-study once: evaluated on the held-out studies, registered as spinemri-study v1."""
-    mlflow.set_tracking_uri(two_stage.tracking_uri)
-    result = _cli("package-study", "--data", two_stage.data_dir)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def test_packaged_study_model_matches_predict_study(study_store, study_model, tmp_path):
     assert "spinemri-study version 1 -> champion" in study_model
     out, _ = _held_out(study_store, tmp_path)
