@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +162,15 @@ def run_pass(settings: Settings, predictor, model_name: str, model_version: str)
         row = {"study": study_key(uid)}
         try:
             row.update(_process(settings, client, uid, predictor, model_name, model_version))
+        except PacsUnavailable:
+            raise
         except (StudyError, ImageReadError, ValueError, KeyError) as exc:
             row.update(status="failed", reason=_reason(exc))
+        except Exception as exc:  # noqa: BLE001 - one study's surprise must not stop an unattended worker
+            # Where, not what: a library's message may quote a header value of the study.
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            row.update(status="failed", reason=f"unexpected {type(exc).__name__} at {Path(where.filename).name}:"
+                                               f"{where.lineno}")
         result.rows.append(row)
         log.info("study %s: %s%s", row["study"], row["status"], f" ({row['reason']})" if row.get("reason") else "")
     return result
