@@ -51,6 +51,7 @@ T = TypeVar("T")
 DEFAULT_MODEL = "models:/spinemri-study@champion"
 USER_ENV, PASSWORD_ENV = "SPINEMRI_PACS_USER", "SPINEMRI_PACS_PASSWORD"
 MAX_BACKOFF_S = 30.0
+SERIES_ATTEMPTS = 3  # downloads of a series that keeps coming short before its study counts as partial
 TAGS = {"study": "0020000D", "series": "0020000E", "instance": "00080018", "modality": "00080060",
         "instances": "00201209", "sop_class": "00080016"}
 
@@ -263,9 +264,15 @@ def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) 
                 files.append(path)
             return files
 
-        files = with_retry(settings, "the series (WADO-RS)", download)
-        if len(files) != len(metadata):
-            raise StudyError(f"a series came with {len(files)} of its {len(metadata)} instances (a partial study)")
+        for _ in range(SERIES_ATTEMPTS):  # a stream cut short (a server going down mid-series) is fetched again
+            files = with_retry(settings, "the series (WADO-RS)", download)
+            if len(files) == len(metadata):
+                break
+            log.warning("a series of study %s came with %d of its %d instances; fetching it again",
+                        study_key(study_uid), len(files), len(metadata))
+        else:
+            raise StudyError(f"a series came with {len(files)} of its {len(metadata)} instances, {SERIES_ATTEMPTS} "
+                             "times (a partial study)")
         try:
             series_order(files)  # every file can be placed in its series
         except ImageReadError as exc:
