@@ -601,7 +601,8 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
 @click.option("--poll-seconds", default=60.0, show_default=True, type=click.FloatRange(min=1),
               help="Between passes, without --once.")
 @click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y%m%d"]), default=None,
-              help="Studies from this StudyDate on [default: since the last complete pass, or the last --days days].")
+              help="Studies from this StudyDate on [default: from the day before the last complete pass, or the "
+              "last --days days on the first pass].")
 @click.option("--until", type=click.DateTime(["%Y-%m-%d", "%Y%m%d"]), default=None, help="... up to this StudyDate.")
 @click.option("--days", default=7, show_default=True, type=click.IntRange(min=1),
               help="The first pass's window without --since: the last DAYS days, today included.")

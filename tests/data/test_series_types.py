@@ -134,6 +134,36 @@ SAG, AX = [0, 1, 0, 0, 0, -1], [1, 0, 0, 0, 1, 0]
     (dict(SeriesDescription="SAG T2 FSE"), SAGITTAL_T2, "the description says sagittal"),  # no header values
     (dict(SeriesDescription="ax t2"), AXIAL_T2, "the description says t2"),
     (dict(SeriesDescription="sagittal t2/stir"), SAGITTAL_T2, "SeriesDescription is 'Sagittal T2/STIR'"),
+    # What the header cannot be trusted for is not read: the description decides, or the series is skipped.
+    (dict(ImageOrientationPatient=[0, 1, 0, 0, 0, "NaN"], RepetitionTime=3000, EchoTime=100), None,
+     "ImageOrientationPatient unreadable"),
+    (dict(ImageOrientationPatient=[1e308, 1e308, 0, 0, 1e308, 1e308], RepetitionTime=3000, EchoTime=100), None,
+     "ImageOrientationPatient unreadable"),
+    (dict(ImageOrientationPatient=[0, 1, 0, 0, 0.999, 0.045], RepetitionTime=3000, EchoTime=100), None,
+     "not perpendicular"),
+    (dict(ImageOrientationPatient=[0, 1, 0, 0, 0], SeriesDescription="T2 SAG"), SAGITTAL_T2, "has 5 values"),
+    (dict(ImageOrientationPatient=[0, 1, 0, 0.7071, 0, -0.7071], RepetitionTime=3000, EchoTime=100), None,
+     "oblique"),  # 45 degrees between sagittal and axial
+    (dict(ImageOrientationPatient=SAG, RepetitionTime=0, EchoTime=0, SeriesDescription="SAG T2 TSE"), SAGITTAL_T2,
+     "the description says t2"),  # timing zeroed by an anonymiser
+    (dict(ImageOrientationPatient=SAG, ScanningSequence="IR", InversionTime=-5, RepetitionTime=4000, EchoTime=40),
+     None, "inversion recovery without a positive InversionTime"),
+    (dict(ImageOrientationPatient=SAG, ScanningSequence="GR", RepetitionTime=600, EchoTime=20,
+          SeriesDescription="SAG T2* MEDIC"), None, "a gradient echo"),
+    (dict(SeriesDescription="SAG T1 T2"), None, "the description names t2 and t1"),
+    (dict(SeriesDescription="SAG AX T2"), None, "the description names sagittal and axial"),
+    (dict(SeriesDescription="SAG T2 T11-L2"), SAGITTAL_T2, "the description says t2"),  # T11: a level
+    (dict(SeriesDescription="STIR T2 SAG"), SAGITTAL_T2, "the description says stir"),
+    (dict(ImageOrientationPatient=SAG, RepetitionTime=500, EchoTime=10, SeriesDescription="SAG T2 TSE"), SAGITTAL_T1,
+     "TR 500 ms, TE 10 ms; the description says t2"),  # the timing decides; the conflict is said
+    (dict(ImageOrientationPatient=SAG, RepetitionTime=500, EchoTime=10, SeriesDescription="SAG T1 PRE CONTRAST"),
+     SAGITTAL_T1, "contrast t1"),
+    (dict(ImageOrientationPatient=SAG, RepetitionTime=4000, EchoTime=100, SeriesDescription="SAG T2 POST-OP"),
+     SAGITTAL_T2, "contrast t2"),
+    (dict(ImageOrientationPatient=SAG, RepetitionTime=500, EchoTime=10, ContrastBolusAgent="NONE"), SAGITTAL_T1,
+     "contrast t1"),
+    (dict(ImageOrientationPatient=SAG, RepetitionTime=500, EchoTime=10, SeriesDescription="SAG T1 POST GAD"), None,
+     "contrast-enhanced"),
 ])
 def test_the_timing_and_plane_table(tags, expected, why):
     found = series_type(_header(**tags))
@@ -160,6 +190,11 @@ def test_a_site_adds_rules_of_its_own(tmp_path, monkeypatch):
     ("- name: x\n  result: skip\n  plane: diagonal\n", "plane must be one of"),
     ("name: x\n", "expected a list of rules"),
     ("- [1, 2]\n", "rule 1: expected a mapping"),
+    ("- name: x\n  result: skip\n  description: 5\n", "rule 1: description must be a string or a list of strings"),
+    ("- name: x\n  result: skip\n  tags: [NotAKeyword]\n", "'NotAKeyword' is not a DICOM keyword"),
+    ("- name: x\n  result: skip\n", "it tests nothing"),
+    ("- name: x\n  result: skip\n  1: y\n", "rule 1: unknown key(s) 1"),
+    ("- name: [x]\n  result: skip\n  plane: axial\n", "rule 1: name must be a string"),
 ])
 def test_a_bad_rules_file_is_named_with_its_rule_and_the_fix(tmp_path, text, message):
     path = tmp_path / f"rules-{abs(hash(text))}.yaml"

@@ -24,6 +24,8 @@ from click.testing import CliRunner
 from spinemri.cli import main
 from spinemri.data.schema import CONDITIONS, LEVELS, PROBABILITY_COLUMNS, SAGITTAL_T1, SEVERITIES, row_id
 from spinemri.pacs.report import read_report
+from spinemri.errors import StudyError
+from spinemri.pacs.worker import PassResult, _header, _value, remember_pass, to_remember, window_start
 from tests.services import orthanc_server
 
 pytestmark = pytest.mark.xdist_group("study")
@@ -38,10 +40,11 @@ def _held_out(two_stage, n: int) -> list[str]:
     return [str(s) for s in splits.loc[splits["split"] == "test", "study_id"].head(n)]
 
 
-def _upload(orthanc, two_stage, study: str, folder: Path, *, drop: str | None = None, break_one: bool = False) -> None:
-    """Upload a phantom study to Orthanc with a patient identity, today's date and clinical series names (also
-    copied to ``folder/<study>`` for predict-study); ``drop`` leaves out a series type; ``break_one`` removes a
-    sagittal file's InstanceNumber."""
+def _upload(orthanc, two_stage, study: str, folder: Path, *, drop: str | None = None, break_one: bool = False,
+            date: dt.date | None = None) -> None:
+    """Upload a phantom study to Orthanc with a patient identity, a StudyDate (today's unless given) and clinical
+    series names (also copied to ``folder/<study>`` for predict-study); ``drop`` leaves out a series type;
+    ``break_one`` removes a sagittal file's InstanceNumber."""
     series = pd.read_csv(two_stage.data_dir / "train_series_descriptions.csv")
     kinds = {str(r.series_id): r.series_description for r in series[series["study_id"] == int(study)].itertuples()}
     for series_folder in sorted((two_stage.data_dir / "train_images" / study).iterdir()):
@@ -52,7 +55,7 @@ def _upload(orthanc, two_stage, study: str, folder: Path, *, drop: str | None = 
         target.mkdir(parents=True)
         for k, path in enumerate(sorted(series_folder.glob("*.dcm"))):
             ds = pydicom.dcmread(path)
-            for keyword, value in {**PATIENT, "StudyDate": dt.date.today().strftime("%Y%m%d"),
+            for keyword, value in {**PATIENT, "StudyDate": (date or dt.date.today()).strftime("%Y%m%d"),
                                    "SeriesDescription": CLINICAL[kind]}.items():
                 setattr(ds, keyword, value)
             if break_one and kind == SAGITTAL_T1 and k == 0:
@@ -152,11 +155,14 @@ def test_studies_are_reported_once_as_an_sr_that_equals_predict_study(study_mode
             assert value not in text
 
 
-def test_an_orthanc_outage_mid_run_is_retried_and_nothing_is_lost(study_model, two_stage, tmp_path):
+def test_an_orthanc_outage_mid_run_is_retried_and_nothing_is_lost(study_model, two_stage, tmp_path, monkeypatch):
     studies = _held_out(two_stage, 4)
+    today = dt.date.today()
     with orthanc_server() as orthanc:
-        for study in studies:
-            _upload(orthanc, two_stage, study, tmp_path / "studies")
+        for k, study in enumerate(studies):  # one acquired yesterday, stored after today's last complete pass
+            _upload(orthanc, two_stage, study, tmp_path / "studies", date=today - dt.timedelta(days=k == 0))
+        monkeypatch.setenv("SPINEMRI_PACS_STATE", str(tmp_path / "state"))
+        remember_pass(orthanc.dicomweb, today)
         log = tmp_path / "worker.log"
         process = _worker(two_stage, orthanc, tmp_path, "--retry-for", "120", wait=False, log=log)
         deadline = time.monotonic() + 300
@@ -186,3 +192,38 @@ def test_a_worker_refuses_an_unregistered_model_and_names_an_unreachable_server(
                                        "--retry-for", "2"])
     assert result.exit_code == 1, result.output
     assert "did not answer the study search (QIDO-RS) for 2 s" in result.output and "secret" not in result.output
+    result = CliRunner().invoke(main, ["pacs", "--url", "localhost:8042/dicom-web", "--once"])
+    assert result.exit_code == 1 and "'localhost:8042/dicom-web' is not an http(s) address" in result.output
+    monkeypatch.setenv("SPINEMRI_SERIES_RULES", str(tmp_path / "site-rules.yaml"))  # checked before any study
+    result = CliRunner().invoke(main, ["pacs", "--url", "http://127.0.0.1:9/dicom-web", "--once"])
+    assert result.exit_code == 1 and "site-rules.yaml: no such file" in result.output, result.output
+
+
+def test_the_window_overlaps_the_last_pass_by_a_day_and_waits_for_a_study_worth_another_try():
+    today = dt.date(2026, 3, 2)
+    assert window_start(None, today, 7) == dt.date(2026, 2, 24)  # the first pass: the last 7 days, today included
+    assert window_start(None, today, 1) == today
+    assert window_start(today, today, 7) == dt.date(2026, 3, 1)  # studies of the day before midnight
+    assert window_start(today + dt.timedelta(days=3), today, 7) == dt.date(2026, 3, 1)  # a clock set back
+    assert to_remember(today, PassResult(found=4)) == today
+    held = PassResult(found=4, retry_from=dt.date(2026, 2, 20))  # a partial transfer of a study of Feb 20
+    assert to_remember(today, held) == dt.date(2026, 2, 20)
+    assert window_start(to_remember(today, held), today, 7) == dt.date(2026, 2, 19)
+
+
+@pytest.mark.parametrize("metadata", [
+    {"0008103E": {"vr": "DS", "Value": ["DOE^JOHN"]}},  # a description sent with a number's VR
+    {"0008103E": {"vr": "LO", "Value": "DOE^JOHN"}},  # Value not a list
+    {"00180080": {"Value": [10**400]}},  # no VR
+    "DOE^JOHN",
+])
+def test_metadata_that_is_not_dicom_json_is_a_malformed_study_and_quotes_no_value(metadata):
+    with pytest.raises(StudyError, match="malformed: a series' metadata is not DICOM JSON") as raised:
+        _header(metadata)
+    assert "DOE" not in str(raised.value)
+
+
+def test_a_study_search_answer_that_is_not_dicom_json_has_no_value():
+    assert _value({"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}, "study") == "1.2.3"
+    for item in ({"0020000D": "1.2.3"}, {"0020000D": {"Value": [{"a": 1}]}}, {"0020000D": {"Value": []}}, [], None):
+        assert _value(item, "study") is None

@@ -5,18 +5,22 @@ Clinical scanners name series as their sites configured them ("T2_TSE_SAG", "SAG
 
 * the **plane**, from ImageOrientationPatient: the slice normal's largest component (left-right:
   sagittal, head-foot: axial, front-back: coronal), when that component is at least
-  ``PLANE_COSINE`` (a tilt of up to about 45 degrees); the description's "sag", "ax"/"tra", "cor"
-  where the header has no orientation;
+  ``PLANE_COSINE`` (a tilt of up to about 37 degrees); the description's "sag", "ax"/"tra", "cor"
+  where the header has no orientation. An orientation that is not two perpendicular unit vectors is
+  not read;
 * the **contrast**, from RepetitionTime, EchoTime, InversionTime and ScanningSequence (thresholds
-  in ``CONTRAST``); the description's "stir", "t2", "t1", ... where those are missing;
+  in ``CONTRAST``; a gradient echo's timing is not read, and zero or negative times count as
+  missing); the description's "stir", "t2", "t1", ... where those are missing. A description
+  that names two planes, or both T1 and T2, is not guessed from;
 * the description, ProtocolName and ImageType, for the series that are recognised and skipped:
   localizers and scouts, diffusion (DWI, ADC), contrast-enhanced and reformatted series.
 
 :data:`RULES` is the table that turns these into a type: the first rule that matches decides, either
 a series type (one of ``schema.SERIES_DESCRIPTIONS``) or ``skip``. A site adds rules of its own in a
 YAML file named by the environment variable ``SPINEMRI_SERIES_RULES`` (a list of mappings with the
-fields of :class:`SeriesRule`); they are tried before these. Every answer says why
-(:class:`SeriesType.reason`), which ``spinemri data check`` prints for each series.
+fields of :class:`SeriesRule`); they are tried before these, and the file is read once per process.
+Every answer says why (:class:`SeriesType.reason`), which ``spinemri data check`` prints for each
+series.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from spinemri.data import schema
@@ -37,8 +42,9 @@ from spinemri.errors import ConfigError
 
 SKIP = "skip"
 PLANES = ("sagittal", "coronal", "axial")  # the slice normal along x (left-right), y (front-back), z (head-foot)
-CONTRASTS = ("t1", "t2", "stir", "pd", "flair")
-PLANE_COSINE = 0.7  # the normal's largest component: at least this, or the plane is "oblique"
+CONTRASTS = ("t1", "t2", "stir", "pd", "flair", "t2star")
+PLANE_COSINE = 0.8  # the normal's largest component: at least this (a tilt of at most ~37 degrees), or "oblique"
+PERPENDICULAR = 0.1  # |cos| between the row and column directions above this: the orientation is not read
 RULES_ENV = "SPINEMRI_SERIES_RULES"
 
 # Contrast from the sequence's timing (ms). Inversion recovery (IR in ScanningSequence, or an
@@ -50,8 +56,11 @@ CONTRAST = dict(STIR_MAX_TI=300.0, FLAIR_MIN_TI=1500.0, T1_MAX_TR=1000.0, T1_MAX
 # Words of a description (lower case) that name a plane or a contrast: the fallback where the
 # header does not measure it.
 PLANE_WORDS = {"sagittal": r"\bsag|sag\b|_sag|sag_", "axial": r"\bax|\btra|ax\b|tra\b|_ax|_tra",
-               "coronal": r"\bcor|cor\b|_cor"}
-CONTRAST_WORDS = {"stir": r"stir|tirm|\bir\b", "flair": r"flair", "t2": r"t2", "t1": r"t1", "pd": r"\bpd"}
+               "coronal": r"\bcor(onal)?\b|_cor(onal)?\b|\bcor(onal)?_"}
+CONTRAST_WORDS = {"stir": r"stir|tirm|\bir\b", "flair": r"flair", "t2star": r"t2 ?\*|\bmedic\b|\bmerge\b|\bgre\b",
+                  "t2": r"t2(?!\d)", "t1": r"t1(?!\d)", "pd": r"\bpd"}  # (T11, T12: thoracic levels)
+ABSENT = {"", "none", "no", "n/a", "na", "0"}  # a tag of evidence with one of these values counts as absent
+REASON_TEXT = 80  # characters of a description quoted in a reason
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,12 @@ class SeriesRule:
             problems.append(f"plane must be one of {', '.join(PLANES)}, oblique, got {self.plane!r}")
         if self.contrast is not None and self.contrast not in CONTRASTS:
             problems.append(f"contrast must be one of {', '.join(CONTRASTS)}, got {self.contrast!r}")
+        if not (self.description or self.image_type or self.tags or self.plane or self.contrast):
+            problems.append("it tests nothing (give description, image_type, tags, plane or contrast), so it would "
+                            "take every series")
+        for tag in self.tags:
+            if tag_for_keyword(tag) is None:
+                problems.append(f"tags: {tag!r} is not a DICOM keyword (e.g. ContrastBolusAgent)")
         for pattern in self.description:
             try:
                 re.compile(pattern)
@@ -97,7 +112,8 @@ RULES: tuple[SeriesRule, ...] = (
                description=(r"dwi", r"diff", r"\badc\b", r"trace", r"\bdti\b")),
     SeriesRule("contrast-enhanced", SKIP, why="contrast-enhanced",
                tags=("ContrastBolusAgent",),
-               description=(r"\+ ?c\b", r"\bc\+", r"\bpost\b", r"gad", r"\bgd\b", r"contrast", r"\bce\b")),
+               description=(r"\+ ?c\b", r"\bc\+", r"\bpost\b(?![ -]?op)", r"gad", r"\bgd\b",
+                            r"(?<!pre)(?<!pre[ -])(?<!non)(?<!non[ -])(?<!w/o )(?<!without )contrast", r"\bce\b")),
     SeriesRule("reformatted", SKIP, why="a reformat or projection, not an acquired series",
                image_type=("MPR", "REFORMATTED", "PROJECTION IMAGE", "MIP"),
                description=(r"\bmpr\b", r"reformat", r"\bmip\b")),
@@ -132,7 +148,7 @@ class Features:
 
 def series_type(ds: Dataset, rules: tuple[SeriesRule, ...] | None = None) -> SeriesType:
     """The type of the series a header (any file of it) belongs to; see the module docstring."""
-    description = str(ds.get("SeriesDescription", "") or "").strip()
+    description = _text(ds.get("SeriesDescription"))
     exact = {d.lower(): d for d in schema.SERIES_DESCRIPTIONS}.get(description.lower())
     if exact:
         return SeriesType(exact, "RSNA name", f"SeriesDescription is {exact!r}")
@@ -147,22 +163,36 @@ def series_type(ds: Dataset, rules: tuple[SeriesRule, ...] | None = None) -> Ser
             return SeriesType(None, rule.name, f"skipped: {rule.why or rule.name} ({evidence}); {seen}")
         return SeriesType(rule.result, rule.name, f"{seen}{'; ' + evidence if evidence != 'always' else ''}")
     return SeriesType(None, "no rule", f"skipped: {seen}, which no rule takes"
-                      + (f"; description {description!r}" if description else "; no SeriesDescription"))
+                      + (f"; description {description[:REASON_TEXT]!r}" if description else "; no SeriesDescription"))
 
 
 def header_features(ds: Dataset) -> Features:
-    text = " ".join(str(ds.get(k, "") or "").strip() for k in ("SeriesDescription", "ProtocolName")).strip().lower()
+    text = " ".join(_text(ds.get(k)) for k in ("SeriesDescription", "ProtocolName")).strip().lower()
     plane, plane_from = _plane(ds.get("ImageOrientationPatient"))
     if plane is None:
-        plane = next((p for p, words in PLANE_WORDS.items() if re.search(words, text)), None)
-        plane_from = f"the description says {plane}" if plane else plane_from
+        plane, plane_from = _from_words(PLANE_WORDS, text, plane_from)
     contrast, contrast_from = _contrast(ds)
+    said, _ = _from_words(CONTRAST_WORDS, text, "")
     if contrast is None:
-        contrast = next((c for c, words in CONTRAST_WORDS.items() if re.search(words, text)), None)
-        contrast_from = f"the description says {contrast}" if contrast else contrast_from
+        contrast, contrast_from = _from_words(CONTRAST_WORDS, text, contrast_from)
+    elif said is not None and said != contrast:
+        contrast_from += f"; the description says {said}"
     image_type = frozenset(str(v).strip().upper() for v in _values(ds.get("ImageType")))
-    tags = frozenset(k for k in _evidence_tags() if k in ds and ds.get(k) not in (None, ""))
+    tags = frozenset(k for k in _evidence_tags() if _text(ds.get(k)).lower() not in ABSENT)
     return Features(text, plane, plane_from, contrast, contrast_from, image_type, tags)
+
+
+def _from_words(words: dict[str, str], text: str, otherwise: str) -> tuple[str | None, str]:
+    """The one plane or contrast a description names; None where it names none, or two that exclude each
+    other (STIR, FLAIR and T2* descriptions often say T2 as well, so the first of those wins over T2)."""
+    named = [name for name, pattern in words.items() if re.search(pattern, text)]
+    if not named:
+        return None, otherwise
+    header = f", not the header: {otherwise}" if otherwise else ""
+    also_t2 = {"t2"} if named[0] in ("stir", "flair", "t2star") else set()
+    if set(named[1:]) - also_t2:
+        return None, f"the description names {' and '.join(named)}{header}"
+    return named[0], f"the description says {named[0]}{header}"
 
 
 def _evidence(rule: SeriesRule, f: Features) -> str | None:
@@ -187,20 +217,29 @@ def _evidence(rule: SeriesRule, f: Features) -> str | None:
 
 
 def _plane(orientation) -> tuple[str | None, str]:
+    values = _values(orientation)
+    if not values:
+        return None, "no ImageOrientationPatient"
     try:
-        cosines = np.asarray([float(v) for v in _values(orientation)], float)
-    except (TypeError, ValueError):
+        cosines = np.asarray([float(v) for v in values], float)
+    except (TypeError, ValueError, OverflowError):
         return None, "ImageOrientationPatient unreadable"
     if cosines.shape != (6,):
-        return None, "no ImageOrientationPatient"
-    normal = np.cross(cosines[:3], cosines[3:])
-    norm = np.linalg.norm(normal)
-    if norm == 0:
-        return None, "ImageOrientationPatient has parallel rows and columns"
-    normal = np.abs(normal / norm)
+        return None, f"ImageOrientationPatient has {cosines.size} values, not 6"
+    rows, columns = cosines[:3], cosines[3:]
+    with np.errstate(all="ignore"):
+        lengths = np.array([np.linalg.norm(rows), np.linalg.norm(columns)])
+        if not (np.isfinite(cosines).all() and np.isfinite(lengths).all() and (lengths > 0.5).all()
+                and (lengths < 2).all()):
+            return None, "ImageOrientationPatient unreadable (not two unit vectors)"
+        rows, columns = rows / lengths[0], columns / lengths[1]
+    if abs(float(rows @ columns)) > PERPENDICULAR:
+        return None, "ImageOrientationPatient unreadable (rows and columns not perpendicular)"
+    normal = np.abs(np.cross(rows, columns))
+    normal /= np.linalg.norm(normal)
     axis = int(np.argmax(normal))
     if normal[axis] < PLANE_COSINE:
-        return "oblique", f"slice normal {np.round(normal, 2).tolist()} leans more than 45 degrees off every axis"
+        return "oblique", f"slice normal {np.round(normal, 2).tolist()} leans more than 37 degrees off every axis"
     return PLANES[axis], f"slice normal {normal[axis]:.2f} along {('left-right', 'front-back', 'head-foot')[axis]}"
 
 
@@ -208,13 +247,15 @@ def _contrast(ds: Dataset) -> tuple[str | None, str]:
     tr, te, ti = (_number(ds.get(k)) for k in ("RepetitionTime", "EchoTime", "InversionTime"))
     sequence = {str(v).strip().upper() for v in _values(ds.get("ScanningSequence"))}
     c = CONTRAST
-    if "IR" in sequence or (ti is not None and ti > 0):
+    if "IR" in sequence or ti is not None:
         if ti is None:
-            return None, "inversion recovery without InversionTime"
+            return None, "inversion recovery without a positive InversionTime"
         label = "stir" if ti < c["STIR_MAX_TI"] else "flair" if ti > c["FLAIR_MIN_TI"] else "t1"
         return label, f"inversion recovery, TI {ti:g} ms"
+    if "GR" in sequence and "SE" not in sequence:
+        return None, "a gradient echo (its timing does not tell T1 from T2*)"
     if tr is None or te is None:
-        return None, "no RepetitionTime/EchoTime"
+        return None, "no positive RepetitionTime/EchoTime"
     timing = f"TR {tr:g} ms, TE {te:g} ms"
     if tr < c["T1_MAX_TR"] and te < c["T1_MAX_TE"]:
         return "t1", timing
@@ -233,11 +274,27 @@ def _values(value) -> list:
 
 
 def _number(value) -> float | None:
+    """A time in ms: positive and finite, else None (anonymisers zero what they remove)."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return number if np.isfinite(number) else None
+    return number if np.isfinite(number) and number > 0 else None
+
+
+def _text(value) -> str:
+    """A string attribute as text; a multi-valued one joined with backslashes, as DICOM writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return "\\".join(str(v).strip() for v in _values(value)).strip() if not isinstance(value, str) else value.strip()
+
+
+def header_keywords() -> tuple[str, ...]:
+    """The header attributes :func:`series_type` reads (a DICOMweb client asks for no more)."""
+    return ("SeriesDescription", "ProtocolName", "ImageOrientationPatient", "RepetitionTime", "EchoTime",
+            "InversionTime", "ScanningSequence", "ImageType", *sorted(_evidence_tags()))
 
 
 def _evidence_tags() -> frozenset[str]:
@@ -259,6 +316,8 @@ def load_rules(path: str) -> tuple[SeriesRule, ...]:
                           "(see docs/data.md) or unset it")
     try:
         entries = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{RULES_ENV}={path}: cannot be read ({exc.strerror}); check its permissions") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not YAML ({exc})") from None
     if not isinstance(entries, list):
@@ -268,15 +327,21 @@ def load_rules(path: str) -> tuple[SeriesRule, ...]:
     for k, entry in enumerate(entries, 1):
         if not isinstance(entry, dict):
             raise ConfigError(f"{path} rule {k}: expected a mapping with keys {', '.join(sorted(fields))}")
-        unknown = sorted(set(entry) - fields)
+        unknown = sorted(map(str, set(entry) - fields))
         if unknown or "name" not in entry or "result" not in entry:
-            raise ConfigError(f"{path} rule {k}: " + (f"unknown key(s) {', '.join(map(str, unknown))}; " if unknown else "")
-                              + f"a rule has name and result, and any of {', '.join(sorted(fields - {'name', 'result'}))}")
-        values = {key: tuple(str(v) for v in value) if isinstance(value, list) else value
-                  for key, value in entry.items()}
+            others = ", ".join(sorted(fields - {"name", "result"}))
+            raise ConfigError(f"{path} rule {k}: " + (f"unknown key(s) {', '.join(unknown)}; " if unknown else "")
+                              + f"a rule has name and result, and any of {others}")
+        values = dict(entry)
         for key in ("description", "image_type", "tags"):
-            if isinstance(values.get(key), str):
-                values[key] = (values[key],)
+            value = values.get(key, [])
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path} rule {k}: {key} must be a string or a list of strings, got {value!r}")
+            values[key] = tuple(value)
+        for key in ("name", "result", "why", "plane", "contrast"):
+            if key in values and values[key] is not None and not isinstance(values[key], str):
+                raise ConfigError(f"{path} rule {k}: {key} must be a string, got {values[key]!r}")
         try:
             rules.append(SeriesRule(**values))
         except ConfigError as exc:

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import pandas as pd
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from spinemri.data.dicom import read_header, series_order
 from spinemri.data.schema import SERIES_DESCRIPTIONS
-from spinemri.data.series_types import series_type
+from spinemri.data.series_types import header_keywords, series_type, site_rules
 from spinemri.data.studies import Study, StudySeries
 from spinemri.errors import ConfigError, ImageReadError, StudyError, UserError
 from spinemri.pacs.report import report_uids, structured_report
@@ -53,11 +54,16 @@ USER_ENV, PASSWORD_ENV = "SPINEMRI_PACS_USER", "SPINEMRI_PACS_PASSWORD"
 MAX_BACKOFF_S = 30.0
 SERIES_ATTEMPTS = 3  # downloads of a series that keeps coming short before its study counts as partial
 TAGS = {"study": "0020000D", "series": "0020000E", "instance": "00080018", "modality": "00080060",
-        "instances": "00201209", "sop_class": "00080016"}
+        "instances": "00201209", "sop_class": "00080016", "date": "00080020"}
+OVERLAP = dt.timedelta(days=1)  # a study acquired before midnight may reach the PACS after the next day's first pass
 
 
 class PacsUnavailable(UserError):
     """The DICOMweb server did not answer for ``retry_for`` seconds."""
+
+
+class PartialStudy(StudyError):
+    """A series kept coming with fewer instances than the server lists: worth another try on the next pass."""
 
 
 @dataclass
@@ -66,6 +72,9 @@ class PassResult:
 
     found: int = 0
     rows: list[dict] = field(default_factory=list)
+    # The earliest StudyDate of a study that failed for a reason that may pass (a partial transfer, an unexpected
+    # error): the next pass's window starts there. A malformed study would fail again and holds nothing.
+    retry_from: dt.date | None = None
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows)
@@ -85,6 +94,20 @@ class Settings:
 def study_key(study_uid: str) -> str:
     """A study's name in logs and MLflow: the first 12 hex digits of the SHA-256 of its Study Instance UID."""
     return hashlib.sha256(study_uid.encode()).hexdigest()[:12]
+
+
+def check_url(url: str) -> None:
+    """Refuse a --url that is not an http(s) address before anything starts."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ConfigError(f"--url {redact(url)!r} is not an http(s) address; give the DICOMweb server's root, "
+                          "e.g. http://127.0.0.1:8042/dicom-web")
 
 
 def client_for(settings: Settings):
@@ -160,11 +183,14 @@ def run_pass(settings: Settings, predictor, model_name: str, model_version: str)
         uid = _value(found, "study")
         if not uid:
             continue
-        row = {"study": study_key(uid)}
+        row, transient = {"study": study_key(uid)}, False
         try:
             row.update(_process(settings, client, uid, predictor, model_name, model_version))
         except PacsUnavailable:
             raise
+        except PartialStudy as exc:
+            row.update(status="failed", reason=_reason(exc))
+            transient = True
         except (StudyError, ImageReadError, ValueError, KeyError) as exc:
             row.update(status="failed", reason=_reason(exc))
         except Exception as exc:  # noqa: BLE001 - one study's surprise must not stop an unattended worker
@@ -172,6 +198,11 @@ def run_pass(settings: Settings, predictor, model_name: str, model_version: str)
             where = traceback.extract_tb(exc.__traceback__)[-1]
             row.update(status="failed", reason=f"unexpected {type(exc).__name__} at {Path(where.filename).name}:"
                                                f"{where.lineno}")
+            transient = True
+        if transient:
+            day = _study_date(found)
+            if day is not None:
+                result.retry_from = min(day, result.retry_from or day)
         result.rows.append(row)
         log.info("study %s: %s%s", row["study"], row["status"], f" ({row['reason']})" if row.get("reason") else "")
     return result
@@ -238,9 +269,9 @@ def _reported(settings, client, study_uid: str, sop_uid: str) -> bool:
 def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) -> tuple[Study, list[str]]:
     """The study's series of the types the models read, on disk; and what the other MR series are."""
     kept, skipped = [], []
-    for item in sorted(series, key=lambda s: _value(s, "series")):
+    for item in sorted(series, key=lambda s: _value(s, "series") or ""):
         series_uid = _value(item, "series")
-        if _value(item, "modality") not in ("MR", None):
+        if series_uid is None or _value(item, "modality") not in ("MR", None):
             continue
         metadata = with_retry(settings, "the series metadata (WADO-RS)",
                               lambda: client.retrieve_series_metadata(study_uid, series_uid))
@@ -271,8 +302,8 @@ def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) 
             log.warning("a series of study %s came with %d of its %d instances; fetching it again",
                         study_key(study_uid), len(files), len(metadata))
         else:
-            raise StudyError(f"a series came with {len(files)} of its {len(metadata)} instances, {SERIES_ATTEMPTS} "
-                             "times (a partial study)")
+            raise PartialStudy(f"a series came with {len(files)} of its {len(metadata)} instances, {SERIES_ATTEMPTS} "
+                               "times (a partial study; taken again on the next pass)")
         try:
             series_order(files)  # every file can be placed in its series
         except ImageReadError as exc:
@@ -283,19 +314,34 @@ def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) 
     return Study(study_key(study_uid), tuple(kept)), skipped
 
 
-def _header(metadata: dict) -> Dataset:
-    """A pydicom header from a WADO-RS metadata object (bulk data left out)."""
-    return Dataset.from_json({tag: value for tag, value in metadata.items() if "BulkDataURI" not in value
-                              and "InlineBinary" not in value})
+def _header(metadata) -> Dataset:
+    """The attributes :func:`series_type` reads, as a pydicom header, from a WADO-RS metadata object. Metadata
+    that is not DICOM JSON is a malformed study; the message quotes no value (it may be a patient's)."""
+    wanted = {f"{tag_for_keyword(k):08X}" for k in header_keywords()}
+    try:
+        return Dataset.from_json({tag: value for tag, value in metadata.items() if tag.upper() in wanted})
+    except Exception:  # noqa: BLE001 - pydicom raises ValueError, TypeError, KeyError, ... on bad JSON
+        raise StudyError("malformed: a series' metadata is not DICOM JSON") from None
 
 
-def _value(item: dict, name: str):
-    values = (item.get(TAGS[name]) or {}).get("Value") or [None]
-    return values[0]
+def _value(item, name: str) -> str | None:
+    """One attribute's first value in a DICOM JSON object, as text; None where it is absent or not DICOM JSON."""
+    element = item.get(TAGS[name]) if isinstance(item, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or not values or values[0] is None or isinstance(values[0], (dict, list)):
+        return None
+    return str(values[0])
 
 
 def _date(day: dt.date | None) -> str:
     return day.strftime("%Y%m%d") if day else ""
+
+
+def _study_date(item: dict) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(_value(item, "date")), "%Y%m%d").date()
+    except ValueError:
+        return None
 
 
 def _reason(exc: Exception) -> str:
@@ -331,14 +377,30 @@ def remember_pass(url: str, day: dt.date) -> None:
     staging.replace(path)
 
 
+def window_start(last: dt.date | None, today: dt.date, days: int | None) -> dt.date:
+    """The first StudyDate of a pass without --since: the day before the last complete pass's remembered date
+    (studies acquired before midnight reach the PACS after the day's first pass; those already reported cost one
+    query each), or the last ``days`` days, today included, on the first pass."""
+    if last is None:
+        return today - dt.timedelta(days=max((days or 7) - 1, 0))
+    return min(last, today) - OVERLAP
+
+
+def to_remember(today: dt.date, result: PassResult) -> dt.date:
+    """The date a complete pass leaves for the next: today, or the date of a study worth another try."""
+    return min(today, result.retry_from) if result.retry_from else today
+
+
 def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | None, every_date: bool,
          echo: Callable[[str], None] = print) -> list[PassResult]:
     """Passes until stopped (``once``: one). The window: ``settings.since``/``until`` if given, every date with
-    ``every_date``, else from the last complete pass's date (the last ``days`` days on the first pass)."""
+    ``every_date``, else from :func:`window_start`."""
     import mlflow
 
     from spinemri.tracking.runs import ending_run, start_run
 
+    check_url(settings.url)
+    site_rules()  # a site's series rules that do not load stop the worker now, not every study
     predictor, name, version = load_study_model(settings.model_uri)
     echo(f"model {name} v{version}; DICOMweb server {redact(settings.url)}")
     results = []
@@ -346,8 +408,8 @@ def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | Non
         today = dt.date.today()
         window = settings
         if not every_date and settings.since is None:
-            start = last_pass(settings.url) or today - dt.timedelta(days=max((days or 7) - 1, 0))
-            window = dataclasses.replace(settings, since=start, until=None)
+            window = dataclasses.replace(settings, since=window_start(last_pass(settings.url), today, days),
+                                         until=None)
         started = time.perf_counter()
         start_run(run_name=f"pacs-{today:%Y%m%d}", tags={"role": "pacs", "model": f"{name}/{version}",
                                                           "dicomweb": redact(settings.url)})
@@ -369,7 +431,7 @@ def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | Non
                 mlflow.log_text(pd.DataFrame(result.rows, columns=["study", "status", "reason", "report", "from_prior"])
                                 .to_csv(index=False), "pacs/studies.csv")
                 if not every_date and settings.since is None:
-                    remember_pass(settings.url, today)
+                    remember_pass(settings.url, to_remember(today, result))
                 echo(f"pass: {result.found} MR studies, {result.count('reported')} reported, "
                      f"{result.count('skipped')} already reported, {result.count('failed')} failed")
                 results.append(result)
