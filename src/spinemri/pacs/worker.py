@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,9 @@ def load_study_model(uri: str):
     client = mlflow.MlflowClient()
     try:
         version = client.get_model_version_by_alias(name, alias).version if alias else version
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     except MlflowException as exc:
         raise ConfigError(f"--model {uri}: {exc.message.splitlines()[0]}; register one with "
                           "`spinemri package-study` or name another") from None
