@@ -605,7 +605,8 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
               "last --days days on the first pass].")
 @click.option("--until", type=click.DateTime(["%Y-%m-%d", "%Y%m%d"]), default=None, help="... up to this StudyDate.")
 @click.option("--days", default=7, show_default=True, type=click.IntRange(min=1),
-              help="The first pass's window without --since: the last DAYS days, today included.")
+              help="The first pass's window without --since: the last DAYS days, today included; and how long a "
+              "study that failed for a reason that may pass (a partial transfer, a server error) is taken again.")
 @click.option("--all-dates", is_flag=True, help="Every MR study on the server, whatever its date.")
 @click.option("--retry-for", default=300.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds to keep retrying (with backoff) a server that refuses connections or answers 5xx.")
@@ -626,6 +627,8 @@ def pacs(url, model_uri, once, poll_seconds, since, until, days, all_dates, retr
 
     if all_dates and (since or until):
         raise click.UsageError("--all-dates takes every date; leave out --since and --until")
+    if since and until and since > until:
+        raise click.UsageError(f"--since {since:%Y-%m-%d} is after --until {until:%Y-%m-%d}; swap them")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     settings = Settings(url=url, model_uri=model_uri, since=since.date() if since else None,
                         until=until.date() if until else None, retry_for=retry_for)

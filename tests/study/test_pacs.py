@@ -4,13 +4,16 @@ run stores nothing new; an Orthanc outage mid-run is retried; a malformed study 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import http.server
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pandas as pd
 import pydicom
 import pytest
 from click.testing import CliRunner
+from pydicom.uid import JPEG2000Lossless
 
 from spinemri.cli import main
 from spinemri.data.schema import CONDITIONS, LEVELS, PROBABILITY_COLUMNS, SAGITTAL_T1, SEVERITIES, row_id
@@ -31,6 +35,7 @@ from tests.services import orthanc_server
 pytestmark = pytest.mark.xdist_group("study")
 
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-778899", "PatientBirthDate": "19610203", "PatientSex": "F"}
+AS_FOUND = {"PatientBirthDate": "1961-02-03", "PatientSex": "Female"}
 CLINICAL = {"Sagittal T1": "T1_TSE_SAG", "Sagittal T2/STIR": "T2_TSE_SAG", "Axial T2": "t2_tse_tra"}
 
 
@@ -40,13 +45,18 @@ def _held_out(two_stage, n: int) -> list[str]:
     return [str(s) for s in splits.loc[splits["split"] == "test", "study_id"].head(n)]
 
 
-def _upload(orthanc, two_stage, study: str, folder: Path, *, drop: str | None = None, break_one: bool = False,
-            date: dt.date | None = None) -> None:
+def _upload(orthanc, two_stage, study: str, folder: Path, *, drop: str | None = None, break_one: str = "",
+            date: dt.date | None = None, as_found: bool = False) -> None:
     """Upload a phantom study to Orthanc with a patient identity, a StudyDate (today's unless given) and clinical
     series names (also copied to ``folder/<study>`` for predict-study); ``drop`` leaves out a series type;
-    ``break_one`` removes a sagittal file's InstanceNumber."""
+    ``break_one``: a Sagittal T1 file without InstanceNumber ("unnumbered"), or a file of its first series with
+    another's ("repeated");
+    ``as_found`` stores it as archives hold studies that
+    did not come from a careful scanner: JPEG 2000 compressed (which Orthanc cannot transcode), with a birth
+    date and sex that are not valid DICOM."""
     series = pd.read_csv(two_stage.data_dir / "train_series_descriptions.csv")
     kinds = {str(r.series_id): r.series_description for r in series[series["study_id"] == int(study)].itertuples()}
+    first_series = min((two_stage.data_dir / "train_images" / study).iterdir())
     for series_folder in sorted((two_stage.data_dir / "train_images" / study).iterdir()):
         kind = kinds[series_folder.name]
         if kind == drop:
@@ -58,8 +68,15 @@ def _upload(orthanc, two_stage, study: str, folder: Path, *, drop: str | None = 
             for keyword, value in {**PATIENT, "StudyDate": (date or dt.date.today()).strftime("%Y%m%d"),
                                    "SeriesDescription": CLINICAL[kind]}.items():
                 setattr(ds, keyword, value)
-            if break_one and kind == SAGITTAL_T1 and k == 0:
+            if k == 0:
+                first_number = ds.InstanceNumber
+            if break_one == "unnumbered" and kind == SAGITTAL_T1 and k == 0:
                 del ds.InstanceNumber
+            if break_one == "repeated" and series_folder == first_series and k == 1:
+                ds.InstanceNumber = first_number
+            if as_found:
+                ds.PatientBirthDate, ds.PatientSex = AS_FOUND["PatientBirthDate"], AS_FOUND["PatientSex"]
+                ds.compress(JPEG2000Lossless)
             ds.save_as(target / path.name)
             orthanc.upload(target / path.name)
 
@@ -78,35 +95,60 @@ def _worker(two_stage, orthanc, tmp_path, *args, wait=True, log=None):
     return out, err
 
 
+@contextlib.contextmanager
+def _answering_server():
+    """An HTTP server on 127.0.0.1 that answers GET /<status>/... with that status."""
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            self.send_response(int(self.path.split("/")[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _reports(orthanc) -> dict[str, list[bytes]]:
     return orthanc.reports()
 
 
 def test_studies_are_reported_once_as_an_sr_that_equals_predict_study(study_model, study_store, tmp_path):
     two_stage = study_store
-    studies = _held_out(two_stage, 3)
+    studies = _held_out(two_stage, 4)
     folder = tmp_path / "studies"
     with orthanc_server() as orthanc:
-        _upload(orthanc, two_stage, studies[0], folder)
+        _upload(orthanc, two_stage, studies[0], folder, as_found=True)  # reported all the same
         _upload(orthanc, two_stage, studies[1], folder, drop=SAGITTAL_T1)  # an SR that says what was missing
-        _upload(orthanc, two_stage, studies[2], folder, break_one=True)  # a malformed study: no SR
+        _upload(orthanc, two_stage, studies[2], folder, break_one="unnumbered")  # malformed studies: no SR
+        _upload(orthanc, two_stage, studies[3], folder, break_one="repeated")
         # Two workers at once on the same studies (as two machines would run them): one report per study.
         workers = [_worker(two_stage, orthanc, tmp_path / f"worker-{k}", wait=False) for k in range(2)]
         outputs = [process.communicate(timeout=600) for process in workers]
         for process, (out, err) in zip(workers, outputs):
             assert process.returncode == 0, err[-4000:]
-            assert "3 MR studies" in out and "1 failed" in out, out + err
+            assert "4 MR studies" in out and "2 failed" in out, out + err
+            assert "series repeats InstanceNumbers (1 of its" in err, err[-3000:]
             assert "failed (malformed: a Sagittal T1 file has no InstanceNumber" in err, err[-3000:]
         reports = _reports(orthanc)
         assert sorted(len(v) for v in reports.values()) == [1, 1]
 
         out, err = _worker(two_stage, orthanc, tmp_path / "worker-0")  # a second run stores nothing new
-        assert "3 MR studies, 0 reported, 2 already reported, 1 failed" in out, out + err
+        assert "4 MR studies, 0 reported, 2 already reported, 2 failed" in out, out + err
         assert sorted(len(v) for v in _reports(orthanc).values()) == [1, 1]
         outputs.append((out, err))
 
     expected_out = tmp_path / "submission.csv"
     shutil.rmtree(folder / studies[2])
+    shutil.rmtree(folder / studies[3])
     result = CliRunner().invoke(main, ["predict-study", "--data", str(folder), "--out", str(expected_out)],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -120,6 +162,8 @@ def test_studies_are_reported_once_as_an_sr_that_equals_predict_study(study_mode
         source = next(s for s in studies[:2] if (folder / s).is_dir() and ds.StudyInstanceUID ==
                       pydicom.dcmread(next((folder / s).rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
         by_study[source] = (ds, read_report(ds))
+        if source == studies[0]:  # what is not valid DICOM is left empty, not copied or refused
+            assert ds.PatientBirthDate == "" and ds.PatientSex == ""
     assert set(by_study) == set(studies[:2])
     for study, (ds, found) in by_study.items():
         assert len(found) == 25
@@ -145,13 +189,13 @@ def test_studies_are_reported_once_as_an_sr_that_equals_predict_study(study_mode
     client = mlflow.MlflowClient(tracking_uri=two_stage.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.role = 'pacs'")
-    assert len(runs) == 3 and runs[0].data.metrics["skipped"] == 2 and runs[0].data.metrics["failed"] == 1
+    assert len(runs) == 3 and runs[0].data.metrics["skipped"] == 2 and runs[0].data.metrics["failed"] == 2
     assert sum(r.data.metrics["reported"] for r in runs) >= 2  # each study by one worker, or by both
     texts = [*(text for pair in outputs for text in pair), *(json.dumps(r.to_dictionary(), default=str) for r in runs)]
     texts += [Path(mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="pacs/studies.csv",
                                                        tracking_uri=two_stage.tracking_uri)).read_text() for r in runs]
     for text in texts:
-        for value in ("Doe^Jane", "Doe", "PID-778899", "778899", "19610203"):  # (the sex, "F", is one letter)
+        for value in ("Doe^Jane", "Doe", "PID-778899", "778899", "19610203", *AS_FOUND.values()):  # (sex "F": a letter)
             assert value not in text
 
 
@@ -192,6 +236,12 @@ def test_a_worker_refuses_an_unregistered_model_and_names_an_unreachable_server(
                                        "--retry-for", "2"])
     assert result.exit_code == 1, result.output
     assert "did not answer the study search (QIDO-RS) for 2 s" in result.output and "secret" not in result.output
+    with _answering_server() as root:  # a server up but answering every request with an error
+        for status, message in [(500, "answered the study search (QIDO-RS) with HTTP 500, 3 times running"),
+                                (401, "refused the study search (QIDO-RS) (HTTP 401): set SPINEMRI_PACS_USER"),
+                                (404, "answered the study search (QIDO-RS) with HTTP 404")]:
+            result = CliRunner().invoke(main, ["pacs", "--url", f"{root}/{status}/dicom-web", "--once"])
+            assert result.exit_code == 1 and message in result.output, result.output
     result = CliRunner().invoke(main, ["pacs", "--url", "localhost:8042/dicom-web", "--once"])
     assert result.exit_code == 1 and "'localhost:8042/dicom-web' is not an http(s) address" in result.output
     monkeypatch.setenv("SPINEMRI_SERIES_RULES", str(tmp_path / "site-rules.yaml"))  # checked before any study
@@ -207,8 +257,9 @@ def test_the_window_overlaps_the_last_pass_by_a_day_and_waits_for_a_study_worth_
     assert window_start(today + dt.timedelta(days=3), today, 7) == dt.date(2026, 3, 1)  # a clock set back
     assert to_remember(today, PassResult(found=4)) == today
     held = PassResult(found=4, retry_from=dt.date(2026, 2, 20))  # a partial transfer of a study of Feb 20
-    assert to_remember(today, held) == dt.date(2026, 2, 20)
-    assert window_start(to_remember(today, held), today, 7) == dt.date(2026, 2, 19)
+    assert to_remember(today, held, days=30) == dt.date(2026, 2, 20)
+    assert window_start(to_remember(today, held, days=30), today, 7) == dt.date(2026, 2, 19)
+    assert to_remember(today, held, days=7) == dt.date(2026, 2, 24)  # held for --days days, not for ever
 
 
 @pytest.mark.parametrize("metadata", [

@@ -215,7 +215,11 @@ def _ordered_headers(paths: Iterable[str | Path]) -> list[tuple[int, str, float,
         ds = read_header(path)
         if "InstanceNumber" not in ds or ds.InstanceNumber in (None, ""):
             raise DicomReadError(path, "has no InstanceNumber, so labels cannot be matched to it")
-        entries.append((int(ds.InstanceNumber), str(path), ds))
+        try:
+            number = int(ds.InstanceNumber)
+        except (TypeError, ValueError):
+            raise DicomReadError(path, "has an InstanceNumber that is not a whole number") from None
+        entries.append((number, str(path), ds))
     if entries and all(_geometry(ds) is not None for *_, ds in entries):
         normal = slice_normal(_geometry(entries[0][2])[1])
         ordered = [(n, p, float(np.dot(_geometry(ds)[0], normal)), ds) for n, p, ds in entries]
@@ -230,9 +234,11 @@ def _geometry(ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
     ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
     try:
         ipp, iop = np.asarray(ipp, float), np.asarray(iop, float)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return (ipp, iop) if ipp.shape == (3,) and iop.shape == (6,) else None
+    if ipp.shape != (3,) or iop.shape != (6,) or not (np.isfinite(ipp).all() and np.isfinite(iop).all()):
+        return None
+    return (ipp, iop) if np.linalg.norm(np.cross(iop[:3], iop[3:])) > 1e-6 else None
 
 
 def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) -> SeriesStack:

@@ -20,6 +20,8 @@ same UIDs, which a PACS stores once.
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Mapping
 
 import numpy as np
@@ -123,13 +125,36 @@ IDENTITY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "Acces
             "StudyTime", "ReferringPhysicianName")  # the report copies them from the study (type 2: present, may be empty)
 
 
+VALID = {"PatientBirthDate": r"\d{8}", "StudyDate": r"\d{8}", "StudyTime": r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?",
+         "PatientSex": r"[MFO]"}  # what highdicom accepts; a value that is not left empty (type 2) in the report
+
+
 def _with_identity(study: Dataset) -> Dataset:
-    """The study header with every patient and study attribute the report copies present (empty where absent)."""
+    """The study header with every patient and study attribute the report copies present: empty where absent,
+    or where the source's value is not valid DICOM (a date written 1950-07-14, a sex written Male)."""
     copy = Dataset(study)
     for keyword in IDENTITY:
-        if keyword not in copy:
+        raw = copy[keyword].value if keyword in copy else ""
+        text = raw.decode("latin-1", "replace") if isinstance(raw, bytes) else str(raw if raw is not None else "")
+        if keyword not in copy or (keyword in VALID and not _valid(keyword, text.strip())):
             setattr(copy, keyword, "")
     return copy
+
+
+def _valid(keyword: str, text: str) -> bool:
+    if not text:
+        return True
+    if not re.fullmatch(VALID[keyword], text):
+        return False
+    if keyword.endswith("Date"):
+        try:
+            dt.datetime.strptime(text, "%Y%m%d")
+        except ValueError:
+            return False
+    if keyword == "StudyTime":
+        hh, mm, ss = int(text[:2]), int(text[2:4] or 0), int(text[4:6] or 0)
+        return hh < 24 and mm < 60 and ss < 61
+    return True
 
 
 def read_report(ds: Dataset) -> pd.DataFrame:

@@ -53,9 +53,12 @@ T = TypeVar("T")
 DEFAULT_MODEL = "models:/spinemri-study@champion"
 USER_ENV, PASSWORD_ENV = "SPINEMRI_PACS_USER", "SPINEMRI_PACS_PASSWORD"
 MAX_BACKOFF_S = 30.0
+OUTAGE = {429, 502, 503, 504}  # the server, or a proxy in front of it, is away or busy: retried for retry_for
+RESOURCE_ATTEMPTS = 3  # another 5xx this many times in a row is about one request (a file the server cannot send)
 SERIES_ATTEMPTS = 3  # downloads of a series that keeps coming short before its study counts as partial
+ANY_SYNTAX = (("application/dicom", "*"),)
 TAGS = {"study": "0020000D", "series": "0020000E", "instance": "00080018", "modality": "00080060",
-        "instances": "00201209", "sop_class": "00080016", "date": "00080020"}
+        "instances": "00201209", "sop_class": "00080016", "date": "00080020", "patient": "00100020"}
 OVERLAP = dt.timedelta(days=1)  # a study acquired before midnight may reach the PACS after the next day's first pass
 
 
@@ -65,6 +68,15 @@ class PacsUnavailable(UserError):
 
 class PartialStudy(StudyError):
     """A series kept coming with fewer instances than the server lists: worth another try on the next pass."""
+
+
+class ServerAnswer(StudyError):
+    """The server answered one request of a study with an error: that study fails, the pass goes on.
+    ``transient``: a 5xx, worth another try on the next pass; a 4xx (the study gone, a request it refuses) is not."""
+
+    def __init__(self, message: str, status: int, transient: bool):
+        super().__init__(message)
+        self.status, self.transient = status, transient
 
 
 @dataclass
@@ -116,8 +128,8 @@ def client_for(settings: Settings):
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    for name in ("dicomweb_client", "highdicom"):  # their info lines name studies and instances by UID
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("dicomweb_client", "highdicom", "pydicom"):  # their lines quote UIDs and header values
+        logging.getLogger(name).disabled = True
     session = requests.Session()
     if os.environ.get(USER_ENV):
         session.auth = (os.environ[USER_ENV], os.environ.get(PASSWORD_ENV, ""))
@@ -126,17 +138,28 @@ def client_for(settings: Settings):
 
 def with_retry(settings: Settings, what: str, call: Callable[[], T]) -> T:
     """``call()``, retried with exponential backoff (1 s, 2 s, ... at most 30 s) while the server refuses
-    connections, times out or answers 5xx/429, for at most ``settings.retry_for`` seconds."""
+    connections, times out, cuts a transfer or answers 429/502/503/504, for at most ``settings.retry_for``
+    seconds (then :class:`PacsUnavailable`). Any other 5xx, three times running, and any 4xx are the answer to
+    this request (:class:`ServerAnswer`); 401 and 403 are about every request (:class:`PacsUnavailable`)."""
     import requests
 
-    deadline, delay = time.monotonic() + settings.retry_for, 1.0
+    deadline, delay, errors = time.monotonic() + settings.retry_for, 1.0, 0
     while True:
         try:
             return call()
-        except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
+                requests.exceptions.ChunkedEncodingError) as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
-            if isinstance(exc, requests.HTTPError) and status is not None and status < 500 and status != 429:
-                raise
+            if status in (401, 403):
+                raise PacsUnavailable(f"{redact(settings.url)} refused {what} (HTTP {status}): set {USER_ENV} and "
+                                      f"{PASSWORD_ENV} to an account that may read and store studies") from None
+            if status is not None and status < 500 and status != 429:
+                raise ServerAnswer(f"the server answered {what} with HTTP {status}", status, transient=False) from None
+            if status is not None and status not in OUTAGE:
+                errors += 1
+                if errors >= RESOURCE_ATTEMPTS:
+                    raise ServerAnswer(f"the server answered {what} with HTTP {status}, {errors} times running "
+                                       "(taken again on the next pass)", status, transient=True) from None
             reason = f"HTTP {status}" if status else type(exc).__name__
             if time.monotonic() + delay > deadline:
                 raise PacsUnavailable(f"{redact(settings.url)} did not answer {what} for {settings.retry_for:g} s "
@@ -188,13 +211,15 @@ def run_pass(settings: Settings, predictor, model_name: str, model_version: str)
             continue
         row, transient = {"study": study_key(uid)}, False
         try:
-            row.update(_process(settings, client, uid, predictor, model_name, model_version))
+            with warnings.catch_warnings():  # pydicom's and highdicom's warnings quote the study's values
+                warnings.simplefilter("ignore")
+                row.update(_process(settings, client, uid, predictor, model_name, model_version))
         except PacsUnavailable:
             raise
-        except PartialStudy as exc:
+        except (PartialStudy, ServerAnswer) as exc:
             row.update(status="failed", reason=_reason(exc))
-            transient = True
-        except (StudyError, ImageReadError, ValueError, KeyError) as exc:
+            transient = getattr(exc, "transient", True)
+        except (StudyError, ImageReadError) as exc:  # spinemri's own messages, which name no header value
             row.update(status="failed", reason=_reason(exc))
         except Exception as exc:  # noqa: BLE001 - one study's surprise must not stop an unattended worker
             # Where, not what: a library's message may quote a header value of the study.
@@ -220,8 +245,11 @@ def _search_studies(settings, client, filters: dict) -> list[dict]:
     found: dict[str, dict] = {}
     offset = 0
     while True:
-        page = with_retry(settings, "the study search (QIDO-RS)", lambda: client.search_for_studies(
-            search_filters=filters, limit=PAGE, offset=offset))
+        try:
+            page = with_retry(settings, "the study search (QIDO-RS)", lambda: client.search_for_studies(
+                search_filters=filters, limit=PAGE, offset=offset))
+        except ServerAnswer as exc:  # no study can be found: the whole pass is off
+            raise PacsUnavailable(f"{redact(settings.url)}: {exc}") from None
         new = {_value(s, "study"): s for s in page if _value(s, "study") not in found}
         found.update(new)
         if len(page) < PAGE or not new:
@@ -254,7 +282,12 @@ def _process(settings, client, study_uid, predictor, model_name, model_version) 
                                    model_name=model_name, model_version=model_version, missing=missing)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    with_retry(settings, "storing the report (STOW-RS)", lambda: client.store_instances([report]))
+    try:
+        with_retry(settings, "storing the report (STOW-RS)", lambda: client.store_instances([report]))
+    except ServerAnswer as exc:
+        if exc.status != 409:  # 409 Conflict: the server holds this report already (another worker stored it)
+            raise
+        return dict(status="skipped", reason=f"reported by {model_name} v{model_version} already (HTTP 409)")
     reason = f"{25 - prediction.from_prior} rows from the model, {prediction.from_prior} from the prior"
     if missing_types:
         reason += f"; no {', '.join(missing_types)} series"
@@ -271,13 +304,15 @@ def _reported(settings, client, study_uid: str, sop_uid: str) -> bool:
 
 def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) -> tuple[Study, list[str]]:
     """The study's series of the types the models read, on disk; and what the other MR series are."""
-    kept, skipped = [], []
+    kept, skipped, patients = [], [], set()
     for item in sorted(series, key=lambda s: _value(s, "series") or ""):
         series_uid = _value(item, "series")
         if series_uid is None or _value(item, "modality") not in ("MR", None):
             continue
         metadata = with_retry(settings, "the series metadata (WADO-RS)",
                               lambda: client.retrieve_series_metadata(study_uid, series_uid))
+        if not isinstance(metadata, list):
+            raise StudyError("malformed: a series' metadata is not DICOM JSON")
         if not metadata:
             raise StudyError("a series has no instances")
         kind = series_type(_header(metadata[0]))
@@ -292,7 +327,9 @@ def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) 
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
             files = []
-            for k, instance in enumerate(client.iter_series(study_uid, series_uid)):
+            # In the transfer syntax the server holds (compressed or not): no transcoding on a server that may lack
+            # the codec (Orthanc cannot write JPEG 2000); spinemri decodes what it reads.
+            for k, instance in enumerate(client.iter_series(study_uid, series_uid, media_types=ANY_SYNTAX)):
                 path = folder / f"{k:05d}.dcm"
                 instance.save_as(path, enforce_file_format=True)
                 files.append(path)
@@ -308,10 +345,16 @@ def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) 
             raise PartialStudy(f"a series came with {len(files)} of its {len(metadata)} instances, {SERIES_ATTEMPTS} "
                                "times (a partial study; taken again on the next pass)")
         try:
-            series_order(files)  # every file can be placed in its series
+            numbers = [n for n, *_ in series_order(files)]  # every file can be placed in its series
         except ImageReadError as exc:
             raise StudyError(f"malformed: a {kind.description} file {exc.reason}") from None
+        if len(set(numbers)) < len(numbers):  # a site could not name the image it lies on
+            raise StudyError(f"malformed: a {kind.description} series repeats InstanceNumbers "
+                             f"({len(numbers) - len(set(numbers))} of its {len(numbers)} files)")
+        patients.update(_value(m, "patient") for m in metadata if _value(m, "patient"))
         kept.append(StudySeries(series_id, kind.description, tuple(files), kind.reason))
+    if len(patients) > 1:  # one Study Instance UID filed under two patients: one report cannot name both
+        raise StudyError(f"malformed: the series of this study name {len(patients)} different patients (PatientID)")
     if not kept and not skipped:
         raise StudyError("the study has no MR series")
     return Study(study_key(study_uid), tuple(kept)), skipped
@@ -389,9 +432,12 @@ def window_start(last: dt.date | None, today: dt.date, days: int | None) -> dt.d
     return min(last, today) - OVERLAP
 
 
-def to_remember(today: dt.date, result: PassResult) -> dt.date:
-    """The date a complete pass leaves for the next: today, or the date of a study worth another try."""
-    return min(today, result.retry_from) if result.retry_from else today
+def to_remember(today: dt.date, result: PassResult, days: int | None = None) -> dt.date:
+    """The date a complete pass leaves for the next: today, or the date of a study worth another try while that
+    date is within the last ``days`` days (7), so that a study failing again and again holds the window that long,
+    not for ever."""
+    oldest = today - dt.timedelta(days=max((days or 7) - 1, 0))
+    return max(min(today, result.retry_from), oldest) if result.retry_from else today
 
 
 def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | None, every_date: bool,
@@ -434,7 +480,7 @@ def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | Non
                 mlflow.log_text(pd.DataFrame(result.rows, columns=["study", "status", "reason", "report", "from_prior"])
                                 .to_csv(index=False), "pacs/studies.csv")
                 if not every_date and settings.since is None:
-                    remember_pass(settings.url, to_remember(today, result))
+                    remember_pass(settings.url, to_remember(today, result, days))
                 echo(f"pass: {result.found} MR studies, {result.count('reported')} reported, "
                      f"{result.count('skipped')} already reported, {result.count('failed')} failed")
                 results.append(result)
