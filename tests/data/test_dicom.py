@@ -7,6 +7,8 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from spinemri.data import schema
 from spinemri.data.dicom import (DicomReadError, ImageReadError, read_dicom, read_frames, read_image,
@@ -173,6 +175,22 @@ def test_series_are_ordered_by_position_not_instance_number(phantom_dir):
         np.testing.assert_array_equal(stack.pixels[stack.index_of(n)], read_dicom(folder / f"{n}.dcm").pixels)
     with pytest.raises(KeyError, match="not in this series"):
         stack.index_of(99999)
+
+
+def test_a_position_that_is_not_a_number_orders_by_instance_number_and_a_bad_number_is_named(phantom_copy):
+    folder = _series_folders(phantom_copy)[0]
+    files = sorted(folder.glob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    ds.ImagePositionPatient = [0, "NaN", 0]
+    ds.save_as(files[0])
+    numbers = [n for n, _, _ in series_order(files)]
+    assert numbers == sorted(numbers)  # not an order along a position that cannot be compared
+    assert read_series(folder).normal is None
+    ds[0x00200013] = RawDataElement(Tag(0x00200013), "IS", 4, b"12a ", 0, False, True)  # as a scanner wrote it
+    ds.save_as(files[0])
+    with pytest.raises(DicomReadError, match="has an InstanceNumber that is not a whole number") as raised:
+        series_order(files)
+    assert str(files[0]) in str(raised.value)
 
 
 def test_a_series_mixing_image_sizes_is_refused_naming_its_folder(phantom_copy):

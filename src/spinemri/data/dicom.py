@@ -213,12 +213,13 @@ def _ordered_headers(paths: Iterable[str | Path]) -> list[tuple[int, str, float,
     entries = []
     for path in paths:
         ds = read_header(path)
-        if "InstanceNumber" not in ds or ds.InstanceNumber in (None, ""):
-            raise DicomReadError(path, "has no InstanceNumber, so labels cannot be matched to it")
         try:
-            number = int(ds.InstanceNumber)
-        except (TypeError, ValueError):
+            value = ds.get("InstanceNumber")
+            number = None if value in (None, "") else int(value)
+        except (TypeError, ValueError, OverflowError):
             raise DicomReadError(path, "has an InstanceNumber that is not a whole number") from None
+        if number is None:
+            raise DicomReadError(path, "has no InstanceNumber, so labels cannot be matched to it")
         entries.append((number, str(path), ds))
     if entries and all(_geometry(ds) is not None for *_, ds in entries):
         normal = slice_normal(_geometry(entries[0][2])[1])
