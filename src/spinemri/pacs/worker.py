@@ -428,7 +428,7 @@ def window_start(last: dt.date | None, today: dt.date, days: int | None) -> dt.d
     (studies acquired before midnight reach the PACS after the day's first pass; those already reported cost one
     query each), or the last ``days`` days, today included, on the first pass."""
     if last is None:
-        return today - dt.timedelta(days=max((days or 7) - 1, 0))
+        return _first_of_last(days, today)
     return min(last, today) - OVERLAP
 
 
@@ -436,8 +436,12 @@ def to_remember(today: dt.date, result: PassResult, days: int | None = None) -> 
     """The date a complete pass leaves for the next: today, or the date of a study worth another try while that
     date is within the last ``days`` days (7), so that a study failing again and again holds the window that long,
     not for ever."""
-    oldest = today - dt.timedelta(days=max((days or 7) - 1, 0))
-    return max(min(today, result.retry_from), oldest) if result.retry_from else today
+    return max(min(today, result.retry_from), _first_of_last(days, today)) if result.retry_from else today
+
+
+def _first_of_last(days: int | None, today: dt.date) -> dt.date:
+    """The first day of the last ``days`` days (7), today included."""
+    return today - dt.timedelta(days=max((days or 7) - 1, 0))
 
 
 def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | None, every_date: bool,
