@@ -23,7 +23,8 @@ import pandas as pd
 import pydicom
 import pytest
 from click.testing import CliRunner
-from pydicom.uid import JPEG2000Lossless
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from spinemri.cli import main
 from spinemri.data.schema import CONDITIONS, LEVELS, PROBABILITY_COLUMNS, SAGITTAL_T1, SEVERITIES, row_id
@@ -278,3 +279,18 @@ def test_a_study_search_answer_that_is_not_dicom_json_has_no_value():
     assert _value({"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}, "study") == "1.2.3"
     for item in ({"0020000D": "1.2.3"}, {"0020000D": {"Value": [{"a": 1}]}}, {"0020000D": {"Value": []}}, [], None):
         assert _value(item, "study") is None
+
+
+def test_more_studies_than_a_page_are_all_found_on_an_orthanc_whose_paging_stops_after_one_page(tmp_path):
+    from spinemri.pacs.worker import PAGE, Settings, _search_studies, client_for
+
+    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    with orthanc_server() as orthanc:
+        for k in range(PAGE + 3):  # one small MR file per study
+            template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
+            template.SOPInstanceUID = generate_uid()
+            template.save_as(tmp_path / "one.dcm")
+            orthanc.upload(tmp_path / "one.dcm")
+        settings = Settings(url=orthanc.dicomweb, retry_for=10)
+        found = _search_studies(settings, client_for(settings), {"ModalitiesInStudy": "MR"})
+    assert len(found) == PAGE + 3

@@ -241,17 +241,25 @@ PAGE = 100  # studies per QIDO-RS page
 
 def _search_studies(settings, client, filters: dict) -> list[dict]:
     """Every study matching ``filters``, page by page (limit/offset). A server that ignores the offset answers
-    with studies already seen, which ends the search as a short page does."""
+    with studies already seen; one that mishandles it (Orthanc 1.10 answers nothing past the first page)
+    answers with an empty page. After full pages, either is checked with one search without paging."""
     found: dict[str, dict] = {}
     offset = 0
-    while True:
+
+    def search(**paging) -> list[dict]:
         try:
-            page = with_retry(settings, "the study search (QIDO-RS)", lambda: client.search_for_studies(
-                search_filters=filters, limit=PAGE, offset=offset))
+            return with_retry(settings, "the study search (QIDO-RS)", lambda: client.search_for_studies(
+                search_filters=filters, **paging))
         except ServerAnswer as exc:  # no study can be found: the whole pass is off
             raise PacsUnavailable(f"{redact(settings.url)}: {exc}") from None
+
+    while True:
+        page = search(limit=PAGE, offset=offset)
         new = {_value(s, "study"): s for s in page if _value(s, "study") not in found}
         found.update(new)
+        if offset and not new:  # the page after full ones added nothing: the end, or paging that does not work
+            for item in search():
+                found.setdefault(_value(item, "study"), item)
         if len(page) < PAGE or not new:
             return list(found.values())
         offset += len(page)
