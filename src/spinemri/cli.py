@@ -286,6 +286,7 @@ def train(experiment, settings, **flags) -> None:
                    f"with {study.best_params}")
         click.echo(f"parent run {study.parent_run_id}; the best configuration retrained as run {study.final.run_id}")
         result = study.final
+        _echo_verdict(result.verdict)
         click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), model {result.model_uri}")
     else:
         from spinemri.training.train import train as run_training
@@ -293,9 +294,15 @@ def train(experiment, settings, **flags) -> None:
         result = run_training(config)
         if not result.run_id:  # a worker of a multi-worker training other than the chief: the chief has the run
             return
+        _echo_verdict(result.verdict)
         click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), model {result.model_uri}")
     for key, value in sorted(result.metrics.items()):
         click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+def _echo_verdict(verdict) -> None:
+    """The first line of a training's summary: how the model compares with its floor."""
+    click.echo(verdict.sentence if verdict is not None else "No verdict against the per-site prior (see above why).")
 
 
 @main.command()
@@ -345,16 +352,22 @@ def registry_list(name, as_json) -> None:
     if not rows:
         click.echo(f"{name} has no versions yet")
         return
-    click.echo(f"{'version':>7}  {'aliases':<20} {'metric':<32} {'value':>8}  {'vs champion [95% CI], studies':<34} "
-               f"{'eval set':<16} {'arch':<14} {'run':<32}  created")
+    def interval(paired: dict) -> str:
+        return (f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}], "
+                f"{paired['studies']}") if len(paired) == 4 else "-"
+
+    click.echo(f"{'version':>7}  {'aliases':<20} {'metric':<32} {'value':>8}  {'vs floor [95% CI], studies':<34} "
+               f"{'vs champion [95% CI], studies':<34} {'eval set':<16} {'arch':<14} {'run':<32}  created")
     for row in rows:
         value = "" if row["metric_value"] is None else f"{row['metric_value']:.4f}"
-        paired = row["paired"]
-        versus = (f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}], "
-                  f"{paired['studies']}") if len(paired) == 4 else "-"
         click.echo(f"{row['version']:>7}  {','.join(row['aliases']) or '-':<20} {row['metric_name'] or '-':<32} "
-                   f"{value:>8}  {versus:<34} {row['eval_set'] or '-':<16} {row['arch'] or '-':<14} "
-                   f"{row['run_id']:<32}  {row['created']}")
+                   f"{value:>8}  {interval(row['floor']):<34} {interval(row['paired']):<34} "
+                   f"{row['eval_set'] or '-':<16} {row['arch'] or '-':<14} {row['run_id']:<32}  {row['created']}")
+    click.echo("")
+    for row in rows:
+        click.echo(f"v{row['version']}: {row['verdict_sentence'] or 'not judged against the per-site prior'}")
+        if row["decision"]:
+            click.echo(f"  decision: {row['decision']}")
 
 
 @registry.command("promote")
@@ -510,7 +523,7 @@ def compare(experiment, do_train, skip_existing, head, folds, settings) -> None:
         raise click.BadParameter("cross-validation needs at least 2 folds (0: single-split runs)", param_hint="--folds")
     from spinemri.config import load_experiment, parse_override, resolve_experiment
     from spinemri.errors import ConfigError
-    from spinemri.evaluation.compare import build_table, compare_link, log_table, train_all
+    from spinemri.evaluation.compare import build_table, compare_link, log_table, train_all, verdicts
 
     overrides = dict(parse_override(item) for item in settings)
     if folds and do_train:
@@ -529,6 +542,8 @@ def compare(experiment, do_train, skip_existing, head, folds, settings) -> None:
     comparison = build_table(mlflow_experiment, head, archs, folds)
     link = compare_link(comparison, config.mlflow.ui_url if config else "")
     run_id = log_table(comparison, link)
+    for line in verdicts(comparison.table):
+        click.echo(line)
     click.echo(comparison.markdown())
     click.echo(f"logged compare/table.md, table.csv and chart.png to run {run_id} in {mlflow_experiment}")
     click.echo(f"compare them in the MLflow UI: {link}")
@@ -673,13 +688,13 @@ def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log
         click.echo(json.dumps({**report, "run_id": run_id}, indent=2))
         return
     model, base = report["model"], report["prior_baseline"]
-    click.echo(f"{report['studies']} studies scored; prior baseline from {report['prior_source']}")
+    click.echo(report["verdict"]["sentence"])
+    click.echo(f"{report['studies']} studies scored; the per-site prior from {report['prior_source']}")
     click.echo(f"  {'term':<20} {'model':>8} {'prior':>8}")
     for key in ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score"):
         click.echo(f"  {key:<20} {model[key]:>8.4f} {base[key]:>8.4f}")
-    verdict = "better" if model["score"] < base["score"] else "NOT better"
-    click.echo(f"the submission is {verdict} than the prior baseline (lower wins)"
-               + (f"; logged to run {run_id} in spinemri-study" if run_id else ""))
+    if run_id:
+        click.echo(f"logged to run {run_id} in spinemri-study")
 
 
 @main.command()
@@ -722,9 +737,12 @@ def ensemble(run_ids, name, no_register, policy) -> None:
               type=click.Choice(["paired", "strict"]),
               help="paired: champion only if a paired bootstrap over the held-out studies shows the score "
                    "better; strict: any better score.")
+@click.option("--allow-below-floor", is_flag=True,
+              help="Let a version that is not significantly better than its floor (the per-site prior on the same "
+                   "studies), or that was not evaluated (no --data), become champion.")
 @user_errors
 @tracked
-def package_study(localizers, classifier, data_dir, split, name, no_register, policy) -> None:
+def package_study(localizers, classifier, data_dir, split, name, no_register, policy, allow_below_floor) -> None:
     """Log the two-stage model as one pyfunc (a zipped DICOM study in, 25 rows out) and register it.
 
     Serve it with `mlflow models serve -m models:/spinemri-study@champion --env-manager local`.
@@ -732,7 +750,9 @@ def package_study(localizers, classifier, data_dir, split, name, no_register, po
     from spinemri.study.package import package_study as package
 
     result = package(list(localizers), classifier, data_dir=data_dir, split=split, name=name,
-                     register=not no_register, policy=policy)
+                     register=not no_register, policy=policy, allow_below_floor=allow_below_floor)
+    if "verdict" in result:
+        click.echo(result["verdict"]["sentence"])
     click.echo(f"logged the study model {result['model_uri']} (run {result['run_id']}), localizing "
                f"{', '.join(result['series_localized'])}")
     if "score" in result:

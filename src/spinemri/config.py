@@ -20,7 +20,7 @@ import yaml
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.data.schema import DEFAULT_SPLIT, HEADS, SERIES_TYPES
 from spinemri.errors import ConfigError
-from spinemri.models.catalog import CATALOG, SLICE_POOLING, THESIS_ARCHS, get_spec
+from spinemri.models.catalog import CATALOG, SEVERITY_HEADS, SLICE_POOLING, THESIS_ARCHS, get_spec, severity_head
 from spinemri.redact import redact_values
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
@@ -58,8 +58,14 @@ class SplitConfig:
         _check(isinstance(self.folds, int) and (self.folds == 0 or self.folds >= 2), "split.folds",
                "must be 0 (one split) or a whole number >= 2", self.folds)
         f = tuple(self.fractions)
-        _check(len(f) == 3 and all(v >= 0 for v in f) and abs(sum(f) - 1) < 1e-6 and f[1] > 0 and f[2] > 0,
-               "split.fractions", "must be three non-negative numbers summing to 1 with val and test > 0", f)
+        _check(len(f) == 3 and all(isinstance(v, (int, float)) and v >= 0 for v in f) and abs(sum(f) - 1) < 1e-6,
+               "split.fractions", "must be three non-negative numbers (train, val, test) summing to 1", f)
+        if self.folds:  # cross-validation validates on each fold: only the locked test share is read
+            _check(f[2] < 1, "split.fractions", "leaves no study for the cross-validation (test must be < 1; 0 "
+                   "cross-validates every study)", f)
+        else:
+            _check(f[1] > 0 and f[2] > 0, "split.fractions", "needs val and test > 0 for one train/val/test "
+                   "split (a cross-validation, split.folds >= 2, may set test to 0)", f)
 
 
 @dataclass
@@ -74,6 +80,10 @@ class ModelConfig:
     slice_pooling: str = setting("channels", "how the slices of a 2.5D stack (preprocess.slices) meet: channels (one "
                                  "image, slices as channels), attention or lstm (a shared 2D backbone per slice, "
                                  "then attention weights or an LSTM across slices)")
+    severity_head: str = setting("auto", "single (one severity distribution per image, for a crop of one site), "
+                                 "per_site (one per condition and level, read at the site a row names: for images "
+                                 "that show several sites) or auto (per_site in slice mode, single in roi mode); "
+                                 "either starts at the training split's weight-aware prior")
     calibration: str = setting("none", "temperature (scale each head's probabilities, severity per condition, "
                                "by temperatures fitted on validation or out-of-fold predictions at the labelled "
                                "sites) or none; see docs/training.md before using it for study-level grading")
@@ -83,6 +93,8 @@ class ModelConfig:
         _check(0 <= self.dropout < 1, "model.dropout", "must be within [0, 1)", self.dropout)
         _check(self.slice_pooling in SLICE_POOLING, "model.slice_pooling", f"must be one of {', '.join(SLICE_POOLING)}",
                self.slice_pooling)
+        _check(self.severity_head in SEVERITY_HEADS, "model.severity_head", f"must be one of {', '.join(SEVERITY_HEADS)}",
+               self.severity_head)
         _check(self.calibration in CALIBRATIONS, "model.calibration", f"must be one of {', '.join(CALIBRATIONS)}",
                self.calibration)
         _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be within [0, 1) (0 keeps the backbone's)",
@@ -271,6 +283,9 @@ class MlflowConfig:
     champion_metric: str = setting("test_severity_weighted_log_loss", "held-out metric that decides the champion alias")
     champion_policy: str = setting("paired", "how a new version must beat the champion: paired (the 95% interval of "
                                    "a paired bootstrap over studies excludes zero) or strict (any improvement)")
+    allow_below_floor: bool = setting(False, "let a version that is not significantly better than its floor (the "
+                                      "per-site prior of its training rows, on the same held-out studies) become "
+                                      "champion; false: such a version becomes challenger and the decision says why")
     system_metrics_interval: float = setting(10.0, "seconds between samples of CPU, memory, disk and GPU use, "
                                              "logged as system/* metrics of training and tuning runs; 0: none")
     ui_url: str = setting("", "the MLflow UI's address for the links spinemri prints (empty: the tracking "
@@ -284,6 +299,8 @@ class MlflowConfig:
             raise ConfigError("mlflow.registered_model must not be empty")
         if self.champion_policy not in ("paired", "strict"):
             raise ConfigError(f"mlflow.champion_policy must be paired or strict, got {self.champion_policy!r}")
+        if not isinstance(self.allow_below_floor, bool):
+            raise ConfigError(f"mlflow.allow_below_floor must be true or false, got {self.allow_below_floor!r}")
         if not self.champion_metric.startswith("test_"):
             raise ConfigError(f"mlflow.champion_metric must be a held-out test metric (test_...), "
                               f"got {self.champion_metric!r}")
@@ -349,6 +366,11 @@ class ExperimentConfig:
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
 
     @property
+    def severity_head(self) -> str:
+        """The classifier's severity output, ``single`` or ``per_site`` (model.severity_head, auto resolved)."""
+        return severity_head(self.model.severity_head, self.preprocess.mode)
+
+    @property
     def localizer_preprocessing(self) -> PreprocessConfig:
         """The localizer's: whole slices at localize.img_size and localize.channels, the same windowing."""
         return dataclasses.replace(self.preprocess, mode="slice", img_size=self.localize.img_size,
@@ -410,7 +432,7 @@ TASK_SECTIONS = {"classify": ("data", "preprocess", "split", "model", "train", "
                  "localize": ("data", "preprocess", "split", "model", "train", "mlflow", "localize")}
 # A localizer takes the classifier's windowing but its own size, mode and channels (localizer_preprocessing).
 _NOT_READ = {"localize": ("preprocess.img_size", "preprocess.mode", "preprocess.roi_mm", "preprocess.slices",
-                          "model.slice_pooling", "model.loss_weights", "model.severity_sample_weights",
+                          "model.slice_pooling", "model.loss_weights", "model.severity_sample_weights", "model.severity_head",
                           "model.calibration", "train.site_jitter", "train.augment.")}
 
 

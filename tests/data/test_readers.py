@@ -602,3 +602,44 @@ def test_whitespace_only_label_cells_count_as_blank(phantom_copy):
     report = readers.check_dataset(phantom_copy)
     assert report.ok, report.problems
     assert report.summary["blank_labels"] == before + 1
+
+
+def test_flat_csv_rows_without_a_point_are_accepted_for_whole_slices(flat_csv):
+    for line in (2, 3):
+        set_cell(flat_csv, line, "x", "")
+        set_cell(flat_csv, line, "y", "")
+    samples = readers.load_samples(flat_csv)
+    assert samples["condition"].notna().sum() == 3
+    assert samples["x"].isna().tolist() == [True, True, False, True]
+    report = readers.check_dataset(flat_csv)
+    assert report.ok, report.problems
+    assert report.summary["graded_without_point"] == 2
+    assert any("2 labelled row(s) have no x/y (rows 2, 3)" in w and "--mode slice" in w for w in report.warnings)
+    result = CliRunner().invoke(cli, ["data", "check", str(flat_csv)])
+    assert result.exit_code == 0 and "OK" in result.output, result.output
+
+
+def test_flat_csv_half_a_point_names_the_row(flat_csv):
+    set_cell(flat_csv, 3, "y", "")
+    message = load_error(flat_csv)
+    assert f"{flat_csv} row 3: x/y (20.0, blank) must be two finite numbers" in message
+    assert "both blank" in message and "row 2" not in message
+
+
+def test_roi_mode_refuses_rows_without_a_point_and_slice_mode_takes_them(flat_csv, tmp_path):
+    from spinemri.data.cache import prepare
+    from spinemri.data.preprocess import PreprocessConfig
+
+    set_cell(flat_csv, 3, "x", "")
+    set_cell(flat_csv, 3, "y", "")
+    with pytest.raises(readers.DatasetError) as caught:
+        prepare(flat_csv, PreprocessConfig(img_size=32, mode="roi"), cache_dir=tmp_path / "cache",
+                split_fractions=(0.5, 0.0, 0.5))
+    message = str(caught.value)
+    assert f"{flat_csv} row 3: no x/y point; roi mode" in message and "--mode slice" in message
+    assert f"{flat_csv} row 5: no x/y point" in message  # a normal slice without a point: no ROI either
+    assert "row 2:" not in message and "row 4:" not in message
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    dataset = prepare(flat_csv, PreprocessConfig(img_size=32, mode="slice"), cache_dir=tmp_path / "cache",
+                      split_fractions=(0.5, 0.0, 0.5))
+    assert dataset.manifest["samples"] == len(FLAT_ROWS)

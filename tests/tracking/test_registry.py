@@ -9,11 +9,24 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
+from spinemri.evaluation.floor import judge
+from spinemri.evaluation.paired import PairedDifference
 from spinemri.tracking import registry
 from spinemri.cli import main as cli
 
 # One worker runs all serving tests: one trained model and one server instead of two of each.
 pytestmark = pytest.mark.xdist_group("serving")
+
+
+# A version whose verdict against its floor is "better": the champion rules below apply to it.
+BEATS_FLOOR = judge(PairedDifference(metric="test_severity_weighted_log_loss", candidate=0.5, reference=0.8,
+                                     difference=-0.3, ci_low=-0.4, ci_high=-0.2, studies=40, resamples=2000))
+
+
+def _register(*args, **kwargs):
+    """registry.register for a version that beats its floor (unless the test gives another verdict)."""
+    kwargs.setdefault("verdict", BEATS_FLOOR)
+    return registry.register(*args, **kwargs)
 
 
 def _name() -> str:
@@ -36,32 +49,37 @@ def test_training_registers_its_model_as_the_first_champion(store):
     assert len(tags["eval_set"]) == 16 and tags["arch"] == "tiny"
     assert int(tags["eval_set_samples"]) > 0
     assert tags["decision"].startswith("first version")
+    # 1 held-out study cannot show a model better than its floor: the fixture allows it (to have a champion to serve)
+    assert "allowed by mlflow.allow_below_floor" in tags["decision"]
+    assert tags["verdict"] == "indistinguishable" == run.data.tags["verdict"]
+    assert champion.description.startswith(run.data.tags["verdict_sentence"])
+    assert run.data.tags["mlflow.note.content"].startswith("Not distinguishable from the per-site prior")
     assert run.data.tags["registry_alias"] == "champion"
     assert run.data.tags["registered_version"] == str(champion.version)
 
 
 def test_champion_moves_only_for_a_better_metric_on_the_same_eval_set(store):
     name, metric = _name(), "test_severity_weighted_log_loss"
-    first = registry.register(store.model_uri, name, metric=metric, value=0.90, eval_set="aaaa")
+    first = _register(store.model_uri, name, metric=metric, value=0.90, eval_set="aaaa")
     assert (first.version, first.alias) == ("1", "champion")
 
-    worse = registry.register(store.model_uri, name, metric=metric, value=0.95, eval_set="aaaa")
+    worse = _register(store.model_uri, name, metric=metric, value=0.95, eval_set="aaaa")
     assert worse.alias == "challenger" and "does not beat" in worse.reason
     assert _aliases(name) == {"champion": "1", "challenger": "2"}
 
-    tie = registry.register(store.model_uri, name, metric=metric, value=0.90, eval_set="aaaa")
+    tie = _register(store.model_uri, name, metric=metric, value=0.90, eval_set="aaaa")
     assert tie.alias == "challenger"  # a tie does not beat the champion
 
-    better = registry.register(store.model_uri, name, metric=metric, value=0.70, eval_set="aaaa")
+    better = _register(store.model_uri, name, metric=metric, value=0.70, eval_set="aaaa")
     assert better.alias == "champion" and "beats" in better.reason
     assert _aliases(name) == {"champion": "4", "challenger": "3"}
 
-    other_data = registry.register(store.model_uri, name, metric=metric, value=0.10, eval_set="bbbb")
+    other_data = _register(store.model_uri, name, metric=metric, value=0.10, eval_set="bbbb")
     assert other_data.alias == "challenger" and "not comparable" in other_data.reason
-    other_metric = registry.register(store.model_uri, name, metric="test_severity_roc_auc", value=0.99,
+    other_metric = _register(store.model_uri, name, metric="test_severity_roc_auc", value=0.99,
                                      eval_set="aaaa")
     assert other_metric.alias == "challenger" and "not comparable" in other_metric.reason
-    no_value = registry.register(store.model_uri, name, metric=metric, value=float("nan"), eval_set="aaaa")
+    no_value = _register(store.model_uri, name, metric=metric, value=float("nan"), eval_set="aaaa")
     assert no_value.alias == "challenger"
     assert _aliases(name)["champion"] == "4"
     assert MlflowClient().get_model_version(name, "5").tags["decision"] == other_data.reason
@@ -74,17 +92,17 @@ def test_higher_is_better_for_scores():
 
 def test_an_auc_champion_moves_up(store):
     name = _name()
-    registry.register(store.model_uri, name, metric="test_severity_roc_auc", value=0.7, eval_set="e")
-    assert registry.register(store.model_uri, name, metric="test_severity_roc_auc", value=0.6, eval_set="e").alias \
+    _register(store.model_uri, name, metric="test_severity_roc_auc", value=0.7, eval_set="e")
+    assert _register(store.model_uri, name, metric="test_severity_roc_auc", value=0.6, eval_set="e").alias \
         == "challenger"
-    assert registry.register(store.model_uri, name, metric="test_severity_roc_auc", value=0.8, eval_set="e").alias \
+    assert _register(store.model_uri, name, metric="test_severity_roc_auc", value=0.8, eval_set="e").alias \
         == "champion"
 
 
 def test_promote_overrides_and_records_the_reason(store):
     name, metric = _name(), "test_severity_weighted_log_loss"
-    registry.register(store.model_uri, name, metric=metric, value=0.5, eval_set="e")
-    registry.register(store.model_uri, name, metric=metric, value=0.9, eval_set="e")
+    _register(store.model_uri, name, metric=metric, value=0.5, eval_set="e")
+    _register(store.model_uri, name, metric=metric, value=0.9, eval_set="e")
     result = CliRunner().invoke(cli, ["registry", "promote", "2", "--name", name, "--reason", "radiologist review"])
     assert result.exit_code == 0, result.output
     assert _aliases(name) == {"champion": "2"}  # no longer also the challenger
@@ -103,7 +121,7 @@ def test_promote_overrides_and_records_the_reason(store):
 
 def test_registry_errors_are_clear(store):
     name = _name()
-    registry.register(store.model_uri, name, metric="test_severity_weighted_log_loss", value=0.5, eval_set="e")
+    _register(store.model_uri, name, metric="test_severity_weighted_log_loss", value=0.5, eval_set="e")
     missing = CliRunner().invoke(cli, ["registry", "promote", "7", "--name", name, "--reason", "x"])
     assert missing.exit_code == 1 and "has no version 7; versions: 1" in missing.output
     blank = CliRunner().invoke(cli, ["registry", "promote", "1", "--name", name, "--reason", " "])
@@ -174,7 +192,7 @@ def test_the_paired_policy_moves_the_champion_only_for_a_significant_improvement
         table = prediction_table(samples[keep].reset_index(drop=True), {h: t[keep] for h, t in targets.items()},
                                  {**{h: p[keep] for h, p in proba.items()}, "severity": severity[keep]})
         value = paired_difference(table, table, metric, resamples=1).candidate
-        decision = registry.register(_version_with_predictions(table), name, metric=metric, value=value,
+        decision = _register(_version_with_predictions(table), name, metric=metric, value=value,
                                      eval_set="forty", evidence=table, policy=policy)
         return decision, value, MlflowClient().get_model_version(name, decision.version).tags
 
@@ -206,11 +224,11 @@ def test_the_paired_policy_moves_the_champion_only_for_a_significant_improvement
     assert "vs champion [95% CI], studies" in table and "], 40" in table
 
     # Without predictions to pair, the strict rule decides and says why.
-    unpaired = registry.register(store.model_uri, name, metric=metric, value=0.0, eval_set="forty")
+    unpaired = _register(store.model_uri, name, metric=metric, value=0.0, eval_set="forty")
     assert unpaired.alias == "champion" and "strict rule: this version has no per-study evidence to pair" in \
         unpaired.reason
     with pytest.raises(registry.RegistryError, match="unknown champion policy 'lenient'"):
-        registry.register(store.model_uri, name, metric=metric, value=0.0, eval_set="forty", policy="lenient")
+        _register(store.model_uri, name, metric=metric, value=0.0, eval_set="forty", policy="lenient")
 
 
 def test_a_paired_decision_needs_enough_studies(store):
@@ -228,10 +246,85 @@ def test_a_paired_decision_needs_enough_studies(store):
                                 {**{h: p[few] for h, p in proba.items()}, "severity": severity[few]})
 
     first = table(proba["severity"])
-    registry.register(_version_with_predictions(first), name, metric=metric, value=0.9, eval_set="four",
+    _register(_version_with_predictions(first), name, metric=metric, value=0.9, eval_set="four",
                       evidence=first)
     better = table(_sharpen(proba["severity"], targets["severity"], np.arange(len(samples)), 0.5))
-    decision = registry.register(_version_with_predictions(better), name, metric=metric, value=0.5,
+    decision = _register(_version_with_predictions(better), name, metric=metric, value=0.5,
                                  eval_set="four", evidence=better)
     assert decision.alias == "challenger", decision.reason
     assert "4 held-out studies are too few for a paired decision (at least 5)" in decision.reason
+
+
+def _verdict(low: float, high: float, studies: int = 40):
+    return judge(PairedDifference(metric="test_severity_weighted_log_loss", candidate=0.8, reference=0.8,
+                                  difference=(low + high) / 2, ci_low=low, ci_high=high, studies=studies,
+                                  resamples=2000))
+
+
+def test_a_version_not_better_than_its_floor_never_becomes_champion(store):
+    name, metric = _name(), "test_severity_weighted_log_loss"
+    same = _verdict(-0.02, 0.03)
+    refused = _register(store.model_uri, name, metric=metric, value=0.8, eval_set="e", verdict=same)
+    assert refused.alias == "challenger" and _aliases(name) == {"challenger": "1"}
+    assert refused.reason.startswith("not champion: it is not significantly better than its floor (the per-site "
+                                     "prior; difference +0.0050, 95% CI -0.0200 to +0.0300 over 40 studies)")
+    assert "mlflow.allow_below_floor=true" in refused.reason
+    version = MlflowClient().get_model_version(name, "1")
+    assert version.description.startswith(same.sentence) and refused.reason in version.description
+    assert version.tags["verdict"] == "indistinguishable" and version.tags["floor_studies"] == "40"
+
+    worse = _register(store.model_uri, name, metric=metric, value=0.9, eval_set="e", verdict=_verdict(0.05, 0.1))
+    assert worse.alias == "challenger" and "it is worse than its floor" in worse.reason
+    assert "promote" not in worse.reason and "allow_below_floor" not in worse.reason
+
+    unjudged = _register(store.model_uri, name, metric=metric, value=0.1, eval_set="e", verdict=None)
+    assert unjudged.alias == "challenger" and "not judged against its floor" in unjudged.reason
+
+    allowed = _register(store.model_uri, name, metric=metric, value=0.8, eval_set="e", verdict=same,
+                        allow_below_floor=True)
+    assert allowed.alias == "champion" and "allowed by mlflow.allow_below_floor" in allowed.reason
+    better = _register(store.model_uri, name, metric=metric, value=0.7, eval_set="e")
+    assert better.alias == "champion" and "floor" not in better.reason
+
+    # promoting by hand stays possible, and the decision keeps the verdict
+    promoted = CliRunner().invoke(cli, ["registry", "promote", "1", "--name", name, "--reason", "reader study"])
+    assert promoted.exit_code == 0, promoted.output
+    assert "its verdict against the per-site prior: indistinguishable" in \
+        MlflowClient().get_model_version(name, "1").tags["decision"]
+    listed = CliRunner().invoke(cli, ["registry", "list", "--name", name]).output
+    assert "vs floor [95% CI], studies" in listed and f"v1: {same.sentence}" in listed
+    rows = json.loads(CliRunner().invoke(cli, ["registry", "list", "--name", name, "--json"]).output)
+    assert rows[-1]["floor"] == pytest.approx({"difference": 0.005, "ci_low": -0.02, "ci_high": 0.03, "studies": 40})
+
+
+def test_no_decision_suggests_promoting_a_version_shown_worse(store):
+    from tests.evaluation.test_paired import _reference, _sharpen
+
+    import numpy as np
+
+    from spinemri.evaluation.paired import prediction_table
+
+    name, metric = _name(), "test_severity_weighted_log_loss"
+    samples, targets, proba = _reference()
+
+    def table(keep, severity):
+        return prediction_table(samples[keep].reset_index(drop=True), {h: t[keep] for h, t in targets.items()},
+                                {**{h: p[keep] for h, p in proba.items()}, "severity": severity[keep]})
+
+    everything = np.ones(len(samples), bool)
+    good = table(everything, _sharpen(proba["severity"], targets["severity"], np.arange(len(samples)), 0.3))
+    _register(_version_with_predictions(good), name, metric=metric, value=0.5, eval_set="forty", evidence=good)
+    bad = table(everything, proba["severity"])
+    worse = _register(_version_with_predictions(bad), name, metric=metric, value=0.9, eval_set="forty", evidence=bad)
+    assert worse.alias == "challenger" and worse.reason.startswith("worse than champion v1"), worse.reason
+    assert "promote" not in worse.reason
+    # over too few studies the interval may still show it worse: no promotion offered either
+    few = samples["study_id"].isin([1000, 1001, 1002, 1003]).to_numpy()
+    name = _name()
+    good, bad = table(few, _sharpen(proba["severity"], targets["severity"], np.arange(len(samples)), 0.2)), \
+        table(few, proba["severity"])
+    _register(_version_with_predictions(good), name, metric=metric, value=0.3, eval_set="four", evidence=good)
+    decision = _register(_version_with_predictions(bad), name, metric=metric, value=0.9, eval_set="four",
+                         evidence=bad)
+    assert decision.alias == "challenger" and "too few for a paired decision" in decision.reason
+    assert "promote" not in decision.reason, decision.reason

@@ -189,6 +189,8 @@ def prepare(data_dir: str | Path, config: PreprocessConfig = PreprocessConfig(),
     samples = readers.load_samples(data_dir)
     if samples.empty:
         raise DatasetError([f"{data_dir} has no labelled samples"])
+    if config.mode == "roi" and on_bad_file == "stop":
+        _refuse_pointless(samples)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = fingerprint(samples, config)
     final = cache_dir / key
@@ -205,6 +207,21 @@ def prepare(data_dir: str | Path, config: PreprocessConfig = PreprocessConfig(),
         return manifest
 
     return PreparedDataset(final, publish(cache_dir, key, build))
+
+
+def _refuse_pointless(samples: pd.DataFrame) -> None:
+    """roi mode crops around each labelled point: rows without one are refused, each named with the fix."""
+    pointless = samples[samples["x"].isna() | samples["y"].isna()]
+    if pointless.empty:
+        return
+    labels_csv = samples.attrs.get("labels_csv", "the labels CSV")
+    problems = [f"{labels_csv} row {row}: no x/y point; roi mode (preprocess.mode roi) crops a square around the "
+                "labelled point, so give its pixel column and row in x and y, or train on whole slices with "
+                "--mode slice (which grades the site each row names)" for row in pointless["label_row"].head(10)]
+    if len(pointless) > 10:
+        problems.append(f"... and {len(pointless) - 10} more rows without x/y ({len(pointless)} in all); "
+                        "--on-bad-file=skip leaves them out")
+    raise DatasetError(problems)
 
 
 def publish(cache_dir: Path, name: str, build) -> dict:

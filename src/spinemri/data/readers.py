@@ -88,11 +88,13 @@ def load_flat_csv(csv_path: str | Path) -> pd.DataFrame:
         if level is None and (key is not None or not _blank(raw)):
             problems.append(f"{csv_path} row {row}: unknown level {raw!r}; use one of {', '.join(schema.LEVELS)}")
     xy = frame[["x", "y"]].apply(pd.to_numeric, errors="coerce")
-    for row, (key, raw_x, raw_y, x, y) in enumerate(zip(conditions, frame["x"], frame["y"], xy["x"], xy["y"]), start=2):
-        if (key is not None and not (np.isfinite(x) and np.isfinite(y))) or \
-                (not _blank(raw_x) and not np.isfinite(x)) or (not _blank(raw_y) and not np.isfinite(y)):
-            problems.append(f"{csv_path} row {row}: x/y ({raw_x!r}, {raw_y!r}) are not finite numbers; "
-                            "a row with a condition needs the point's pixel coordinates")
+    for row, (raw_x, raw_y, x, y) in enumerate(zip(frame["x"], frame["y"], xy["x"], xy["y"]), start=2):
+        # Both blank: a labelled image without a point (usable on whole slices, preprocess.mode slice).
+        if _blank(raw_x) != _blank(raw_y) or (not _blank(raw_x) and not (np.isfinite(x) and np.isfinite(y))):
+            shown = ", ".join("blank" if _blank(v) else repr(v) for v in (raw_x, raw_y))
+            problems.append(f"{csv_path} row {row}: x/y ({shown}) must be two finite numbers (the "
+                            "point's pixel column and row), or both blank for an image graded without a point "
+                            "(whole slices only, preprocess.mode slice)")
     severity = []
     for row, name in enumerate(frame["label_name"], start=2):
         grade = _FLAT_SEVERITY.get(str(name).strip().lower()) if not _blank(name) else None
@@ -174,9 +176,15 @@ def check_dataset(path: str | Path, *, decode: bool = False, workers: int = 4) -
             report.problems += exc.problems
             return report
         report.summary = {"studies": int(samples["study_id"].nunique()),
-                          "series": int(samples["series_id"].nunique())}
+                          "series": int(samples[["study_id", "series_id"]].drop_duplicates().shape[0])}
     report.summary["labelled_points"] = _points_per_condition(samples)
     report.summary["graded_points"] = int(samples["severity"].notna().sum())
+    pointless = samples[samples["condition"].notna() & (samples["x"].isna() | samples["y"].isna())]
+    if len(pointless):
+        report.summary["graded_without_point"] = len(pointless)
+        report.warnings.append(f"{samples.attrs.get('labels_csv', str(path))}: {len(pointless)} labelled row(s) "
+                               f"have no x/y (rows {_rows_text(pointless['label_row'])}): they train whole-slice "
+                               "models (--mode slice, which grades the site each row names); roi mode refuses them")
     labels_csv = samples.attrs.get("labels_csv", str(path))
     twice = samples[samples["condition"].notna()]
     twice = twice[twice.duplicated(["study_id", "condition", "level"], keep=False)]
@@ -436,8 +444,13 @@ def _condition_key(value) -> str | None:
 def _level_name(value) -> str | None:
     if _blank(value):
         return None
-    text = str(value).strip().upper().replace("_", "/")
-    return text if text in schema.LEVELS else None
+    return schema.level_name(str(value))
+
+
+def _rows_text(rows) -> str:
+    """'2, 3, 4, 5, 6 and 40 more' for a warning about many rows."""
+    rows = [str(int(r)) for r in rows]
+    return ", ".join(rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
 def _blank(value) -> bool:

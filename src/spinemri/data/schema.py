@@ -36,6 +36,13 @@ def condition_key(text: str) -> str | None:
 
 
 LEVELS: tuple[str, ...] = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
+
+
+def level_name(text: str) -> str | None:
+    """'L4/L5', 'l4_l5' or 'L4-L5' -> 'L4/L5'; None if none of the five levels."""
+    name = text.strip().upper().replace("_", "/").replace("-", "/")
+    return name if name in LEVELS else None
+
 SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
 SEVERITY_INDEX: dict[str, int] = {name: i for i, name in enumerate(SEVERITIES)}
 
@@ -122,6 +129,21 @@ def label_column(condition: str, level: str) -> str:
 
 
 LABEL_COLUMNS: tuple[str, ...] = tuple(label_column(c, lv) for c in CONDITIONS for lv in LEVELS)
+# The 25 graded sites (condition, level), in LABEL_COLUMNS order: what a per-site severity output is indexed by.
+SITES: tuple[tuple[str, str], ...] = tuple((c, lv) for c in CONDITIONS for lv in LEVELS)
+_SITE_INDEX: dict[tuple[str, str], int] = {site: i for i, site in enumerate(SITES)}
+
+
+def site_index(condition, level) -> int:
+    """The site's row in a per-site output (0..24), or -1 when the condition or level is missing or unknown."""
+    if not isinstance(condition, str) or not isinstance(level, str):
+        return -1
+    return _SITE_INDEX.get((condition, level), -1)
+
+
+def site_indices(conditions, levels) -> "np.ndarray":
+    """:func:`site_index` of each (condition, level) pair: int64 (n,), -1 where unknown."""
+    return np.array([site_index(c, lv) for c, lv in zip(conditions, levels)], dtype=np.int64)
 
 _LABEL_COLUMN_RE = re.compile(r"^(?P<condition>[a-z_]+)_(?P<level>l\d_[ls]\d)$")
 

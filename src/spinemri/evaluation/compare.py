@@ -96,10 +96,28 @@ def build_table(experiment: str, head: str = "condition", archs: tuple[str, ...]
             "final_val_loss": m.get("val_loss", math.nan),
             "params": int(m.get("model_params", 0)),
             "inference_ms_per_image": m.get("inference_ms_per_image", math.nan),
+            **_floor_columns(run, "test", head),
             "run_id": run.info.run_id,
         })
     table = pd.DataFrame(rows).sort_values("accuracy", ascending=False, na_position="last").reset_index(drop=True)
     return Comparison(experiment=experiment, head=head, table=table)
+
+
+def _floor_columns(run, split: str, head: str) -> dict:
+    """A run's comparison with its floor: the champion metric and the floor's value of it, the paired
+    difference with its CI, the verdict and its sentence; and the floor's accuracy and ROC-AUC for ``head``
+    (for condition and level, training frequencies: the majority class and chance)."""
+    m, tags = run.data.metrics, run.data.tags
+    metric = tags.get("verdict_metric", "")
+    name = metric.removeprefix(f"{split}_")
+    floor_accuracy = m.get(f"{split}_floor_{head}_accuracy", math.nan) if head == "severity" else \
+        _baseline(run.info.run_id, split, head, "accuracy")
+    return {"floor_metric": metric, "metric_value": m.get(metric, math.nan),
+            "floor_value": m.get(f"{split}_floor_{name}", math.nan),
+            "vs_floor": m.get(f"{split}_vs_floor", math.nan), "vs_floor_ci_low": m.get(f"{split}_vs_floor_ci_low", math.nan),
+            "vs_floor_ci_high": m.get(f"{split}_vs_floor_ci_high", math.nan), "verdict": tags.get("verdict", ""),
+            "verdict_sentence": tags.get("verdict_sentence", ""), "floor_accuracy": floor_accuracy,
+            "floor_roc_auc": m.get(f"{split}_floor_{head}_roc_auc", math.nan) if head == "severity" else 0.5}
 
 
 def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) -> Comparison:
@@ -115,7 +133,7 @@ def _cv_table(experiment: str, head: str, runs: dict[str, mlflow.entities.Run]) 
                         f"{name}_ci_high": m.get(f"{key}_ci_high", math.nan)})
         row.update(prior_rsna_score=prior_site_score(run.info.run_id, "cv"),
                    epochs=m.get("epochs_trained", math.nan), training_time_s=m.get("training_time_s", math.nan),
-                   run_id=run.info.run_id)
+                   **_floor_columns(run, "cv", head), run_id=run.info.run_id)
         rows.append(row)
         terms[arch] = _terms(run.info.run_id)
     table = pd.DataFrame(rows).sort_values("rsna_score", na_position="last").reset_index(drop=True)
@@ -165,27 +183,59 @@ def _ci(row, name) -> str:
     return f"{value:.3f}" + ("" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]")
 
 
+def _versus_floor(row) -> str:
+    """'−0.189 [−0.250, −0.130] better' for a row's paired difference to its floor."""
+    if not isinstance(row.get("vs_floor"), float) or math.isnan(row["vs_floor"]):
+        return "—"
+    return (f"{row['vs_floor']:+.3f} [{row['vs_floor_ci_low']:+.3f}, {row['vs_floor_ci_high']:+.3f}] "
+            f"{row['verdict'] or ''}").strip()
+
+
+def _value(value: float) -> str:
+    return "—" if not isinstance(value, float) or math.isnan(value) else f"{value:.3f}"
+
+
+def _floor_row(table: pd.DataFrame, cells: dict[str, str], header: list[str]) -> str:
+    """The floor's row: one, since every run of a comparison has the same held-out studies."""
+    return "| " + " | ".join(cells.get(column, "") for column in header) + " |"
+
+
+def verdicts(table: pd.DataFrame) -> list[str]:
+    """Each backbone's verdict sentence, in the table's order."""
+    return [f"{row['arch']}: {row['verdict_sentence']}" for _, row in table.iterrows() if row.get("verdict_sentence")]
+
+
 def markdown_table(table: pd.DataFrame, head: str) -> str:
     if "rsna_score" in table.columns:
         return _cv_markdown(table, head)
-    header = ["architecture", f"{head} accuracy [95% CI]", f"{head} ROC-AUC [95% CI]", "epochs", "batch",
-              "input px", "training time (s)", "final loss", "parameters", "inference ms/image"]
+    metric = next((m for m in table.get("floor_metric", ()) if m), "the champion metric")
+    header = ["architecture", f"{head} accuracy [95% CI]", f"{head} ROC-AUC [95% CI]", metric,
+              "vs floor [95% CI], paired", "epochs", "batch", "input px", "training time (s)", "final loss",
+              "parameters", "inference ms/image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
-        cells = [row["arch"], _ci(row, "accuracy"), _ci(row, "roc_auc"), str(row["epochs"]), str(row["batch_size"]),
-                 str(row["img_size"]), f"{row['training_time_s']:.0f}", f"{row['final_loss']:.3f}",
-                 f"{row['params'] / 1e6:.1f} M", f"{row['inference_ms_per_image']:.1f}"]
+        cells = [row["arch"], _ci(row, "accuracy"), _ci(row, "roc_auc"), _value(row.get("metric_value", math.nan)),
+                 _versus_floor(row), str(row["epochs"]), str(row["batch_size"]), str(row["img_size"]),
+                 f"{row['training_time_s']:.0f}", f"{row['final_loss']:.3f}", f"{row['params'] / 1e6:.1f} M",
+                 f"{row['inference_ms_per_image']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    majority = table["majority_accuracy"].dropna()
-    if len(majority):  # the same held-out set for every run: one constant-prediction baseline
-        lines.append(f"| *majority-class baseline* | {majority.iloc[0]:.3f} | 0.500 | | | | | | | |")
+    floor_accuracy = table.get("floor_accuracy", pd.Series(dtype=float)).dropna()
+    floor_value = table.get("floor_value", pd.Series(dtype=float)).dropna()
+    if len(floor_accuracy) or len(floor_value):  # the same held-out set for every run: one floor
+        roc = table["floor_roc_auc"].dropna()
+        lines.append(_floor_row(table, {
+            "architecture": "*floor: the per-site prior*",
+            f"{head} accuracy [95% CI]": _value(floor_accuracy.iloc[0]) if len(floor_accuracy) else "—",
+            f"{head} ROC-AUC [95% CI]": _value(roc.iloc[0]) if len(roc) else "—",
+            metric: _value(floor_value.iloc[0]) if len(floor_value) else "—", "vs floor [95% CI], paired": "0"},
+            header))
     return "\n".join(lines) + "\n"
 
 
 def _cv_markdown(table: pd.DataFrame, head: str) -> str:
     header = ["architecture", "CV study score [95% CI] (lower is better)", "vs best [95% CI], paired",
-              f"{head} accuracy [95% CI]", f"{head} ROC-AUC [95% CI]", "folds", "studies", "epochs (mean)",
-              "training time (s)"]
+              "vs floor [95% CI], paired", f"{head} accuracy [95% CI]", f"{head} ROC-AUC [95% CI]", "folds",
+              "studies", "epochs (mean)", "training time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, row in table.iterrows():
         if i == 0:
@@ -195,19 +245,26 @@ def _cv_markdown(table: pd.DataFrame, head: str) -> str:
         else:
             versus = (f"{row['vs_best']:+.3f} [{row['vs_best_ci_low']:+.3f}, {row['vs_best_ci_high']:+.3f}]"
                       + (" (significant)" if row["vs_best_significant"] else " (within noise)"))
-        cells = [row["arch"], _ci(row, "rsna_score"), versus, _ci(row, "accuracy"), _ci(row, "roc_auc"),
-                 str(row["folds"]), str(row["studies"]), f"{row['epochs']:.1f}", f"{row['training_time_s']:.0f}"]
+        cells = [row["arch"], _ci(row, "rsna_score"), versus, _versus_floor(row), _ci(row, "accuracy"),
+                 _ci(row, "roc_auc"), str(row["folds"]), str(row["studies"]), f"{row['epochs']:.1f}",
+                 f"{row['training_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     prior = table["prior_rsna_score"].dropna()
-    if len(prior):  # the same studies and folds for every run: one prior
-        lines.append(f"| *weight-aware prior* | {prior.iloc[0]:.3f} | | | | | | | |")
+    if len(prior):  # the same studies and folds for every run: one floor
+        accuracy = table.get("floor_accuracy", pd.Series(dtype=float)).dropna()
+        roc = table.get("floor_roc_auc", pd.Series(dtype=float)).dropna()
+        lines.append(_floor_row(table, {
+            "architecture": "*floor: the per-site prior*", "CV study score [95% CI] (lower is better)":
+                f"{prior.iloc[0]:.3f}", "vs floor [95% CI], paired": "0",
+            f"{head} accuracy [95% CI]": _value(accuracy.iloc[0]) if len(accuracy) else "",
+            f"{head} ROC-AUC [95% CI]": _value(roc.iloc[0]) if len(roc) else ""}, header))
     return "\n".join(lines) + "\n"
 
 
 def chart(comparison: Comparison):
     table = comparison.table
     cv = "rsna_score" in table.columns
-    panels = (("rsna_score", "study score, lower is better", "prior_rsna_score", "weight-aware prior"),
+    panels = (("rsna_score", "study score, lower is better", "prior_rsna_score", "floor: the per-site prior"),
               ("roc_auc", "macro ROC-AUC", None, "chance")) if cv else \
         (("accuracy", "accuracy", "majority_accuracy", "majority-class baseline"),
          ("roc_auc", "macro ROC-AUC", None, "majority-class baseline"))

@@ -236,44 +236,6 @@ def score_files(labels_csv: Path, submission_csv: Path) -> dict:
     return rsna_score(scored, submission, return_parts=True)
 
 
-# --- the best constant prediction --------------------------------------------------------------
-# Where nothing is seen, the submission's row gets the *prior*: the constant prediction that scores
-# best under this metric, ``p(c) ∝ n(c) · w(c)`` with the class counts of some labels and the
-# metric's weights w = 1/2/4. It is also the baseline every study-level score is compared with.
-
-def weighted_prior(counts: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
-    """Per condition, the constant prediction that minimises the metric's weighted log loss.
-
-    With n_k labels of class k weighted w_k, ``sum_k n_k w_k (-log p_k)`` is smallest at
-    ``p_k ∝ n_k w_k``. Counts get +1 so that an unseen class keeps a finite loss.
-    """
-    prior = {}
-    for condition in CONDITIONS:
-        mass = (np.asarray(counts.get(condition, (0, 0, 0)), float) + 1.0) * SEVERITY_WEIGHTS
-        prior[condition] = (mass / mass.sum()).tolist()
-    return prior
-
-
-def prior_from_samples(samples: pd.DataFrame) -> dict[str, list[float]]:
-    """The prior from a sample table's graded points (the classifier's training split)."""
-    graded = samples[samples["severity"].notna() & samples["condition"].isin(CONDITIONS)]
-    counts = {c: np.bincount(g["severity"].astype(int), minlength=3) for c, g in graded.groupby("condition")}
-    return weighted_prior(counts)
-
-
-def prior_from_labels(labels: pd.DataFrame) -> dict[str, list[float]]:
-    """The prior from labels in train.csv's layout."""
-    rows = label_rows(labels).dropna(subset=["severity"])
-    counts = {c: np.bincount(g["severity"].astype(int), minlength=3) for c, g in rows.groupby("condition")}
-    return weighted_prior(counts)
-
-
-def prior_submission(study_ids: Sequence, prior: Mapping[str, Sequence[float]]) -> pd.DataFrame:
-    """The prior as a submission: 25 rows per study, each its condition's constant probabilities."""
-    rows = [(row_id(s, c, lv), *prior[c]) for s in study_ids for c in CONDITIONS for lv in LEVELS]
-    return pd.DataFrame(rows, columns=list(SUBMISSION_COLUMNS))
-
-
 def site_predictions(samples: pd.DataFrame, severity_proba: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ROI classifier's severity predictions at the labelled sites as competition rows: its score
     *at true sites* (stage 2 alone, before any localizer error).

@@ -247,9 +247,9 @@ def _entries(head: str, y: np.ndarray, proba: np.ndarray, counts: np.ndarray, pr
     if n_studies < MIN_STUDIES_FOR_CI:
         counts = counts[:0]
     names = (*(SEVERITY_METRICS if severity else HEAD_METRICS), "ece")
-    value = _point_scores(head, y, proba)
-    majority = _point_scores(head, y, np.tile(np.eye(len(prior))[prior.argmax()], (len(y), 1)))
-    baseline = _point_scores(head, y, np.tile(prior, (len(y), 1)))
+    value = point_scores(head, y, proba)
+    majority = point_scores(head, y, np.tile(np.eye(len(prior))[prior.argmax()], (len(y), 1)))
+    baseline = point_scores(head, y, np.tile(prior, (len(y), 1)))
     boot = _bootstrap(y, proba, counts, severity)
 
     def entry(name, k=None):
@@ -262,7 +262,7 @@ def _entries(head: str, y: np.ndarray, proba: np.ndarray, counts: np.ndarray, pr
                           for k, cls in enumerate(HEAD_CLASSES[head])}}
 
 
-def _point_scores(head: str, y: np.ndarray, proba: np.ndarray) -> dict:
+def point_scores(head: str, y: np.ndarray, proba: np.ndarray) -> dict:
     """The scores of the rows as they are; the metrics training logs come from the same functions it uses."""
     scores = {k: v[0] for k, v in resample_scores(y, proba, np.ones((1, len(y))), severity=head == "severity").items()}
     with warnings.catch_warnings():

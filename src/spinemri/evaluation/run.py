@@ -177,10 +177,11 @@ def predict_cached(classifier: SpineClassifier, images_path, part: SplitData, ba
     """A logged classifier's (calibrated) probabilities per head for the cached samples of ``part``, 256
     images in memory at a time."""
     outputs: dict[str, list[np.ndarray]] = {head: [] for head in HEAD_CLASSES}
-    conditions = part.samples["condition"].tolist()
+    conditions, levels = part.samples["condition"].tolist(), part.samples["level"].tolist()
     for start in range(0, len(part), 256):
         predicted = classifier.predict_images(read_rows(str(images_path), part.rows[start:start + 256]),
-                                              batch_size=batch_size, conditions=conditions[start:start + 256])
+                                              batch_size=batch_size, conditions=conditions[start:start + 256],
+                                              levels=levels[start:start + 256], unsited="mean")
         for head in HEAD_CLASSES:
             outputs[head].append(predicted[head])
     return {head: np.concatenate(values) for head, values in outputs.items()}

@@ -277,7 +277,7 @@ def train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerD
         decision = register_and_tag(
             model_uri, registered_model_name(config), metric=metric, value=metrics.get(metric),
             eval_set=eval_set_hash(test.truth), champion=task.name, challenger=f"{task.name}-challenger",
-            policy=config.mlflow.champion_policy, evidence=terms,
+            policy=config.mlflow.champion_policy, evidence=terms, needs_floor=False,
             tags={"arch": config.model.arch, "series": task.name, "experiment": config.name,
                   "eval_set_studies": str(test.truth["study_id"].nunique())})
     result = TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],

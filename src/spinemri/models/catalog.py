@@ -43,6 +43,16 @@ CATALOG: dict[str, BackboneSpec] = {spec.name: spec for spec in (
 )}
 # How the slices of a 2.5D stack meet in the network (spinemri.models.network builds each).
 SLICE_POOLING = ("channels", "attention", "lstm")
+# The severity output: one distribution per image (single), or one per site of the 25 (per_site), read at the
+# site a row names; auto picks per_site for whole slices (preprocess.mode slice) and single for ROI crops.
+SEVERITY_HEADS = ("auto", "single", "per_site")
+
+
+def severity_head(choice: str, mode: str) -> str:
+    """The severity output a model gets: ``single`` or ``per_site`` (``auto``: per_site iff ``mode`` is slice)."""
+    if choice == "auto":
+        return "per_site" if mode == "slice" else "single"
+    return choice
 # The thesis's seven backbones (its Table 3.1): the default set of `spinemri compare --train`.
 THESIS_ARCHS = ("inception_v3", "xception", "vgg16", "nasnet_large", "resnet50", "mobilenet_v2", "densenet")
 

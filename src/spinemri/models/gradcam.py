@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from spinemri.data.schema import HEAD_CLASSES, short_name
-from spinemri.models.network import BACKBONE_LAYER
+from spinemri.models.network import BACKBONE_LAYER, SITE_LOGITS_LAYER, is_per_site
 from spinemri.figures import grid_margins
 
 # Layers that only shrink or reshape a feature map on its way to the heads: the Grad-CAM layer is
@@ -65,7 +65,8 @@ class GradCamModel:
 
     Calling it on images float32 (B, S, S, C) in 0..255 returns ``(features, scores, probabilities)``:
     the feature map (B, h, w, K) of ``layer``, the head's class scores before the softmax (B, classes)
-    and the head's probabilities (B, classes), equal to ``model.predict(images)[head]``. Keras cannot
+    and the head's probabilities (B, classes), equal to ``model.predict(images)[head]`` (a per-site
+    severity output read at each image's site, ``sites`` (B,) indices into SITES). Keras cannot
     reach a layer inside the nested backbone from the outer graph, so the backbone is re-wrapped with
     two outputs and the outer layers are re-applied around it in their order, in inference mode.
     """
@@ -88,11 +89,14 @@ class GradCamModel:
         outer = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
         at = outer.index(backbone)
         self._before = outer[:at]
-        self._after = [layer for layer in outer[at + 1:] if layer.name not in model.output_names]
-        self._head = model.get_layer(head)
-        self.classes = int(self._head.units)
+        per_site = head == "severity" and is_per_site(model)
+        heads_only = {*model.output_names, SITE_LOGITS_LAYER, "severity_grid"}
+        self._after = [layer for layer in outer[at + 1:] if layer.name not in heads_only]
+        self._head = model.get_layer(SITE_LOGITS_LAYER if per_site else head)
+        self.classes = len(HEAD_CLASSES[head])
+        self.per_site = per_site
 
-    def __call__(self, images) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def __call__(self, images, sites=None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         x = tf.convert_to_tensor(images, tf.float32)
         for layer in self._before:
             # build_model's only merge before the backbone repeats a gray channel as RGB.
@@ -103,16 +107,24 @@ class GradCamModel:
         scores = keras.ops.matmul(x, self._head.kernel)
         if self._head.use_bias:
             scores = scores + self._head.bias
+        if self.per_site:
+            if sites is None:
+                raise ValueError("a per-site severity output needs each image's site (sites=)")
+            grid = keras.ops.reshape(scores, (-1, self._head.units // self.classes, self.classes))
+            scores = keras.ops.take_along_axis(grid, keras.ops.reshape(np.maximum(np.asarray(sites), 0), (-1, 1, 1)),
+                                               axis=1)[:, 0]
+            return features, scores, keras.ops.softmax(scores, axis=-1)
         return features, scores, self._head.activation(scores)
 
 
 def gradcam(model: keras.Model, images: np.ndarray, head: str, class_index: int | np.ndarray | None = None,
-            layer: str | None = None, *, batch_size: int = 16) -> np.ndarray:
+            layer: str | None = None, *, batch_size: int = 16, sites: np.ndarray | None = None) -> np.ndarray:
     """Grad-CAM maps float32 (N, S, S) in [0, 1] at the input size, one per image.
 
     ``images``: float32 (N, S, S, C) in 0..255, as the model takes them. ``class_index``: the class of
     ``head`` to explain, one for all images or one per image (N,); None explains each image's
-    predicted class. ``layer``: a layer of the backbone, default :func:`last_conv_layer`.
+    predicted class. ``layer``: a layer of the backbone, default :func:`last_conv_layer`. ``sites`` (N,):
+    each image's site, for a per-site severity output (which is explained at that site).
     The gradient followed is that of the class's log-probability (its score against the other classes,
     see :func:`_evidence`), not of its raw pre-softmax score as in the paper: a softmax head can win a
     class by pushing the other scores down, and then the raw score's map is all zeros (a trained
@@ -135,7 +147,8 @@ def gradcam(model: keras.Model, images: np.ndarray, head: str, class_index: int 
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         with tf.GradientTape() as tape:
-            features, scores, probabilities = cam_model(batch)
+            features, scores, probabilities = cam_model(
+                batch, None if sites is None else np.asarray(sites)[start:start + batch_size])
             target = (wanted[start:start + batch_size] if wanted is not None
                       else keras.ops.convert_to_numpy(probabilities).argmax(axis=1))
             # Images do not interact in inference mode, so one gradient of the sum serves all of them.
@@ -192,13 +205,13 @@ def gradcam_figure(images: Sequence[np.ndarray | None], maps: Sequence[np.ndarra
 
 def gradcam_grid(model: keras.Model, images: np.ndarray, targets: dict[str, np.ndarray],
                  proba: dict[str, np.ndarray], *, head: str | Sequence[str] = "severity", per_class: int = 4,
-                 seed: int = 0) -> dict[str, plt.Figure]:
+                 seed: int = 0, sites: np.ndarray | None = None) -> dict[str, plt.Figure]:
     """One Grad-CAM figure per head: ``{head: figure}``.
 
     ``images`` float32 or uint8 (N, S, S, C) in 0..255, or anything that returns those rows for
     ``images[index_array]`` (it is read once, for the chosen rows only); ``targets[head]`` class
     indices (N,) with -1 for unknown; ``proba[head]`` the model's
-    probabilities (N, classes). Each row of a figure is one true class, with up to ``per_class``
+    probabilities (N, classes); ``sites`` (N,) each sample's site, for a per-site severity output. Each row of a figure is one true class, with up to ``per_class``
     samples of it (chosen with ``seed``), explained for the class the model predicted. A head with no
     labelled sample gets no figure.
     """
@@ -214,7 +227,8 @@ def gradcam_grid(model: keras.Model, images: np.ndarray, targets: dict[str, np.n
         if chosen.size == 0:
             continue
         picked = np.asarray(images[chosen], np.float32)  # the only read of images
-        maps = gradcam(model, picked, name, np.asarray(proba[name])[chosen].argmax(axis=1))
+        maps = gradcam(model, picked, name, np.asarray(proba[name])[chosen].argmax(axis=1),
+                       sites=None if sites is None else np.asarray(sites)[chosen])
         at = {int(i): j for j, i in enumerate(chosen)}
         cells, heatmaps, titles = [], [], []
         for rows in per_row:

@@ -11,6 +11,17 @@ pooled one of three ways (``model.slice_pooling``):
 - ``attention``: one shared 2D backbone encodes each slice alone, and a learned softmax weight per
   slice averages their features;
 - ``lstm``: the same per-slice encoder, then a bidirectional LSTM across the slices.
+
+The severity output is one of two kinds (``model.severity_head``):
+
+- ``single``: one distribution per image (B, 3), for a crop centred on the one site it grades;
+- ``per_site``: one distribution per site (B, 25, 3), in :data:`~spinemri.data.schema.SITES` order, for an
+  image that shows several sites (a whole sagittal slice carries five levels): a row's severity is read at
+  the site it names (:func:`spinemri.models.severity.severity_at`), and the training loss is taken there (:class:`SiteCrossentropy`).
+
+Either starts at the training split's weight-aware prior (``severity_prior``: (3,) or (25, 3)): a zero
+kernel and the prior's log as the bias, so that before any training the model predicts exactly the prior,
+and a model that learns nothing from the images stays at its floor instead of below it.
 """
 
 from __future__ import annotations
@@ -18,11 +29,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from spinemri.data.schema import HEAD_CLASSES
+from spinemri.data.schema import HEAD_CLASSES, SITES
 from spinemri.models.backbones import Backbone, build_backbone, get_backbone
-from spinemri.models.catalog import SLICE_POOLING
+from spinemri.models.catalog import SEVERITY_HEADS, SLICE_POOLING
 
 BACKBONE_LAYER = "backbone"
+SITE_LOGITS_LAYER = "severity_sites"  # the per-site severity head's Dense layer (25 x 3 logits)
 LSTM_UNITS = 128
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
@@ -31,11 +43,14 @@ _CAFFE_MEAN = np.array([103.939, 116.779, 123.68])
 
 
 def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none", dense_units: int = 256,
-                dropout: float = 0.3, bn_momentum: float = 0.0, slice_pooling: str = "channels") -> keras.Model:
-    """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of float32 softmaxes.
+                dropout: float = 0.3, bn_momentum: float = 0.0, slice_pooling: str = "channels",
+                severity_head: str = "single", severity_prior: np.ndarray | None = None) -> keras.Model:
+    """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of float32 softmaxes:
+    condition (B, 6), level (B, 5) and severity (B, 3), or (B, 25, 3) with ``severity_head="per_site"``.
 
-    Built under Keras's global dtype policy: with ``mixed_float16`` the backbone computes in float16
-    and the three heads stay float32.
+    ``severity_prior``: the prior the severity output starts at, (3,) or, per site, (25, 3); None: Keras's
+    default initialisation. Built under Keras's global dtype policy: with ``mixed_float16`` the backbone
+    computes in float16 and the three heads stay float32.
 
     ``bn_momentum`` > 0 replaces the backbone's BatchNormalization momentum (Keras applications use
     0.99, whose moving statistics need more steps than a quick run on a few hundred images has).
@@ -49,10 +64,71 @@ def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none
         raise ValueError(f"slice_pooling must be one of {', '.join(SLICE_POOLING)}, got {slice_pooling!r}")
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
+    if severity_head not in SEVERITY_HEADS[1:]:
+        raise ValueError(f"severity_head must be one of {', '.join(SEVERITY_HEADS[1:])}, got {severity_head!r}")
     # float32 heads: under mixed_float16 a float16 softmax underflows and the losses lose precision.
     outputs = {head: keras.layers.Dense(len(classes), activation="softmax", name=head, dtype="float32")(x)
-               for head, classes in HEAD_CLASSES.items()}
-    return keras.Model(inputs, outputs, name=f"spinemri_{arch}")
+               for head, classes in HEAD_CLASSES.items() if head != "severity"}
+    grades = len(HEAD_CLASSES["severity"])
+    if severity_head == "per_site":
+        logits = keras.layers.Dense(len(SITES) * grades, name=SITE_LOGITS_LAYER, dtype="float32")
+        grid = keras.layers.Reshape((len(SITES), grades), name="severity_grid", dtype="float32")(logits(x))
+        outputs["severity"] = keras.layers.Softmax(axis=-1, name="severity", dtype="float32")(grid)
+        head = logits
+    else:
+        head = keras.layers.Dense(grades, activation="softmax", name="severity", dtype="float32")
+        outputs["severity"] = head(x)
+    model = keras.Model(inputs, {h: outputs[h] for h in HEAD_CLASSES}, name=f"spinemri_{arch}")
+    if severity_prior is not None:
+        start_at_prior(head, severity_prior)
+    return model
+
+
+def start_at_prior(head: keras.layers.Dense, prior: np.ndarray) -> None:
+    """A zero kernel and the log of ``prior`` (its rows normalised, floored at 1e-6) as the bias of ``head``:
+    the layer then outputs the prior for every input, and learns away from it by gradient."""
+    prior = np.asarray(prior, np.float64)
+    expected = (head.units // prior.shape[-1],) * (prior.ndim - 1) + prior.shape[-1:]
+    if prior.ndim not in (1, 2) or prior.size != head.units or prior.shape != expected:
+        raise ValueError(f"a prior of shape {prior.shape} does not fit the {head.units} outputs of {head.name!r}")
+    prior = np.maximum(prior / prior.sum(axis=-1, keepdims=True), 1e-6)
+    kernel, _ = head.get_weights()
+    head.set_weights([np.zeros_like(kernel), np.log(prior).reshape(-1).astype(kernel.dtype)])
+
+
+def is_per_site(model: keras.Model) -> bool:
+    """Whether ``model``'s severity output holds one distribution per site (B, 25, 3)."""
+    return len(model.get_layer("severity").output.shape) == 3
+
+
+class SiteCrossentropy(keras.losses.Loss):
+    """Cross-entropy of a per-site severity output at the row's site: ``y_true`` (B, 25, 3) is one-hot at the
+    row's site and grade and zero at every other site (all zero: no site, no loss). Label smoothing spreads
+    over the three grades of that site only. The per-row loss equals CategoricalCrossentropy of a single head."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "site_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        y_true = keras.ops.cast(y_true, y_pred.dtype)
+        if self.label_smoothing:
+            at_site = keras.ops.sum(y_true, axis=-1, keepdims=True)
+            grades = keras.ops.cast(keras.ops.shape(y_true)[-1], y_pred.dtype)
+            y_true = y_true * (1.0 - self.label_smoothing) + at_site * self.label_smoothing / grades
+        log_p = keras.ops.log(keras.ops.clip(y_pred, keras.config.epsilon(), 1.0))
+        return -keras.ops.sum(y_true * log_p, axis=(1, 2))
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def site_accuracy(y_true, y_pred):
+    """1 where the most probable grade at the row's site is its true grade, else 0 (per row; weight rows
+    without a site 0)."""
+    hit = keras.ops.cast(keras.ops.equal(keras.ops.argmax(y_pred, axis=-1), keras.ops.argmax(y_true, axis=-1)),
+                         y_pred.dtype)
+    return keras.ops.sum(hit * keras.ops.sum(keras.ops.cast(y_true, y_pred.dtype), axis=-1), axis=-1)
 
 
 def backbone_features(arch: str, img_size: int, channels: int, *, weights: str = "none",

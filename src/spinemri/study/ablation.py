@@ -49,6 +49,7 @@ from spinemri.data.splits import fold_studies
 from spinemri.data.studies import find_studies
 from spinemri.errors import ConfigError
 from spinemri.evaluation import competition, heads, paired
+from spinemri.evaluation.prior import prior_submission
 from spinemri.localization.cv import cross_validate_localizer
 from spinemri.localization.locate import load_localizer
 from spinemri.models import calibration
@@ -212,7 +213,7 @@ def _grade_out_of_fold(config: ExperimentConfig, data_dir: Path, table: pd.DataF
         predictors = {key: StudyPredictor(localizers, load_classifier(models[k])) for key, models in fold_models.items()}
         first = next(iter(predictors.values()))
         prior = classifier_prior(first.classifier)[0]  # the fold's training labels: the same for every step
-        priors.append(competition.prior_submission(studies, prior))
+        priors.append(prior_submission(studies, prior))
         print(f"== ablation: grading fold {k + 1}/{config.split.folds} ({len(studies)} studies) at predicted sites ==",
               flush=True)
         for study in find_studies(data_dir, studies):

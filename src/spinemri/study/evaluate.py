@@ -10,7 +10,9 @@ import mlflow
 import pandas as pd
 
 from spinemri.errors import StudyError, UserError
-from spinemri.evaluation.competition import label_rows, prior_from_labels, prior_submission, rsna_score
+from spinemri.evaluation.competition import label_rows, rsna_score
+from spinemri.evaluation.floor import compare_submissions
+from spinemri.evaluation.prior import prior_from_labels, prior_submission
 from spinemri.evaluation.run import log_competition_score
 from spinemri.study.predictor import classifier_prior
 from spinemri.tracking.pyfunc import load_classifier
@@ -41,10 +43,12 @@ def evaluate_submission(labels: pd.DataFrame, submission: pd.DataFrame, prior_la
         prior = prior_from_labels(prior_labels)
         prior_studies = int(prior_labels["study_id"].nunique())
         prior_source = prior_source or f"the labels of {prior_studies} other studies"
+    floor = prior_submission(studies, prior)
     model = rsna_score(scored, submission, return_parts=True)
-    baseline = rsna_score(scored, prior_submission(studies, prior), return_parts=True)
-    return {"studies": len(studies), "model": model, "prior_baseline": baseline, "prior": dict(prior),
-            "prior_studies": prior_studies, "prior_source": prior_source}
+    baseline = rsna_score(scored, floor, return_parts=True)
+    verdict = compare_submissions(scored, submission, floor)
+    return {"studies": len(studies), "verdict": verdict.to_dict(), "model": model, "prior_baseline": baseline,
+            "prior": dict(prior), "prior_studies": prior_studies, "prior_source": prior_source}
 
 
 def evaluate_study_files(labels_path: str | Path, submission_path: str | Path, *,
@@ -107,10 +111,12 @@ def log_study_evaluation(report: Mapping, labels_path: Path, submission_path: Pa
     scored = labels[labels["study_id"].astype(str).isin(studies)]
     mlflow.set_experiment("spinemri-study")
     with start_run(run_name=f"study-evaluation-{report['studies']}-studies") as run:
-        mlflow.set_tags({"role": "study-evaluation", **tags})
+        mlflow.set_tags({"role": "study-evaluation", **tags, **_verdict_tags(report["verdict"]),
+                         "mlflow.note.content": report["verdict"]["sentence"]})
         mlflow.set_tag("prior_source", report.get("prior_source", ""))
         log_competition_score(scored, submission, prior_submission(studies, report["prior"]), "test")
-        metrics = {"test_studies": report["studies"], "prior_studies": report["prior_studies"]}
+        metrics = {"test_studies": report["studies"], "prior_studies": report["prior_studies"],
+                   **verdict_metrics(report["verdict"], "test")}
         if sites_path is not None and sites_path.is_file():
             sites = pd.read_csv(sites_path)
             metrics["test_rows_from_prior"] = int((sites["source"] == "prior").sum())
@@ -119,3 +125,16 @@ def log_study_evaluation(report: Mapping, labels_path: Path, submission_path: Pa
         mlflow.log_artifact(str(submission_path), "study")
         mlflow.log_text(json.dumps(report, indent=2), "study/evaluation.json")
         return run.info.run_id
+
+
+def verdict_metrics(verdict: Mapping, split: str) -> dict[str, float]:
+    """A report's verdict (:meth:`spinemri.evaluation.floor.Verdict.to_dict`) as ``<split>_vs_floor`` metrics."""
+    return {f"{split}_vs_floor": verdict["difference"], f"{split}_vs_floor_ci_low": verdict["ci_low"],
+            f"{split}_vs_floor_ci_high": verdict["ci_high"], f"{split}_vs_floor_studies": float(verdict["studies"]),
+            f"{split}_floor_rsna_score": verdict["floor"]}
+
+
+def _verdict_tags(verdict: Mapping) -> dict[str, str]:
+    return {"verdict": verdict["outcome"], "verdict_sentence": verdict["sentence"], "verdict_metric": verdict["metric"],
+            "floor_difference": repr(verdict["difference"]), "floor_ci_low": repr(verdict["ci_low"]),
+            "floor_ci_high": repr(verdict["ci_high"]), "floor_studies": str(verdict["studies"])}

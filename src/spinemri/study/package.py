@@ -30,7 +30,9 @@ from mlflow.types import ColSpec, DataType, Schema
 
 from spinemri.data.studies import study_from_zip
 from spinemri.errors import ImageReadError, StudyError
-from spinemri.evaluation.competition import prior_submission, score_terms
+from spinemri.evaluation.competition import score_terms
+from spinemri.evaluation.floor import compare_submissions
+from spinemri.evaluation.prior import prior_submission
 from spinemri.evaluation.run import log_competition_score
 from spinemri.localization.locate import SpineLocalizer, register_layers
 from spinemri.study.evaluate import evaluate_submission
@@ -38,7 +40,7 @@ from spinemri.study.held_out import held_out
 from spinemri.study.predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
 from spinemri.tracking.pyfunc import PACKAGE_DIR, InputError, SpineClassifier, guard_scoring_server, load_classifier
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import pip_requirements, register_and_tag, start_run
+from spinemri.tracking.runs import describe_run, pip_requirements, register_and_tag, start_run
 
 INPUT_SCHEMA = Schema([ColSpec(DataType.string, "study_zip_b64"), ColSpec(DataType.string, "study_id", required=False)])
 OUTPUT_SCHEMA = Schema([ColSpec(DataType.string, "row_id"), ColSpec(DataType.double, "normal_mild"),
@@ -95,7 +97,7 @@ class SpineStudyModel(mlflow.pyfunc.PythonModel):
 
 def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_dir: str | None = None,
                   split: str = "test", name: str = REGISTERED_MODEL, register: bool = True,
-                  policy: str = "paired") -> dict[str, Any]:
+                  policy: str = "paired", allow_below_floor: bool = False) -> dict[str, Any]:
     """Log (and register) the two-stage study model; see the module docstring. ``policy``: the registry's
     champion policy (:mod:`spinemri.tracking.registry`)."""
     localizers = resolve_localizers(localizer_uris)
@@ -110,7 +112,7 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
         mlflow.log_params({"classifier_uri": classifier_uri, "localizer_uris": ",".join(localizer_uris),
                            "series_localized": ",".join(sorted(localizers))})
         result: dict[str, Any] = {"run_id": run.info.run_id, "series_localized": sorted(localizers)}
-        metric_value, eval_set, terms = None, "none", None
+        metric_value, eval_set, terms, verdict = None, "none", None, None
         if data_dir:
             studies, labels, prior_labels = held_out(data_dir, split, classifier_uri, list(localizer_uris))
             summary = predict_studies(predictor, studies, tmp / "submission.csv")
@@ -120,9 +122,13 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
             scored = labels[labels["study_id"].astype(str).isin([s.study_id for s in studies])]
             eval_set = eval_set_hash(scored)
             terms = score_terms(scored, submission).reset_index()  # what a paired champion decision compares
-            log_competition_score(scored, submission, prior_submission([s.study_id for s in studies], report["prior"]),
-                                  "test")
-            mlflow.log_metrics({"test_rows_from_prior": summary.from_prior, "test_studies": len(studies)})
+            floor = prior_submission([s.study_id for s in studies], report["prior"])
+            log_competition_score(scored, submission, floor, "test")
+            verdict = compare_submissions(scored, submission, floor)
+            mlflow.set_tags(verdict.tags())
+            mlflow.log_metrics({"test_rows_from_prior": summary.from_prior, "test_studies": len(studies),
+                                **verdict_metrics(report["verdict"], "test")})
+            result["verdict"] = report["verdict"]
             mlflow.log_artifact(str(summary.out), "study")
             mlflow.log_artifact(str(summary.sites), "study")
             mlflow.log_text(json.dumps(report, indent=2), "study/evaluation.json")
@@ -146,6 +152,8 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
             decision = register_and_tag(info.model_uri, name, metric="test_rsna_score", value=metric_value,
                                         eval_set=eval_set, tags={"classifier": classifier_uri,
                                                                  "series_localized": ",".join(sorted(localizers))},
-                                        policy=policy, evidence=terms)
+                                        policy=policy, evidence=terms, verdict=verdict,
+                                        allow_below_floor=allow_below_floor)
             result["decision"] = str(decision)
+        describe_run(verdict, result.get("decision", ""))
     return result

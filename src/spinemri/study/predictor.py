@@ -23,11 +23,11 @@ import pandas as pd
 
 from spinemri.data.dicom import DicomImage, read_series
 from spinemri.data.preprocess import stack_neighbours
-from spinemri.data.schema import (CONDITIONS, LEVELS, PROBABILITY_COLUMNS, RSNA_SEVERITY_FREQUENCIES, SERIES_TYPES,
+from spinemri.data.schema import (CONDITIONS, LEVELS, SITES, label_column, PROBABILITY_COLUMNS, RSNA_SEVERITY_FREQUENCIES, SERIES_TYPES,
                                   SUBMISSION_COLUMNS, row_id)
 from spinemri.data.studies import Study
 from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
-from spinemri.evaluation.competition import weighted_prior
+from spinemri.evaluation.prior import prior_at, weighted_prior
 from spinemri.files import write_csv
 from spinemri.localization.locate import SpineLocalizer, load_localizer
 from spinemri.localization.sites import get_task, site_of
@@ -72,9 +72,10 @@ class StudyPredictor:
     def __post_init__(self) -> None:
         if not self.prior:
             self.prior = classifier_prior(self.classifier)[0]
-        missing = [c for c in CONDITIONS if c not in self.prior]
+        missing = [label_column(c, lv) for c, lv in SITES if label_column(c, lv) not in self.prior and c not in self.prior]
         if missing:
-            raise StudyError(f"the prior lacks condition(s) {', '.join(missing)}")
+            raise StudyError(f"the prior lacks site(s) {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more"
+                                                                                 if len(missing) > 5 else ""))
         window = self.classifier.preprocessing.dicom_window
         for name, localizer in self.localizers.items():
             if localizer.preprocessing.dicom_window != window:
@@ -154,8 +155,8 @@ class StudyPredictor:
                                                  y=round(site.y, 6), slice_score=round(site.slice_score, 4))
         probs = {}
         if crops:
-            severity = self.classifier.predict_images(np.stack(crops), conditions=[c for c, _ in keys]
-                                                      )["severity"].astype(np.float64)
+            severity = self.classifier.predict_images(np.stack(crops), conditions=[c for c, _ in keys],
+                                                      levels=[lv for _, lv in keys])["severity"].astype(np.float64)
             for key, p in zip(keys, severity):
                 probs[key] = p
         rows, sites = [], []
@@ -165,7 +166,7 @@ class StudyPredictor:
                 p = probs.get(key)
                 info = site_rows.get(key)
                 if p is None or not np.isfinite(p).all() or p.sum() <= 0:
-                    p = np.asarray(self.prior[condition], float)
+                    p = np.asarray(prior_at(self.prior, condition, level), float)
                     if info is None or info.get("source") == "model":
                         series_type = site_of(condition).name
                         info = dict(source="prior", reason=reasons.get(series_type, f"no site found on the {series_type} series"))

@@ -6,8 +6,11 @@ posted to ``mlflow models serve``):
     dicom_b64      base64 of a DICOM file            } exactly one of the two
     image_b64      base64 of a PNG or JPEG export    }
     x, y           optional site centre in pixels (column, row); default: the image centre
-    condition      optional: the condition whose severity the site is graded for (e.g.
-                   spinal_canal_stenosis), which picks that condition's severity temperature
+    condition      the condition whose severity the site is graded for (e.g. spinal_canal_stenosis),
+                   which picks that condition's severity temperature; optional for a model of ROI
+                   crops, required (with ``level``) by a per-site model (trained on whole slices that
+                   show several sites), which grades the site the row names
+    level          the level of that site (L1/L2 ... L5/S1); see ``condition``
     neighbors_b64  optional, for a 2.5D model of S slices: the S - 1 neighbouring slices in order
                    (base64, same kind; [previous, next] for 3), the site's slice left out; without
                    them the site's slice is repeated, as at the ends of a series in training
@@ -46,9 +49,10 @@ from spinemri.data import limits
 from spinemri.data.dicom import (DicomImage, SeriesStack, decode_bitmap_bytes, decode_dicom_bytes, encode_dicom,
                                  read_image, read_series)
 from spinemri.data.preprocess import PreprocessConfig, preprocess, with_centre
-from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, condition_key
+from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, LEVELS, condition_key, level_name, site_indices
 from spinemri.errors import ImageReadError, UserError
 from spinemri.models.calibration import Temperatures
+from spinemri.models.severity import severity_at
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/spinemri, logged with every model as its code
 IMAGE_COLUMNS = ("dicom_b64", "image_b64")
@@ -59,6 +63,7 @@ INPUT_SCHEMA = Schema([
     ColSpec(DataType.double, "y", required=False),
     ColSpec(Array(DataType.string), "neighbors_b64", required=False),
     ColSpec(DataType.string, "condition", required=False),
+    ColSpec(DataType.string, "level", required=False),
 ])
 
 
@@ -79,13 +84,16 @@ def probabilities_frame(outputs: Mapping[str, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def file_row(path: str | Path, x: float | None = None, y: float | None = None) -> dict[str, Any]:
+def file_row(path: str | Path, x: float | None = None, y: float | None = None, condition: str | None = None,
+             level: str | None = None) -> dict[str, Any]:
     """A request row for an image file on disk (what ``spinemri predict`` and the README's curl send)."""
     path = Path(path)
     column = "image_b64" if path.suffix.lower() in (".png", ".jpg", ".jpeg") else "dicom_b64"
     row: dict[str, Any] = {column: base64.b64encode(path.read_bytes()).decode("ascii")}
     if x is not None and y is not None:
         row.update(x=float(x), y=float(y))
+    if condition is not None and level is not None:
+        row.update(condition=condition, level=level)
     return row
 
 
@@ -170,8 +178,16 @@ class SpineClassifier(KerasWithMeta):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         frame = _as_frame(model_input)
+        conditions, levels = _conditions(frame), _levels(frame)
+        if self.per_site:
+            _require_sites(frame, conditions, levels)
         images = np.stack([self.prepare_row(row, i) for i, row in enumerate(frame.to_dict("records"))])
-        return probabilities_frame(self.predict_images(images, conditions=_conditions(frame)))
+        return probabilities_frame(self.predict_images(images, conditions=conditions, levels=levels))
+
+    @property
+    def per_site(self) -> bool:
+        """Whether the model grades the site a row names (a per-site severity output)."""
+        return self.meta.get("severity_head") == "per_site"
 
     def prepare_row(self, row: Mapping[str, Any], index: int) -> np.ndarray:
         """One request row -> the model input uint8 (S, S, C); InputError names the row and column."""
@@ -212,6 +228,22 @@ class SpineClassifier(KerasWithMeta):
         stack = with_centre(centre.pixels, [n.pixels for n in neighbours or ()] if count > 1 else (), count)
         return preprocess(stack, centre.pixel_spacing, self.preprocessing, x, y)
 
+    def _sites(self, count: int, conditions: Sequence | None, levels: Sequence | None, unsited: str = "refuse"
+               ) -> np.ndarray:
+        """Each image's site index (-1 for none); a per-site model refuses images without one (unless
+        ``unsited="mean"``)."""
+        if conditions is None or levels is None:
+            sites = np.full(count, -1, np.int64)
+        else:
+            sites = site_indices(conditions, levels)
+        if len(sites) != count:
+            raise InputError(f"{len(sites)} sites given for {count} images")
+        if self.per_site and unsited == "refuse" and (sites < 0).any():
+            raise InputError(f"this model grades the site each image is given for (it was trained on images that "
+                             f"show several sites): give every image a condition ({', '.join(CONDITIONS)}) and a "
+                             f"level ({', '.join(LEVELS)})")
+        return sites
+
     def _model_ready(self, images: np.ndarray) -> np.ndarray:
         """``images`` as float32, checked against the model's input shape (N, S, S, C)."""
         images = np.asarray(images, dtype=np.float32)
@@ -220,14 +252,19 @@ class SpineClassifier(KerasWithMeta):
             raise InputError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
         return images
 
-    def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None
-                       ) -> dict[str, np.ndarray]:
+    def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None,
+                       levels: Sequence | None = None, unsited: str = "refuse") -> dict[str, np.ndarray]:
         """Probabilities per head for model-ready images (N, S, S, C), pixel values 0..255, calibrated by the
         model's temperatures when it has them (``conditions``: the condition each image's severity grades,
-        for the per-condition severity temperatures; see spinemri.models.calibration)."""
+        for the per-condition severity temperatures; see spinemri.models.calibration). A per-site model
+        reads each image's severity at its site, ``conditions`` and ``levels``: an image without one is
+        refused (InputError), or with ``unsited="mean"`` gets the mean over the sites (as the training
+        evaluation scores a flat-CSV slice that names no site)."""
         images = self._model_ready(images)
+        sites = self._sites(len(images), conditions, levels, unsited)
         outputs = self.model.predict(images, batch_size=batch_size, verbose=0)
         proba = {head: np.asarray(outputs[head]) for head in HEAD_CLASSES}
+        proba["severity"] = severity_at(proba["severity"], sites)
         if self.meta.get("temperature"):
             proba = Temperatures.from_dict(self.meta["temperature"]).apply(proba, conditions)
         return proba
@@ -250,14 +287,16 @@ class SpineEnsemble(SpineClassifier):
                         for i in range(len(self.meta["members"]))]
         self.model = self.members[0]
 
-    def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None
-                       ) -> dict[str, np.ndarray]:
+    def predict_images(self, images: np.ndarray, batch_size: int = 32, conditions: Sequence | None = None,
+                       levels: Sequence | None = None, unsited: str = "refuse") -> dict[str, np.ndarray]:
         """The mean over members of each one's probabilities, calibrated by its own temperatures."""
         images = self._model_ready(images)
+        sites = self._sites(len(images), conditions, levels, unsited)
         total: dict[str, np.ndarray] = {}
         for model, member in zip(self.members, self.meta["members"]):
             outputs = model.predict(images, batch_size=batch_size, verbose=0)
             proba = {head: np.asarray(outputs[head], dtype=np.float64) for head in HEAD_CLASSES}
+            proba["severity"] = severity_at(proba["severity"], sites)
             if member.get("temperature"):
                 proba = Temperatures.from_dict(member["temperature"]).apply(proba, conditions)
             for head, p in proba.items():
@@ -318,6 +357,8 @@ def example_row(sample: Mapping[str, Any], config: PreprocessConfig, neighbours:
     row: dict[str, Any] = {"dicom_b64": crop(image)}
     if x is not None:
         row.update(x=x - left, y=y - top)
+    if isinstance(sample.get("condition"), str) and isinstance(sample.get("level"), str):
+        row.update(condition=sample["condition"], level=sample["level"])  # the site the row grades
     if config.slices > 1 and len(neighbours) == config.slices - 1:
         row["neighbors_b64"] = [crop(read_image(p, voi=config.dicom_window)) for p in neighbours]
     return row
@@ -395,6 +436,35 @@ def _conditions(frame: pd.DataFrame) -> list[str] | None:
                              "(or their names in train_label_coordinates.csv; leave it out when unknown)")
         keys.append(key)
     return keys
+
+
+def _levels(frame: pd.DataFrame) -> list[str] | None:
+    """The optional ``level`` column (the level of each row's site), checked; None when absent."""
+    if "level" not in frame.columns:
+        return None
+    names = []
+    for index, value in enumerate(frame["level"]):
+        if not _present(value):
+            names.append("")
+            continue
+        name = level_name(value) if isinstance(value, str) else None
+        if name is None:
+            raise InputError(f"row {index}: level {value!r} is not one of {', '.join(LEVELS)}")
+        names.append(name)
+    return names
+
+
+def _require_sites(frame: pd.DataFrame, conditions: list[str] | None, levels: list[str] | None) -> None:
+    """A per-site model's request: every row names its site, or InputError names the first that does not."""
+    for index in range(len(frame)):
+        condition = conditions[index] if conditions else ""
+        level = levels[index] if levels else ""
+        if not condition or not level:
+            missing = " and ".join(name for name, given in (("condition", condition), ("level", level)) if not given)
+            raise InputError(f"row {index}: no {missing}; this model grades the site a row names (it was trained "
+                             f"on images that show several sites): give condition (one of {', '.join(CONDITIONS)}) "
+                             f"and level (one of {', '.join(LEVELS)}), e.g. condition "
+                             "left_neural_foraminal_narrowing, level L4/L5")
 
 
 def _present(value) -> bool:

@@ -20,6 +20,12 @@ over that. The decision is a tag on the version (``decision``) and is printed by
   to pair, or the metric cannot be recomputed on a resample, the strict rule decides and the
   decision says why.
 - ``strict``: any improvement of the point value wins.
+
+Before any of that, a version must beat its *floor*: the per-site prior of its own training rows,
+scored on the same held-out studies (:mod:`spinemri.evaluation.floor`). A version whose verdict is not
+"better" never becomes ``champion`` (unless ``mlflow.allow_below_floor``, and then the decision says
+so); the verdict's sentence and the decision are the version's description in the registry. No
+decision ever suggests promoting a version that a paired interval shows worse.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from spinemri.errors import RegistryError
+from spinemri.evaluation.floor import BETTER, FLOOR, WORSE, Verdict
 from spinemri.evaluation.goals import is_better, lower_is_better, metric_goal
 from spinemri.evaluation.paired import (MIN_PAIRED_STUDIES, PREDICTIONS_ARTIFACT, PairedDifference, head_metric,
                                        paired_difference, terms_artifact)
@@ -66,20 +73,23 @@ def eval_set_hash(samples: pd.DataFrame) -> str:
 def register(model_uri: str, name: str, *, metric: str, value: float | None, eval_set: str,
              tags: dict[str, str] | None = None, champion: str = CHAMPION,
              challenger: str = CHALLENGER, policy: str = "paired",
-             evidence: pd.DataFrame | None = None) -> Decision:
+             evidence: pd.DataFrame | None = None, verdict: Verdict | None = None,
+             allow_below_floor: bool = False, needs_floor: bool = True) -> Decision:
     """Register ``model_uri`` as a new version of ``name`` and apply the alias policy.
 
     ``champion``/``challenger`` name the two aliases; the localizers keep one pair per series type
     in one registered model (``sagittal_t2`` / ``sagittal_t2-challenger``, ...). ``evidence``, for the
     paired policy: this model's :func:`~spinemri.evaluation.paired.prediction_table` on the held-out set
     (per-head metrics), or its per-study terms of ``metric`` (what its run logged as
-    :func:`~spinemri.evaluation.paired.terms_artifact`).
+    :func:`~spinemri.evaluation.paired.terms_artifact`). ``verdict``: how this model compares with its
+    floor; without one (a model never judged against it) the version is treated as not better than it.
+    ``needs_floor=False``: models that no per-site prior could stand in for (the localizers) skip that rule.
     """
     if policy not in POLICIES:
         raise RegistryError(f"unknown champion policy {policy!r}; choose one of {', '.join(POLICIES)}")
     client = MlflowClient()
     version_tags = {"metric_name": metric, "metric_goal": metric_goal(metric), "eval_set": eval_set,
-                    "champion_policy": policy, **(tags or {})}
+                    "champion_policy": policy, **(verdict.tags() if verdict else {}), **(tags or {})}
     usable = value is not None and math.isfinite(value)
     if usable:
         version_tags["metric_value"] = repr(float(value))
@@ -90,10 +100,36 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
     rule = _Rule(policy, evidence, champion, challenger)
     alias, reason, paired = _decide(client, name, str(version), metric, float(value) if usable else None, eval_set,
                                     rule)
+    if alias == champion and needs_floor:
+        alias, reason = _floor_rule(verdict, reason, allow_below_floor, champion, challenger)
     client.set_registered_model_alias(name, alias, version)
     for key, text in {"decision": reason, **(paired.tags() if paired else {})}.items():
         client.set_model_version_tag(name, version, key, text)
+    floor_line = verdict.sentence if verdict else (f"Not judged against {FLOOR}." if needs_floor else "")
+    client.update_model_version(name, version, description="\n\n".join(filter(None, [floor_line, f"{alias}: {reason}"])))
     return Decision(name=name, version=str(version), alias=alias, reason=reason)
+
+
+def _floor_rule(verdict: Verdict | None, reason: str, allow: bool, champion: str, challenger: str
+                ) -> tuple[str, str]:
+    """The alias and decision once a version that would be champion meets its floor."""
+    if verdict is not None and verdict.better:
+        return champion, reason
+    if verdict is None:
+        what = f"it was not judged against its floor ({FLOOR})"
+    elif verdict.outcome == WORSE:
+        what = f"it is worse than its floor ({FLOOR}; difference {verdict.paired.difference:+.4f}, 95% CI " \
+               f"{verdict.paired.ci_low:+.4f} to {verdict.paired.ci_high:+.4f})"
+    else:
+        what = f"it is not significantly better than its floor ({FLOOR}; difference " \
+               f"{verdict.paired.difference:+.4f}, 95% CI {verdict.paired.ci_low:+.4f} to " \
+               f"{verdict.paired.ci_high:+.4f} over {verdict.paired.studies} studies)"
+    if allow:
+        return champion, f"{reason}; although {what}: allowed by mlflow.allow_below_floor"
+    fix = "" if verdict is not None and verdict.outcome == WORSE else \
+        (f"; train a model that beats it, or set mlflow.allow_below_floor=true to let such a version become "
+         f"{champion}")
+    return challenger, f"not {champion}: {what}{fix}"
 
 
 @dataclass(frozen=True)
@@ -133,9 +169,12 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, value: f
             if paired.significant:
                 return CHAMPION, "beats " + versus, paired
             if not paired.enough_studies:
+                override = "" if _looks_worse(paired) else \
+                    f", or use `spinemri registry promote {version}` or mlflow.champion_policy=strict"
                 return CHALLENGER, (f"{paired.studies} held-out studies are too few for a paired decision (at least "
-                                    f"{MIN_PAIRED_STUDIES}): {versus}; evaluate on more studies, or use "
-                                    f"`spinemri registry promote {version}` or mlflow.champion_policy=strict"), paired
+                                    f"{MIN_PAIRED_STUDIES}): {versus}; evaluate on more studies{override}"), paired
+            if _looks_worse(paired):
+                return CHALLENGER, f"worse than {versus}", paired
             return CHALLENGER, (f"not significantly better than {versus}; use `spinemri registry promote {version}` "
                                 "to override"), paired
         strict_note = f" (strict rule: {why_not})"
@@ -144,6 +183,11 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, value: f
     comparison = (f"{metric} {value:.4f} vs champion v{champion.version}'s {best:.4f} "
                   f"({'lower' if lower else 'higher'} wins){strict_note}")
     return (CHAMPION, "beats " + comparison, None) if better else (CHALLENGER, "does not beat " + comparison, None)
+
+
+def _looks_worse(paired: PairedDifference) -> bool:
+    """The 95 % interval of the difference lies wholly on the worse side (over any number of studies)."""
+    return paired.ci_low > 0 if lower_is_better(paired.metric) else paired.ci_high < 0
 
 
 def _paired(champion, metric: str, evidence: pd.DataFrame | None) -> tuple[PairedDifference | None, str]:
@@ -181,6 +225,9 @@ def promote(name: str, version: str | int, reason: str) -> Decision:
         client.set_model_version_tag(name, version, key, value)
     text = f"promoted by hand over v{previous}: {reason}" if previous and previous != version \
         else f"promoted by hand: {reason}"
+    verdict = versions[version]["verdict"]
+    if verdict != BETTER:
+        text += f" (its verdict against {FLOOR}: {verdict or 'none recorded'})"
     client.set_model_version_tag(name, version, "decision", text)
     return Decision(name=name, version=version, alias=CHAMPION, reason=text)
 
@@ -211,6 +258,12 @@ def list_versions(name: str) -> list[dict]:
             "run_id": mv.run_id or "",
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "decision": tags.get("decision", ""),
+            "verdict": tags.get("verdict", ""),
+            "verdict_sentence": tags.get("verdict_sentence", ""),
+            "floor": {key: float(tags[f"floor_{key}"]) for key in ("difference", "ci_low", "ci_high")
+                      if f"floor_{key}" in tags} | ({"studies": int(tags["floor_studies"])}
+                                                    if "floor_studies" in tags else {}),
+            "description": mv.description or "",
             "policy": tags.get("champion_policy", ""),
             "paired": {key: float(tags[f"paired_{key}"]) for key in ("difference", "ci_low", "ci_high")
                        if f"paired_{key}" in tags} | ({"studies": int(tags["paired_studies"])}

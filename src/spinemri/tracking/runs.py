@@ -30,6 +30,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 import pandas as pd
 
+from spinemri.evaluation.floor import FLOOR
 from spinemri.processes import HOST, process_gone, process_id
 from spinemri.tracking import registry
 
@@ -195,6 +196,7 @@ class TrainResult:
     epochs_trained: int
     history: dict[str, list[float]] = field(default_factory=dict)
     registered: registry.Decision | None = None
+    verdict: Any = None  # spinemri.evaluation.floor.Verdict: how the model compares with its floor, if judged
 
 
 @contextlib.contextmanager
@@ -229,6 +231,15 @@ def training_run(*, experiment: str, config: Mapping[str, Any], tags: Mapping[st
         yield run
 
 
+def describe_run(verdict: "Verdict | None", *lines: str) -> str:
+    """The run's description (``mlflow.note.content``, shown at the top of its page in the MLflow UI): the
+    verdict's sentence first, then ``lines``. Returns the text."""
+    first = verdict.sentence if verdict is not None else f"No verdict against {FLOOR} (see the run's output)."
+    text = "\n\n".join([first, *[line for line in lines if line]])
+    mlflow.set_tag("mlflow.note.content", text)
+    return text
+
+
 def log_split(table: pd.DataFrame) -> None:
     """The study-level split a run trained on (study_id, split), as data/splits.csv: what held-out checks read."""
     mlflow.log_text(table.to_csv(index=False), "data/splits.csv")
@@ -237,11 +248,13 @@ def log_split(table: pd.DataFrame) -> None:
 def register_and_tag(model_uri: str, name: str, *, metric: str, value: float | None, eval_set: str,
                      tags: Mapping[str, str], champion: str = registry.CHAMPION,
                      challenger: str = registry.CHALLENGER, policy: str = "paired",
-                     evidence: pd.DataFrame | None = None) -> registry.Decision:
-    """Register the active run's model under the alias policy of :mod:`spinemri.tracking.registry`, record
-    the decision on the run, and print it."""
+                     evidence: pd.DataFrame | None = None, verdict=None,
+                     allow_below_floor: bool = False, needs_floor: bool = True) -> registry.Decision:
+    """Register the active run's model under the alias policy of :mod:`spinemri.tracking.registry` (``verdict``:
+    how it compares with its floor), record the decision on the run, and print it."""
     decision = registry.register(model_uri, name, metric=metric, value=value, eval_set=eval_set, tags=dict(tags),
-                                 champion=champion, challenger=challenger, policy=policy, evidence=evidence)
+                                 champion=champion, challenger=challenger, policy=policy, evidence=evidence,
+                                 verdict=verdict, allow_below_floor=allow_below_floor, needs_floor=needs_floor)
     mlflow.set_tags({"registered_model": decision.name, "registered_version": decision.version,
                      "registry_alias": decision.alias})
     print(decision, flush=True)

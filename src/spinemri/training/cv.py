@@ -32,18 +32,19 @@ from spinemri.data import cache
 from spinemri.data.source import prepare_data
 from spinemri.data.splits import fold_studies
 from spinemri.errors import DatasetError
-from spinemri.evaluation import competition, heads, paired
+from spinemri.evaluation import competition, heads, paired, prior
+from spinemri.evaluation import floor as floors
 from spinemri.evaluation.goals import best_value
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
 from spinemri.tracking import lineage
-from spinemri.tracking.runs import TrainResult, log_figure, log_split, run_tags, training_run
+from spinemri.tracking.runs import TrainResult, describe_run, log_figure, log_split, run_tags, training_run
 from spinemri.training import plots
 from spinemri.training.data import SplitData, encode_targets, split_data
 from spinemri.training.fit import check_devices, seed_everything
 from spinemri.training.jitter import site_jitter
-from spinemri.training.steps import (calibration_effect, fit_model, log_held_out, log_site_score, log_trained_model,
-                                     predict_split)
+from spinemri.training.steps import (calibration_effect, fit_model, log_floor, log_held_out, log_site_score,
+                                     log_trained_model, predict_split)
 
 OOF_ARTIFACT = "evaluation/oof_predictions.csv"
 FOLDS_ARTIFACT = "data/folds.csv"
@@ -62,6 +63,7 @@ class FoldResult:
     model_uri: str | None
     epochs_trained: int
     training_time: float
+    floor: dict[str, np.ndarray] | None = None  # the per-site prior of the fold's training rows, on its held rows
 
 
 def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_table: pd.DataFrame | None = None,
@@ -106,7 +108,7 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_ta
         if log_model:
             mlflow.log_dict({"folds": [{"fold": r.fold, "run_id": r.run_id, "model_uri": r.model_uri}
                                        for r in results]}, FOLD_MODELS_ARTIFACT)
-        metrics = log_out_of_fold(results, config)
+        metrics, verdict = log_out_of_fold(results, config)
         metrics.update(epochs_trained=float(np.mean([r.epochs_trained for r in results])),
                        training_time_s=round(sum(r.training_time for r in results), 2))
         mlflow.log_metrics({"epochs_trained": metrics["epochs_trained"], "training_time_s": metrics["training_time_s"]})
@@ -115,7 +117,7 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_ta
     print(f"cross-validation run {run.info.run_id}: {folds} folds, {score} over {int(metrics['cv_n_studies'])} "
           "studies; fold models are not registered (`spinemri ensemble` packages them)", flush=True)
     return TrainResult(run_id=run.info.run_id, metrics=metrics, model_uri=None,
-                       epochs_trained=int(round(metrics["epochs_trained"])))
+                       epochs_trained=int(round(metrics["epochs_trained"])), verdict=verdict)
 
 
 def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.DataFrame, k: int,
@@ -145,6 +147,12 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
         log_figure(plots.training_curves(history, HEADS), "plots/training_curves.png")
         mlflow.log_text(paired.prediction_table(held.samples, held.targets, proba).to_csv(index=False),
                         "evaluation/fold_predictions.csv")
+        floor = floors.floor_predictions(held.samples, splits["train"].samples, splits["train"].targets)
+        verdict = log_floor("fold", held.samples, held.targets, proba, floor, config.mlflow.champion_metric)
+        describe_run(verdict, f"Fold {k + 1} of {config.split.folds}: trained on the other folds, evaluated on "
+                              "this fold's studies (which also chose its best epoch).")
+        if verdict is not None:
+            print(f"fold {k + 1}/{config.split.folds}: {verdict.sentence}", flush=True)
         temperatures = None
         if config.model.calibration == "temperature":  # the fold model's own, fitted on its validation fold
             temperatures = calibration.fit(held.targets, proba, held.samples["condition"].tolist(),
@@ -153,11 +161,15 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
         model_uri = log_trained_model(model, config, dataset, splits, temperatures) if log_model else None
     return FoldResult(fold=k, run_id=run.info.run_id, samples=held.samples, proba=proba,
                       train_samples=splits["train"].samples, model_uri=model_uri,
-                      epochs_trained=int(metrics["epochs_trained"]), training_time=seconds)
+                      epochs_trained=int(metrics["epochs_trained"]), training_time=seconds,
+                      floor=floor)
 
 
-def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig) -> dict[str, float]:
-    """Log the OOF evaluation of ``results`` into the active (parent) run; returns its headline values.
+def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig
+                    ) -> tuple[dict[str, float], floors.Verdict | None]:
+    """Log the OOF evaluation of ``results`` into the active (parent) run, with its verdict against the floor
+    (each fold's rows against the per-site prior of that fold's training rows); returns its headline values
+    and the verdict.
 
     With ``model.calibration: temperature`` the OOF predictions are calibrated *cross-fitted*
     (:func:`spinemri.models.calibration.cross_fitted`), so no prediction is scaled by a temperature fitted on itself;
@@ -187,12 +199,18 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig) -> dict
                for name, entry in result.get("metrics", {}).items() if entry["value"] is not None}
     metrics["cv_n_studies"] = float(evaluation["n_studies"])
     metrics.update(log_site_score(samples, proba["severity"], _fold_priors(results), "cv"))
-    return {**metrics, **before}
+    floor = {h: np.concatenate([r.floor[h] for r in results]) for h in HEADS}  # each fold's own prior
+    verdict = log_floor("cv", samples, targets, proba, floor, config.mlflow.champion_metric)
+    if verdict is not None:
+        metrics.update(verdict.metrics("cv"))
+    describe_run(verdict, f"Out of fold: {len(results)} fold models, each evaluated on the studies it never trained "
+                          "on, against the per-site prior of its own training folds.")
+    return {**metrics, **before}, verdict
 
 
 def _fold_priors(results: list[FoldResult]) -> pd.DataFrame:
     """The weight-aware prior of each fold's training labels, as a submission of that fold's studies."""
-    parts = [competition.prior_submission(sorted(r.samples["study_id"].astype(str).unique()),
-                                          competition.prior_from_samples(r.train_samples)) for r in results]
+    parts = [prior.prior_submission(sorted(r.samples["study_id"].astype(str).unique()),
+                                          prior.prior_from_samples(r.train_samples)) for r in results]
     return pd.concat(parts, ignore_index=True)
 

@@ -18,21 +18,30 @@ import tensorflow as tf
 import keras
 
 from spinemri.config import AugmentConfig
-from spinemri.data.schema import AXIAL_T2, CONDITIONS, HEAD_CLASSES, HEALTHY, LEVELS, SEVERITY_WEIGHTS
+from spinemri.data.schema import AXIAL_T2, CONDITIONS, HEAD_CLASSES, HEALTHY, LEVELS, SEVERITY_WEIGHTS, SITES, site_indices
 # Left-right mirror: left_* <-> right_* conditions (spinal canal and healthy stay).
-_MIRROR = [HEAD_CLASSES["condition"].index(c.replace("left_", "@").replace("right_", "left_").replace("@", "right_"))
-           for c in HEAD_CLASSES["condition"]]
+def _mirrored(condition: str) -> str:
+    return condition.replace("left_", "@").replace("right_", "left_").replace("@", "right_")
+
+
+_MIRROR = [HEAD_CLASSES["condition"].index(_mirrored(c)) for c in HEAD_CLASSES["condition"]]
+_SITE_MIRROR = [SITES.index((_mirrored(c), level)) for c, level in SITES]
 
 
 @dataclass(frozen=True)
 class SplitData:
-    """One split: rows of images.npy, targets per head (-1 = unknown) and the sample table."""
+    """One split: rows of images.npy, targets per head (-1 = unknown), each row's site and the sample table."""
 
     name: str
     rows: np.ndarray
     targets: dict[str, np.ndarray]
     axial: np.ndarray  # image x axis is the patient's left-right (a flip swaps sides)
     samples: pd.DataFrame
+    sites: np.ndarray | None = None  # int64 (n,): the row's (condition, level) in SITES, -1 where it names none
+
+    def __post_init__(self) -> None:
+        if self.sites is None:
+            object.__setattr__(self, "sites", site_indices(self.samples["condition"], self.samples["level"]))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,9 +71,13 @@ def split_data(samples: pd.DataFrame, split: str) -> SplitData:
     )
 
 
-def sample_weights(targets: dict[str, np.ndarray], severity_weights: bool) -> dict[str, np.ndarray]:
-    """0 where a head's label is unknown; severity rows weighted 1/2/4 when asked."""
+def sample_weights(targets: dict[str, np.ndarray], severity_weights: bool, sites: np.ndarray | None = None
+                   ) -> dict[str, np.ndarray]:
+    """0 where a head's label is unknown (with ``sites``, for a per-site severity output: also where the row
+    names no site); severity rows weighted 1/2/4 when asked."""
     weights = {head: (t >= 0).astype(np.float32) for head, t in targets.items()}
+    if sites is not None:
+        weights["severity"] = weights["severity"] * (np.asarray(sites) >= 0).astype(np.float32)
     if severity_weights:
         weights["severity"] = weights["severity"] * SEVERITY_WEIGHTS.astype(np.float32)[np.clip(targets["severity"], 0, 2)]
     return weights
@@ -133,8 +146,11 @@ def read_rows(images_path: str, rows: np.ndarray) -> np.ndarray:
 def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, shuffle: bool, seed: int,
                  augment: AugmentConfig | None = None, severity_weights: bool = True,
                  min_batch: int = 1, jitter: tuple[np.ndarray, np.ndarray] | None = None,
-                 replica_batches: tuple[int, int] | None = None) -> tf.data.Dataset:
+                 replica_batches: tuple[int, int] | None = None, per_site: bool = False) -> tf.data.Dataset:
     """Batches of (image float32 0..255, {head: one-hot}, {head: sample weight}).
+
+    ``per_site``: the severity target is (B, 25, 3), one-hot at the row's site and grade (zero elsewhere),
+    for a per-site severity output; a row without a site has severity weight 0.
 
     ``jitter``: per sample, the σ in pixels of a random in-plane shift and the chance that its slice
     stack moves one slice (spinemri.training.jitter), applied before the augmentation.
@@ -151,9 +167,9 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
     """
     images_path = str(images_path)
     shape = _open_images(images_path)[1][1:]
-    weights = sample_weights(split.targets, severity_weights)
+    weights = sample_weights(split.targets, severity_weights, split.sites if per_site else None)
     ds = tf.data.Dataset.from_tensor_slices({
-        "row": split.rows, "axial": split.axial,
+        "row": split.rows, "axial": split.axial, "site": split.sites,
         **{f"y_{h}": t for h, t in split.targets.items()}, **{f"w_{h}": w for h, w in weights.items()},
         **({"jitter_sigma": jitter[0], "jitter_move": jitter[1]} if jitter is not None else {}),
     })
@@ -180,16 +196,19 @@ def make_dataset(images_path: str | Path, split: SplitData, batch_size: int, *, 
         images = tf.numpy_function(lambda r: read_rows(images_path, r), [batch["row"]], tf.uint8)
         images = tf.reshape(images, (-1, *shape))
         x = tf.cast(images, tf.float32)
-        condition = batch["y_condition"]
+        condition, site = batch["y_condition"], batch["site"]
         if jitter is not None:
             x = jitter_sites(x, batch["jitter_sigma"], batch["jitter_move"], seed)
         if augmenter is not None:
             x = tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0)
             if augment.flip:
-                x, condition = _flip(x, condition, batch["axial"], seed)
+                x, condition, site = _flip(x, condition, site, batch["axial"], seed)
+        severity = tf.one_hot(batch["y_severity"], len(HEAD_CLASSES["severity"]))
+        if per_site:
+            severity = tf.one_hot(site, len(SITES))[:, :, None] * severity[:, None, :]
         y = {"condition": tf.one_hot(condition, len(HEAD_CLASSES["condition"])),
              "level": tf.one_hot(batch["y_level"], len(HEAD_CLASSES["level"])),
-             "severity": tf.one_hot(batch["y_severity"], len(HEAD_CLASSES["severity"]))}
+             "severity": severity}
         w = {h: batch[f"w_{h}"] for h in HEAD_CLASSES}
         return x, y, w
 
@@ -235,14 +254,17 @@ def _augmenter(augment: AugmentConfig, seed: int) -> keras.Sequential:
     return keras.Sequential(layers or [keras.layers.Identity()], name="augment")
 
 
-def _flip(x, condition, axial, seed):
-    """Mirror left-right at random; on axial images that also swaps the side of the label.
+def _flip(x, condition, site, axial, seed):
+    """Mirror left-right at random; on axial images that also swaps the side of the label (its condition
+    and its site).
 
     On sagittal images the horizontal axis is anterior-posterior, so a flip changes no side.
     """
     flip = tf.random.uniform([tf.shape(x)[0]], seed=seed + 7) < 0.5
     x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
-    mirrored = tf.gather(tf.constant(_MIRROR, tf.int64), tf.maximum(condition, 0))
     swap = tf.logical_and(flip, axial)
+    mirrored = tf.gather(tf.constant(_MIRROR, tf.int64), tf.maximum(condition, 0))
     condition = tf.where(tf.logical_and(swap, condition >= 0), mirrored, condition)
-    return x, condition
+    mirrored_site = tf.gather(tf.constant(_SITE_MIRROR, tf.int64), tf.maximum(site, 0))
+    site = tf.where(tf.logical_and(swap, site >= 0), mirrored_site, site)
+    return x, condition, site

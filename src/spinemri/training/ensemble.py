@@ -21,19 +21,21 @@ from mlflow.exceptions import MlflowException
 from spinemri.data.source import prepare_data
 from spinemri.errors import EnsembleError
 from spinemri.evaluation import paired
-from spinemri.evaluation.competition import prior_from_samples, prior_submission
+from spinemri.evaluation import floor as floors
+from spinemri.evaluation.prior import prior_from_samples, prior_submission
 from spinemri.evaluation.run import _run_config, predict_cached
 from spinemri.tracking.pyfunc import SpineEnsemble, load_classifier, log_ensemble
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking import lineage
-from spinemri.tracking.runs import TrainResult, log_split, pip_requirements, register_and_tag, run_tags, training_run
+from spinemri.tracking.runs import (TrainResult, describe_run, log_split, pip_requirements, register_and_tag, run_tags,
+                                    training_run)
 from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT
-from spinemri.training.data import split_data
-from spinemri.training.steps import log_held_out, log_site_score, request_example
+from spinemri.training.data import encode_targets, split_data
+from spinemri.training.steps import log_floor, log_held_out, log_site_score, request_example
 
 ENSEMBLE_ROLE = "ensemble"
 # What members must share for one request row to be the same input to all of them.
-SHARED = ("preprocess", "input_shape", "data_fingerprint")
+SHARED = ("preprocess", "input_shape", "data_fingerprint", "severity_head")
 
 
 def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = None, register: bool = True,
@@ -67,7 +69,7 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
     test = split_data(samples, "test")
     meta = {"arch": "ensemble", "archs": sorted({d["arch"] for d in described}),
             "input_shape": first["input_shape"], "preprocess": first["preprocess"], "classes": first["classes"],
-            "data_fingerprint": first.get("data_fingerprint"),
+            "data_fingerprint": first.get("data_fingerprint"), "severity_head": first.get("severity_head", "single"),
             "severity_prior": prior_from_samples(samples[samples["split"] != "test"]), "members": described}
     ensemble = SpineEnsemble()
     ensemble.members, ensemble.model, ensemble.meta = [m.model for m in members], members[0].model, meta
@@ -86,6 +88,11 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
                    for name, entry in result.get("metrics", {}).items() if entry["value"] is not None}
         prior = prior_submission(sorted(test.samples["study_id"].astype(str).unique()), meta["severity_prior"])
         metrics.update(log_site_score(test.samples, proba["severity"], prior, "test"))
+        trained = samples[samples["split"] != "test"]
+        floor = floors.floor_predictions(test.samples, trained, encode_targets(trained))
+        verdict = log_floor("test", test.samples, test.targets, proba, floor, config.mlflow.champion_metric)
+        if verdict is not None:
+            metrics.update(verdict.metrics("test"))
         example = request_example(test.samples, dataset.manifest.get("dataset_root", ""),
                                   ensemble.preprocessing)
         model_uri = log_ensemble(ensemble.members, meta, example, pip_requirements()).model_uri
@@ -98,9 +105,12 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
                 tags={"arch": "ensemble", "members": str(len(members)), "archs": ",".join(meta["archs"]),
                       "experiment": config.name, "eval_set_samples": str(len(test)),
                       "eval_set_studies": str(test.samples["study_id"].nunique())},
-                policy=policy or config.mlflow.champion_policy, evidence=predictions)
+                policy=policy or config.mlflow.champion_policy, evidence=predictions, verdict=verdict,
+                allow_below_floor=config.mlflow.allow_below_floor)
+        describe_run(verdict, f"An ensemble of {len(members)} fold models, evaluated on the locked test split.",
+                     str(decision) if decision else "")
     return TrainResult(run_id=run.info.run_id, metrics=metrics, model_uri=model_uri, epochs_trained=0,
-                       registered=decision)
+                       registered=decision, verdict=verdict)
 
 
 def _cross_validation(run_id: str) -> tuple:

@@ -20,11 +20,14 @@ from spinemri.data.dicom import series_order
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import MetricError
-from spinemri.evaluation import competition, heads
-from spinemri.evaluation.competition import prior_from_samples
+from spinemri.evaluation import competition, heads, paired
+from spinemri.evaluation import floor as floors
+from spinemri.evaluation.prior import pooled_prior, prior_from_samples, prior_grid
 from spinemri.evaluation.run import log_competition_score, log_evaluation
 from spinemri.models import calibration
-from spinemri.models.network import build_model, set_backbone_trainable
+from spinemri.models.network import (SiteCrossentropy, build_model, is_per_site, set_backbone_trainable,
+                                     site_accuracy)
+from spinemri.models.severity import severity_at
 from spinemri.tracking.pyfunc import example_row, log_classifier
 from spinemri.tracking.runs import log_figure, pip_requirements
 from spinemri.training import fit, plots
@@ -59,9 +62,8 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     """Build, compile and fit (in ``strategy``'s scope): the model with its best weights, the
     history, and the seconds it took. With ``train.freeze_epochs`` the backbone is first frozen."""
     cfg, pre = config.train, config.preprocess
-    model = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
-                        dense_units=config.model.dense_units, dropout=config.model.dropout,
-                        bn_momentum=config.model.bn_momentum, slice_pooling=config.model.slice_pooling)
+    model = _build(config, severity_start(config, splits["train"].samples))
+    per_site = config.severity_head == "per_site"
     images_path = dataset.path / "images.npy"
     jitter = site_jitter(config)
     if jitter is not None and tracked:
@@ -72,10 +74,11 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     train_ds = distribute(strategy, lambda part: make_dataset(
         images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
         severity_weights=config.model.severity_sample_weights, min_batch=replicas, jitter=per_sample,
-        replica_batches=part))
+        replica_batches=part, per_site=per_site))
     val_ds = distribute(strategy, lambda part: make_dataset(
         images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed,
-        severity_weights=config.model.severity_sample_weights, min_batch=replicas, replica_batches=part))
+        severity_weights=config.model.severity_sample_weights, min_batch=replicas, replica_batches=part,
+        per_site=per_site))
     stages = []
     if cfg.freeze_epochs > 0:
         stages.append((False, cfg.lr, 0, cfg.freeze_epochs))
@@ -99,6 +102,21 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     return model, history, time.perf_counter() - started
 
 
+def severity_start(config: ExperimentConfig, train_samples: pd.DataFrame) -> np.ndarray:
+    """Where the severity output starts: the training rows' weight-aware prior, per site (25, 3) for a
+    per-site output, pooled over every graded row (3,) for a single one."""
+    if config.severity_head == "per_site":
+        return prior_grid(prior_from_samples(train_samples))
+    return pooled_prior(train_samples)
+
+
+def _build(config: ExperimentConfig, severity_prior: np.ndarray | None = None) -> keras.Model:
+    pre, m = config.preprocess, config.model
+    return build_model(m.arch, pre.img_size, pre.channels, weights=m.weights, dense_units=m.dense_units,
+                       dropout=m.dropout, bn_momentum=m.bn_momentum, slice_pooling=m.slice_pooling,
+                       severity_head=config.severity_head, severity_prior=severity_prior)
+
+
 def compile_model(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
     cfg = config.train
     if cfg.optimizer == "adam":
@@ -107,32 +125,36 @@ def compile_model(model: keras.Model, config: ExperimentConfig, lr: float) -> No
         optimizer = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay or 0.004)
     else:
         optimizer = keras.optimizers.SGD(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay or None)
+    loss = {h: keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing) for h in HEADS}
+    metrics = {h: ["accuracy"] for h in HEADS}
+    if is_per_site(model):  # the loss and the accuracy at the row's site, named as for a single head
+        loss["severity"] = SiteCrossentropy(label_smoothing=cfg.label_smoothing)
+        metrics["severity"] = [keras.metrics.MeanMetricWrapper(site_accuracy, name="accuracy")]
     model.compile(
         optimizer=optimizer,
-        loss={h: keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing) for h in HEADS},
+        loss=loss,
         loss_weights={h: float(config.model.loss_weights[h]) for h in HEADS},
-        weighted_metrics={h: ["accuracy"] for h in HEADS},
+        weighted_metrics=metrics,
     )
 
 
 def _single_device_copy(model: keras.Model, config: ExperimentConfig) -> keras.Model:
     """The same network with the same weights, built outside any distribution strategy."""
-    pre = config.preprocess
-    copy = build_model(config.model.arch, pre.img_size, pre.channels, weights=config.model.weights,
-                       dense_units=config.model.dense_units, dropout=config.model.dropout,
-                       bn_momentum=config.model.bn_momentum, slice_pooling=config.model.slice_pooling)
+    copy = _build(config)
     copy.set_weights(model.get_weights())
     return copy
 
 
 def predict_split(model: keras.Model, images_path: Path, split: SplitData, batch_size: int) -> dict[str, np.ndarray]:
-    """The model's probabilities per head for every sample of ``split``, one batch in memory at a time."""
+    """The model's probabilities per head for every sample of ``split``, one batch in memory at a time; a
+    per-site severity output is read at each row's site (:func:`~spinemri.models.network.severity_at`)."""
     outputs = {h: [] for h in HEADS}
     for start in range(0, len(split), batch_size):
         batch = read_rows(str(images_path), split.rows[start:start + batch_size]).astype(np.float32)
         predicted = model.predict_on_batch(batch)
         for h in HEADS:
-            outputs[h].append(np.asarray(predicted[h]))
+            value = np.asarray(predicted[h])
+            outputs[h].append(severity_at(value, split.sites[start:start + batch_size]) if h == "severity" else value)
     return {h: np.concatenate(outputs[h]) if outputs[h] else np.zeros((0, len(HEAD_CLASSES[h])))
             for h in HEADS}
 
@@ -192,6 +214,7 @@ def log_trained_model(model: keras.Model, config: ExperimentConfig, dataset: cac
     prior, the temperatures); returns its URI."""
     pre = config.preprocess
     meta = {"arch": config.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
+            "severity_head": config.severity_head,
             "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
             "data_fingerprint": dataset.fingerprint,
             # the fallback of study-level prediction where no site can be seen (spinemri.study.predictor)
@@ -204,8 +227,9 @@ def log_trained_model(model: keras.Model, config: ExperimentConfig, dataset: cac
 
 
 def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
-    """The logged input example: a de-identified crop of the first test sample (no DICOM tags)."""
-    sample = samples.iloc[0].copy()
+    """The logged input example: a de-identified crop of the first test sample that names a site (no DICOM tags)."""
+    sited = samples["condition"].notna() & samples["level"].notna()
+    sample = samples[sited].iloc[0].copy() if sited.any() else samples.iloc[0].copy()
     sample["path"] = os.path.join(root, sample["path"])
     neighbours: list[str] = []
     if pre.slices > 1 and Path(sample["path"]).suffix.lower() == ".dcm":
@@ -213,6 +237,32 @@ def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
         if sample["path"] in order:
             neighbours = [order[j] for j in stack_neighbours(order.index(sample["path"]), len(order), pre.slices)]
     return example_row(sample, pre, neighbours)
+
+
+def log_floor(split: str, samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray],
+              floor: dict[str, np.ndarray], metric: str) -> floors.Verdict | None:
+    """Judge held-out predictions against their floor (``floor``: :func:`spinemri.evaluation.floor.floor_predictions`
+    of the same rows) and log it into the active run: the floor's headline values ``<split>_floor_<metric>``
+    (and ``<split>_floor_rsna_score``), its predictions ``evaluation/<split>_floor_predictions.csv``, the paired
+    difference on the champion ``metric`` as ``<split>_vs_floor`` with its CI, and the verdict as tags.
+    Returns the verdict; None (and a line saying why) where the metric cannot be computed on these rows."""
+    values = {f"{split}_floor_{name}": v for name, v in floors.floor_metrics(targets, floor).items() if np.isfinite(v)}
+    try:
+        labels, submission = competition.site_predictions(samples, floor["severity"])
+        values[f"{split}_floor_rsna_score"] = competition.rsna_score(labels, submission)
+    except MetricError:  # a split without all three condition groups has no competition score
+        pass
+    mlflow.log_text(paired.prediction_table(samples, targets, floor).to_csv(index=False),
+                    f"evaluation/{split}_floor_predictions.csv")
+    try:
+        verdict = floors.compare(metric, samples, targets, proba, floor, label=floors.held_out_name(metric, split))
+    except MetricError as exc:
+        mlflow.log_metrics(values)
+        print(f"no verdict against {floors.FLOOR}: {exc}", flush=True)
+        return None
+    mlflow.log_metrics({**values, **verdict.metrics(split)})
+    mlflow.set_tags(verdict.tags())
+    return verdict
 
 
 def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFrame | None, split: str

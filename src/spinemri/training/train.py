@@ -22,23 +22,25 @@ from spinemri.data import cache
 from spinemri.data.schema import HEAD_CLASSES, SPLITS
 from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, DatasetError, TrainingError
+from spinemri.evaluation import floor as floors
 from spinemri.evaluation import paired
-from spinemri.evaluation.competition import prior_from_samples, prior_submission
+from spinemri.evaluation.prior import prior_from_samples, prior_submission
 from spinemri.evaluation.goals import best_value
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
 from spinemri.models.gradcam import gradcam_grid
 from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import TrainResult, log_figure, log_split, register_and_tag, run_tags, training_run
+from spinemri.tracking.runs import (TrainResult, describe_run, log_figure, log_split, register_and_tag, run_tags,
+                                    training_run)
 from spinemri.training import plots
 from spinemri.training.cluster import Cluster, check_same_data, data_digest, join, read_cluster
 from spinemri.training.cv import cross_validate
 from spinemri.training.data import SplitData, read_rows, split_data
 from spinemri.training.fit import check_devices, seed_everything, weights_digest
 from spinemri.training.jitter import site_jitter
-from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_held_out, log_site_score,
-                                     log_trained_model, predict_split)
+from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_floor, log_held_out,
+                                     log_site_score, log_trained_model, predict_split)
 
 
 def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_model: bool = True,
@@ -111,9 +113,10 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     images_path = dataset.path / "images.npy"
     epochs_trained = len(history.get("loss", []))
     temperatures = fit_calibration(model, config, images_path, splits["val"])
-    metrics, predictions = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"],
-                                     temperatures, explain=config.model.slice_pooling == "channels") \
-        if evaluate_test else ({}, None)
+    metrics, predictions, verdict = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"],
+                                              temperatures, explain=config.model.slice_pooling == "channels",
+                                              metric=config.mlflow.champion_metric) \
+        if evaluate_test else ({}, None, None)
     metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained,
                    model_params=model.count_params())
     if evaluate_test:
@@ -134,9 +137,12 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
                 eval_set=eval_set_hash(test),
                 tags={"arch": config.model.arch, "experiment": config.name, "eval_set_samples": str(len(test)),
                       "eval_set_studies": str(test["study_id"].nunique())},
-                policy=config.mlflow.champion_policy, evidence=predictions)
+                policy=config.mlflow.champion_policy, evidence=predictions, verdict=verdict,
+                allow_below_floor=config.mlflow.allow_below_floor)
+    if evaluate_test:
+        describe_run(verdict, str(decision) if decision else "")
     return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history,
-                       registered=decision)
+                       registered=decision, verdict=verdict)
 
 
 def _inference_ms(model: keras.Model, images_path: Path, test: SplitData, batch_size: int) -> float:
@@ -148,12 +154,15 @@ def _inference_ms(model: keras.Model, images_path: Path, test: SplitData, batch_
     return round((time.perf_counter() - started) * 1000 / len(batch), 3)
 
 
-def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int, train: SplitData, temperatures: calibration.Temperatures | None = None,
-              explain: bool = True) -> tuple[dict[str, float], pd.DataFrame]:
+def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int, train: SplitData,
+              temperatures: calibration.Temperatures | None = None, explain: bool = True,
+              metric: str = "test_severity_weighted_log_loss"
+              ) -> tuple[dict[str, float], pd.DataFrame, floors.Verdict | None]:
     """Predict the test split; log the figures and reports per head, the full evaluation
     (spinemri.evaluation.heads: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
-    breakdowns), Grad-CAM heatmaps and the per-row predictions (what a paired champion decision compares).
-    Returns the point values of the test_<head>_<metric> metrics and the predictions.
+    breakdowns), Grad-CAM heatmaps, the per-row predictions (what a paired champion decision compares) and
+    the comparison with the floor on ``metric`` (the per-site prior of the training rows, :func:`log_floor`).
+    Returns the point values of the test_<head>_<metric> metrics, the predictions and the verdict.
     """
     proba = predict_split(model, images_path, test, batch_size)
     if temperatures is not None:  # what the logged model serves
@@ -162,7 +171,7 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
     evaluation = log_held_out(test.samples, test.targets, proba, train.targets, "test")
     if explain:  # Grad-CAM explains one backbone over the slices as channels, not a per-slice encoder
         for head, figure in gradcam_grid(model, _Rows(images_path, test.rows), test.targets, proba,
-                                         head=list(HEADS)).items():
+                                         head=list(HEADS), sites=test.sites).items():
             log_figure(figure, f"gradcam/{head}.png")
     _log_sample_predictions(images_path, test, proba)
     predictions = paired.prediction_table(test.samples, test.targets, proba)
@@ -171,7 +180,11 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
                for name, entry in result["metrics"].items() if entry["value"] is not None}
     prior = prior_submission(sorted(test.samples["study_id"].astype(str).unique()), prior_from_samples(train.samples))
     metrics.update(log_site_score(test.samples, proba["severity"], prior, "test"))
-    return metrics, predictions
+    floor = floors.floor_predictions(test.samples, train.samples, train.targets)
+    verdict = log_floor("test", test.samples, test.targets, proba, floor, metric)
+    if verdict is not None:
+        metrics.update(verdict.metrics("test"))
+    return metrics, predictions, verdict
 
 
 class _Rows:
