@@ -156,6 +156,27 @@ def synth(out_dir, studies, seed, profile, workers, overwrite, force, as_json) -
                    f"{result['labelled_points']} labelled points to {out_dir} in {result['seconds']} s")
 
 
+@data.command("flat")
+@click.argument("table", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The flat CSV to write.")
+@click.option("--scan-type", default="Sagittal T1", show_default=True,
+              type=click.Choice(["Sagittal T1", "Sagittal T2/STIR", "Axial T2"]), help="Series type of the images.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@user_errors
+def flat(table, out, scan_type, overwrite) -> None:
+    """Write a table of graded sites per image (study_id, condition_level, severity, file) as a flat CSV.
+
+    Each row of TABLE grades one site (condition_level: a train.csv column such as
+    left_neural_foraminal_narrowing_l4_l5) on an image (file, relative to TABLE's folder). The flat
+    CSV has no x/y: train on it with --mode slice, which grades the site each row names.
+    """
+    from spinemri.data.site_table import write_flat_csv
+
+    rows = write_flat_csv(table, out, scan_type=scan_type, overwrite=overwrite)
+    click.echo(f"wrote {len(rows)} graded sites on {rows['image_path'].nunique()} images of "
+               f"{rows['study_id'].nunique()} studies to {out}; train with --data-dir {out} --mode slice")
+
+
 @data.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -420,7 +441,9 @@ def runs_reap(as_json) -> None:
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False),
               help="CSV to write: file, predicted condition/level/severity, one probability column per class.")
 @click.option("--sites", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Optional CSV path,x,y: the site centre in pixels per file [default: the image centre].")
+              help="Optional CSV: path with x,y (the site centre in pixels) and/or condition,level (the site "
+                   "graded there; needed by a model trained on whole slices), one row per site [default: the "
+                   "image centre].")
 @click.option("--on-bad-file", default="stop", show_default=True, type=click.Choice(["stop", "skip"]),
               help="stop at the first unreadable file (nothing written), or skip and list it.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")

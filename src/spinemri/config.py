@@ -20,7 +20,7 @@ import yaml
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.data.schema import DEFAULT_SPLIT, HEADS, SERIES_TYPES
 from spinemri.errors import ConfigError
-from spinemri.models.catalog import CATALOG, SEVERITY_HEADS, SLICE_POOLING, THESIS_ARCHS, get_spec, severity_head
+from spinemri.models.catalog import CATALOG, FEATURE_POOLING, SEVERITY_HEADS, SLICE_POOLING, THESIS_ARCHS, get_spec, severity_head
 from spinemri.redact import redact_values
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
@@ -80,6 +80,9 @@ class ModelConfig:
     slice_pooling: str = setting("channels", "how the slices of a 2.5D stack (preprocess.slices) meet: channels (one "
                                  "image, slices as channels), attention or lstm (a shared 2D backbone per slice, "
                                  "then attention weights or an LSTM across slices)")
+    pooling: str = setting("average", "how the backbone's feature map meets the heads: average (its global average) "
+                           "or grid (the averages of a 4 x 4 grid, side by side: keeps where in the image a feature "
+                           "is, for whole slices where each site has its place)")
     severity_head: str = setting("auto", "single (one severity distribution per image, for a crop of one site), "
                                  "per_site (one per condition and level, read at the site a row names: for images "
                                  "that show several sites) or auto (per_site in slice mode, single in roi mode); "
@@ -93,6 +96,10 @@ class ModelConfig:
         _check(0 <= self.dropout < 1, "model.dropout", "must be within [0, 1)", self.dropout)
         _check(self.slice_pooling in SLICE_POOLING, "model.slice_pooling", f"must be one of {', '.join(SLICE_POOLING)}",
                self.slice_pooling)
+        _check(self.pooling in FEATURE_POOLING, "model.pooling", f"must be one of {', '.join(FEATURE_POOLING)}",
+               self.pooling)
+        _check(self.pooling == "average" or self.slice_pooling == "channels", "model.pooling",
+               "grid pools one feature map: it needs model.slice_pooling channels", self.pooling)
         _check(self.severity_head in SEVERITY_HEADS, "model.severity_head", f"must be one of {', '.join(SEVERITY_HEADS)}",
                self.severity_head)
         _check(self.calibration in CALIBRATIONS, "model.calibration", f"must be one of {', '.join(CALIBRATIONS)}",
@@ -433,6 +440,7 @@ TASK_SECTIONS = {"classify": ("data", "preprocess", "split", "model", "train", "
 # A localizer takes the classifier's windowing but its own size, mode and channels (localizer_preprocessing).
 _NOT_READ = {"localize": ("preprocess.img_size", "preprocess.mode", "preprocess.roi_mm", "preprocess.slices",
                           "model.slice_pooling", "model.loss_weights", "model.severity_sample_weights", "model.severity_head",
+                          "model.pooling",
                           "model.calibration", "train.site_jitter", "train.augment.")}
 
 

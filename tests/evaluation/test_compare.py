@@ -24,7 +24,11 @@ def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, 
     assert result.exit_code == 0, result.output
     table_text = result.output[result.output.index("| architecture | condition accuracy [95% CI]"):]
     rows = [line for line in table_text.splitlines()[2:] if line.startswith("| ")]
-    assert {line.split(" | ")[0].strip("| ") for line in rows} == {"tiny", "vgg16", "*majority-class baseline*"}
+    assert {line.split(" | ")[0].strip("| ") for line in rows} == {"tiny", "vgg16", "*floor: the per-site prior*"}
+    # every backbone's verdict against its floor, and the floor's row with the champion metric's value
+    assert "test_severity_weighted_log_loss" in rows[0] or "test_severity_weighted_log_loss" in table_text
+    assert result.output.count("than the per-site prior") + result.output.count("from the per-site prior") >= 2
+    assert any(line.startswith("tiny: ") and "per-site prior" in line for line in result.output.splitlines())
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("spinemri-seed-table-quick")
@@ -38,6 +42,13 @@ def test_compare_trains_two_backbones_and_logs_the_table(phantom_dir, tracking, 
     assert (table["params"] > 0).all() and (table["inference_ms_per_image"] > 0).all()
     assert table["accuracy"].between(0, 1).all() and table["final_loss"].notna().all()
     assert table["majority_accuracy"].nunique() == 1 and table["majority_accuracy"].between(0, 1).all()
+    # the floor: one per held-out set, its condition accuracy the majority class's, its value of the champion metric
+    assert (table["floor_accuracy"] == table["majority_accuracy"]).all() and table["floor_value"].nunique() == 1
+    assert table["verdict"].isin(["better", "indistinguishable", "worse"]).all()
+    floor_row = next(line for line in rows if line.startswith("| *floor"))
+    assert f"{table['floor_value'].iloc[0]:.3f}" in floor_row and f"{table['floor_accuracy'].iloc[0]:.3f}" in floor_row
+    for _, row in table.iterrows():
+        assert f"{row['vs_floor']:+.3f} [{row['vs_floor_ci_low']:+.3f}, {row['vs_floor_ci_high']:+.3f}]" in table_text
     # The UI's compare page of the table's runs: printed and kept on the summary run.
     link = summary[0].data.tags["compare.link"]
     assert f"compare them in the MLflow UI: {link}" in result.output
@@ -96,7 +107,8 @@ def test_compare_folds_cross_validates_each_backbone(cv_store, tmp_path):
     """--folds 2: one CV parent per backbone with a nested run per fold; every CV study predicted once, by the
     fold that never trained on it; the locked test studies never; the table pairs each backbone with the best."""
     result = cv_store
-    assert "CV study score [95% CI]" in result.output and "*weight-aware prior*" in result.output
+    assert "CV study score [95% CI]" in result.output and "*floor: the per-site prior*" in result.output
+    assert "vs floor [95% CI], paired" in result.output
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("spinemri-seed-table-quick")
@@ -120,6 +132,12 @@ def test_compare_folds_cross_validates_each_backbone(cv_store, tmp_path):
         assert terms[term]["ci_low"] <= terms[term]["value"] <= terms[term]["ci_high"]
     assert terms["score"]["prior"] == table.loc[table["arch"] == "tiny", "prior_rsna_score"].iloc[0]
     assert {"cv_severity_ece", "cv_severity_ece_uncalibrated", "cv_severity_weighted_log_loss_ci_low"} <= set(m)
+    # the verdict against the per-site prior of each fold's training folds, on the same OOF rows
+    assert m["cv_vs_floor_ci_low"] <= m["cv_vs_floor"] <= m["cv_vs_floor_ci_high"]
+    assert m["cv_vs_floor"] == pytest.approx(m["cv_severity_weighted_log_loss"]
+                                             - m["cv_floor_severity_weighted_log_loss"])
+    assert parent.data.tags["mlflow.note.content"].startswith(parent.data.tags["verdict_sentence"])
+    assert "cv_severity_weighted_log_loss" in parent.data.tags["verdict_sentence"]
     assert len([k for k in m if not k.startswith("system/")]) <= 100
     assert {lineage.logged_profile(parent, s)["studies"] for s in ("cv", "test")} == \
         {table["studies"].iloc[0], int((pd.read_csv(mlflow.artifacts.download_artifacts(

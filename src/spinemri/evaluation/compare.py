@@ -110,8 +110,8 @@ def _floor_columns(run, split: str, head: str) -> dict:
     m, tags = run.data.metrics, run.data.tags
     metric = tags.get("verdict_metric", "")
     name = metric.removeprefix(f"{split}_")
-    floor_accuracy = m.get(f"{split}_floor_{head}_accuracy", math.nan) if head == "severity" else \
-        _baseline(run.info.run_id, split, head, "accuracy")
+    # severity: the per-site prior's accuracy is not a headline metric (its predictions are the run's artifact)
+    floor_accuracy = math.nan if head == "severity" else _baseline(run.info.run_id, split, head, "accuracy")
     return {"floor_metric": metric, "metric_value": m.get(metric, math.nan),
             "floor_value": m.get(f"{split}_floor_{name}", math.nan),
             "vs_floor": m.get(f"{split}_vs_floor", math.nan), "vs_floor_ci_low": m.get(f"{split}_vs_floor_ci_low", math.nan),

@@ -29,8 +29,7 @@ from spinemri.evaluation.prior import prior_from_samples, prior_rows
 FLOOR = "the per-site prior"
 BETTER, INDISTINGUISHABLE, WORSE = "better", "indistinguishable", "worse"
 # The floor's numbers a run logs beside the model's (<split>_floor_<name>), and the headline of every report.
-HEADLINE = ("severity_weighted_log_loss", "severity_roc_auc", "severity_accuracy", "severity_balanced_accuracy",
-            "severity_loss")
+HEADLINE = ("severity_weighted_log_loss", "severity_roc_auc", "severity_balanced_accuracy")
 RSNA_SCORE = "rsna_score"
 
 
@@ -71,11 +70,11 @@ class Verdict:
                 "studies": p.studies}
 
     def metrics(self, split: str) -> dict[str, float]:
-        """``<split>_vs_floor`` (model minus floor on the verdict's metric) with ``_ci_low``, ``_ci_high`` and
-        ``<split>_vs_floor_studies``."""
+        """``<split>_vs_floor`` (model minus floor on the verdict's metric) with ``_ci_low`` and ``_ci_high`` (the
+        number of studies is the tag ``floor_studies``)."""
         p = self.paired
         return {f"{split}_vs_floor": p.difference, f"{split}_vs_floor_ci_low": p.ci_low,
-                f"{split}_vs_floor_ci_high": p.ci_high, f"{split}_vs_floor_studies": float(p.studies)}
+                f"{split}_vs_floor_ci_high": p.ci_high}
 
     def tags(self) -> dict[str, str]:
         p = self.paired

@@ -43,6 +43,10 @@ CATALOG: dict[str, BackboneSpec] = {spec.name: spec for spec in (
 )}
 # How the slices of a 2.5D stack meet in the network (spinemri.models.network builds each).
 SLICE_POOLING = ("channels", "attention", "lstm")
+# How a backbone's feature map becomes the heads' input: its global average, or the averages of a 4 x 4 grid of
+# it side by side (what is where survives: on a whole slice each level has its own place).
+FEATURE_POOLING = ("average", "grid")
+GRID = 4
 # The severity output: one distribution per image (single), or one per site of the 25 (per_site), read at the
 # site a row names; auto picks per_site for whole slices (preprocess.mode slice) and single for ROI crops.
 SEVERITY_HEADS = ("auto", "single", "per_site")

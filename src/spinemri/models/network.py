@@ -31,7 +31,7 @@ import numpy as np
 
 from spinemri.data.schema import HEAD_CLASSES, SITES
 from spinemri.models.backbones import Backbone, build_backbone, get_backbone
-from spinemri.models.catalog import SEVERITY_HEADS, SLICE_POOLING
+from spinemri.models.catalog import FEATURE_POOLING, GRID, SEVERITY_HEADS, SLICE_POOLING
 
 BACKBONE_LAYER = "backbone"
 SITE_LOGITS_LAYER = "severity_sites"  # the per-site severity head's Dense layer (25 x 3 logits)
@@ -44,7 +44,8 @@ _CAFFE_MEAN = np.array([103.939, 116.779, 123.68])
 
 def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none", dense_units: int = 256,
                 dropout: float = 0.3, bn_momentum: float = 0.0, slice_pooling: str = "channels",
-                severity_head: str = "single", severity_prior: np.ndarray | None = None) -> keras.Model:
+                severity_head: str = "single", severity_prior: np.ndarray | None = None,
+                pooling: str = "average") -> keras.Model:
     """Input 'image' float32 (B, img_size, img_size, channels) in 0..255; outputs a dict of float32 softmaxes:
     condition (B, 6), level (B, 5) and severity (B, 3), or (B, 25, 3) with ``severity_head="per_site"``.
 
@@ -55,9 +56,19 @@ def build_model(arch: str, img_size: int, channels: int, *, weights: str = "none
     ``bn_momentum`` > 0 replaces the backbone's BatchNormalization momentum (Keras applications use
     0.99, whose moving statistics need more steps than a quick run on a few hundred images has).
     """
+    if pooling not in FEATURE_POOLING:
+        raise ValueError(f"pooling must be one of {', '.join(FEATURE_POOLING)}, got {pooling!r}")
     if slice_pooling == "channels":
         inputs, x = backbone_features(arch, img_size, channels, weights=weights, bn_momentum=bn_momentum)
-        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        if pooling == "grid":  # the averages of a GRID x GRID grid of the map (fewer cells on a smaller map)
+            cell = tuple(max(1, -(-int(side) // GRID)) for side in x.shape[1:3])
+            x = keras.layers.AveragePooling2D(cell, strides=cell, padding="same", name="grid_pool")(x)
+            x = keras.layers.Flatten(name="pool")(x)
+        else:
+            x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    elif pooling == "grid":
+        raise ValueError("pooling grid pools one feature map (slice_pooling channels); per-slice encoders pool "
+                         "each slice's features globally")
     elif slice_pooling in SLICE_POOLING:
         inputs, x = _pooled_slices(arch, img_size, channels, slice_pooling, weights=weights, bn_momentum=bn_momentum)
     else:

@@ -7,6 +7,8 @@ whole job has succeeded (written next to its target, then renamed).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data.dicom import BITMAP_SUFFIXES, read_image, series_order
+from spinemri.data.schema import CONDITIONS, LEVELS, condition_key, level_name
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.errors import ImageReadError, PredictError
 from spinemri.files import write_csv
@@ -43,23 +46,49 @@ def find_inputs(path: str | Path) -> list[Path]:
     return files
 
 
-def read_sites(path: str | Path, root: Path) -> dict[str, tuple[float, float]]:
-    """``--sites`` CSV with columns path,x,y (path relative to --input's folder, or absolute)."""
+@dataclass(frozen=True)
+class Site:
+    """Where in one file a prediction is asked for: the point (pixels; None: the image centre) and the
+    condition and level graded there (None: not named; a per-site model needs both)."""
+
+    x: float | None = None
+    y: float | None = None
+    condition: str | None = None
+    level: str | None = None
+
+
+def read_sites(path: str | Path, root: Path) -> dict[str, list[Site]]:
+    """``--sites`` CSV: ``path`` (relative to --input's folder, or absolute) with ``x,y`` (pixels) and/or
+    ``condition,level`` (the site graded there); a file may have several rows, one per site."""
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype={"path": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise PredictError(f"--sites {path} cannot be read as CSV ({exc})") from None
-    missing = {"path", "x", "y"} - set(table.columns)
-    if missing:
-        raise PredictError(f"--sites {path} lacks column(s) {sorted(missing)}; expected path,x,y (pixels)")
-    sites = {}
-    for number, row in enumerate(table.itertuples(index=False), start=2):
-        try:
-            x, y = float(row.x), float(row.y)
-        except (TypeError, ValueError):
-            raise PredictError(f"--sites {path} line {number}: x and y must be numbers, got {row.x!r}, {row.y!r}") from None
-        file = Path(row.path) if Path(row.path).is_absolute() else root / row.path
-        sites[str(file.resolve())] = (x, y)
+    columns = set(table.columns)
+    if "path" not in columns or not ({"x", "y"} <= columns or {"condition", "level"} <= columns):
+        raise PredictError(f"--sites {path} has columns {sorted(map(str, columns))}; expected path with x,y (the "
+                           "point in pixels), condition,level (the site graded there), or both")
+    sites: dict[str, list[Site]] = {}
+    for number, row in enumerate(table.to_dict("records"), start=2):
+        x = y = None
+        if "x" in row and not (pd.isna(row["x"]) and pd.isna(row["y"])):
+            try:
+                x, y = float(row["x"]), float(row["y"])
+            except (TypeError, ValueError):
+                raise PredictError(f"--sites {path} line {number}: x and y must be numbers, got {row['x']!r}, "
+                                   f"{row['y']!r}") from None
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise PredictError(f"--sites {path} line {number}: give both x and y (finite pixels) or neither")
+        condition = level = None
+        if "condition" in row and not (pd.isna(row["condition"]) and pd.isna(row["level"])):
+            condition = condition_key(str(row["condition"])) if not pd.isna(row["condition"]) else None
+            level = level_name(str(row["level"])) if not pd.isna(row["level"]) else None
+            if condition is None or level is None:
+                raise PredictError(f"--sites {path} line {number}: condition {row['condition']!r} and level "
+                                   f"{row['level']!r} must name a site, e.g. left_neural_foraminal_narrowing and "
+                                   f"L4/L5 (conditions: {', '.join(CONDITIONS)}; levels: {', '.join(LEVELS)})")
+        file = Path(row["path"]) if Path(row["path"]).is_absolute() else root / row["path"]
+        sites.setdefault(str(file.resolve()), []).append(Site(x, y, condition, level))
     return sites
 
 
@@ -87,32 +116,45 @@ def predict_files(classifier: SpineClassifier, input_path: str | Path, out: str 
     site_of = read_sites(sites, root) if sites else {}
     orders: dict[Path, list[str]] = {}
 
+    if classifier.per_site:
+        unsited = [f for f in files if not any(s.condition for s in site_of.get(str(f.resolve()), ()))]
+        if unsited:
+            raise PredictError(f"{unsited[0]} has no site to grade ({len(unsited)} file(s) in all): this model grades "
+                               "the site each image is given for (it was trained on images that show several "
+                               "sites); pass --sites with path,condition,level rows, e.g. "
+                               "a.png,left_neural_foraminal_narrowing,L4/L5")
     names: list[str] = []
+    asked: list[Site] = []
     frames: list[pd.DataFrame] = []
     batch: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
 
     def flush():
         if batch:
-            frames.append(probabilities_frame(classifier.predict_images(np.stack(batch), batch_size=batch_size)))
+            sites = asked[len(asked) - len(batch):]
+            frames.append(probabilities_frame(classifier.predict_images(
+                np.stack(batch), batch_size=batch_size, conditions=[s.condition or "" for s in sites],
+                levels=[s.level or "" for s in sites])))
             batch.clear()
 
     bar = _bar(progress, len(files))
     try:
         for file in files:
-            try:
-                x, y = site_of.get(str(file.resolve()), (None, None))
-                batch.append(classifier.prepare_image(read_image(file, voi=classifier.preprocessing.dicom_window),
-                                                      _neighbours(classifier, file, orders), x, y))
-                names.append(str(file))
-            except (ImageReadError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, ImageReadError) else str(exc)
-                if on_bad_file == "stop":
-                    raise PredictError(f"{file}: {reason}; nothing was written (skip bad files with "
-                                       "--on-bad-file=skip)") from None
-                skipped.append((str(file), reason))
-            if len(batch) == batch_size:
-                flush()
+            for site in site_of.get(str(file.resolve()), [Site()]):
+                try:
+                    batch.append(classifier.prepare_image(read_image(file, voi=classifier.preprocessing.dicom_window),
+                                                          _neighbours(classifier, file, orders), site.x, site.y))
+                    names.append(str(file))
+                    asked.append(site)
+                except (ImageReadError, ValueError) as exc:
+                    reason = exc.reason if isinstance(exc, ImageReadError) else str(exc)
+                    if on_bad_file == "stop":
+                        raise PredictError(f"{file}: {reason}; nothing was written (skip bad files with "
+                                           "--on-bad-file=skip)") from None
+                    skipped.append((str(file), reason))
+                    break
+                if len(batch) == batch_size:
+                    flush()
             if bar is not None:
                 bar.update(1)
         flush()
@@ -123,6 +165,9 @@ def predict_files(classifier: SpineClassifier, input_path: str | Path, out: str 
         raise PredictError(f"none of the {len(files)} file(s) under {input_path} could be read; nothing was written")
     table = pd.concat(frames, ignore_index=True)
     table.insert(0, "file", names)
+    if any(s.condition for s in asked):
+        table.insert(1, "site_condition", [s.condition or "" for s in asked])
+        table.insert(2, "site_level", [s.level or "" for s in asked])
     write_csv(table, out)
     return PredictSummary(out=out, predicted=len(names), skipped=skipped)
 

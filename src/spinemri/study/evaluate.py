@@ -130,8 +130,7 @@ def log_study_evaluation(report: Mapping, labels_path: Path, submission_path: Pa
 def verdict_metrics(verdict: Mapping, split: str) -> dict[str, float]:
     """A report's verdict (:meth:`spinemri.evaluation.floor.Verdict.to_dict`) as ``<split>_vs_floor`` metrics."""
     return {f"{split}_vs_floor": verdict["difference"], f"{split}_vs_floor_ci_low": verdict["ci_low"],
-            f"{split}_vs_floor_ci_high": verdict["ci_high"], f"{split}_vs_floor_studies": float(verdict["studies"]),
-            f"{split}_floor_rsna_score": verdict["floor"]}
+            f"{split}_vs_floor_ci_high": verdict["ci_high"], f"{split}_floor_rsna_score": verdict["floor"]}
 
 
 def _verdict_tags(verdict: Mapping) -> dict[str, str]:

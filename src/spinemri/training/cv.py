@@ -148,7 +148,8 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
         mlflow.log_text(paired.prediction_table(held.samples, held.targets, proba).to_csv(index=False),
                         "evaluation/fold_predictions.csv")
         floor = floors.floor_predictions(held.samples, splits["train"].samples, splits["train"].targets)
-        verdict = log_floor("fold", held.samples, held.targets, proba, floor, config.mlflow.champion_metric)
+        verdict, values = log_floor("fold", held.samples, held.targets, proba, floor, config.mlflow.champion_metric)
+        metrics.update(values)
         describe_run(verdict, f"Fold {k + 1} of {config.split.folds}: trained on the other folds, evaluated on "
                               "this fold's studies (which also chose its best epoch).")
         if verdict is not None:
@@ -200,9 +201,8 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig
     metrics["cv_n_studies"] = float(evaluation["n_studies"])
     metrics.update(log_site_score(samples, proba["severity"], _fold_priors(results), "cv"))
     floor = {h: np.concatenate([r.floor[h] for r in results]) for h in HEADS}  # each fold's own prior
-    verdict = log_floor("cv", samples, targets, proba, floor, config.mlflow.champion_metric)
-    if verdict is not None:
-        metrics.update(verdict.metrics("cv"))
+    verdict, values = log_floor("cv", samples, targets, proba, floor, config.mlflow.champion_metric)
+    metrics.update(values)
     describe_run(verdict, f"Out of fold: {len(results)} fold models, each evaluated on the studies it never trained "
                           "on, against the per-site prior of its own training folds.")
     return {**metrics, **before}, verdict

@@ -90,9 +90,8 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
         metrics.update(log_site_score(test.samples, proba["severity"], prior, "test"))
         trained = samples[samples["split"] != "test"]
         floor = floors.floor_predictions(test.samples, trained, encode_targets(trained))
-        verdict = log_floor("test", test.samples, test.targets, proba, floor, config.mlflow.champion_metric)
-        if verdict is not None:
-            metrics.update(verdict.metrics("test"))
+        verdict, values = log_floor("test", test.samples, test.targets, proba, floor, config.mlflow.champion_metric)
+        metrics.update(values)
         example = request_example(test.samples, dataset.manifest.get("dataset_root", ""),
                                   ensemble.preprocessing)
         model_uri = log_ensemble(ensemble.members, meta, example, pip_requirements()).model_uri

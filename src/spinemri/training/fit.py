@@ -64,17 +64,20 @@ def best_weights(model: keras.Model) -> Iterator[Path]:
 
 
 def callbacks(cfg: TrainConfig, monitor: str, best: Path, *, first: Sequence[keras.callbacks.Callback] = (),
-              extra: Sequence[keras.callbacks.Callback] = (), step_offset: int = 0, tracked: bool = True
-              ) -> list[keras.callbacks.Callback]:
+              extra: Sequence[keras.callbacks.Callback] = (), step_offset: int = 0, tracked: bool = True,
+              initial: float | None = None) -> list[keras.callbacks.Callback]:
     """The callback stack of every spinemri fit, in order: ``first`` (callbacks that add metrics to the
     epoch logs the others read), NaN stop, best checkpoint, early stopping, LR schedule, MLflow
     metrics (step = epoch + ``step_offset``; not with ``tracked=False``, a worker other than the chief
-    of a multi-worker training), then ``extra`` (e.g. Optuna's pruning callback)."""
+    of a multi-worker training), then ``extra`` (e.g. Optuna's pruning callback). ``initial``: the
+    monitor's value of the weights already saved at ``best`` (the untrained model), which an epoch
+    must beat to replace them."""
     mode = keras_mode(monitor)
     return [
         *first,
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(best, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(best, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
+                                        initial_value_threshold=initial),
         keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, patience=cfg.reduce_lr_patience),
         *([MlflowEpochLogger(step_offset)] if tracked else []),

@@ -88,7 +88,10 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     history: dict[str, list[float]] = {}
     started = time.perf_counter()
     with best_weights(model) as best:
-        stack = fit.callbacks(cfg, cfg.monitor, best, extra=extra_callbacks, tracked=tracked)
+        # The untrained model predicts the prior (its severity output starts there): where it watches a
+        # severity metric, it is the first candidate for the best weights, so that training never ends below it.
+        initial = _untrained_value(model, config, val_ds, best, stages[0], tracked)
+        stack = fit.callbacks(cfg, cfg.monitor, best, extra=extra_callbacks, tracked=tracked, initial=initial)
         for trainable, lr, first, last in stages:
             set_backbone_trainable(model, trainable)
             compile_model(model, config, lr)
@@ -100,6 +103,24 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
                 break
         check_finite(history, "the classifier", cfg.lr)
     return model, history, time.perf_counter() - started
+
+
+def _untrained_value(model: keras.Model, config: ExperimentConfig, val_ds, best: Path, stage, tracked: bool
+                     ) -> float | None:
+    """With a severity monitor (``val_severity_loss``, ...): the monitor's value before training, with the
+    untrained weights saved at ``best`` and the value logged as ``<monitor>_untrained``; else None."""
+    monitor = config.train.monitor
+    if not monitor.startswith("val_severity_"):
+        return None
+    set_backbone_trainable(model, stage[0])
+    compile_model(model, config, stage[1])
+    value = model.evaluate(val_ds, return_dict=True, verbose=0).get(monitor.removeprefix("val_"))
+    if value is None or not np.isfinite(value):
+        return None
+    model.save_weights(best)
+    if tracked:
+        mlflow.log_metric(f"{monitor}_untrained", float(value))
+    return float(value)
 
 
 def severity_start(config: ExperimentConfig, train_samples: pd.DataFrame) -> np.ndarray:
@@ -114,7 +135,7 @@ def _build(config: ExperimentConfig, severity_prior: np.ndarray | None = None) -
     pre, m = config.preprocess, config.model
     return build_model(m.arch, pre.img_size, pre.channels, weights=m.weights, dense_units=m.dense_units,
                        dropout=m.dropout, bn_momentum=m.bn_momentum, slice_pooling=m.slice_pooling,
-                       severity_head=config.severity_head, severity_prior=severity_prior)
+                       severity_head=config.severity_head, severity_prior=severity_prior, pooling=m.pooling)
 
 
 def compile_model(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
@@ -240,12 +261,13 @@ def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
 
 
 def log_floor(split: str, samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray],
-              floor: dict[str, np.ndarray], metric: str) -> floors.Verdict | None:
+              floor: dict[str, np.ndarray], metric: str) -> tuple[floors.Verdict | None, dict[str, float]]:
     """Judge held-out predictions against their floor (``floor``: :func:`spinemri.evaluation.floor.floor_predictions`
     of the same rows) and log it into the active run: the floor's headline values ``<split>_floor_<metric>``
     (and ``<split>_floor_rsna_score``), its predictions ``evaluation/<split>_floor_predictions.csv``, the paired
     difference on the champion ``metric`` as ``<split>_vs_floor`` with its CI, and the verdict as tags.
-    Returns the verdict; None (and a line saying why) where the metric cannot be computed on these rows."""
+    Returns the verdict (None, and a line saying why, where the metric cannot be computed on these rows) and
+    the metrics logged."""
     values = {f"{split}_floor_{name}": v for name, v in floors.floor_metrics(targets, floor).items() if np.isfinite(v)}
     try:
         labels, submission = competition.site_predictions(samples, floor["severity"])
@@ -259,10 +281,11 @@ def log_floor(split: str, samples: pd.DataFrame, targets: dict[str, np.ndarray],
     except MetricError as exc:
         mlflow.log_metrics(values)
         print(f"no verdict against {floors.FLOOR}: {exc}", flush=True)
-        return None
-    mlflow.log_metrics({**values, **verdict.metrics(split)})
+        return None, values
+    values.update(verdict.metrics(split))
+    mlflow.log_metrics(values)
     mlflow.set_tags(verdict.tags())
-    return verdict
+    return verdict, values
 
 
 def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFrame | None, split: str

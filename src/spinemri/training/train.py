@@ -181,9 +181,8 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
     prior = prior_submission(sorted(test.samples["study_id"].astype(str).unique()), prior_from_samples(train.samples))
     metrics.update(log_site_score(test.samples, proba["severity"], prior, "test"))
     floor = floors.floor_predictions(test.samples, train.samples, train.targets)
-    verdict = log_floor("test", test.samples, test.targets, proba, floor, metric)
-    if verdict is not None:
-        metrics.update(verdict.metrics("test"))
+    verdict, values = log_floor("test", test.samples, test.targets, proba, floor, metric)
+    metrics.update(values)
     return metrics, predictions, verdict
 
 
