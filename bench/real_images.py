@@ -74,18 +74,22 @@ def main() -> int:
             result = train(config, log_model=False)
         seconds = time.perf_counter() - started
     m, decided = result.metrics, result.verdict
+    if decided is None:
+        print("bench/real_images.py: the cross-validation gave no verdict against the per-site prior (see above)",
+              file=sys.stderr)
+        return 1
     model = {"weighted_log_loss": m["cv_severity_weighted_log_loss"], "roc_auc": m["cv_severity_roc_auc"]}
     floor = {"weighted_log_loss": m["cv_floor_severity_weighted_log_loss"], "roc_auc": m["cv_floor_severity_roc_auc"]}
     difference = {"value": m["cv_vs_floor"], "ci_low": m["cv_vs_floor_ci_low"], "ci_high": m["cv_vs_floor_ci_high"],
-                  "studies": int(m["cv_vs_floor_studies"])}
+                  "studies": decided.paired.studies}
     never_worse = difference["ci_high"] <= NEVER_WORSE
-    better = decided is not None and decided.better
+    better = decided.better
     record = {
         "data": str(data), "studies": int(flat["study_id"].nunique()), "images": int(flat["image_path"].nunique()),
         "graded_sites": len(flat), "folds": args.folds, "recipe": config.name, "arch": config.model.arch,
         "img_size": config.preprocess.img_size, "settings": overrides, "model": model, "floor": floor,
-        "difference_weighted_log_loss": difference, "verdict": decided.outcome if decided else None,
-        "sentence": decided.sentence if decided else None, "seconds": round(seconds, 1),
+        "difference_weighted_log_loss": difference, "verdict": decided.outcome,
+        "sentence": decided.sentence, "seconds": round(seconds, 1),
         "targets": {"never_worse": {"upper_ci_at_most": NEVER_WORSE, "result": verdict(never_worse)},
                     "better": {"result": verdict(better)}},
     }

@@ -73,3 +73,23 @@ def test_severity_is_read_at_the_site_a_row_names():
     assert severity_at(single, np.array([-1, 3])) is single
     with pytest.raises(ValueError, match="3 sites for 2 rows"):
         severity_at(grid, np.array([0, 1, 2]))
+
+
+def test_grad_cam_explains_a_per_site_output_at_each_images_site():
+    from spinemri.models.gradcam import GradCamModel, gradcam
+
+    rng = np.random.default_rng(2)
+    model = build_model("tiny", 32, 1, dense_units=8, severity_head="per_site",
+                        severity_prior=rng.dirichlet([1, 1, 1], size=25))
+    model.get_layer("severity_sites").set_weights([rng.normal(0, 0.5, (8, 75)).astype(np.float32),
+                                                   np.zeros(75, np.float32)])
+    images = rng.uniform(0, 255, (3, 32, 32, 1)).astype(np.float32)
+    sites = np.array([0, 12, 24])
+    _, _, probabilities = GradCamModel(model, "severity")(images, sites)
+    expected = severity_at(model.predict(images, verbose=0)["severity"], sites)
+    assert np.asarray(probabilities) == pytest.approx(expected, abs=1e-5)
+    maps = gradcam(model, images, "severity", sites=sites)
+    assert maps.shape == (3, 32, 32) and np.isfinite(maps).all()
+    with pytest.raises(ValueError, match="needs each image's site"):
+        gradcam(model, images, "severity")
+    assert gradcam(model, images, "level").shape == (3, 32, 32)  # the other heads need no site

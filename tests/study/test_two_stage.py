@@ -145,11 +145,12 @@ def test_a_study_missing_a_series_or_with_two_axials_still_gets_25_rows(study_st
     assert (foraminal["reason"] == "no Sagittal T1 series").all()
     assert "10 row(s) from the prior" in result.output
     # The foraminal rows hold the prior, which is the classifier's weight-aware training prior.
+    from spinemri.evaluation.prior import prior_at
     from spinemri.tracking.pyfunc import load_classifier
 
     prior = load_classifier("models:/spinemri@champion").meta["severity_prior"]
     row = submission.set_index("row_id").loc[f"{other}_left_neural_foraminal_narrowing_l4_l5"]
-    assert row.to_numpy(float) == pytest.approx(prior["left_neural_foraminal_narrowing"], abs=1e-6)
+    assert row.to_numpy(float) == pytest.approx(prior_at(prior, "left_neural_foraminal_narrowing", "L4/L5"), abs=1e-6)
     subarticular = sites[sites.index.str.startswith(f"{two_axial}_") & sites.index.str.contains("subarticular")]
     assert (subarticular["source"] == "model").all()
     assert set(subarticular["series_id"].astype(int)) == {int(axials[1])}
@@ -289,7 +290,9 @@ def test_a_five_slice_request_to_the_served_classifier_matches_predict_study(stu
     assert status == 200, body
     served = pd.DataFrame(body["predictions"])[[f"severity:{c}" for c in SEVERITIES]].to_numpy(float)
     expected = submission.loc[chosen["row_id"], list(PROBABILITY_COLUMNS)].to_numpy(float)
-    np.testing.assert_allclose(served, expected, atol=1e-5)
+    # The request's x/y come from the sites table, rounded to 6 decimals: a crop at the rounded point can move
+    # a pixel across a uint8 step, which a trained model turns into up to ~1e-5 of probability.
+    np.testing.assert_allclose(served, expected, atol=5e-5)
 
 
 def test_packaged_study_model_matches_predict_study(study_store, study_model, tmp_path):

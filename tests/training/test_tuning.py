@@ -30,7 +30,9 @@ SMALL_SPACE = {
 def _config(phantom_dir, tmp_path, trials, **extra):
     overrides = {"arch": "tiny", "data_dir": str(phantom_dir), "img_size": 32, "epochs": 3, "trials": trials,
                  "storage": str(tmp_path / "journal.log"), "tuning.search_space": SMALL_SPACE,
-                 "mlflow.experiment": "tune", **extra}
+                 "mlflow.experiment": "tune",
+                 # the 8-study phantom leaves 1 test study: too few to show a model better than its floor
+                 "mlflow.allow_below_floor": True, **extra}
     return load_experiment("quick", overrides)
 
 

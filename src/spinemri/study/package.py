@@ -35,7 +35,7 @@ from spinemri.evaluation.floor import compare_submissions
 from spinemri.evaluation.prior import prior_submission
 from spinemri.evaluation.run import log_competition_score
 from spinemri.localization.locate import SpineLocalizer, register_layers
-from spinemri.study.evaluate import evaluate_submission
+from spinemri.study.evaluate import evaluate_submission, verdict_metrics
 from spinemri.study.held_out import held_out
 from spinemri.study.predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
 from spinemri.tracking.pyfunc import PACKAGE_DIR, InputError, SpineClassifier, guard_scoring_server, load_classifier

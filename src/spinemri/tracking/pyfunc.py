@@ -421,37 +421,33 @@ def _as_frame(model_input) -> pd.DataFrame:
     return frame
 
 
+def _site_column(frame: pd.DataFrame, column: str, parse, allowed: str) -> list[str] | None:
+    """An optional text column naming each row's site (``condition`` or ``level``), each value ``parse``d;
+    "" where a row leaves it blank, None when the column is absent; InputError names a bad row."""
+    if column not in frame.columns:
+        return None
+    names = []
+    for index, value in enumerate(frame[column]):
+        if not _present(value):
+            names.append("")
+            continue
+        name = parse(value) if isinstance(value, str) else None
+        if name is None:
+            raise InputError(f"row {index}: {column} {value!r} is not one of {allowed}")
+        names.append(name)
+    return names
+
+
 def _conditions(frame: pd.DataFrame) -> list[str] | None:
     """The optional ``condition`` column (what each site's severity grades), checked; None when absent."""
-    if "condition" not in frame.columns:
-        return None
-    keys = []
-    for index, value in enumerate(frame["condition"]):
-        if not _present(value):
-            keys.append("")
-            continue
-        key = condition_key(value) if isinstance(value, str) else None
-        if key is None:
-            raise InputError(f"row {index}: condition {value!r} is not one of {', '.join(CONDITIONS)} "
-                             "(or their names in train_label_coordinates.csv; leave it out when unknown)")
-        keys.append(key)
-    return keys
+    return _site_column(frame, "condition", condition_key,
+                        f"{', '.join(CONDITIONS)} (or their names in train_label_coordinates.csv; leave it out "
+                        "when unknown)")
 
 
 def _levels(frame: pd.DataFrame) -> list[str] | None:
     """The optional ``level`` column (the level of each row's site), checked; None when absent."""
-    if "level" not in frame.columns:
-        return None
-    names = []
-    for index, value in enumerate(frame["level"]):
-        if not _present(value):
-            names.append("")
-            continue
-        name = level_name(value) if isinstance(value, str) else None
-        if name is None:
-            raise InputError(f"row {index}: level {value!r} is not one of {', '.join(LEVELS)}")
-        names.append(name)
-    return names
+    return _site_column(frame, "level", level_name, ", ".join(LEVELS))
 
 
 def _require_sites(frame: pd.DataFrame, conditions: list[str] | None, levels: list[str] | None) -> None:
