@@ -26,8 +26,9 @@ from spinemri.data.dicom import encode_dicom
 _CHUNK = bytes(1 << 22)
 
 
-def _header(rows: int, columns: int, syntax) -> tuple[bytes, bytes]:
-    """(preamble + file meta, the data set's elements before PixelData) in explicit VR little endian."""
+def _header(rows: int, columns: int, syntax, like: Dataset | None = None) -> tuple[bytes, bytes]:
+    """(preamble + file meta, the data set's elements before PixelData) in explicit VR little endian; ``like``: a
+    slice whose attributes (its study, series, patient, geometry) the file takes, but for its pixels."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -46,15 +47,22 @@ def _header(rows: int, columns: int, syntax) -> tuple[bytes, bytes]:
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if like is not None:
+        for element in like:
+            if element.tag < 0x7FE00010 and element.keyword not in (
+                    "SOPInstanceUID", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+                ds[element.tag] = element
     body = pydicom.filebase.DicomBytesIO()
     body.is_little_endian, body.is_implicit_VR = True, False
     write_dataset(body, ds)
     return head.getvalue(), body.getvalue()
 
 
-def deflated_dicom(rows: int = 23170, columns: int = 23170) -> bytes:
-    """A deflated DICOM whose 16-bit pixels (rows x columns, all zero) inflate to 2 x rows x columns bytes."""
-    head, body = _header(rows, columns, DeflatedExplicitVRLittleEndian)
+def deflated_dicom(rows: int = 23170, columns: int = 23170, like: Dataset | None = None) -> bytes:
+    """A deflated DICOM whose 16-bit pixels (rows x columns, all zero) inflate to 2 x rows x columns bytes
+    (``like``: the slice of a study it stands in for)."""
+    head, body = _header(rows, columns, DeflatedExplicitVRLittleEndian, like)
     size = rows * columns * 2
     deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
     parts = [head, deflater.compress(body + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))]

@@ -42,7 +42,7 @@ def test_overrides_from_the_command_line_are_typed():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"epochs": "-1"}, "epochs must be an integer >= 1"),
-    ({"epochs": "two"}, "epochs must be a int"),
+    ({"epochs": "two"}, "epochs must be a whole number"),
     ({"batch_size": "0"}, "batch_size must be an integer >= 1"),
     ({"lr": "0"}, "lr must be > 0"),
     ({"mode": "cube"}, "mode must be one of roi, slice"),

@@ -48,6 +48,18 @@ def user_errors(command):
     return wrapper
 
 
+def settings_checked(command):
+    """A command that reads images: every setting spinemri takes from the environment is checked at its start
+    (within :func:`user_errors`: a bad one is one clear message naming the variable)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from spinemri.data.environment import check_environment
+
+        check_environment()
+        return command(*args, **kwargs)
+    return wrapper
+
+
 def tracked(command):
     """A command that uses the MLflow store: create or upgrade its tables first, one process at a time,
     and mark FAILED the runs of dead spinemri processes."""
@@ -89,15 +101,31 @@ def load_config(experiment: str, flags: dict, settings, shortcuts: dict[str, str
     from spinemri.errors import ConfigError
 
     given = {k: v for k, v in flags.items() if v not in (None, "")}
-    changes = {shortcuts[k] if shortcuts else k: v for k, v in given.items()}
-    changes.update(parse_override(item) for item in settings if item.strip())  # MLproject passes --set ''
+    key_of = shortcuts or SHORTCUTS
+    changes, origin = {}, {}  # config key -> value, and the flag or --set that gave it (the last one wins)
+    for name, value in given.items():
+        key = shortcuts[name] if shortcuts else name
+        changes[key], origin[key_of.get(name, name)] = value, f"--{name.replace('_', '-')} {value}"
+    for item in settings:
+        if item.strip():  # MLproject passes --set ''
+            key, value = parse_override(item)
+            changes[key], origin[SHORTCUTS.get(key, key)] = value, f"--set {item.strip()}"
     try:
         return load_experiment(experiment, changes)
     except ConfigError as exc:
-        key_of = shortcuts or SHORTCUTS
-        named = [f"--{name.replace('_', '-')} {value}" for name, value in given.items()
-                 if key_of.get(name, name).rsplit(".", 1)[-1] in str(exc)]
-        raise ConfigError(f"{exc} (from {', '.join(named)})" if named else str(exc)) from None
+        raise ConfigError(_with_origin(str(exc), changes, origin, key_of)) from None
+
+
+def _with_origin(message: str, changes: dict, origin: dict[str, str], key_of: dict[str, str]) -> str:
+    """A settings error with the flag or --set that gave the refused value: the one whose setting the message
+    names and whose value it quotes (an error in the experiment file itself names no flag)."""
+    if "; got" not in message:  # not a refused value (a YAML syntax error, an unknown experiment)
+        return message
+    values = {key_of.get(k, k): v for k, v in changes.items()}
+    named = [key for key in origin if key in message or f"{key.rsplit('.', 1)[-1]} " in message]
+    quoted = [key for key in named if repr(values.get(key)) in message or str(values.get(key)) in message]
+    sources = [origin[key] for key in (quoted or named)]
+    return f"{message} (from {', '.join(sources)})" if sources else message
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -182,6 +210,8 @@ def flat(table, out, scan_type, overwrite) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--decode", is_flag=True, help="Decode every labelled image (slower), not only its header.")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Threads reading files.")
+@user_errors
+@settings_checked
 def check(path, as_json, decode, workers) -> None:
     """Validate a dataset: an RSNA-layout folder, the thesis's flat CSV, or a folder of studies.
 
@@ -230,6 +260,7 @@ def check(path, as_json, decode, workers) -> None:
               help="Where caches live [default: $SPINEMRI_CACHE_DIR or ~/.cache/spinemri/prepared].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @user_errors
+@settings_checked
 def prepare(path, experiment, img_size, mode, roi_mm, slices, equalize, dicom_window, workers, split, split_seed,
             settings, on_bad_file, cache_dir, as_json) -> None:
     """Preprocess a dataset into the on-disk cache that training streams from.
@@ -271,6 +302,7 @@ TRAIN_FLAGS = ("arch", "data_dir", "img_size", "mode", "epochs", "batch_size", "
 @setting_options(SHORTCUTS, *TRAIN_FLAGS)
 @SET_OPTION
 @user_errors
+@settings_checked
 @exit_on_interrupt
 @tracked
 def train(experiment, settings, **flags) -> None:
@@ -449,6 +481,7 @@ def runs_reap(as_json) -> None:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file (once every prediction succeeded).")
 @user_errors
+@settings_checked
 def predict(model_uri, input_path, out, sites, on_bad_file, batch_size, overwrite) -> None:
     """Predict many image files locally with a logged model (the same code the served model runs)."""
     from spinemri.serving.predict import check_out, predict_files
@@ -476,6 +509,7 @@ def predict(model_uri, input_path, out, sites, on_bad_file, batch_size, overwrit
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file (only once the new one passes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @user_errors
+@settings_checked
 def export_command(model_uri, fmt, out, samples, tolerance, overwrite, as_json) -> None:
     """Export a logged model to TFLite or ONNX for mobile use, with a parity check against Keras.
 
@@ -580,6 +614,7 @@ def compare(experiment, do_train, skip_existing, head, folds, settings) -> None:
               help="Bootstrap resamples of studies for the 95% confidence intervals.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of Markdown.")
 @user_errors
+@settings_checked
 @tracked
 def evaluate_command(run_id, split, n_boot, as_json) -> None:
     """Evaluate a run's model on a split and log everything to that run.
@@ -610,6 +645,7 @@ def evaluate_command(run_id, split, n_boot, as_json) -> None:
 @click.option("--out", default="submission.csv", show_default=True, type=click.Path(dir_okay=False),
               help="Submission CSV (row_id,normal_mild,moderate,severe); the sites go to <out>.sites.csv.")
 @user_errors
+@settings_checked
 @tracked
 def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> None:
     """Two-stage study-level diagnosis: localize the 25 sites, grade each, write the submission.
@@ -648,9 +684,16 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
 @click.option("--all-dates", is_flag=True, help="Every MR study on the server, whatever its date.")
 @click.option("--retry-for", default=300.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds to keep retrying (with backoff) a server that refuses connections or answers 5xx.")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds one request may wait for the server to connect or to send the next bytes (and, per "
+                   "megabyte of the answer, for all of it).")
+@click.option("--max-pages", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Pages of 100 studies one pass reads of the study search at most; the rest wait for the next "
+                   "pass.")
 @user_errors
+@settings_checked
 @tracked
-def pacs(url, model_uri, once, poll_seconds, since, until, days, all_dates, retry_for) -> None:
+def pacs(url, model_uri, once, poll_seconds, since, until, days, all_dates, retry_for, timeout, max_pages) -> None:
     """Grade new MR studies of a DICOMweb server and store each one's findings back as a DICOM SR.
 
     Finds MR studies with QIDO-RS, fetches the series the study model reads with WADO-RS (series
@@ -669,7 +712,8 @@ def pacs(url, model_uri, once, poll_seconds, since, until, days, all_dates, retr
         raise click.UsageError(f"--since {since:%Y-%m-%d} is after --until {until:%Y-%m-%d}; swap them")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     settings = Settings(url=url, model_uri=model_uri, since=since.date() if since else None,
-                        until=until.date() if until else None, retry_for=retry_for)
+                        until=until.date() if until else None, retry_for=retry_for, timeout=timeout,
+                        max_pages=max_pages)
     work(settings, once=once, poll_seconds=poll_seconds, days=days, every_date=all_dates, echo=click.echo)
 
 
@@ -688,6 +732,7 @@ def pacs(url, model_uri, once, poll_seconds, since, until, days, all_dates, retr
 @click.option("--no-log", is_flag=True, help="Print only; do not log a run to the spinemri-study experiment.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
+@settings_checked
 @tracked
 def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log, as_json) -> None:
     """Score a submission on its studies with the competition metric, next to the prior baseline.
@@ -728,6 +773,7 @@ def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log
 @click.option("--champion-policy", "policy", default=None, type=click.Choice(["paired", "strict"]),
               help="How it must beat the champion (default: the runs' mlflow.champion_policy).")
 @user_errors
+@settings_checked
 @tracked
 def ensemble(run_ids, name, no_register, policy) -> None:
     """Serve the fold models of cross-validation runs as one model: the mean of their calibrated probabilities.
@@ -764,6 +810,7 @@ def ensemble(run_ids, name, no_register, policy) -> None:
               help="Let a version that is not significantly better than its floor (the per-site prior on the same "
                    "studies), or that was not evaluated (no --data), become champion.")
 @user_errors
+@settings_checked
 @tracked
 def package_study(localizers, classifier, data_dir, split, name, no_register, policy, allow_below_floor) -> None:
     """Log the two-stage model as one pyfunc (a zipped DICOM study in, 25 rows out) and register it.
@@ -803,6 +850,7 @@ def package_study(localizers, classifier, data_dir, split, name, no_register, po
 @click.option("--localizer-set", "localizer_settings", multiple=True, metavar="KEY=VALUE",
               help="A setting of the localizers, e.g. --localizer-set train.epochs=8.")
 @user_errors
+@settings_checked
 @exit_on_interrupt
 @tracked
 def ablation(experiment, localizer_experiment, studies, slices, members, mlflow_experiment, settings,

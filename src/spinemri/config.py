@@ -11,6 +11,7 @@ config is logged with every run, so a run can be reproduced from its own record.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -613,22 +614,33 @@ def _coerce(value, default, key):
                 return lowered in ("true", "1", "yes")
             return bool(value)
         if isinstance(default, int):
-            number = float(value)
+            number = _finite(value)
             if number != int(number):
                 raise ValueError
             return int(number)
         if isinstance(default, float):
-            return float(value)
+            return _finite(value)
         if isinstance(default, tuple):
             if not isinstance(value, (list, tuple)) or len(value) != len(default):
                 raise ValueError
-            return tuple(float(v) for v in value)
+            return tuple(_finite(v) for v in value)
         if isinstance(default, str):
             return str(value)
     except (TypeError, ValueError):
-        kind = f"list of {len(default)} numbers" if isinstance(default, tuple) else type(default).__name__
+        kind = f"list of {len(default)} finite numbers" if isinstance(default, tuple) else \
+            {"int": "whole number", "float": "finite number"}.get(type(default).__name__, type(default).__name__)
         raise ConfigError(f"{key} must be a {kind}; got {value!r}") from None
     return value
+
+
+def _finite(value) -> float:
+    """A number from YAML or the command line; ValueError for a boolean, infinity or NaN."""
+    if isinstance(value, bool):
+        raise ValueError
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError
+    return number
 
 
 def _plain(value):

@@ -228,7 +228,7 @@ def test_every_phantom_file_takes_the_scanner_and_matches_pydicom(phantom_dir, w
 def test_a_misspelt_reader_setting_is_refused(tmp_path, monkeypatch):
     path = _save(_mr(IMAGE_U16), tmp_path / "slice.dcm")
     monkeypatch.setenv("SPINEMRI_DICOM_READER", "pydciom")
-    with pytest.raises(ValueError, match="SPINEMRI_DICOM_READER must be 'auto' .* or 'pydicom', got 'pydciom'"):
+    with pytest.raises(ValueError, match="SPINEMRI_DICOM_READER='pydciom' is not a reader: set it to 'auto' .* or 'pydicom'"):
         read_dicom(path)
     monkeypatch.setenv("SPINEMRI_DICOM_READER", "auto")
     assert read_dicom(path).pixels.shape == (48, 40)

@@ -203,7 +203,7 @@ def test_interrupted_training_ends_killed_not_running(phantom_dir, tracking, sig
     (["--batch-size", "0"], "batch_size must be an integer >= 1"),
     (["--arch", "inception_v3", "--img-size", "64"], "below the minimum of 75 px for inception_v3"),
     (["--mode", "cube"], "mode must be one of roi, slice"),
-    (["--lr", "abc"], "lr must be a float"),
+    (["--lr", "abc"], "lr must be a finite number"),
 ])
 def test_bad_parameters_fail_before_any_run(args, message, tracking):
     result = CliRunner().invoke(cli, ["train", *args, "--set", "mlflow.experiment=bad"])

@@ -14,7 +14,7 @@ import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -94,6 +94,7 @@ def read_image(path: str | Path, *, voi: bool = False) -> DicomImage:
     pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if pixels is None or pixels.size == 0:
         raise ImageReadError(path, "is not a readable PNG/JPEG image")
+    _check_side(pixels, path)
     return DicomImage(
         pixels=pixels.astype(np.float32), path=str(path), instance_number=None,
         position=None, orientation=None, pixel_spacing=(1.0, 1.0),
@@ -156,6 +157,7 @@ def decode_bitmap_bytes(data: bytes, name: str) -> DicomImage:
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if pixels is None or pixels.size == 0:
         raise ImageReadError(name, "is not a PNG or JPEG image", None)
+    _check_side(pixels, name)
     return DicomImage(pixels=pixels.astype(np.float32), path=name, instance_number=None,
                       position=None, orientation=None, pixel_spacing=(1.0, 1.0))
 
@@ -247,7 +249,8 @@ def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) 
 
     The headers are read here, and the first slice decoded; the other slices are decoded when they
     are read (:class:`SeriesPixels`), so a long series of large images costs a few slices of memory.
-    A file whose pixels cannot be decoded raises :class:`DicomReadError` when its slice is read.
+    A file whose pixels cannot be decoded raises :class:`DicomReadError` when its slice is read; a file whose
+    PixelSpacing is not a size (:func:`check_spacing`) is refused here.
     """
     if isinstance(paths, (str, Path)):
         folder = Path(paths)
@@ -257,6 +260,8 @@ def read_series(paths: str | Path | Iterable[str | Path], *, voi: bool = False) 
     order = _ordered_headers(paths)
     if not order:
         raise DicomReadError(".", "the series has no files", None)
+    for _, path, _, ds in order:
+        check_spacing(ds, path)
     sizes = sorted({(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for *_, ds in order})
     if len(sizes) > 1:
         raise DicomReadError(Path(order[0][1]).parent, f"mixes image sizes {sizes} in one series", None)
@@ -343,16 +348,26 @@ def _read_common(path: str | Path, *, voi: bool) -> DicomImage | None:
     return _common_image(data, path, voi=voi)
 
 
+READERS = ("auto", "pydicom")
+
+
+def dicom_reader() -> str:
+    """``SPINEMRI_DICOM_READER``: ``auto`` (the default: spinemri's own reader for the common files, pydicom for
+    the rest) or ``pydicom`` (pydicom for every file); ConfigError for anything else."""
+    reader = os.environ.get("SPINEMRI_DICOM_READER", "").strip() or "auto"
+    if reader not in READERS:
+        raise ConfigError(f"SPINEMRI_DICOM_READER={reader!r} is not a reader: set it to 'auto' (the default) or "
+                          "'pydicom', or unset it")
+    return reader
+
+
 def _common_image(data: bytes, path: str | Path, *, voi: bool) -> DicomImage | None:
     """The same image :func:`_decode` gives, for files :func:`native_dicom.scan` takes; None for the rest.
 
     Setting the environment variable ``SPINEMRI_DICOM_READER=pydicom`` reads every file with pydicom.
     """
-    reader = os.environ.get("SPINEMRI_DICOM_READER", "auto")
-    if reader != "auto":
-        if reader == "pydicom":
-            return None
-        raise ConfigError(f"SPINEMRI_DICOM_READER must be 'auto' (the default) or 'pydicom', got {reader!r}")
+    if dicom_reader() == "pydicom":
+        return None
     scanned = native_dicom.scan(data, voi=voi)
     if scanned is None:
         return None
@@ -369,9 +384,7 @@ def _common_image(data: bytes, path: str | Path, *, voi: bool) -> DicomImage | N
     dtype = _NATIVE_DTYPES.get((tags["BitsAllocated"] or 0, tags["PixelRepresentation"] or 0))
     if dtype is None or length < rows * cols * np.dtype(dtype).itemsize:
         return None
-    problem = limits.image_problem(rows, cols, 1, 1, tags["BitsAllocated"])
-    if problem:
-        raise ImageTooLarge(path, problem)
+    check_header(tags, path)
     stored = _stored_values(np.frombuffer(data, dtype=dtype, count=rows * cols, offset=offset).reshape(rows, cols),
                             tags["BitsStored"])
     # As apply_modality_lut: without both rescale tags the stored values are the modality values.
@@ -518,21 +531,64 @@ _HEADER_TAGS = (
 )
 
 
-def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> list[DicomImage]:
-    tags = {name: ds.get(name) for name in _HEADER_TAGS}
-    rows, cols = int(tags["Rows"] or 0), int(tags["Columns"] or 0)
+MIN_SIDE = 16  # pixels: a slice any smaller cannot show a lumbar level (RSNA slices are 256-1024 a side)
+
+
+def check_header(tags: Mapping, path: str | Path, *, frames: int | None = None) -> None:
+    """Refuse, from its header alone, an image that decoding would refuse or could only misread: no or too few
+    pixels (``MIN_SIDE``), not grayscale, more than ``frames`` frames (None: any number), or over the size
+    limits (:class:`ImageTooLarge`). ``tags``: the values of :data:`_HEADER_TAGS` (missing ones None). What
+    `spinemri data check` and every decoder test."""
+    rows, cols = int(tags.get("Rows") or 0), int(tags.get("Columns") or 0)
     if rows == 0 or cols == 0:
         raise DicomReadError(path, f"has a zero-size image (Rows={rows}, Columns={cols})")
-    photometric = str(tags["PhotometricInterpretation"] or "MONOCHROME2")
+    if rows < MIN_SIDE or cols < MIN_SIDE:
+        raise DicomReadError(path, f"is a {cols} x {rows} image, smaller than {MIN_SIDE} pixels a side: too small "
+                             "to show a spine")
+    photometric = str(tags.get("PhotometricInterpretation") or "MONOCHROME2")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomReadError(
             path, f"is a {photometric} image; spinemri reads grayscale MR (MONOCHROME1/2) only"
         )
-    n_frames = int(tags["NumberOfFrames"] or 1)
-    problem = limits.image_problem(rows, cols, n_frames, int(tags["SamplesPerPixel"] or 1),
-                                   int(tags["BitsAllocated"] or 16))
+    n_frames = int(tags.get("NumberOfFrames") or 1)
+    if frames is not None and n_frames > frames:
+        raise DicomReadError(path, f"is a multi-frame file with {n_frames} frames", "send one frame per file")
+    problem = limits.image_problem(rows, cols, n_frames, int(tags.get("SamplesPerPixel") or 1),
+                                   int(tags.get("BitsAllocated") or 16))
     if problem:
         raise ImageTooLarge(path, problem)
+
+
+def check_spacing(ds: Dataset, path: str | Path) -> None:
+    """Refuse a file whose PixelSpacing is given but is not two positive sizes in mm (0\\0, negative, NaN): a
+    series graded in millimetres cannot be read without it. A file without PixelSpacing is read as 1 mm pixels."""
+    spacing = ds.get("PixelSpacing")
+    if spacing is None:
+        return
+    values = _floats(spacing)
+    if not values or len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+        shown = ("\\".join(f"{v:g}" for v in values) if values else str(spacing))[:40]
+        raise DicomReadError(path, f"declares PixelSpacing {shown}, not two positive sizes in mm: its geometry "
+                             "cannot be read")
+
+
+def _check_side(pixels: np.ndarray, path) -> None:
+    if min(pixels.shape[:2]) < MIN_SIDE:
+        raise ImageReadError(path, f"is a {pixels.shape[1]} x {pixels.shape[0]} image, smaller than {MIN_SIDE} pixels "
+                             "a side: too small to show a spine")
+
+
+def header_tags(ds: Dataset) -> dict:
+    """The values of :data:`_HEADER_TAGS` in a pydicom data set (None where absent)."""
+    return {name: ds.get(name) for name in _HEADER_TAGS}
+
+
+def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> list[DicomImage]:
+    tags = header_tags(ds)
+    check_header(tags, path)
+    rows, cols = int(tags["Rows"] or 0), int(tags["Columns"] or 0)
+    photometric = str(tags["PhotometricInterpretation"] or "MONOCHROME2")
+    n_frames = int(tags["NumberOfFrames"] or 1)
     try:
         stored = _native_pixels(ds, tags, rows, cols, n_frames)
         if stored is None:

@@ -14,6 +14,7 @@ SPINEMRI_MAX_STUDY_MB          an uploaded study archive, unpacked              
 SPINEMRI_MAX_STUDY_FILE_MB     one file inside that archive                           128 MB
 SPINEMRI_MAX_STUDY_FILES       files in that archive                                  5000
 SPINEMRI_MAX_REQUEST_MB        one request body to a served spinemri model            768 MB
+SPINEMRI_MAX_ANSWER_MB         one DICOMweb JSON answer to `spinemri pacs`             16 MB
 =============================  =====================================================  =========
 
 An MR slice is at most 1024 x 1024 16-bit pixels (2 MB); a large RSNA study is a few hundred MB
@@ -64,7 +65,8 @@ STUDY_BYTES = Limit("SPINEMRI_MAX_STUDY_MB", 512, MB, what="per unpacked study a
 STUDY_FILE_BYTES = Limit("SPINEMRI_MAX_STUDY_FILE_MB", 128, MB, what="per file in a study archive")
 STUDY_FILES = Limit("SPINEMRI_MAX_STUDY_FILES", 5000, what="files per study archive")
 REQUEST_BYTES = Limit("SPINEMRI_MAX_REQUEST_MB", 768, MB, what="per request body")
-ALL = (IMAGE_PIXELS, IMAGE_BYTES, STUDY_BYTES, STUDY_FILE_BYTES, STUDY_FILES, REQUEST_BYTES)
+ANSWER_BYTES = Limit("SPINEMRI_MAX_ANSWER_MB", 16, MB, what="per DICOMweb JSON answer")
+ALL = (IMAGE_PIXELS, IMAGE_BYTES, STUDY_BYTES, STUDY_FILE_BYTES, STUDY_FILES, REQUEST_BYTES, ANSWER_BYTES)
 
 
 def image_problem(rows: int, columns: int, frames: int = 1, samples: int = 1, bits: int = 16) -> str | None:

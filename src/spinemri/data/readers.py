@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data import schema
-from spinemri.data.dicom import read_header, read_image
+from spinemri.data.dicom import check_header, header_tags, read_header, read_image
 from spinemri.data.preprocess import site_inside
 from spinemri.errors import DatasetError, ImageReadError
 
@@ -483,6 +483,7 @@ def _probe(paths: list[str], *, decode: bool, workers: int) -> tuple[list[str], 
             header = read_header(path)
             if not any(k in header for k in ("Rows", "Columns")):
                 return f"{path} has no image attributes (Rows/Columns)", None
+            check_header(header_tags(header), path, frames=1)  # what decoding it would refuse
             return None, (int(header.get("Columns") or 0), int(header.get("Rows") or 0))
         except ImageReadError as exc:
             return str(exc.path) + " " + exc.reason, None

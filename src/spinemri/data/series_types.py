@@ -46,6 +46,7 @@ CONTRASTS = ("t1", "t2", "stir", "pd", "flair", "t2star")
 PLANE_COSINE = 0.8  # the normal's largest component: at least this (a tilt of at most ~37 degrees), or "oblique"
 PERPENDICULAR = 0.1  # |cos| between the row and column directions above this: the orientation is not read
 RULES_ENV = "SPINEMRI_SERIES_RULES"
+NOT_MR = "not MR"  # the rule name of a series skipped for its Modality
 
 # Contrast from the sequence's timing (ms). Inversion recovery (IR in ScanningSequence, or an
 # InversionTime): STIR below STIR_MAX_TI, FLAIR above FLAIR_MIN_TI, T1-weighted IR between. Without IR:
@@ -147,7 +148,11 @@ class Features:
 
 
 def series_type(ds: Dataset, rules: tuple[SeriesRule, ...] | None = None) -> SeriesType:
-    """The type of the series a header (any file of it) belongs to; see the module docstring."""
+    """The type of the series a header (any file of it) belongs to; see the module docstring. A series whose
+    Modality is given and is not MR (a CT, a radiograph) is skipped whatever its description says."""
+    modality = re.sub(r"[^A-Z0-9]", "", _text(ds.get("Modality")).upper())[:8]
+    if modality and modality != "MR":
+        return SeriesType(None, NOT_MR, f"skipped: Modality {modality}, not MR")
     description = _text(ds.get("SeriesDescription"))
     exact = {d.lower(): d for d in schema.SERIES_DESCRIPTIONS}.get(description.lower())
     if exact:
@@ -312,14 +317,17 @@ def load_rules(path: str) -> tuple[SeriesRule, ...]:
     """Rules from a YAML list of mappings with :class:`SeriesRule`'s fields; every error names the file and rule."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"{RULES_ENV}={path}: no such file; point it at a YAML list of series rules "
+        what = "a folder, not a file" if file.is_dir() else "no such file"
+        raise ConfigError(f"{RULES_ENV}={path}: {what}; point it at a YAML list of series rules "
                           "(see docs/data.md) or unset it")
     try:
         entries = yaml.safe_load(file.read_text())
     except OSError as exc:
         raise ConfigError(f"{RULES_ENV}={path}: cannot be read ({exc.strerror}); check its permissions") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not YAML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{RULES_ENV}={path} is not a text file; point it at a YAML list of series rules") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{RULES_ENV}={path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: expected a list of rules (- name: ..., result: ...), got {type(entries).__name__}")
     fields = {f.name for f in dataclasses.fields(SeriesRule)}

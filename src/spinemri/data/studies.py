@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from spinemri.data import limits, schema
 from spinemri.data.dicom import read_header
 from spinemri.data.readers import CheckReport, series_descriptions
-from spinemri.data.series_types import SeriesType, series_type
+from spinemri.data.series_types import NOT_MR, SeriesType, series_type
 from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
 
 
@@ -154,6 +154,11 @@ def study_from_zip(data: bytes, study_id: str | None, workdir: Path, name: str =
     if study_id in (None, ""):
         tops = {Path(m.filename).parts[0] for m in members if len(Path(m.filename).parts) > 1}
         study_id = tops.pop() if len(tops) == 1 else "study"
+    not_mr = [meta[uid][1].reason for uid in groups if meta[uid][1].rule == NOT_MR]
+    if len(not_mr) == len(groups):  # a CT or radiograph study: nothing a lumbar MR model may grade
+        kinds = ", ".join(sorted({r.removeprefix("skipped: Modality ").split(",")[0] for r in not_mr}))
+        raise StudyError(f"{name}: the study holds no MR series ({len(not_mr)} series of Modality {kinds}); "
+                         "spinemri grades lumbar-spine MR studies")
     series = [StudySeries(meta[uid][0], meta[uid][1].description, tuple(paths), meta[uid][1].reason)
               for uid, paths in groups.items()]
     return Study(str(study_id), tuple(sorted(series, key=lambda s: s.series_id)))

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,7 +44,8 @@ from spinemri.data.dicom import read_header, series_order
 from spinemri.data.schema import SERIES_DESCRIPTIONS
 from spinemri.data.series_types import header_keywords, series_type, site_rules
 from spinemri.data.studies import Study, StudySeries
-from spinemri.errors import ConfigError, ImageReadError, StudyError, UserError
+from spinemri.errors import ConfigError, ImageReadError, ImageTooLarge, StudyError, UserError
+from spinemri.pacs.dicomweb import AnswerTooLarge, DicomWeb, MalformedAnswer
 from spinemri.pacs.report import report_uids, structured_report
 from spinemri.redact import redact
 
@@ -56,7 +58,6 @@ MAX_BACKOFF_S = 30.0
 OUTAGE = {429, 502, 503, 504}  # the server, or a proxy in front of it, is away or busy: retried for retry_for
 RESOURCE_ATTEMPTS = 3  # another 5xx this many times in a row is about one request (a file the server cannot send)
 SERIES_ATTEMPTS = 3  # downloads of a series that keeps coming short before its study counts as partial
-ANY_SYNTAX = (("application/dicom", "*"),)
 TAGS = {"study": "0020000D", "series": "0020000E", "instance": "00080018", "modality": "00080060",
         "instances": "00201209", "sop_class": "00080016", "date": "00080020", "patient": "00100020"}
 OVERLAP = dt.timedelta(days=1)  # a study acquired before midnight may reach the PACS after the next day's first pass
@@ -102,6 +103,7 @@ class Settings:
     retry_for: float = 300.0
     timeout: float = 60.0
     workdir: str | None = None
+    max_pages: int = 100  # QIDO-RS pages of PAGE studies one pass reads at most
 
 
 def study_key(study_uid: str) -> str:
@@ -123,17 +125,29 @@ def check_url(url: str) -> None:
                           "e.g. http://127.0.0.1:8042/dicom-web")
 
 
-def client_for(settings: Settings):
-    """A dicomweb-client for ``settings.url``, with basic auth from SPINEMRI_PACS_USER/SPINEMRI_PACS_PASSWORD."""
-    import requests
-    from dicomweb_client.api import DICOMwebClient
+# Libraries whose log lines quote UIDs, header values or request paths (which hold UIDs), and decoders that log
+# tracebacks: silenced with every logger below them (a child logger inherits the level, not the disabled flag).
+QUIET_LOGGERS = ("highdicom", "pydicom", "pylibjpeg", "openjpeg", "libjpeg", "rle", "urllib3", "requests")
 
-    for name in ("dicomweb_client", "highdicom", "pydicom"):  # their lines quote UIDs and header values
-        logging.getLogger(name).disabled = True
+
+def quiet_libraries() -> None:
+    """No line from :data:`QUIET_LOGGERS` or their children reaches the worker's output."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in QUIET_LOGGERS:
+            logger.setLevel(logging.CRITICAL + 1)
+
+
+def client_for(settings: Settings) -> DicomWeb:
+    """The DICOMweb client for ``settings.url``, with basic auth from SPINEMRI_PACS_USER/SPINEMRI_PACS_PASSWORD."""
+    import requests
+
+    quiet_libraries()
     session = requests.Session()
     if os.environ.get(USER_ENV):
         session.auth = (os.environ[USER_ENV], os.environ.get(PASSWORD_ENV, ""))
-    return DICOMwebClient(url=settings.url.rstrip("/"), session=session, timeout=settings.timeout)
+    return DicomWeb(settings.url, session, timeout=settings.timeout)
 
 
 def with_retry(settings: Settings, what: str, call: Callable[[], T]) -> T:
@@ -193,7 +207,8 @@ def load_study_model(uri: str):
     predictor = getattr(model.unwrap_python_model(), "predictor", None)
     if predictor is None:
         raise ConfigError(f"--model {uri} is not a study model (spinemri package-study logs one)")
-    return predictor, name, str(version)
+    # Unattended: a file over a size limit drops its series to the prior (with the reason), not the study.
+    return dataclasses.replace(predictor, oversized="prior"), name, str(version)
 
 
 def run_pass(settings: Settings, predictor, model_name: str, model_version: str) -> PassResult:
@@ -205,9 +220,13 @@ def run_pass(settings: Settings, predictor, model_name: str, model_version: str)
     studies = _search_studies(settings, client, filters)
     result = PassResult(found=len(studies))
     log.info("%d MR stud%s found", len(studies), "y" if len(studies) == 1 else "ies")
-    for found in studies:
+    for k, found in enumerate(studies):
         uid = _value(found, "study")
-        if not uid:
+        if not uid:  # counted, not dropped: the pass says how many answers it could not use
+            row = {"study": f"answer-{k + 1}", "status": "failed",
+                   "reason": "malformed: a study search result without a StudyInstanceUID"}
+            result.rows.append(row)
+            log.info("study %s: failed (%s)", row["study"], row["reason"])
             continue
         row, transient = {"study": study_key(uid)}, False
         try:
@@ -237,31 +256,51 @@ def run_pass(settings: Settings, predictor, model_name: str, model_version: str)
 
 
 PAGE = 100  # studies per QIDO-RS page
+PROGRESS_PAGES = 10  # a line every this many pages of a long search
 
 
 def _search_studies(settings, client, filters: dict) -> list[dict]:
-    """Every study matching ``filters``, page by page (limit/offset). A server that ignores the offset answers
-    with studies already seen; one that mishandles it (Orthanc 1.10 answers nothing past the first page)
-    answers with an empty page. After full pages, either is checked with one search without paging."""
+    """Every study matching ``filters``, page by page (limit/offset), at most ``settings.max_pages`` pages (the
+    rest wait for the next pass, and a line says so). A server that ignores the offset answers with studies
+    already seen; one that mishandles it (Orthanc 1.10 answers nothing past the first page) answers with an
+    empty page. After full pages, either is checked with one search without paging. Answers without a
+    StudyInstanceUID are kept, for the pass to count."""
     found: dict[str, dict] = {}
-    offset = 0
+    unnamed: list[dict] = []
+    offset = pages = 0
 
     def search(**paging) -> list[dict]:
         try:
             return with_retry(settings, "the study search (QIDO-RS)", lambda: client.search_for_studies(
                 search_filters=filters, **paging))
-        except ServerAnswer as exc:  # no study can be found: the whole pass is off
+        except (ServerAnswer, MalformedAnswer, AnswerTooLarge) as exc:  # no study can be found: the pass is off
             raise PacsUnavailable(f"{redact(settings.url)}: {exc}") from None
+
+    def add(items) -> int:
+        added = 0
+        for item in items:
+            uid = _value(item, "study")
+            if uid is None:
+                unnamed.append(item)
+            elif uid not in found:
+                found[uid] = item
+                added += 1
+        return added
 
     while True:
         page = search(limit=PAGE, offset=offset)
-        new = {_value(s, "study"): s for s in page if _value(s, "study") not in found}
-        found.update(new)
+        pages += 1
+        new = add(page)
         if offset and not new:  # the page after full ones added nothing: the end, or paging that does not work
-            for item in search():
-                found.setdefault(_value(item, "study"), item)
+            add(search(limit=PAGE * settings.max_pages))
         if len(page) < PAGE or not new:
-            return list(found.values())
+            return list(found.values()) + unnamed
+        if pages % PROGRESS_PAGES == 0:
+            log.info("study search: %d pages, %d studies so far", pages, len(found))
+        if pages >= settings.max_pages:
+            log.warning("study search stopped after %d pages (%d studies; --max-pages): the rest are taken on the "
+                        "next pass", pages, len(found))
+            return list(found.values()) + unnamed
         offset += len(page)
 
 
@@ -274,19 +313,25 @@ def _process(settings, client, study_uid, predictor, model_name, model_version) 
     workdir = Path(tempfile.mkdtemp(prefix="spinemri-pacs-", dir=settings.workdir))
     try:
         study, skipped = _fetch(settings, client, study_uid, series, workdir)
+        if not study.series:  # every MR series is of a type no model reads: nothing to grade, nothing to report
+            return dict(status="skipped", reason=f"none of its {len(skipped)} MR series is of a type the models read "
+                                                 f"({', '.join(SERIES_DESCRIPTIONS)}): {'; '.join(skipped)}")
         prediction = predictor.predict(study)
         missing_types = [d for d in SERIES_DESCRIPTIONS if d not in {s.description for s in study.series}]
-        headers = {s.series_id: {int(read_header(p).InstanceNumber): p for p in s.files} for s in study.series}
+        files = {s.series_id: s.files for s in study.series}
+        headers: dict[int, dict[int, Path]] = {}  # only the series the model graded a site on (they decoded)
         sources, missing = {}, {}
         for site in prediction.sites.itertuples(index=False):
             if site.source == "model":
-                sources[site.row_id] = read_header(headers[int(site.series_id)][int(site.instance_number)])
+                series_id = int(site.series_id)
+                if series_id not in headers:
+                    headers[series_id] = {int(read_header(p).InstanceNumber): p for p in files[series_id]}
+                sources[site.row_id] = read_header(headers[series_id][int(site.instance_number)])
             else:
                 lacking = next((d for d in missing_types if site.reason == f"no {d} series"), None)
                 if lacking:
                     missing[site.row_id] = lacking
-        first = next(p for s in study.series for p in s.files)
-        report = structured_report(prediction.rows, prediction.sites, sources, read_header(first),
+        report = structured_report(prediction.rows, prediction.sites, sources, _patient_header(study),
                                    model_name=model_name, model_version=model_version, missing=missing)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -297,11 +342,32 @@ def _process(settings, client, study_uid, predictor, model_name, model_version) 
             raise
         return dict(status="skipped", reason=f"reported by {model_name} v{model_version} already (HTTP 409)")
     reason = f"{25 - prediction.from_prior} rows from the model, {prediction.from_prior} from the prior"
+    why = sorted({_no_paths(r) for r, src in zip(prediction.sites["reason"], prediction.sites["source"])
+                  if src == "prior" and not r.startswith("no ")})  # beyond missing series: unreadable ones, ...
+    if why:
+        reason += f" ({'; '.join(why[:3])})"
     if missing_types:
         reason += f"; no {', '.join(missing_types)} series"
     if skipped:
         reason += f"; {len(skipped)} series skipped ({'; '.join(skipped)})"
     return dict(status="reported", reason=reason, report=sop_uid, from_prior=prediction.from_prior)
+
+
+def _no_paths(reason: str) -> str:
+    """A reason without the worker's temporary file paths (a file is 'a file')."""
+    return re.sub(r"\S*spinemri-pacs-\S+?\.dcm", "a file", str(reason))
+
+
+def _patient_header(study: Study) -> Dataset:
+    """The header the report copies its patient and study attributes from: the first file of the study that reads
+    (a series over a size limit has none)."""
+    for series in study.series:
+        for path in series.files:
+            try:
+                return read_header(path)
+            except ImageReadError:
+                break  # the next series
+    raise StudyError("malformed: no file of the study has a readable header")
 
 
 def _reported(settings, client, study_uid: str, sop_uid: str) -> bool:
@@ -318,7 +384,7 @@ def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) 
         if series_uid is None or _value(item, "modality") not in ("MR", None):
             continue
         metadata = with_retry(settings, "the series metadata (WADO-RS)",
-                              lambda: client.retrieve_series_metadata(study_uid, series_uid))
+                              lambda: client.retrieve_series_metadata(study_uid, series_uid, keep=(TAGS["patient"],)))
         if not isinstance(metadata, list):
             raise StudyError("malformed: a series' metadata is not DICOM JSON")
         if not metadata:
@@ -334,14 +400,10 @@ def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) 
         def download() -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            files = []
             # In the transfer syntax the server holds (compressed or not): no transcoding on a server that may lack
-            # the codec (Orthanc cannot write JPEG 2000); spinemri decodes what it reads.
-            for k, instance in enumerate(client.iter_series(study_uid, series_uid, media_types=ANY_SYNTAX)):
-                path = folder / f"{k:05d}.dcm"
-                instance.save_as(path, enforce_file_format=True)
-                files.append(path)
-            return files
+            # the codec (Orthanc cannot write JPEG 2000). The files are written as they come, unparsed: spinemri's
+            # readers check what each declares before decoding it.
+            return client.save_series(study_uid, series_uid, folder)
 
         for _ in range(SERIES_ATTEMPTS):  # a stream cut short (a server going down mid-series) is fetched again
             files = with_retry(settings, "the series (WADO-RS)", download)
@@ -354,6 +416,9 @@ def _fetch(settings, client, study_uid: str, series: list[dict], workdir: Path) 
                                "times (a partial study; taken again on the next pass)")
         try:
             numbers = [n for n, *_ in series_order(files)]  # every file can be placed in its series
+        except ImageTooLarge:  # kept: the predictor grades it from the prior and says why
+            kept.append(StudySeries(series_id, kind.description, tuple(files), kind.reason))
+            continue
         except ImageReadError as exc:
             raise StudyError(f"malformed: a {kind.description} file {exc.reason}") from None
         if len(set(numbers)) < len(numbers):  # a site could not name the image it lies on

@@ -68,6 +68,9 @@ class StudyPredictor:
     localizers: Mapping[str, SpineLocalizer]
     classifier: SpineClassifier
     prior: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    # A file over a size limit: "refuse" the study (a served model answers the request with the limit) or grade
+    # its series from the "prior", like a file that does not decode (an unattended PACS worker).
+    oversized: str = "refuse"
 
     def __post_init__(self) -> None:
         if not self.prior:
@@ -104,8 +107,10 @@ class StudyPredictor:
             for s in series:
                 try:
                     stacks.append((s.series_id, read_series(s.files, voi=self.classifier.preprocessing.dicom_window)))
-                except ImageTooLarge:
-                    raise  # refused, not guessed around: the limit and how to raise it reach the user
+                except ImageTooLarge as exc:
+                    if self.oversized != "prior":
+                        raise  # refused, not guessed around: the limit and how to raise it reach the user
+                    unreadable.append(f"{exc.path} {exc.reason}")
                 except ImageReadError as exc:
                     unreadable.append(f"{exc.path} {exc.reason}")
             if not stacks:
@@ -115,8 +120,14 @@ class StudyPredictor:
                 try:
                     sites = self.localizers[name].locate(stacks)
                     break
-                except ImageTooLarge:
-                    raise
+                except ImageTooLarge as exc:
+                    if self.oversized != "prior":
+                        raise
+                    remaining = [(i, stack) for i, stack in stacks if not _holds(stack, exc.path)]
+                    if len(remaining) == len(stacks):
+                        raise
+                    unreadable.append(f"{exc.path} {exc.reason}")
+                    stacks = remaining
                 except ImageReadError as exc:
                     remaining = [(i, stack) for i, stack in stacks if not _holds(stack, exc.path)]
                     if len(remaining) == len(stacks):

@@ -497,6 +497,8 @@ def _coordinate(row: Mapping[str, Any], key: str, index: int) -> float | None:
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, (bool, np.bool_)):
+        raise InputError(f"row {index}: {key} must be a number of pixels, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
