@@ -218,3 +218,67 @@ def test_score_prints_the_competition_score_of_a_submission(phantom_dir, tmp_pat
     missing = CliRunner().invoke(cli, ["score", "--labels", str(phantom_dir / "train.csv"),
                                        "--submission", str(tmp_path / "none.csv")])
     assert missing.exit_code == 1 and "none.csv" in missing.output and "Traceback" not in missing.output
+
+
+BAD_SETTINGS = [
+    ("SPINEMRI_SERIES_RULES", "{tmp}/missing.yaml", "missing.yaml: no such file"),
+    ("SPINEMRI_SERIES_RULES", "{tmp}", "a folder, not a file"),
+    ("SPINEMRI_SERIES_RULES", "{tmp}/binary.yaml", "is not a text file"),
+    ("SPINEMRI_SERIES_RULES", "{tmp}/broken.yaml", "is not valid YAML"),
+    ("SPINEMRI_SERIES_RULES", "{tmp}/mapping.yaml", "expected a list of rules"),
+    ("SPINEMRI_SERIES_RULES", "{tmp}/regex.yaml", "rule 1"),
+    ("SPINEMRI_SERIES_RULES", "{tmp}/result.yaml", "rule 1"),
+    ("SPINEMRI_MAX_IMAGE_MB", "abc", "SPINEMRI_MAX_IMAGE_MB='abc' is not a number"),
+    ("SPINEMRI_MAX_IMAGE_MB", "-1", "SPINEMRI_MAX_IMAGE_MB='-1' must be > 0"),
+    ("SPINEMRI_MAX_IMAGE_PIXELS", "0", "SPINEMRI_MAX_IMAGE_PIXELS='0' must be > 0"),
+    ("SPINEMRI_MAX_ANSWER_MB", "many", "SPINEMRI_MAX_ANSWER_MB='many' is not a number"),
+    ("SPINEMRI_DICOM_READER", "nosuch", "SPINEMRI_DICOM_READER='nosuch' is not a reader"),
+]
+
+
+@pytest.fixture
+def settings_files(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "broken.yaml").write_text("- name: [unclosed\n")
+    (tmp_path / "mapping.yaml").write_text("name: x\nresult: skip\n")
+    (tmp_path / "regex.yaml").write_text("- {name: bad, result: skip, description: '(['}\n")
+    (tmp_path / "result.yaml").write_text("- {name: odd, result: Coronal PD, description: 'pd'}\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("variable, value, message", BAD_SETTINGS)
+def test_every_command_that_reads_images_refuses_a_bad_setting_at_its_start(variable, value, message, phantom_dir,
+                                                                            settings_files, monkeypatch):
+    monkeypatch.setenv(variable, value.format(tmp=settings_files))
+    for args in (["data", "check", str(phantom_dir)],
+                 ["predict-study", "--data", str(settings_files / "no-such-folder")]):  # before it looks at data
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert message in result.output and "Traceback" not in result.output, result.output
+        assert "no-such-folder" not in result.output
+
+
+@pytest.mark.parametrize("args, blamed, not_blamed", [
+    (["--epochs", "1", "--set", "train.epochs=-1"], "(from --set train.epochs=-1)", "--epochs 1"),
+    (["--img-size", "48", "--set", "preprocess.img_size=99999999"], "(from --set preprocess.img_size=99999999)",
+     "--img-size 48"),
+    (["--epochs", "2"], None, "(from"),  # the bad value is the experiment file's: no flag is blamed
+])
+def test_a_refused_setting_names_the_source_that_gave_it(args, blamed, not_blamed, tmp_path):
+    experiment = tmp_path / "broken.yaml"
+    experiment.write_text("train:\n  epochs: 1\n  lr: [0.1,\n")  # not YAML
+    command = ["train", *args, *(["--experiment", str(experiment)] if blamed is None else [])]
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    if blamed:
+        assert blamed in result.output
+    assert not_blamed not in result.output
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+def test_infinite_and_undefined_numbers_are_refused_by_name(value):
+    for key in ("train.epochs", "train.lr", "split.fractions"):
+        shown = f"[{value}, 0.1, 0.1]" if key == "split.fractions" else value
+        result = CliRunner().invoke(cli, ["train", "--set", f"{key}={shown}"])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"{key} must be a" in result.output and "finite" in result.output or "whole number" in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -119,7 +120,7 @@ def load_config(experiment: str, flags: dict, settings, shortcuts: dict[str, str
 def _with_origin(message: str, changes: dict, origin: dict[str, str], key_of: dict[str, str]) -> str:
     """A settings error with the flag or --set that gave the refused value: the one whose setting the message
     names and whose value it quotes (an error in the experiment file itself names no flag)."""
-    if "; got" not in message:  # not a refused value (a YAML syntax error, an unknown experiment)
+    if not re.search(r"[;,] got ", message):  # not a refused value (a YAML syntax error, an unknown experiment)
         return message
     values = {key_of.get(k, k): v for k, v in changes.items()}
     named = [key for key in origin if key in message or f"{key.rsplit('.', 1)[-1]} " in message]

@@ -643,3 +643,34 @@ def test_roi_mode_refuses_rows_without_a_point_and_slice_mode_takes_them(flat_cs
     dataset = prepare(flat_csv, PreprocessConfig(img_size=32, mode="slice"), cache_dir=tmp_path / "cache",
                       split_fractions=(0.5, 0.0, 0.5))
     assert dataset.manifest["samples"] == len(FLAT_ROWS)
+
+
+def test_check_finds_what_decoding_will_refuse_from_the_headers(phantom_copy):
+    from tests.hostile import oversized_dicom
+
+    files = sorted({labelled_path(phantom_copy, row) for _, row in coordinates(phantom_copy).iterrows()})
+    huge, frames, colour, tiny = files[:4]
+    huge.write_bytes(oversized_dicom(65535, 65535))  # declares 8 GB of pixels in a few hundred bytes
+    ds = pydicom.dcmread(frames)
+    ds.NumberOfFrames = 5
+    ds.PixelData = ds.PixelData * 5
+    ds.save_as(frames)
+    ds = pydicom.dcmread(colour)
+    ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
+    ds.PixelData = ds.PixelData * 3
+    ds.save_as(colour)
+    ds = pydicom.dcmread(tiny)
+    ds.Rows = ds.Columns = 1
+    ds.PixelData = b"\0\0"
+    ds.save_as(tiny)
+    report = readers.check_dataset(phantom_copy)
+    assert report.summary["files_unreadable"] == 4, report.warnings
+    text = "\n".join(report.warnings)
+    assert f"{huge} declares a 65535 x 65535 image" in text
+    assert f"{frames} is a multi-frame file with 5 frames" in text
+    assert f"{colour} is a RGB image; spinemri reads grayscale MR" in text
+    assert f"{tiny} is a 1 x 1 image, smaller than 16 pixels a side" in text
+    # what prepare then refuses, file by file
+    result = CliRunner().invoke(cli, ["data", "prepare", str(phantom_copy), "--img-size", "32", "--cache-dir",
+                                      str(phantom_copy.parent / "cache")])
+    assert result.exit_code == 1 and any(str(p) in result.output for p in (huge, frames, colour, tiny)), result.output

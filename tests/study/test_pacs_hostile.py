@@ -212,3 +212,38 @@ def test_hostile_studies_on_orthanc_are_reported_from_the_prior_or_skipped_with_
     record_property("peak_rss_mb_plain_studies", plain)
     record_property("peak_rss_mb_hostile_studies", rss)
     assert rss - plain < MARGIN_MB, (plain, rss)
+
+
+def test_the_served_study_model_refuses_a_ct_study_and_grades_a_degenerate_series_from_the_prior(study_model,
+                                                                                                study_store, tmp_path):
+    from spinemri.tracking.pyfunc import InputError
+    from tests.study.test_two_stage import zip_study
+
+    two_stage = study_store
+    [study] = _held_out(two_stage, 1)
+    source = two_stage.data_dir / "train_images" / study
+    model = mlflow.pyfunc.load_model("models:/spinemri-study@champion")
+    series = pd.read_csv(two_stage.data_dir / "train_series_descriptions.csv")
+    sagittal_t2 = str(series[(series["study_id"] == int(study)) &
+                             (series["series_description"] == "Sagittal T2/STIR")]["series_id"].iloc[0])
+
+    for kind in ("ct", "tiny", "flat"):  # a CT study; a Sagittal T2 of 1 x 1 pixel slices; one of PixelSpacing 0\0
+        target = tmp_path / kind / study
+        for path in sorted(source.rglob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            if kind == "ct":
+                ds.Modality = "CT"
+            elif path.parent.name == sagittal_t2 and kind == "tiny":
+                ds.Rows = ds.Columns = 1
+                ds.PixelData = b"\0\0"
+            elif path.parent.name == sagittal_t2 and kind == "flat":
+                ds.PixelSpacing = [0, 0]
+            (target / path.parent.name).mkdir(parents=True, exist_ok=True)
+            ds.save_as(target / path.parent.name / path.name)
+    with pytest.raises(InputError, match=r"the study holds no MR series \(\d series of Modality CT\)"):
+        model.predict(pd.DataFrame({"study_zip_b64": [zip_study(tmp_path / "ct" / study)]}))
+    for kind in ("tiny", "flat"):  # its spinal rows (read on the Sagittal T2) from the prior, the others graded
+        rows = model.predict(pd.DataFrame({"study_zip_b64": [zip_study(tmp_path / kind / study)]}))
+        spinal = rows["row_id"].str.contains("spinal_canal")
+        assert len(rows) == 25 and (rows.loc[spinal, "source"] == "prior").all(), kind
+        assert (rows.loc[~spinal, "source"] == "model").any(), kind

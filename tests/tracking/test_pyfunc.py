@@ -234,3 +234,11 @@ def test_no_patient_tag_reaches_mlflow(store, tmp_path):
     # ...while the training data really did carry them.
     source = next(store.data_dir.rglob("*.dcm"))
     assert pydicom.dcmread(source, stop_before_pixels=True).PatientID == CANARIES["PatientID"]
+
+
+@pytest.mark.parametrize("x, y", [(True, False), (np.True_, 3.0), (1.0, False)])
+def test_booleans_are_not_coordinates(x, y):
+    classifier = _classifier(channels=1)
+    b64 = base64.b64encode(encode_dicom(np.random.default_rng(0).random((40, 40)) * 100)).decode()
+    with pytest.raises(InputError, match=r"must be a number of pixels, got (np\.)?(True|False)"):
+        classifier.prepare_row({"dicom_b64": b64, "x": x, "y": y}, 0)

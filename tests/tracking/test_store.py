@@ -65,3 +65,19 @@ def test_a_store_in_a_missing_folder_is_named_with_the_fix(tmp_path, monkeypatch
         mlflow.set_tracking_uri(None)
     assert result.exit_code == 1 and "no/such does not exist" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "no").exists()
+
+
+def test_a_tracking_server_that_does_not_answer_is_named_within_seconds(tmp_path):
+    """MLflow's client retries a refused connection for minutes; a command says where it could not connect first
+    (the subprocess timeout bounds what this test waits)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = "http://reader:s3cret@127.0.0.1:1"
+    for command in (["registry", "list"], ["predict", "--input", str(tmp_path), "--out", str(tmp_path / "p.csv")]):
+        done = subprocess.run([sys.executable, "-m", "spinemri", *command], capture_output=True, text=True, env=env,
+                              timeout=60, cwd=tmp_path)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "cannot reach the MLflow tracking server at http://reader:***@127.0.0.1:1" in done.stderr
+        assert "s3cret" not in done.stdout + done.stderr and "Traceback" not in done.stderr

@@ -157,6 +157,11 @@ def log_keras_pyfunc(python_model: KerasWithMeta, model, meta: dict, **log_model
 
 def load_python_model(model_uri: str, cls: type, what: str, hint: str):
     """The ``cls`` instance behind a logged model URI, or a UserError naming the URI and the fix."""
+    tracking_uri = mlflow.get_tracking_uri()
+    if tracking_uri.startswith(("http://", "https://")) and not Path(model_uri).exists():
+        from spinemri.tracking.store import check_server
+
+        check_server(tracking_uri)  # within seconds, not after MLflow's minutes of retries
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:

@@ -43,6 +43,23 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+REACH_TIMEOUT_S = 10.0  # how long a command waits for a tracking server to answer at all
+
+
+def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Refuse, within ``timeout`` seconds, a tracking server that does not answer (MLflow's own client retries a
+    refused connection for minutes before it says so). Any HTTP answer will do: the store's own calls say more."""
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise UserError(f"cannot reach the MLflow tracking server at {redact(uri)} ({reason} within {timeout:g} s); "
+                        "start it, or set MLFLOW_TRACKING_URI to a server that is up or to a "
+                        "sqlite:///path/mlflow.db store") from None
+
+
 def open_tracking_store(uri: str | None = None, *, reap: bool = True) -> str:
     """Create or upgrade the tracking store's tables now, one process at a time; returns the URI.
 
@@ -51,6 +68,8 @@ def open_tracking_store(uri: str | None = None, *, reap: bool = True) -> str:
     FAILED (:func:`spinemri.tracking.runs.reap_dead_runs`).
     """
     uri = uri or mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     database = sqlite_path(uri)
     if database is not None and not database.parent.is_dir():
         raise UserError(f"the MLflow store {uri} cannot be created: its folder {database.parent} does not exist; "
