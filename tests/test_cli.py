@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import click
-import pytest
 from click.testing import CliRunner
+import pytest
 
 from spinemri.cli import main as cli
 from spinemri.data import readers, schema
@@ -197,7 +197,7 @@ def test_prepare_broken_dataset_names_the_problem(phantom_copy, cache_dir):
 def test_score_prints_the_competition_score_of_a_submission(phantom_dir, tmp_path):
     import pandas as pd
 
-    from spinemri.evaluation.competition import rsna_score
+    from spinemri.metrics.competition import rsna_score
 
     labels = pd.read_csv(phantom_dir / "train.csv")
     rows = [(f"{study}_{column}", 0.6, 0.3, 0.1) for study in labels["study_id"][:4] for column in schema.LABEL_COLUMNS]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 import functools
 import json
 import os
+from pathlib import Path
 import re
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import click
 
@@ -545,7 +545,7 @@ def score(labels_csv, submission_csv, as_json) -> None:
     foraminal and subarticular rows, and "any severe spinal" per study. Only the studies in the
     submission are scored; blank labels are ignored.
     """
-    from spinemri.evaluation.competition import score_files
+    from spinemri.metrics.competition import score_files
 
     parts = score_files(labels_csv, submission_csv)
     if as_json:
@@ -626,8 +626,8 @@ def evaluate_command(run_id, split, n_boot, as_json) -> None:
     with reliability diagrams; severity per condition and per level. Training runs this on the test
     split automatically.
     """
-    from spinemri.evaluation.report import evaluation_markdown
-    from spinemri.evaluation.run import evaluate_run
+    from spinemri.evaluation.logged_model import evaluate_run
+    from spinemri.metrics.report import evaluation_markdown
 
     report = evaluate_run(run_id, split, n_boot=n_boot)
     click.echo(json.dumps(report, indent=2) if as_json else evaluation_markdown(report, split))

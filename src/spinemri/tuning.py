@@ -10,19 +10,19 @@ run and trains the best configuration as a normal run with its model.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import functools
 import hashlib
 import math
 import multiprocessing
 import os
+from pathlib import Path
 import sys
 import threading
 import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
+import warnings
 
 import mlflow
 import optuna
@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from spinemri.config import ExperimentConfig, TuningConfig, run_params, with_values
 from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, TuningError
-from spinemri.evaluation.goals import best_value, metric_goal
+from spinemri.metrics.goals import best_value, metric_goal
 from spinemri.models.catalog import get_spec
 from spinemri.processes import die_with_parent, process_gone, process_id
 from spinemri.redact import redact

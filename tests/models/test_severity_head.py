@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from spinemri.data.schema import SITES, site_index
-from spinemri.evaluation.prior import prior_from_samples, prior_grid
+from spinemri.metrics.prior import prior_from_samples, prior_grid
 from spinemri.models.network import SiteCrossentropy, build_model, is_per_site, site_accuracy, start_at_prior
 from spinemri.models.severity import severity_at
 

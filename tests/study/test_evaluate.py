@@ -8,8 +8,8 @@ import pytest
 
 from spinemri.data.schema import CONDITIONS, LABEL_COLUMNS
 from spinemri.errors import StudyError
-from spinemri.evaluation.competition import rsna_score
-from spinemri.evaluation.prior import prior_from_labels, prior_submission, weighted_prior
+from spinemri.metrics.competition import rsna_score
+from spinemri.metrics.prior import prior_from_labels, prior_submission, weighted_prior
 from spinemri.study.evaluate import evaluate_submission
 
 

@@ -4,30 +4,30 @@ evaluate-study beats the prior baseline, the packaged study model is served over
 from __future__ import annotations
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 import io
 import json
+from pathlib import Path
 import shutil
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+from click.testing import CliRunner
 import mlflow
+from mlflow.tracking import MlflowClient
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
-from mlflow.tracking import MlflowClient
 
 from spinemri.cli import main
-from spinemri.evaluation.run import prior_site_score
 from spinemri.data.dicom import series_order
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SEVERITIES, parse_label_column
-from spinemri.tracking.pyfunc import load_classifier
-from spinemri.localization.locate import load_localizer
-from spinemri.evaluation.competition import PROBABILITY_COLUMNS
 from spinemri.data.studies import find_studies
 from spinemri.errors import ConfigError
+from spinemri.localization.locate import load_localizer
+from spinemri.metrics.competition import PROBABILITY_COLUMNS
+from spinemri.tracking.pyfunc import load_classifier
+from spinemri.tracking.reports import prior_site_score
 from tests import hostile
 
 pytestmark = pytest.mark.xdist_group("study")
@@ -145,7 +145,7 @@ def test_a_study_missing_a_series_or_with_two_axials_still_gets_25_rows(study_st
     assert (foraminal["reason"] == "no Sagittal T1 series").all()
     assert "10 row(s) from the prior" in result.output
     # The foraminal rows hold the prior, which is the classifier's weight-aware training prior.
-    from spinemri.evaluation.prior import prior_at
+    from spinemri.metrics.prior import prior_at
     from spinemri.tracking.pyfunc import load_classifier
 
     prior = load_classifier("models:/spinemri@champion").meta["severity_prior"]

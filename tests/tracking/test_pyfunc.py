@@ -9,22 +9,21 @@ from pathlib import Path
 
 import keras
 import mlflow
+from mlflow import MlflowClient
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from mlflow import MlflowClient
 
 from spinemri.data.dicom import encode_dicom, read_dicom
 from spinemri.data.preprocess import PreprocessConfig, preprocess
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.models.network import build_model
 from spinemri.data.source import prepare_data
-from spinemri.evaluation.run import _run_config
 from spinemri.models import calibration
+from spinemri.models.network import build_model
 from spinemri.tracking.pyfunc import InputError, SpineClassifier, file_row, load_classifier
+from spinemri.tracking.runs import run_config
 from spinemri.training.data import read_rows, split_data
-
 from tests.conftest import CANARIES, no_pixels_dicom_b64
 
 # One worker runs all serving tests: one trained model and one server instead of two of each.
@@ -71,7 +70,7 @@ def test_calibration_is_fitted_on_the_validation_split_not_on_test(store, monkey
     """Refitting on the logged model's raw validation predictions gives its stored temperatures; test would not."""
     monkeypatch.setenv("SPINEMRI_CACHE_DIR", str(store.cache_dir))
     classifier = load_classifier(store.model_uri)
-    config = _run_config(store.run_id)
+    config = run_config(store.run_id)
     dataset, samples = prepare_data(config)
     refit = {}
     for split in ("val", "test"):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import uuid
 
-import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
+import pytest
 
-from spinemri.evaluation.floor import judge
-from spinemri.evaluation.paired import PairedDifference
-from spinemri.tracking import registry
 from spinemri.cli import main as cli
+from spinemri.metrics.floor import judge
+from spinemri.metrics.paired import PairedDifference
+from spinemri.tracking import registry
 
 # One worker runs all serving tests: one trained model and one server instead of two of each.
 pytestmark = pytest.mark.xdist_group("serving")
@@ -145,14 +145,14 @@ def _champion_predictions(store):
     import mlflow
     import pandas as pd
 
-    from spinemri.evaluation.paired import PREDICTIONS_ARTIFACT
+    from spinemri.metrics.paired import PREDICTIONS_ARTIFACT
 
     path = mlflow.artifacts.download_artifacts(run_id=store.run_id, artifact_path=PREDICTIONS_ARTIFACT)
     return pd.read_csv(path, dtype={"study_id": str, "series_id": str, "instance_number": str})
 
 
 def test_training_logs_the_test_predictions_a_paired_decision_needs(store):
-    from spinemri.evaluation.paired import paired_difference
+    from spinemri.metrics.paired import paired_difference
 
     table = _champion_predictions(store)
     metrics = MlflowClient().get_run(store.run_id).data.metrics
@@ -165,7 +165,7 @@ def _version_with_predictions(table):
     """A model in a run of its own whose logged test predictions are ``table``: what training leaves."""
     import mlflow
 
-    from spinemri.evaluation.paired import PREDICTIONS_ARTIFACT
+    from spinemri.metrics.paired import PREDICTIONS_ARTIFACT
 
     class Echo(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input, params=None):
@@ -180,7 +180,7 @@ def _version_with_predictions(table):
 def test_the_paired_policy_moves_the_champion_only_for_a_significant_improvement(store):
     import numpy as np
 
-    from spinemri.evaluation.paired import paired_difference, prediction_table
+    from spinemri.metrics.paired import paired_difference, prediction_table
     from tests.evaluation.test_paired import _reference, _sharpen
 
     name, metric = _name(), "test_severity_weighted_log_loss"
@@ -239,7 +239,7 @@ def test_a_paired_decision_needs_enough_studies(store):
     name, metric = _name(), "test_severity_weighted_log_loss"
     samples, targets, proba = _reference()
     few = samples["study_id"].isin([1000, 1001, 1002, 1003]).to_numpy()  # the demo phantom's 4 test studies
-    from spinemri.evaluation.paired import prediction_table
+    from spinemri.metrics.paired import prediction_table
 
     def table(severity):
         return prediction_table(samples[few].reset_index(drop=True), {h: t[few] for h, t in targets.items()},
@@ -298,11 +298,10 @@ def test_a_version_not_better_than_its_floor_never_becomes_champion(store):
 
 
 def test_no_decision_suggests_promoting_a_version_shown_worse(store):
-    from tests.evaluation.test_paired import _reference, _sharpen
-
     import numpy as np
 
-    from spinemri.evaluation.paired import prediction_table
+    from spinemri.metrics.paired import prediction_table
+    from tests.evaluation.test_paired import _reference, _sharpen
 
     name, metric = _name(), "test_severity_weighted_log_loss"
     samples, targets, proba = _reference()

@@ -7,28 +7,27 @@ then read back through the server only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
+from click.testing import CliRunner
 import mlflow
+from mlflow import MlflowClient
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
-from mlflow import MlflowClient
 
 from spinemri.cli import main as cli
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.evaluation.paired import PREDICTIONS_ARTIFACT
-from spinemri.evaluation.run import table_artifact
+from spinemri.metrics.paired import PREDICTIONS_ARTIFACT
 from spinemri.tracking import registry
 from spinemri.tracking.pyfunc import file_row
-
+from spinemri.tracking.reports import table_artifact
 from tests.serving.server import post, serve_model
 
 # One worker runs every test on the tracking server: one PostgreSQL, one server, one training.

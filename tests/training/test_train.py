@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from click.testing import CliRunner
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from spinemri.cli import main as cli
 from spinemri.config import SHORTCUTS, load_experiment
 from spinemri.data.schema import HEAD_CLASSES
+from spinemri.metrics.heads import METRICS
 from spinemri.tracking.store import open_tracking_store
-from spinemri.evaluation.heads import METRICS
 from spinemri.training.train import train
 
 ROOT = Path(__file__).resolve().parents[2]

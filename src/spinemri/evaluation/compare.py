@@ -13,23 +13,23 @@ over all CV studies, and its paired difference to the best backbone's score on t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+import math
 
 import mlflow
-import numpy as np
-import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+import numpy as np
+import pandas as pd
 
 from spinemri.config import ExperimentConfig, param_name, with_values
 from spinemri.data.schema import HEADS
 from spinemri.errors import CompareError
-from spinemri.evaluation.paired import paired_difference, terms_artifact
-from spinemri.evaluation.run import prior_site_score, table_artifact
+from spinemri.metrics.paired import paired_difference, terms_artifact
+from spinemri.metrics.plots import plt
 from spinemri.tracking import lineage, links
+from spinemri.tracking.reports import prior_site_score, table_artifact
 from spinemri.tracking.runs import log_figure, logged_table, start_run
-from spinemri.training.plots import plt
 from spinemri.training.cv import CV_ROLE, CV_SCORE, FOLD_ROLE
 from spinemri.training.train import train
 

@@ -18,9 +18,9 @@ baseline's ``fold_<s>_baseline_...``, and its model (not registered).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
+import math
 
 import mlflow
 import pandas as pd
@@ -28,10 +28,10 @@ import pandas as pd
 from spinemri.config import ExperimentConfig, run_params
 from spinemri.data.splits import fold_studies
 from spinemri.errors import DatasetError
-from spinemri.evaluation.paired import score_intervals, terms_artifact
 from spinemri.localization.locate import error_terms, summarize_errors
 from spinemri.localization.sites import get_task
 from spinemri.localization.train import experiment_name, localizer_samples, make_splits, train_in_run
+from spinemri.metrics.paired import score_intervals, terms_artifact
 from spinemri.tracking import lineage
 from spinemri.tracking.runs import log_split, run_tags, training_run
 from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT, FOLD_ROLE, FOLDS_ARTIFACT

@@ -14,11 +14,11 @@ patients. Metrics, per series type ``<s>``:
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from datetime import datetime
+import math
 from pathlib import Path
+import time
 
 import keras
 import matplotlib.pyplot as plt
@@ -28,18 +28,31 @@ import pandas as pd
 import tensorflow as tf
 
 from spinemri.config import ExperimentConfig, MlflowConfig, run_params
-from spinemri.errors import DatasetError
 from spinemri.data.source import resolve_data_dir
-from spinemri.evaluation.paired import terms_artifact
+from spinemri.errors import DatasetError
 from spinemri.localization.dataset import LocalizerDataset, prepare_localizer, slice_targets, study_splits
-from spinemri.localization.locate import (SeriesSlices, choose_sites, error_terms, log_localizer, point_errors,
-                                         summarize_errors)
+from spinemri.localization.locate import (
+    SeriesSlices,
+    choose_sites,
+    error_terms,
+    log_localizer,
+    point_errors,
+    summarize_errors,
+)
 from spinemri.localization.model import build_localizer, point_loss, slice_loss
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
-from spinemri.tracking.registry import eval_set_hash
+from spinemri.metrics.paired import terms_artifact
 from spinemri.tracking import lineage
-from spinemri.tracking.runs import (TrainResult, log_figure, log_split, pip_requirements, register_and_tag, run_tags,
-                                    training_run)
+from spinemri.tracking.registry import eval_set_hash
+from spinemri.tracking.runs import (
+    TrainResult,
+    log_figure,
+    log_split,
+    pip_requirements,
+    register_and_tag,
+    run_tags,
+    training_run,
+)
 from spinemri.training import fit
 from spinemri.training.data import read_rows
 from spinemri.training.fit import best_weights, check_finite, seed_everything

@@ -32,10 +32,10 @@ and per-study terms.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+import time
 
 import matplotlib.pyplot as plt
 import mlflow
@@ -48,10 +48,10 @@ from spinemri.data.source import prepare_data, resolve_data_dir
 from spinemri.data.splits import fold_studies
 from spinemri.data.studies import find_studies
 from spinemri.errors import ConfigError
-from spinemri.evaluation import competition, heads, paired
-from spinemri.evaluation.prior import prior_submission
 from spinemri.localization.cv import cross_validate_localizer
 from spinemri.localization.locate import load_localizer
+from spinemri.metrics import competition, heads, paired
+from spinemri.metrics.prior import prior_submission
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
 from spinemri.study.predictor import StudyPredictor, check_submission, classifier_prior

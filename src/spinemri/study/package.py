@@ -18,28 +18,28 @@ import base64
 import binascii
 import json
 import math
-import tempfile
-import warnings
 from pathlib import Path
+import tempfile
 from typing import Any, Sequence
+import warnings
 
 import mlflow
-import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
+import pandas as pd
 
 from spinemri.data.studies import study_from_zip
 from spinemri.errors import ImageReadError, StudyError
-from spinemri.evaluation.competition import score_terms
-from spinemri.evaluation.floor import compare_submissions
-from spinemri.evaluation.prior import prior_submission
-from spinemri.evaluation.run import log_competition_score
 from spinemri.localization.locate import SpineLocalizer, register_layers
+from spinemri.metrics.competition import score_terms
+from spinemri.metrics.floor import compare_submissions
+from spinemri.metrics.prior import prior_submission
 from spinemri.study.evaluate import evaluate_submission, verdict_metrics
 from spinemri.study.held_out import held_out
 from spinemri.study.predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
 from spinemri.tracking.pyfunc import PACKAGE_DIR, InputError, SpineClassifier, guard_scoring_server, load_classifier
 from spinemri.tracking.registry import eval_set_hash
+from spinemri.tracking.reports import log_competition_score
 from spinemri.tracking.runs import describe_run, pip_requirements, register_and_tag, start_run
 
 INPUT_SCHEMA = Schema([ColSpec(DataType.string, "study_zip_b64"), ColSpec(DataType.string, "study_id", required=False)])

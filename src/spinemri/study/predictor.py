@@ -6,7 +6,7 @@
 
 Where nothing can be seen — the study lacks the series type, its files do not decode, no localizer
 for that type was given, or a site falls outside the image — the row gets the *prior*, the best
-constant prediction under the competition metric (spinemri.evaluation.competition), from the class
+constant prediction under the competition metric (spinemri.metrics.competition), from the class
 counts of the classifier's training labels. Every such row is counted and its reason kept in the
 sites table written next to the submission.
 """
@@ -23,14 +23,23 @@ import pandas as pd
 
 from spinemri.data.dicom import DicomImage, read_series
 from spinemri.data.preprocess import stack_neighbours
-from spinemri.data.schema import (CONDITIONS, LEVELS, SITES, label_column, PROBABILITY_COLUMNS, RSNA_SEVERITY_FREQUENCIES, SERIES_TYPES,
-                                  SUBMISSION_COLUMNS, row_id)
+from spinemri.data.schema import (
+    CONDITIONS,
+    LEVELS,
+    PROBABILITY_COLUMNS,
+    RSNA_SEVERITY_FREQUENCIES,
+    SERIES_TYPES,
+    SITES,
+    SUBMISSION_COLUMNS,
+    label_column,
+    row_id,
+)
 from spinemri.data.studies import Study
 from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
-from spinemri.evaluation.prior import prior_at, weighted_prior
 from spinemri.files import write_csv
 from spinemri.localization.locate import SpineLocalizer, load_localizer
 from spinemri.localization.sites import get_task, site_of
+from spinemri.metrics.prior import prior_at, weighted_prior
 from spinemri.tracking.pyfunc import SpineClassifier
 
 

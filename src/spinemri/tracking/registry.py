@@ -15,14 +15,14 @@ over that. The decision is a tag on the version (``decision``) and is printed by
   (``evaluation/<metric>.terms.csv``) their runs logged — is scored on the same bootstrap
   resamples of the held-out studies; the candidate
   wins only when the 95 % interval of its improvement excludes zero, over at least
-  ``MIN_PAIRED_STUDIES`` studies (:mod:`spinemri.evaluation.paired`). The version is tagged with
+  ``MIN_PAIRED_STUDIES`` studies (:mod:`spinemri.metrics.paired`). The version is tagged with
   the difference, its interval and the number of studies. Where either version has no predictions
   to pair, or the metric cannot be recomputed on a resample, the strict rule decides and the
   decision says why.
 - ``strict``: any improvement of the point value wins.
 
 Before any of that, a version must beat its *floor*: the per-site prior of its own training rows,
-scored on the same held-out studies (:mod:`spinemri.evaluation.floor`). A version whose verdict is not
+scored on the same held-out studies (:mod:`spinemri.metrics.floor`). A version whose verdict is not
 "better" never becomes ``champion`` (unless ``mlflow.allow_below_floor``, and then the decision says
 so); the verdict's sentence and the decision are the version's description in the registry. No
 decision ever suggests promoting a version that a paired interval shows worse.
@@ -30,21 +30,27 @@ decision ever suggests promoting a version that a paired interval shows worse.
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
+import hashlib
+import math
 
 import mlflow
-import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+import pandas as pd
 
 from spinemri.errors import RegistryError
-from spinemri.evaluation.floor import BETTER, FLOOR, WORSE, Verdict
-from spinemri.evaluation.goals import is_better, lower_is_better, metric_goal
-from spinemri.evaluation.paired import (MIN_PAIRED_STUDIES, PREDICTIONS_ARTIFACT, PairedDifference, head_metric,
-                                       paired_difference, terms_artifact)
+from spinemri.metrics.floor import BETTER, FLOOR, WORSE, Verdict
+from spinemri.metrics.goals import is_better, lower_is_better, metric_goal
+from spinemri.metrics.paired import (
+    MIN_PAIRED_STUDIES,
+    PREDICTIONS_ARTIFACT,
+    PairedDifference,
+    head_metric,
+    paired_difference,
+    terms_artifact,
+)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -79,9 +85,9 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
 
     ``champion``/``challenger`` name the two aliases; the localizers keep one pair per series type
     in one registered model (``sagittal_t2`` / ``sagittal_t2-challenger``, ...). ``evidence``, for the
-    paired policy: this model's :func:`~spinemri.evaluation.paired.prediction_table` on the held-out set
+    paired policy: this model's :func:`~spinemri.metrics.paired.prediction_table` on the held-out set
     (per-head metrics), or its per-study terms of ``metric`` (what its run logged as
-    :func:`~spinemri.evaluation.paired.terms_artifact`). ``verdict``: how this model compares with its
+    :func:`~spinemri.metrics.paired.terms_artifact`). ``verdict``: how this model compares with its
     floor; without one (a model never judged against it) the version is treated as not better than it.
     ``needs_floor=False``: models that no per-site prior could stand in for (the localizers) skip that rule.
     """

@@ -14,23 +14,26 @@ Both trainers (the classifier's and the localizers') open their run with :func:`
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 import os
+from pathlib import Path
 import platform
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
 import pandas as pd
+import yaml
 
-from spinemri.evaluation.floor import FLOOR
+from spinemri.config import ExperimentConfig, from_dict
+from spinemri.errors import ConfigError, EvaluationError
+from spinemri.metrics.floor import FLOOR, Verdict
 from spinemri.processes import HOST, process_gone, process_id
 from spinemri.tracking import registry
 
@@ -196,7 +199,7 @@ class TrainResult:
     epochs_trained: int
     history: dict[str, list[float]] = field(default_factory=dict)
     registered: registry.Decision | None = None
-    verdict: Any = None  # spinemri.evaluation.floor.Verdict: how the model compares with its floor, if judged
+    verdict: Any = None  # spinemri.metrics.floor.Verdict: how the model compares with its floor, if judged
 
 
 @contextlib.contextmanager
@@ -333,3 +336,15 @@ def log_figure(figure, path: str) -> None:
     mlflow.log_figure(figure, path)
     plt.close(figure)
 
+
+def run_config(run_id: str) -> ExperimentConfig:
+    """The experiment config a training run logged (its ``config.yaml``), validated by this version."""
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except (MlflowException, OSError):
+        raise EvaluationError(f"run {run_id} has no config.yaml artifact, so its data cannot be rebuilt; only runs "
+                              "logged by `spinemri train` can be evaluated") from None
+    try:
+        return from_dict(yaml.safe_load(text) or {}, source=f"run {run_id} config.yaml").validate()
+    except ConfigError as exc:
+        raise EvaluationError(f"run {run_id} config.yaml no longer loads with this version: {exc}") from None

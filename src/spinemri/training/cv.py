@@ -10,7 +10,7 @@ has seen it.
 
 One parent run (tag ``role=cv``) records ``data/folds.csv``, ``evaluation/oof_predictions.csv``
 (every CV sample with its fold and probabilities per head), the OOF evaluation ``cv_<head>_<metric>``
-with bootstrap CIs over all CV studies (spinemri.evaluation.heads), and the study-level
+with bootstrap CIs over all CV studies (spinemri.metrics.heads), and the study-level
 competition score of the OOF severity predictions at the labelled sites, ``cv_rsna_score`` (with
 ``_ci_low``/``_ci_high``) and its four terms ``cv_rsna_<term>`` (their CIs and the weight-aware prior's
 score in ``evaluation/cv_rsna_score_table.json``); its per-study terms (``evaluation/cv_rsna_score.terms.csv``) are what a
@@ -32,19 +32,25 @@ from spinemri.data import cache
 from spinemri.data.source import prepare_data
 from spinemri.data.splits import fold_studies
 from spinemri.errors import DatasetError
-from spinemri.evaluation import competition, heads, paired, prior
-from spinemri.evaluation import floor as floors
-from spinemri.evaluation.goals import best_value
+from spinemri.metrics import competition, heads, paired, plots, prior
+from spinemri.metrics import floor as floors
+from spinemri.metrics.goals import best_value
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
 from spinemri.tracking import lineage
 from spinemri.tracking.runs import TrainResult, describe_run, log_figure, log_split, run_tags, training_run
-from spinemri.training import plots
 from spinemri.training.data import SplitData, encode_targets, split_data
 from spinemri.training.fit import check_devices, seed_everything
 from spinemri.training.jitter import site_jitter
-from spinemri.training.steps import (calibration_effect, fit_model, log_floor, log_held_out, log_site_score,
-                                     log_trained_model, predict_split)
+from spinemri.training.steps import (
+    calibration_effect,
+    fit_model,
+    log_floor,
+    log_held_out,
+    log_site_score,
+    log_trained_model,
+    predict_split,
+)
 
 OOF_ARTIFACT = "evaluation/oof_predictions.csv"
 FOLDS_ARTIFACT = "data/folds.csv"

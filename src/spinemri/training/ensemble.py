@@ -20,18 +20,25 @@ from mlflow.exceptions import MlflowException
 
 from spinemri.data.source import prepare_data
 from spinemri.errors import EnsembleError
-from spinemri.evaluation import paired
-from spinemri.evaluation import floor as floors
-from spinemri.evaluation.prior import prior_from_samples, prior_submission
-from spinemri.evaluation.run import _run_config, predict_cached
+from spinemri.metrics import floor as floors
+from spinemri.metrics import paired
+from spinemri.metrics.prior import prior_from_samples, prior_submission
+from spinemri.tracking import lineage
 from spinemri.tracking.pyfunc import SpineEnsemble, load_classifier, log_ensemble
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking import lineage
-from spinemri.tracking.runs import (TrainResult, describe_run, log_split, pip_requirements, register_and_tag, run_tags,
-                                    training_run)
+from spinemri.tracking.runs import (
+    TrainResult,
+    describe_run,
+    log_split,
+    pip_requirements,
+    register_and_tag,
+    run_config,
+    run_tags,
+    training_run,
+)
 from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT
 from spinemri.training.data import encode_targets, split_data
-from spinemri.training.steps import log_floor, log_held_out, log_site_score, request_example
+from spinemri.training.steps import log_floor, log_held_out, log_site_score, predict_cached, request_example
 
 ENSEMBLE_ROLE = "ensemble"
 # What members must share for one request row to be the same input to all of them.
@@ -129,4 +136,4 @@ def _cross_validation(run_id: str) -> tuple:
     except (MlflowException, OSError, KeyError):
         raise EnsembleError(f"run {run_id} logged no fold models ({FOLD_MODELS_ARTIFACT}); cross-validate with "
                             "the fold models logged") from None
-    return _run_config(run_id), folds
+    return run_config(run_id), folds

@@ -2,7 +2,7 @@
 
 Both the classifier (spinemri.training.train) and the localizers (spinemri.localization.train)
 fit with :func:`callbacks` — NaN stop, best checkpoint, early stopping and LR schedule watching one
-monitor whose direction :func:`spinemri.evaluation.goals.metric_goal` decides, and per-epoch MLflow
+monitor whose direction :func:`spinemri.metrics.goals.metric_goal` decides, and per-epoch MLflow
 metrics — inside :func:`best_weights`, and check the result with :func:`check_finite`.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import tempfile
 from pathlib import Path
+import tempfile
 from typing import Iterator, Sequence
 
 import keras
@@ -21,9 +21,8 @@ import numpy as np
 
 from spinemri.config import TrainConfig
 from spinemri.errors import ConfigError, TrainingError
-from spinemri.evaluation.goals import keras_mode
+from spinemri.metrics.goals import keras_mode
 from spinemri.training import cluster
-
 
 HISTORY_ARTIFACT = "training/history.json"  # every Keras epoch metric, one row per epoch (an MLflow table)
 

@@ -6,8 +6,8 @@ fit the calibration on held-out predictions, log a held-out evaluation, log the 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
+import time
 
 import keras
 import mlflow
@@ -20,17 +20,16 @@ from spinemri.data.dicom import series_order
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import MetricError
-from spinemri.evaluation import competition, heads, paired
-from spinemri.evaluation import floor as floors
-from spinemri.evaluation.prior import pooled_prior, prior_from_samples, prior_grid
-from spinemri.evaluation.run import log_competition_score, log_evaluation
+from spinemri.metrics import competition, heads, paired, plots
+from spinemri.metrics import floor as floors
+from spinemri.metrics.prior import pooled_prior, prior_from_samples, prior_grid
 from spinemri.models import calibration
-from spinemri.models.network import (SiteCrossentropy, build_model, is_per_site, set_backbone_trainable,
-                                     site_accuracy)
+from spinemri.models.network import SiteCrossentropy, build_model, is_per_site, set_backbone_trainable, site_accuracy
 from spinemri.models.severity import severity_at
-from spinemri.tracking.pyfunc import example_row, log_classifier
+from spinemri.tracking.pyfunc import SpineClassifier, example_row, log_classifier
+from spinemri.tracking.reports import log_competition_score, log_evaluation
 from spinemri.tracking.runs import log_figure, pip_requirements
-from spinemri.training import fit, plots
+from spinemri.training import fit
 from spinemri.training.cluster import average_statistics, distribute
 from spinemri.training.data import SplitData, make_dataset, read_rows
 from spinemri.training.fit import best_weights, check_finite, distribution
@@ -262,7 +261,7 @@ def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
 
 def log_floor(split: str, samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray],
               floor: dict[str, np.ndarray], metric: str) -> tuple[floors.Verdict | None, dict[str, float]]:
-    """Judge held-out predictions against their floor (``floor``: :func:`spinemri.evaluation.floor.floor_predictions`
+    """Judge held-out predictions against their floor (``floor``: :func:`spinemri.metrics.floor.floor_predictions`
     of the same rows) and log it into the active run: the floor's headline values ``<split>_floor_<metric>``
     (and ``<split>_floor_rsna_score``), its predictions ``evaluation/<split>_floor_predictions.csv``, the paired
     difference on the champion ``metric`` as ``<split>_vs_floor`` with its CI, and the verdict as tags.
@@ -295,10 +294,24 @@ def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFr
     (with its 95 % bootstrap CI over studies, ``_ci_low``/``_ci_high``) and ``<split>_rsna_<term>``. Every
     term's CI and (``prior``: a submission of the same rows) the prior's score and terms go to the table
     ``evaluation/<split>_rsna_score_table.json``, the per-study terms to
-    ``evaluation/<split>_rsna_score.terms.csv`` (:func:`spinemri.evaluation.run.log_competition_score`)."""
+    ``evaluation/<split>_rsna_score.terms.csv`` (:func:`spinemri.evaluation.logged_model.log_competition_score`)."""
     labels, submission = competition.site_predictions(samples, severity)
     try:
         return log_competition_score(labels, submission, prior, split)
     except MetricError as exc:  # e.g. a held-out split without a series type: no score, not a failed run
         print(f"no {split}_rsna_score: {exc}", flush=True)
         return {}
+
+
+def predict_cached(classifier: SpineClassifier, images_path, part: SplitData, batch_size: int) -> dict[str, np.ndarray]:
+    """A logged classifier's (calibrated) probabilities per head for the cached samples of ``part``, 256
+    images in memory at a time."""
+    outputs: dict[str, list[np.ndarray]] = {head: [] for head in HEAD_CLASSES}
+    conditions, levels = part.samples["condition"].tolist(), part.samples["level"].tolist()
+    for start in range(0, len(part), 256):
+        predicted = classifier.predict_images(read_rows(str(images_path), part.rows[start:start + 256]),
+                                              batch_size=batch_size, conditions=conditions[start:start + 256],
+                                              levels=levels[start:start + 256], unsited="mean")
+        for head in HEAD_CLASSES:
+            outputs[head].append(predicted[head])
+    return {head: np.concatenate(values) for head, values in outputs.items()}

@@ -8,9 +8,9 @@ it and only the chief (worker 0) opens the run (spinemri.training.cluster).
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from pathlib import Path
+import time
 
 import keras
 import mlflow
@@ -22,25 +22,39 @@ from spinemri.data import cache
 from spinemri.data.schema import HEAD_CLASSES, SPLITS
 from spinemri.data.source import prepare_data
 from spinemri.errors import ConfigError, DatasetError, TrainingError
-from spinemri.evaluation import floor as floors
-from spinemri.evaluation import paired
-from spinemri.evaluation.prior import prior_from_samples, prior_submission
-from spinemri.evaluation.goals import best_value
+from spinemri.metrics import floor as floors
+from spinemri.metrics import paired, plots
+from spinemri.metrics.goals import best_value
+from spinemri.metrics.prior import prior_from_samples, prior_submission
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
 from spinemri.models.gradcam import gradcam_grid
 from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import (TrainResult, describe_run, log_figure, log_split, register_and_tag, run_tags,
-                                    training_run)
-from spinemri.training import plots
+from spinemri.tracking.runs import (
+    TrainResult,
+    describe_run,
+    log_figure,
+    log_split,
+    register_and_tag,
+    run_tags,
+    training_run,
+)
 from spinemri.training.cluster import Cluster, check_same_data, data_digest, join, read_cluster
 from spinemri.training.cv import cross_validate
 from spinemri.training.data import SplitData, read_rows, split_data
 from spinemri.training.fit import check_devices, seed_everything, weights_digest
 from spinemri.training.jitter import site_jitter
-from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_floor, log_held_out,
-                                     log_site_score, log_trained_model, predict_split)
+from spinemri.training.steps import (
+    calibration_effect,
+    fit_calibration,
+    fit_model,
+    log_floor,
+    log_held_out,
+    log_site_score,
+    log_trained_model,
+    predict_split,
+)
 
 
 def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_model: bool = True,
@@ -159,7 +173,7 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
               metric: str = "test_severity_weighted_log_loss"
               ) -> tuple[dict[str, float], pd.DataFrame, floors.Verdict | None]:
     """Predict the test split; log the figures and reports per head, the full evaluation
-    (spinemri.evaluation.heads: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
+    (spinemri.metrics.heads: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
     breakdowns), Grad-CAM heatmaps, the per-row predictions (what a paired champion decision compares) and
     the comparison with the floor on ``metric`` (the per-site prior of the training rows, :func:`log_floor`).
     Returns the point values of the test_<head>_<metric> metrics, the predictions and the verdict.

@@ -4,14 +4,14 @@ Two models evaluated on one held-out set share its luck: a hard study is hard fo
 the studies *once* and scoring both models on every resample keeps that pairing, so the interval of
 the difference is much narrower than the two separate intervals suggest — and it is the honest
 question for a champion decision. This module does that for the classifier's per-head metrics
-(``test_<head>_<metric>`` of :func:`spinemri.evaluation.heads.resample_scores`) from the per-row test
+(``test_<head>_<metric>`` of :func:`spinemri.metrics.heads.resample_scores`) from the per-row test
 predictions every training run logs as :data:`PREDICTIONS_ARTIFACT`.
 
 Metrics that are a mean of ratios of per-study sums — the competition score (its four terms,
-:func:`spinemri.evaluation.competition.score_terms`) and the localizers' mean point error — are
+:func:`spinemri.metrics.competition.score_terms`) and the localizers' mean point error — are
 paired from a table of those sums, one row per study, logged as :func:`terms_artifact`.
 
-The bootstrap draws studies, not rows (:func:`~spinemri.evaluation.heads.study_bootstrap_counts`):
+The bootstrap draws studies, not rows (:func:`~spinemri.metrics.heads.study_bootstrap_counts`):
 the rows of one study travel together, as they do in every interval spinemri reports.
 """
 
@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.evaluation.goals import lower_is_better
-from spinemri.evaluation.heads import resample_scores, study_resamples
+from spinemri.metrics.goals import lower_is_better
+from spinemri.metrics.heads import resample_scores, study_resamples
 
 PREDICTIONS_ARTIFACT = "evaluation/test_predictions.csv"
 KEY_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level")
@@ -178,7 +178,7 @@ def score_intervals(terms: pd.DataFrame, *, resamples: int = PAIRED_RESAMPLES, s
                     ) -> dict[str, tuple[float, float, float]]:
     """A study-level score and each of its terms with a 95 % bootstrap interval over the studies of
     ``terms`` (one row per study, ``<term>:sum`` / ``<term>:weight`` columns, as
-    :func:`spinemri.evaluation.competition.score_terms` returns): ``{name: (value, ci_low, ci_high)}``
+    :func:`spinemri.metrics.competition.score_terms` returns): ``{name: (value, ci_low, ci_high)}``
     with the names of the terms and ``score`` (their mean)."""
     names = sorted(str(c)[:-len(":sum")] for c in terms.columns if str(c).endswith(":sum"))
     if terms.empty or not names:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import re
 import shutil
 import warnings
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,9 +17,9 @@ from spinemri.config import load_experiment
 from spinemri.data.phantom import PhantomConfig, synthesize
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import EvaluationError
+from spinemri.evaluation.logged_model import evaluate_run
+from spinemri.metrics.heads import METRICS
 from spinemri.tracking import lineage
-from spinemri.evaluation.heads import METRICS
-from spinemri.evaluation.run import evaluate_run
 from tests.conftest import copy_store
 
 HEADS = tuple(HEAD_CLASSES)

@@ -1,4 +1,4 @@
-"""An evaluation report (spinemri.evaluation.heads) as headline MLflow metrics, one table of every number,
+"""An evaluation report (spinemri.metrics.heads) as headline MLflow metrics, one table of every number,
 Markdown tables and figures."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data.schema import short_name
-from spinemri.evaluation.goals import lower_is_better
-from spinemri.evaluation.heads import BREAKDOWNS, PER_CLASS_METRICS
-from spinemri.training.plots import plt
+from spinemri.metrics.goals import lower_is_better
+from spinemri.metrics.heads import BREAKDOWNS, PER_CLASS_METRICS
+from spinemri.metrics.plots import plt
 
 
 def evaluation_metrics(report: Mapping[str, Any], split: str) -> dict[str, float]:

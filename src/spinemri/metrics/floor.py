@@ -1,11 +1,11 @@
 """Every classifier judged against its floor: the per-site prior of its training rows, on the same held-out rows.
 
 A model that has learned nothing from the images can still score well: on real RSNA labels the grade
-depends strongly on the level, so a table of grade frequencies per site (:mod:`spinemri.evaluation.prior`)
+depends strongly on the level, so a table of grade frequencies per site (:mod:`spinemri.metrics.prior`)
 is a strong baseline. This module predicts that table for the rows a model was evaluated on
 (:func:`floor_predictions`: the per-site prior for severity, the training frequencies for the condition and
 level heads), scores it with the model's own metric functions, pairs the two on the same bootstrap
-resamples of the studies (:mod:`spinemri.evaluation.paired`) and turns the paired interval into a
+resamples of the studies (:mod:`spinemri.metrics.paired`) and turns the paired interval into a
 :class:`Verdict` — better than the floor, not distinguishable from it, or worse — with the one sentence
 every run, comparison and registry decision begins with. Pure functions: no MLflow, no files.
 """
@@ -21,10 +21,10 @@ import pandas as pd
 
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import MetricError
-from spinemri.evaluation import competition, paired
-from spinemri.evaluation.goals import lower_is_better
-from spinemri.evaluation.heads import point_scores
-from spinemri.evaluation.prior import prior_from_samples, prior_rows
+from spinemri.metrics import competition, paired
+from spinemri.metrics.goals import lower_is_better
+from spinemri.metrics.heads import point_scores
+from spinemri.metrics.prior import prior_from_samples, prior_rows
 
 FLOOR = "the per-site prior"
 BETTER, INDISTINGUISHABLE, WORSE = "better", "indistinguishable", "worse"
@@ -98,7 +98,7 @@ def judge(difference: paired.PairedDifference) -> Verdict:
 def floor_predictions(held: pd.DataFrame, train: pd.DataFrame, train_targets: Mapping[str, np.ndarray]
                       ) -> dict[str, np.ndarray]:
     """The floor's probabilities for the ``held`` rows: severity (n, 3) from the per-site prior of the ``train``
-    rows (:func:`~spinemri.evaluation.prior.prior_rows`), condition and level their training frequencies."""
+    rows (:func:`~spinemri.metrics.prior.prior_rows`), condition and level their training frequencies."""
     out = {"severity": prior_rows(prior_from_samples(train), held["condition"].tolist(), held["level"].tolist())}
     for head in HEAD_CLASSES:
         if head == "severity":

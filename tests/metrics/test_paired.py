@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.evaluation import heads
-from spinemri.evaluation.paired import head_metric, paired_difference, prediction_table
+from spinemri.metrics import heads
+from spinemri.metrics.paired import head_metric, paired_difference, prediction_table
 
 STUDIES, SITES = 40, 10
 
@@ -115,8 +115,8 @@ def test_tables_of_other_samples_or_unpairable_metrics_are_refused():
 
 def test_the_competition_score_is_paired_from_its_per_study_terms():
     from spinemri.data.phantom import label_table
-    from spinemri.evaluation.competition import TERMS, rsna_score, score_terms
-    from spinemri.evaluation.paired import MIN_PAIRED_STUDIES
+    from spinemri.metrics.competition import TERMS, rsna_score, score_terms
+    from spinemri.metrics.paired import MIN_PAIRED_STUDIES
 
     labels = label_table(studies=60, blanks=10, seed=3)
     rows = labels.melt(id_vars="study_id", var_name="finding", value_name="severity").dropna()
@@ -167,7 +167,7 @@ def test_a_localizer_s_mean_error_is_paired_from_its_per_study_terms():
 def test_resamples_are_scored_a_block_at_a_time_with_the_same_result(monkeypatch):
     # Rows x resamples counts would take gigabytes at the size of an out-of-fold table (50,000 rows);
     # they are built a block of resamples at a time, and the blocks do not change the draws.
-    from spinemri.evaluation import paired
+    from spinemri.metrics import paired
 
     samples, targets, proba = _reference()
     better = {**proba, "severity": _sharpen(proba["severity"], targets["severity"], np.arange(len(samples)), 0.1)}

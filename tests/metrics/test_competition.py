@@ -11,7 +11,7 @@ from sklearn.metrics import log_loss
 
 from spinemri.data.schema import CONDITIONS, LABEL_COLUMNS, LEVELS, SEVERITIES, label_column
 from spinemri.errors import UserError
-from spinemri.evaluation.competition import PROBABILITY_COLUMNS, MetricError, rsna_score, score_files
+from spinemri.metrics.competition import PROBABILITY_COLUMNS, MetricError, rsna_score, score_files
 
 UNIFORM = (1 / 3, 1 / 3, 1 / 3)
 EPS = np.finfo(np.float64).eps  # sklearn's clipping for float64 predictions

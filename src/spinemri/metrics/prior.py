@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from spinemri.data.schema import CONDITIONS, LEVELS, SEVERITY_WEIGHTS, SITES, SUBMISSION_COLUMNS, label_column, row_id
-from spinemri.evaluation.competition import label_rows
+from spinemri.metrics.competition import label_rows
 
 PSEUDO_ROWS = 3.0  # how many rows of its condition's frequencies a site's own counts are pooled with
 

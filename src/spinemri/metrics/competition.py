@@ -24,13 +24,21 @@ held only labelled rows); a study with no labelled spinal level has no any-sever
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from spinemri.data.schema import (CONDITIONS, LABEL_COLUMNS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS,
-                                  SUBMISSION_COLUMNS, parse_label_column, row_id)
+from spinemri.data.schema import (
+    CONDITIONS,
+    LABEL_COLUMNS,
+    LEVELS,
+    PROBABILITY_COLUMNS,
+    SEVERITIES,
+    SEVERITY_WEIGHTS,
+    SUBMISSION_COLUMNS,
+    parse_label_column,
+    row_id,
+)
 from spinemri.errors import MetricError
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -173,7 +181,7 @@ def score_terms(labels: pd.DataFrame, submission: pd.DataFrame) -> pd.DataFrame:
     """The score taken apart by study: one row per study (index ``study_id``) and, per term of
     :data:`TERMS`, its weighted loss (``<term>:sum``), weight (``<term>:weight``) and rows
     (``<term>:rows``). Each term is its column sums' ratio and the score the mean of the terms, so
-    a resample of the studies is scored from these columns alone (:mod:`spinemri.evaluation.paired`).
+    a resample of the studies is scored from these columns alone (:mod:`spinemri.metrics.paired`).
     """
     rows = label_rows(labels) if "condition" not in labels.columns else labels
     rows = rows[rows["severity"].notna()].reset_index(drop=True)

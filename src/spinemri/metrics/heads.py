@@ -23,15 +23,22 @@ Definitions (rows whose target is -1 are left out per head):
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping
+import math
 from typing import Any
+import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, classification_report, f1_score, log_loss, precision_score,
-                             recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, LEVELS, SEVERITY_WEIGHTS
 

@@ -1,4 +1,4 @@
-"""spinemri.evaluation.run: study-level bootstrap CIs, baselines, calibration and breakdowns on synthetic predictions,
+"""spinemri.evaluation.logged_model: study-level bootstrap CIs, baselines, calibration and breakdowns on synthetic predictions,
 then evaluate_run on a real tiny training run in a private MLflow store."""
 
 from __future__ import annotations
@@ -11,19 +11,25 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    f1_score,
-    precision_score,
-    recall_score,
-)
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
 
-from spinemri.data.schema import CONDITIONS, LEVELS
-from spinemri.data.schema import HEAD_CLASSES
-from spinemri.evaluation.heads import (HEAD_METRICS, METRICS, evaluate_predictions, head_metrics, resample_scores,
-                                       study_bootstrap_counts, weighted_log_loss)
-from spinemri.evaluation.report import (breakdown_figure, evaluation_markdown, evaluation_metrics, evaluation_table,
-                                        reliability_figure)
+from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, LEVELS
+from spinemri.metrics.heads import (
+    HEAD_METRICS,
+    METRICS,
+    evaluate_predictions,
+    head_metrics,
+    resample_scores,
+    study_bootstrap_counts,
+    weighted_log_loss,
+)
+from spinemri.metrics.report import (
+    breakdown_figure,
+    evaluation_markdown,
+    evaluation_metrics,
+    evaluation_table,
+    reliability_figure,
+)
 
 HEADS = tuple(HEAD_CLASSES)
 # head_metrics clips probabilities to 1e-7, so exact zeros or tiny Dirichlet draws no longer sum to one.
