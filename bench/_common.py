@@ -32,7 +32,7 @@ def work_dir() -> Path:
 
 def phantom(studies: int, seed: int = 0) -> Path:
     """A phantom dataset of ``studies`` studies, synthesised once into the work dir."""
-    from spinemri.data.phantom import PhantomConfig, synthesize
+    from spinemri.phantom import PhantomConfig, synthesize
 
     out = work_dir() / f"phantom-{studies}-seed{seed}"
     if not (out / "train.csv").is_file():

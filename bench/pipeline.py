@@ -64,7 +64,7 @@ def measure(arch: str, img_size: int, batch_size: int, steps: int, rounds: int, 
     from spinemri.config import load_experiment
     from spinemri.models.network import build_model
     from spinemri.training.data import make_dataset, split_data
-    from spinemri.data.source import prepare_data
+    from spinemri.training.source import prepare_data
     from spinemri.training.steps import compile_model
 
     config = load_experiment("quick", {"arch": arch, "img_size": img_size, "batch_size": batch_size,

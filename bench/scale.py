@@ -62,7 +62,7 @@ def since(started, **extra):
 """
 SYNTH = CLOCK + """
 from dataclasses import asdict
-from spinemri.data.phantom import profile, synthesize
+from spinemri.phantom import profile, synthesize
 out, studies, workers, changes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
 started = clock()
@@ -109,7 +109,7 @@ LOCALIZER_MODELS = """
 import json, sys
 from spinemri.config import load_experiment
 from spinemri.data.schema import SERIES_TYPES
-from spinemri.localization.train import train_localizer
+from spinemri.training.localizer import train_localizer
 data_dir, workers, img_size, split = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 uris = {}
 for series in SERIES_TYPES:
@@ -123,8 +123,8 @@ print(json.dumps(uris))
 # model loading timed apart from the predictions.
 PREDICT = CLOCK + """
 from spinemri.data.studies import find_studies
-from spinemri.study.predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
-from spinemri.tracking.pyfunc import load_classifier
+from spinemri.serving.study_predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
+from spinemri.serving.classifier import load_classifier
 data_dir, out, classifier_uri, localizer_uris = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 started = clock()
 classifier = load_classifier(classifier_uri)

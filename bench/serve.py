@@ -114,7 +114,8 @@ def main() -> None:
     with _common.private_store() as tmp:
         with _common.stdout_to_stderr():
             from spinemri.config import load_experiment
-            from spinemri.tracking.pyfunc import file_row, load_classifier
+            from spinemri.serving.inputs import file_row
+            from spinemri.serving.classifier import load_classifier
             from spinemri.training.train import train
 
             config = load_experiment("quick", {"arch": args.arch, "img_size": args.img_size, "epochs": 1,

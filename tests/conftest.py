@@ -22,7 +22,7 @@ import pytest
 
 from spinemri.config import load_experiment
 from spinemri.data.dicom import encode_dicom
-from spinemri.data.phantom import PhantomConfig, synthesize
+from spinemri.phantom import PhantomConfig, synthesize
 
 # Eight studies with the real data's quirks made common: a second axial series, a missing series.
 QUIRKY = PhantomConfig(studies=8, seed=3, p_second_axial=0.4, p_missing_series=0.25, p_blank=0.03)

@@ -171,7 +171,7 @@ def synth(out_dir, studies, seed, profile, workers, overwrite, force, as_json) -
     stenosis narrows the canal, foraminal narrowing shrinks the foramen, subarticular stenosis
     narrows the recess, at the coordinate given in train_label_coordinates.csv.
     """
-    from spinemri.data import phantom
+    from spinemri import phantom
 
     started = time.perf_counter()
     summary = phantom.synthesize(out_dir, phantom.profile(profile, studies=studies, seed=seed),
@@ -320,7 +320,7 @@ def train(experiment, settings, **flags) -> None:
             raise click.UsageError("tuning a localizer (--task localize with --trials) is not implemented; "
                                    "train it with --trials 0 and set its hyperparameters with --set")
         if config.split.folds:
-            from spinemri.localization.cv import cross_validate_localizer
+            from spinemri.training.localizer_cv import cross_validate_localizer
 
             localizers = cross_validate_localizer(config)
             click.echo(f"cross-validation run {localizers.run_id} finished: {len(localizers.fold_models)} fold "
@@ -328,7 +328,7 @@ def train(experiment, settings, **flags) -> None:
             for key, value in sorted(localizers.metrics.items()):
                 click.echo(f"  {key}: {value:.4f}")
             return
-        from spinemri.localization.train import train_localizer
+        from spinemri.training.localizer import train_localizer
 
         result = train_localizer(config)
         click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), localizer {result.model_uri}")
@@ -486,7 +486,7 @@ def runs_reap(as_json) -> None:
 def predict(model_uri, input_path, out, sites, on_bad_file, batch_size, overwrite) -> None:
     """Predict many image files locally with a logged model (the same code the served model runs)."""
     from spinemri.serving.predict import check_out, predict_files
-    from spinemri.tracking.pyfunc import load_classifier
+    from spinemri.serving.classifier import load_classifier
 
     started = time.perf_counter()
     check_out(out, overwrite)  # before the model loads

@@ -30,7 +30,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from spinemri.config import ExperimentConfig, TuningConfig, run_params, with_values
-from spinemri.data.source import prepare_data
+from spinemri.training.source import prepare_data
 from spinemri.errors import ConfigError, TuningError
 from spinemri.metrics.goals import best_value, metric_goal
 from spinemri.models.catalog import get_spec

@@ -12,7 +12,8 @@ from spinemri.tracking import lineage
 from spinemri.tracking.links import compare_runs_url
 from spinemri.cli import main as cli
 from spinemri.data.splits import split_studies
-from spinemri.tracking.pyfunc import file_row, load_classifier
+from spinemri.serving.inputs import file_row
+from spinemri.serving.classifier import load_classifier
 from tests.conftest import copy_store, isolated_tracking
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from spinemri.config import load_experiment
-from spinemri.data.phantom import PhantomConfig, synthesize
+from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import EvaluationError
 from spinemri.evaluation.logged_model import evaluate_run

@@ -100,7 +100,7 @@ def test_the_cache_and_inference_give_a_slice_the_same_stack_position(phantom_di
     """Training reads a slice's stack position from the cache, a served study computes it from the
     decoded series: on a study with two axial series, locate() must find the sites that the model
     gives on the cached images with the cached positions (a real, untrained model)."""
-    from spinemri.localization.locate import SpineLocalizer
+    from spinemri.serving.localizer import SpineLocalizer
     from spinemri.localization.model import build_localizer
 
     config = PreprocessConfig(img_size=32, mode="slice")

@@ -269,7 +269,7 @@ def test_a_group_without_labelled_rows_is_refused():
 
 
 def test_a_real_size_label_file_scores_like_the_table_in_memory(tmp_path):
-    from spinemri.data.phantom import label_table
+    from spinemri.phantom import label_table
 
     labels = label_table()  # the real train.csv's size: 1,975 studies, 572 blank cells
     rng = np.random.default_rng(0)

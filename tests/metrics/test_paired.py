@@ -114,7 +114,7 @@ def test_tables_of_other_samples_or_unpairable_metrics_are_refused():
 
 
 def test_the_competition_score_is_paired_from_its_per_study_terms():
-    from spinemri.data.phantom import label_table
+    from spinemri.phantom import label_table
     from spinemri.metrics.competition import TERMS, rsna_score, score_terms
     from spinemri.metrics.paired import MIN_PAIRED_STUDIES
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from spinemri.cli import main as cli
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.tracking.pyfunc import file_row
+from spinemri.serving.inputs import file_row
 
 # One worker runs all serving tests: one trained model and one server instead of two of each.
 pytestmark = pytest.mark.xdist_group("serving")

@@ -15,7 +15,7 @@ import pytest
 
 from spinemri.data.dicom import encode_dicom
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.tracking.pyfunc import file_row
+from spinemri.serving.inputs import file_row
 
 from tests.conftest import no_pixels_dicom_b64
 from tests import hostile

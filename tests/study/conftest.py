@@ -11,7 +11,7 @@ import pytest
 
 from spinemri.config import load_experiment
 from tests.conftest import copy_store, isolated_tracking
-from spinemri.data.phantom import PhantomConfig, synthesize
+from spinemri.phantom import PhantomConfig, synthesize
 
 # 40 studies, a fifth of them held out (8): enough for every series type and a held-out score that
 # is steady from run to run; second axial series made common.
@@ -51,7 +51,7 @@ def two_stage(tmp_path_factory, store_template) -> TwoStage:
     uri = copy_store(store_template, root / "mlflow.db")
     system = TwoStage(uri, data_dir, root / "cache")
     with isolated_tracking(uri, root / "cache"):
-        from spinemri.localization.train import train_localizer
+        from spinemri.training.localizer import train_localizer
         from spinemri.training.train import train
 
         for series in ("sagittal_t2", "sagittal_t1", "axial_t2"):

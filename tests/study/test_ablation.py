@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from spinemri.cli import main as cli
-from spinemri.data.phantom import PhantomConfig, synthesize
+from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.study.ablation import cross_fitted
 from tests.conftest import copy_store, isolated_tracking
 

@@ -216,7 +216,7 @@ def test_hostile_studies_on_orthanc_are_reported_from_the_prior_or_skipped_with_
 
 def test_the_served_study_model_refuses_a_ct_study_and_grades_a_degenerate_series_from_the_prior(study_model,
                                                                                                 study_store, tmp_path):
-    from spinemri.tracking.pyfunc import InputError
+    from spinemri.serving.inputs import InputError
     from tests.study.test_two_stage import zip_study
 
     two_stage = study_store

@@ -24,9 +24,9 @@ from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SEVERITIES, parse_label_column
 from spinemri.data.studies import find_studies
 from spinemri.errors import ConfigError
-from spinemri.localization.locate import load_localizer
+from spinemri.serving.localizer import load_localizer
 from spinemri.metrics.competition import PROBABILITY_COLUMNS
-from spinemri.tracking.pyfunc import load_classifier
+from spinemri.serving.classifier import load_classifier
 from spinemri.tracking.reports import prior_site_score
 from tests import hostile
 
@@ -146,7 +146,7 @@ def test_a_study_missing_a_series_or_with_two_axials_still_gets_25_rows(study_st
     assert "10 row(s) from the prior" in result.output
     # The foraminal rows hold the prior, which is the classifier's weight-aware training prior.
     from spinemri.metrics.prior import prior_at
-    from spinemri.tracking.pyfunc import load_classifier
+    from spinemri.serving.classifier import load_classifier
 
     prior = load_classifier("models:/spinemri@champion").meta["severity_prior"]
     row = submission.set_index("row_id").loc[f"{other}_left_neural_foraminal_narrowing_l4_l5"]
@@ -228,7 +228,7 @@ def test_evaluate_study_on_labels_of_the_submitted_studies_only(study_store, tmp
 
 def test_predict_study_refuses_localizers_that_trained_on_the_held_out_studies(study_store, tmp_path):
     from spinemri.config import load_experiment
-    from spinemri.localization.train import train_localizer
+    from spinemri.training.localizer import train_localizer
     from tests.study.conftest import LOCALIZER
 
     config = load_experiment("localize", {**LOCALIZER, "train.epochs": 1, "data_dir": str(study_store.data_dir),

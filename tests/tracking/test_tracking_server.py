@@ -26,7 +26,7 @@ from spinemri.cli import main as cli
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.metrics.paired import PREDICTIONS_ARTIFACT
 from spinemri.tracking import registry
-from spinemri.tracking.pyfunc import file_row
+from spinemri.serving.inputs import file_row
 from spinemri.tracking.reports import table_artifact
 from tests.serving.server import post, serve_model
 

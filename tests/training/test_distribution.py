@@ -50,7 +50,8 @@ def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phant
     assert run.data.tags["mixed_precision"] == "off"  # no GPU here: auto stays float32
     assert run.data.params["strategy"] == "mirrored"
 
-    from spinemri.tracking.pyfunc import file_row, load_classifier
+    from spinemri.serving.inputs import file_row
+    from spinemri.serving.classifier import load_classifier
 
     classifier = load_classifier(f"runs:/{run.info.run_id}/model")
     samples = pd.read_csv(phantom_dir / "train_label_coordinates.csv").iloc[:2]

@@ -14,7 +14,7 @@ import pytest
 
 from spinemri.config import load_experiment
 from spinemri.data import schema
-from spinemri.data.phantom import PhantomConfig, synthesize
+from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.data.readers import load_samples
 
 GRADE_BY_LEVEL = {"L1/L2": "Normal/Mild", "L2/L3": "Normal/Mild", "L3/L4": "Moderate", "L4/L5": "Severe",
@@ -81,7 +81,8 @@ def test_one_image_with_different_grades_per_level_is_learned_per_site(level_gra
 def test_the_served_per_site_model_needs_the_site_and_grades_it(level_graded, per_site_model, monkeypatch):
     import base64
 
-    from spinemri.tracking.pyfunc import InputError, load_classifier
+    from spinemri.serving.inputs import InputError
+    from spinemri.serving.classifier import load_classifier
 
     classifier = load_classifier(_use(per_site_model, monkeypatch))
     assert classifier.per_site and classifier.meta["severity_head"] == "per_site"

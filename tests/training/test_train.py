@@ -224,7 +224,7 @@ def test_bad_data_dir_fails_with_its_name(tmp_path, tracking):
 
 
 def test_a_dataset_without_labelled_samples_is_refused(tmp_path, tracking):
-    from spinemri.data.phantom import PhantomConfig, synthesize
+    from spinemri.phantom import PhantomConfig, synthesize
 
     blank = tmp_path / "blank"
     synthesize(blank, PhantomConfig(studies=3, seed=0, p_blank=1.0, image_sizes=(64,), median_sagittal_slices=9))

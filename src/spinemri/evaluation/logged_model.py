@@ -12,10 +12,10 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
 from spinemri.data.schema import SPLITS
-from spinemri.data.source import prepare_data
+from spinemri.training.source import prepare_data
 from spinemri.errors import DatasetError, EvaluationError, ImageReadError, PrepareError
 from spinemri.metrics.heads import evaluate_predictions
-from spinemri.tracking.pyfunc import load_classifier
+from spinemri.serving.classifier import load_classifier
 from spinemri.tracking.reports import log_evaluation
 from spinemri.tracking.runs import PROCESS_TAG, RESUMED_FROM_TAG, run_config, start_run
 from spinemri.training.data import split_data

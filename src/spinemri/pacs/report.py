@@ -64,7 +64,7 @@ def structured_report(rows: pd.DataFrame, sites: pd.DataFrame, sources: Mapping[
                       model_name: str, model_version: str, missing: Mapping[str, str] | None = None) -> Dataset:
     """The Comprehensive SR of one study's prediction.
 
-    ``rows`` and ``sites`` are a :class:`spinemri.study.predictor.StudyPrediction`'s (25 rows each, in
+    ``rows`` and ``sites`` are a :class:`spinemri.serving.study_predictor.StudyPrediction`'s (25 rows each, in
     the same order); ``sources`` maps a site's ``row_id`` to the header of the image it lies on;
     ``study`` is the header of any image of the study (its patient and study identity go into the
     report); ``missing`` maps a prior row's ``row_id`` to the series type the study lacks.

@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from spinemri.data.cache import prepare
-from spinemri.data.phantom import PhantomConfig, synthesize
+from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.errors import ExportError
 from spinemri.files import atomic_path
-from spinemri.tracking.pyfunc import load_classifier
+from spinemri.serving.classifier import load_classifier
 
 if TYPE_CHECKING:
     import keras

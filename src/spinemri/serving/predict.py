@@ -1,6 +1,6 @@
 """`spinemri predict`: a logged model applied to many image files on disk, written to one CSV.
 
-Each file is decoded and preprocessed by the model's own :class:`~spinemri.tracking.pyfunc.SpineClassifier`
+Each file is decoded and preprocessed by the model's own :class:`~spinemri.serving.classifier.SpineClassifier`
 (the code path the served model uses), then predicted in batches. The CSV appears only when the
 whole job has succeeded (written next to its target, then renamed).
 """
@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinemri.data.dicom import BITMAP_SUFFIXES, read_image, series_order
+from spinemri.data.dicom import read_image, series_order
 from spinemri.data.schema import CONDITIONS, LEVELS, condition_key, level_name
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.errors import ImageReadError, PredictError
 from spinemri.files import write_csv
-from spinemri.tracking.pyfunc import SpineClassifier, probabilities_frame
+from spinemri.serving.classifier import SpineClassifier
+from spinemri.serving.inputs import SUFFIXES
+from spinemri.serving.requests import probabilities_frame
 
-SUFFIXES = (".dcm", *BITMAP_SUFFIXES)
 ON_BAD_FILE = ("stop", "skip")
 
 

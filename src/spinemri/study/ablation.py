@@ -13,7 +13,7 @@ The steps add up, in this order:
 
 Each step is judged the way a study is diagnosed: for every study outside the locked test split,
 the localizers of the fold that held it out find its sites on its DICOM series (``predict-study``'s
-code: :class:`~spinemri.study.predictor.StudyPredictor`), and each step's classifier of that fold
+code: :class:`~spinemri.serving.study_predictor.StudyPredictor`), and each step's classifier of that fold
 grades them; one out-of-fold submission per step covers every CV study once. All trainings share
 one fold table (``data/folds.csv``), so no model grades or locates a study it trained on, and the
 locked test studies are never predicted. As in every spinemri cross-validation (and the RSNA
@@ -44,18 +44,18 @@ import pandas as pd
 
 from spinemri.config import ExperimentConfig, with_values
 from spinemri.data.readers import detect_layout
-from spinemri.data.source import prepare_data, resolve_data_dir
+from spinemri.training.source import prepare_data, resolve_data_dir
 from spinemri.data.splits import fold_studies
 from spinemri.data.studies import find_studies
 from spinemri.errors import ConfigError
-from spinemri.localization.cv import cross_validate_localizer
-from spinemri.localization.locate import load_localizer
+from spinemri.training.localizer_cv import cross_validate_localizer
+from spinemri.serving.localizer import load_localizer
 from spinemri.metrics import competition, heads, paired
 from spinemri.metrics.prior import prior_submission
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
-from spinemri.study.predictor import StudyPredictor, check_submission, classifier_prior
-from spinemri.tracking.pyfunc import load_classifier
+from spinemri.serving.study_predictor import StudyPredictor, check_submission, classifier_prior
+from spinemri.serving.classifier import load_classifier
 from spinemri.tracking.runs import log_figure, run_tags, training_run
 from spinemri.training.cv import FOLD_MODELS_ARTIFACT, FOLDS_ARTIFACT, cross_validate
 from spinemri.training.fit import check_devices

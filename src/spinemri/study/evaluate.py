@@ -13,8 +13,8 @@ from spinemri.errors import StudyError, UserError
 from spinemri.metrics.competition import label_rows, rsna_score
 from spinemri.metrics.floor import compare_submissions
 from spinemri.metrics.prior import prior_from_labels, prior_submission
-from spinemri.study.predictor import classifier_prior
-from spinemri.tracking.pyfunc import load_classifier
+from spinemri.serving.study_predictor import classifier_prior
+from spinemri.serving.classifier import load_classifier
 from spinemri.tracking.reports import log_competition_score
 from spinemri.tracking.runs import start_run
 

@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from spinemri.data.studies import find_studies
 from spinemri.errors import StudyError
-from spinemri.study.predictor import resolve_localizer_uris
+from spinemri.serving.study_predictor import resolve_localizer_uris
 
 
 def held_out(data_dir: str, split: str, classifier_uri: str, localizer_uris: Sequence[str]):

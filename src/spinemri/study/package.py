@@ -1,23 +1,16 @@
-"""The servable two-stage model: a zipped DICOM study in, its 25 submission rows out.
+"""Package the two-stage pipeline as one servable model and register it.
 
-``package_study(localizer_uris, classifier_uri)`` logs one MLflow pyfunc model that bundles each
-localizer's and the classifier's Keras file and meta.json with the spinemri package, and registers
-it as ``spinemri-study``. With held-out studies (``data_dir`` + ``split``) the package is first
-run on them: its competition score and the prior baseline's are logged, and the score decides the
-``champion`` alias like any spinemri model (lower wins, same held-out studies).
-
-Request rows: ``study_zip_b64`` (a base64 zip of one study's DICOM files, any folder layout) and
-optionally ``study_id`` (else the archive's top folder). Response: 25 rows per study with
-``row_id, normal_mild, moderate, severe`` and ``source`` (``model``, or ``prior`` where nothing
-could be seen: see :mod:`spinemri.study.predictor`).
+``package_study(localizer_uris, classifier_uri)`` logs one MLflow pyfunc model
+(:class:`spinemri.serving.study.SpineStudyModel`) that bundles each localizer's and the classifier's
+Keras file and meta.json with the spinemri package, and registers it as ``spinemri-study``. With
+held-out studies (``data_dir`` + ``split``) the package is first run on them: its competition score
+and the prior baseline's are logged, and the score decides the ``champion`` alias like any spinemri
+model (lower wins, same held-out studies).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import math
 from pathlib import Path
 import tempfile
 from typing import Any, Sequence
@@ -25,74 +18,20 @@ import warnings
 
 import mlflow
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, DataType, Schema
 import pandas as pd
 
-from spinemri.data.studies import study_from_zip
-from spinemri.errors import ImageReadError, StudyError
-from spinemri.localization.locate import SpineLocalizer, register_layers
 from spinemri.metrics.competition import score_terms
 from spinemri.metrics.floor import compare_submissions
 from spinemri.metrics.prior import prior_submission
+from spinemri.serving.classifier import load_classifier
+from spinemri.serving.mlflow_model import PACKAGE_DIR
+from spinemri.serving.study import INPUT_SCHEMA, OUTPUT_SCHEMA, REGISTERED_MODEL, SpineStudyModel
+from spinemri.serving.study_predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
 from spinemri.study.evaluate import evaluate_submission, verdict_metrics
 from spinemri.study.held_out import held_out
-from spinemri.study.predictor import StudyPredictor, classifier_prior, predict_studies, resolve_localizers
-from spinemri.tracking.pyfunc import PACKAGE_DIR, InputError, SpineClassifier, guard_scoring_server, load_classifier
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.reports import log_competition_score
 from spinemri.tracking.runs import describe_run, pip_requirements, register_and_tag, start_run
-
-INPUT_SCHEMA = Schema([ColSpec(DataType.string, "study_zip_b64"), ColSpec(DataType.string, "study_id", required=False)])
-OUTPUT_SCHEMA = Schema([ColSpec(DataType.string, "row_id"), ColSpec(DataType.double, "normal_mild"),
-                        ColSpec(DataType.double, "moderate"), ColSpec(DataType.double, "severe"),
-                        ColSpec(DataType.string, "source")])
-REGISTERED_MODEL = "spinemri-study"
-
-
-class SpineStudyModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        import keras
-
-        guard_scoring_server()
-        register_layers()
-
-        def part(cls, key):
-            obj = cls()
-            obj.model = keras.models.load_model(context.artifacts[f"{key}_keras"], compile=False)
-            obj.meta = json.loads(Path(context.artifacts[f"{key}_meta"]).read_text())
-            return obj
-
-        manifest = json.loads(Path(context.artifacts["manifest"]).read_text())
-        localizers = {name: part(SpineLocalizer, f"localizer_{name}") for name in manifest["localizers"]}
-        self.predictor = StudyPredictor(localizers, part(SpineClassifier, "classifier"), manifest["prior"])
-
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(
-            [model_input] if isinstance(model_input, dict) else model_input)
-        if "study_zip_b64" not in frame.columns or frame.empty:
-            raise InputError("send one row per study with a study_zip_b64 column (a base64 zip of its DICOM files) "
-                             f"and optionally study_id; got columns {list(map(str, frame.columns)) or 'none'}")
-        out = []
-        for index, row in enumerate(frame.to_dict("records")):
-            value = row.get("study_zip_b64")
-            if not isinstance(value, str) or not value:
-                raise InputError(f"row {index}: study_zip_b64 must be a non-empty base64 string")
-            try:
-                data = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise InputError(f"row {index}: study_zip_b64 is not valid base64 ({exc})") from None
-            study_id = row.get("study_id")
-            study_id = None if study_id is None or (isinstance(study_id, float) and math.isnan(study_id)) else str(study_id)
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    study = study_from_zip(data, study_id, Path(tmp), name=f"row {index}: study_zip_b64")
-                    prediction = self.predictor.predict(study)
-                except StudyError as exc:
-                    raise InputError(str(exc)) from None
-                except ImageReadError as exc:  # only a file over a size limit gets here: the rest fall back
-                    raise InputError(f"row {index}: study_zip_b64: {exc.reason}") from None
-            out.append(prediction.rows.assign(source=prediction.sites["source"].to_numpy()))
-        return pd.concat(out, ignore_index=True)
 
 
 def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_dir: str | None = None,

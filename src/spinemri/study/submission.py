@@ -8,8 +8,9 @@ from typing import Sequence
 from spinemri.data.studies import find_studies
 from spinemri.errors import StudyError
 from spinemri.study.held_out import held_out
-from spinemri.study.predictor import PredictSummary, StudyPredictor, classifier_prior, predict_studies, resolve_localizers
-from spinemri.tracking.pyfunc import load_classifier
+from spinemri.serving.study_predictor import (PredictSummary, StudyPredictor, classifier_prior, predict_studies,
+    resolve_localizers)
+from spinemri.serving.classifier import load_classifier
 
 
 def predict_submission(data_dir: str | Path, out: str | Path, *, localizer_uris: Sequence[str], classifier_uri: str,

@@ -29,7 +29,7 @@ import pandas as pd
 
 from spinemri.config import HEADS, ExperimentConfig, run_params
 from spinemri.data import cache
-from spinemri.data.source import prepare_data
+from spinemri.training.source import prepare_data
 from spinemri.data.splits import fold_studies
 from spinemri.errors import DatasetError
 from spinemri.metrics import competition, heads, paired, plots, prior

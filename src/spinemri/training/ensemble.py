@@ -2,7 +2,7 @@
 
 Every fold model of a cross-validation run (spinemri.training.cv) is a member, calibrated by its own
 temperatures (fitted on its held-out fold); the ensemble averages the members' calibrated
-probabilities (:class:`spinemri.tracking.pyfunc.SpineEnsemble`). Runs of several backbones mix,
+probabilities (:class:`spinemri.serving.ensemble.SpineEnsemble`). Runs of several backbones mix,
 as long as they share the data, the split and the preprocessing, so that one request row means
 the same input to every member. Together the members trained on every study outside the locked test
 split, so the ensemble is judged on that split alone — in a run of its own (tag ``role=ensemble``) with
@@ -18,13 +18,14 @@ from datetime import datetime
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from spinemri.data.source import prepare_data
+from spinemri.training.source import prepare_data
 from spinemri.errors import EnsembleError
 from spinemri.metrics import floor as floors
 from spinemri.metrics import paired
 from spinemri.metrics.prior import prior_from_samples, prior_submission
 from spinemri.tracking import lineage
-from spinemri.tracking.pyfunc import SpineEnsemble, load_classifier, log_ensemble
+from spinemri.serving.ensemble import SpineEnsemble, log_ensemble
+from spinemri.serving.classifier import load_classifier
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.runs import (
     TrainResult,

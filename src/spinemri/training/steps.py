@@ -26,7 +26,7 @@ from spinemri.metrics.prior import pooled_prior, prior_from_samples, prior_grid
 from spinemri.models import calibration
 from spinemri.models.network import SiteCrossentropy, build_model, is_per_site, set_backbone_trainable, site_accuracy
 from spinemri.models.severity import severity_at
-from spinemri.tracking.pyfunc import SpineClassifier, example_row, log_classifier
+from spinemri.serving.classifier import SpineClassifier, example_row, log_classifier
 from spinemri.tracking.reports import log_competition_score, log_evaluation
 from spinemri.tracking.runs import log_figure, pip_requirements
 from spinemri.training import fit
@@ -237,7 +237,7 @@ def log_trained_model(model: keras.Model, config: ExperimentConfig, dataset: cac
             "severity_head": config.severity_head,
             "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
             "data_fingerprint": dataset.fingerprint,
-            # the fallback of study-level prediction where no site can be seen (spinemri.study.predictor)
+            # the fallback of study-level prediction where no site can be seen (spinemri.serving.study_predictor)
             "severity_prior": prior_from_samples(splits["train"].samples)}
     if temperatures is not None:
         meta["temperature"] = temperatures.to_dict()

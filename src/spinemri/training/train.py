@@ -20,7 +20,7 @@ import pandas as pd
 from spinemri.config import HEADS, ExperimentConfig, run_params
 from spinemri.data import cache
 from spinemri.data.schema import HEAD_CLASSES, SPLITS
-from spinemri.data.source import prepare_data
+from spinemri.training.source import prepare_data
 from spinemri.errors import ConfigError, DatasetError, TrainingError
 from spinemri.metrics import floor as floors
 from spinemri.metrics import paired, plots

@@ -13,8 +13,8 @@ import pandas as pd
 
 from spinemri.config import ExperimentConfig
 from spinemri.data import cache
-from spinemri.data.phantom import PhantomConfig, synthesize
 from spinemri.errors import DatasetError
+from spinemri.phantom import PhantomConfig, synthesize
 
 
 def phantom_dir(config: ExperimentConfig) -> Path:

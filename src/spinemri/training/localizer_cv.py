@@ -30,7 +30,7 @@ from spinemri.data.splits import fold_studies
 from spinemri.errors import DatasetError
 from spinemri.localization.locate import error_terms, summarize_errors
 from spinemri.localization.sites import get_task
-from spinemri.localization.train import experiment_name, localizer_samples, make_splits, train_in_run
+from spinemri.training.localizer import experiment_name, localizer_samples, make_splits, train_in_run
 from spinemri.metrics.paired import score_intervals, terms_artifact
 from spinemri.tracking import lineage
 from spinemri.tracking.runs import log_split, run_tags, training_run

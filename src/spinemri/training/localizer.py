@@ -28,17 +28,11 @@ import pandas as pd
 import tensorflow as tf
 
 from spinemri.config import ExperimentConfig, MlflowConfig, run_params
-from spinemri.data.source import resolve_data_dir
+from spinemri.training.source import resolve_data_dir
 from spinemri.errors import DatasetError
 from spinemri.localization.dataset import LocalizerDataset, prepare_localizer, slice_targets, study_splits
-from spinemri.localization.locate import (
-    SeriesSlices,
-    choose_sites,
-    error_terms,
-    log_localizer,
-    point_errors,
-    summarize_errors,
-)
+from spinemri.localization.locate import SeriesSlices, choose_sites, error_terms, point_errors, summarize_errors
+from spinemri.serving.localizer import log_localizer
 from spinemri.localization.model import build_localizer, point_loss, slice_loss
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.metrics.paired import terms_artifact

@@ -2,7 +2,7 @@
 
     a Study (spinemri.data.studies) -> stage 1: each series type's localizer finds its sites
     (spinemri.localization) -> stage 2: the ROI classifier grades a crop at each site, with its own
-    preprocessing unchanged (spinemri.tracking.pyfunc) -> 25 rows ``row_id,normal_mild,moderate,severe``
+    preprocessing unchanged (spinemri.serving.classifier) -> 25 rows ``row_id,normal_mild,moderate,severe``
 
 Where nothing can be seen — the study lacks the series type, its files do not decode, no localizer
 for that type was given, or a site falls outside the image — the row gets the *prior*, the best
@@ -37,10 +37,10 @@ from spinemri.data.schema import (
 from spinemri.data.studies import Study
 from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
 from spinemri.files import write_csv
-from spinemri.localization.locate import SpineLocalizer, load_localizer
+from spinemri.serving.localizer import SpineLocalizer, load_localizer
 from spinemri.localization.sites import get_task, site_of
 from spinemri.metrics.prior import prior_at, weighted_prior
-from spinemri.tracking.pyfunc import SpineClassifier
+from spinemri.serving.classifier import SpineClassifier
 
 
 def classifier_prior(classifier: SpineClassifier) -> tuple[dict[str, list[float]], str]:

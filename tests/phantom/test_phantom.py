@@ -14,8 +14,8 @@ import pytest
 
 from spinemri.data import schema
 from spinemri.data.dicom import read_dicom
-from spinemri.data.phantom import (MARKER, PROFILES, PhantomConfig, image_size, profile, sample_labels, series_plan,
-                                   synthesize)
+from spinemri.phantom import (MARKER, PROFILES, PhantomConfig, image_size, profile, sample_labels, series_plan,
+    synthesize)
 from spinemri.errors import ConfigError
 from spinemri.data.schema import RSNA_SEVERITY_FREQUENCIES as SEVERITY_PRIORS
 
