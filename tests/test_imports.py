@@ -89,10 +89,53 @@ def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path)
     assert cycles(import_graph(package)) == [["spinemri.high", "spinemri.low"]]
 
 
-def test_data_and_models_sit_below_tracking_training_and_the_cli():
+# The floors of the package, lowest first: a module imports only from its own floor or those below it.
+FLOORS = (
+    ("spinemri.errors", "spinemri.redact", "spinemri.processes", "spinemri.atomic", "spinemri.figures"),
+    ("spinemri.data",),  # DICOM and the datasets' layouts -> the sample table -> preprocessing -> cache
+    ("spinemri.phantom",),  # the synthetic dataset, written in the RSNA layout the readers read
+    ("spinemri.metrics",),  # pure: arrays and tables in, numbers out
+    ("spinemri.models", "spinemri.localization"),  # the networks and what their outputs mean
+    ("spinemri.config",),  # the settings, one dataclass per section
+    ("spinemri.tracking",),  # MLflow: runs, reports, the registry policy
+    ("spinemri.serving",),  # every served model and its requests
+    ("spinemri.training",),  # fitting the classifier and the localizers
+    ("spinemri.evaluation",),  # evaluation runs and comparisons of trained models
+    ("spinemri.study",),  # the two-stage pipeline's products
+    ("spinemri.tuning", "spinemri.pacs"),
+    ("spinemri.api",),  # the library run layer that the CLI, MLproject and tests call
+    ("spinemri.cli", "spinemri.__main__"),
+)
+
+
+def floor_of(module: str) -> int | None:
+    """The floor a module sits on (the package's own ``spinemri`` has none)."""
+    found = None
+    for level, packages in enumerate(FLOORS):
+        if any(module == p or module.startswith(p + ".") for p in packages):
+            found = level
+    return found
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, t) for m, targets in graph.items() for t in targets
+                  if floor_of(m) is not None and floor_of(t) is not None and floor_of(t) > floor_of(m))
+
+
+def test_every_module_sits_on_a_floor():
     graph = import_graph()
-    below = [m for m in graph if m.startswith(("spinemri.data", "spinemri.models"))]
-    above = ("spinemri.tracking", "spinemri.training", "spinemri.evaluation", "spinemri.study", "spinemri.serving",
-             "spinemri.localization", "spinemri.tuning", "spinemri.cli")
-    upward = sorted((m, t) for m in below for t in graph[m] if t.startswith(above))
-    assert not upward, f"the data and model layers import from above them: {upward}"
+    assert [m for m in graph if m != "spinemri" and floor_of(m) is None] == []
+
+
+def test_no_import_runs_up_the_floors():
+    found = upward_imports(import_graph())
+    assert not found, "imports that run up the floors: " + "; ".join(f"{m} -> {t}" for m, t in found)
+
+
+def test_the_floor_check_finds_an_upward_import(tmp_path):
+    package = tmp_path / "spinemri"
+    (package / "data").mkdir(parents=True)
+    for path in (package / "__init__.py", package / "data" / "__init__.py", package / "config.py"):
+        path.write_text("")
+    (package / "data" / "source.py").write_text("def f():\n    from spinemri import config  # a lazy import\n")
+    assert upward_imports(import_graph(package)) == [("spinemri.data.source", "spinemri.config")]

@@ -224,14 +224,9 @@ def check(path, as_json, decode, workers) -> None:
     column, labels pointing at absent series/instances, unknown condition or level), each named
     with its file, row and fix. Never prints patient-identifying DICOM tags.
     """
-    from spinemri.data.readers import check_dataset, detect_layout
-    from spinemri.data.studies import check_studies
+    from spinemri.data.readers import check_dataset
 
-    try:
-        studies = detect_layout(path) == "studies"
-    except DatasetError:
-        studies = False  # check_dataset reports what is wrong with the path
-    report = check_studies(path) if studies else check_dataset(path, decode=decode, workers=workers)
+    report = check_dataset(path, decode=decode, workers=workers)
     if as_json:
         click.echo(report.to_json())
     else:

@@ -1,4 +1,4 @@
-"""Tests of spinemri.data.readers: the RSNA-layout and flat-CSV readers, detect_layout and check_dataset."""
+"""Tests of spinemri.data.readers: the layouts (RSNA folder, flat CSV, folder of studies), detect_layout, load_samples and check_dataset."""
 
 from __future__ import annotations
 
@@ -674,3 +674,29 @@ def test_check_finds_what_decoding_will_refuse_from_the_headers(phantom_copy):
     result = CliRunner().invoke(cli, ["data", "prepare", str(phantom_copy), "--img-size", "32", "--cache-dir",
                                       str(phantom_copy.parent / "cache")])
     assert result.exit_code == 1 and any(str(p) in result.output for p in (huge, frames, colour, tiny)), result.output
+
+
+def test_a_folder_of_studies_is_detected_checked_and_refused_as_samples_by_its_layout(phantom_dir, tmp_path):
+    studies = tmp_path / "studies"
+    shutil.copytree(phantom_dir / schema.IMAGES_DIR, studies)  # <study>/<series>/*.dcm, no labels
+    assert readers.detect_layout(studies) == "studies"
+    report = readers.check_dataset(studies)
+    assert report.layout == "studies" and report.series and report.ok
+    with pytest.raises(readers.DatasetError, match="without labels.*predict-study"):
+        readers.load_samples(studies)
+
+
+def test_detection_loading_and_check_all_read_the_one_list_of_layouts(phantom_dir, tmp_path, monkeypatch):
+    marked = tmp_path / "my-layout"
+    marked.mkdir()
+    (marked / "LAYOUT").write_text("mine")
+    table = readers.load_samples(phantom_dir).head(3)
+    mine = readers.Layout("mine", "no LAYOUT file", lambda p: (p / "LAYOUT").is_file(),
+                          lambda p: table, lambda p, decode, workers: readers.CheckReport(str(p), "mine"))
+    with pytest.raises(readers.DatasetError, match="none of the dataset layouts"):
+        readers.detect_layout(marked)
+    monkeypatch.setattr(readers, "LAYOUTS", (mine, *readers.LAYOUTS))
+    assert readers.detect_layout(marked) == "mine"
+    assert readers.load_samples(marked) is table
+    assert readers.check_dataset(marked).layout == "mine"
+    assert readers.detect_layout(phantom_dir) == "rsna"  # the others still match after it

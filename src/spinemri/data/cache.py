@@ -38,7 +38,7 @@ from spinemri.data.preprocess import (PreprocessConfig, SiteOutsideImage, neighb
 from spinemri.data.schema import DEFAULT_SPLIT, SPLITS
 from spinemri.data.splits import split_studies
 from spinemri.errors import ConfigError, DatasetError, ImageReadError, PrepareError
-from spinemri.files import write_csv
+from spinemri.atomic import write_csv
 from spinemri.processes import remove_stale_staging, staging_path, worker_pool
 
 CACHE_VERSION = 3  # bump when a cache's contents change (2: ROI windowed on its crop; 3: slice geometry in slices.csv)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from spinemri.data import schema
 from spinemri.errors import DatasetError
-from spinemri.files import write_csv
+from spinemri.atomic import write_csv
 
 COLUMNS = ("study_id", "condition_level", "severity", "file")
 MAX_LISTED = 10

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from spinemri.data import limits, schema
 from spinemri.data.dicom import read_header
-from spinemri.data.readers import CheckReport, series_descriptions
+from spinemri.data.tables import CheckReport, read_csv
 from spinemri.data.series_types import NOT_MR, SeriesType, series_type
 from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
 
@@ -91,6 +91,19 @@ def header_type(path: Path, header: Dataset | None = None) -> SeriesType:
     except ImageReadError as exc:
         return SeriesType(None, "unreadable", f"skipped: {exc.path} {exc.reason}")
     return series_type(header)
+
+
+def series_descriptions(root: str | Path) -> dict[tuple[str, int], str]:
+    """``{(study_id, series_id): series_description}`` from a dataset folder's train_ and test_ series CSVs
+    (neither is required: an empty dict without them)."""
+    found: dict[tuple[str, int], str] = {}
+    for name in (schema.SERIES_CSV, schema.TEST_SERIES_CSV):
+        path = Path(root) / name
+        if path.is_file():
+            table = read_csv(path, required=list(schema.SERIES_COLUMNS))
+            found.update({(str(s), int(se)): str(d) for s, se, d in
+                          table[list(schema.SERIES_COLUMNS)].itertuples(index=False)})
+    return found
 
 
 def check_studies(path: str | Path) -> CheckReport:

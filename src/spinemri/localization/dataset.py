@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinemri.data.tables import read_csv
 from spinemri.data import cache, readers, schema
 from spinemri.data.dicom import SeriesStack, read_series
 from spinemri.data.preprocess import PreprocessConfig, neighbor_indices, preprocess
 from spinemri.data.splits import split_studies
 from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.errors import ConfigError, DatasetError, ImageReadError, PrepareError
-from spinemri.files import write_csv
+from spinemri.atomic import write_csv
 from spinemri.processes import worker_pool
 
 SLICE_COLUMNS = ("study_id", "series_id", "instance_number", "position", "n_slices", "width", "height",
@@ -70,7 +71,7 @@ def series_table(root: Path) -> pd.DataFrame:
     """train_series_descriptions.csv (or test_...) of an RSNA-layout folder."""
     for name in (schema.SERIES_CSV, "test_series_descriptions.csv"):
         if (root / name).is_file():
-            return readers._read_csv(root / name, required=list(schema.SERIES_COLUMNS))
+            return read_csv(root / name, required=list(schema.SERIES_COLUMNS))
     raise DatasetError([f"{root} has no {schema.SERIES_CSV} (or test_series_descriptions.csv); the localizer "
                                 "needs each series' description to know which series to read"])
 

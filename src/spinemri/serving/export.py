@@ -45,7 +45,7 @@ from spinemri.data.cache import prepare
 from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.errors import ExportError
-from spinemri.files import atomic_path
+from spinemri.atomic import atomic_path
 from spinemri.serving.classifier import load_classifier
 
 if TYPE_CHECKING:

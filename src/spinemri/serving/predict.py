@@ -19,7 +19,7 @@ from spinemri.data.dicom import read_image, series_order
 from spinemri.data.schema import CONDITIONS, LEVELS, condition_key, level_name
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.errors import ImageReadError, PredictError
-from spinemri.files import write_csv
+from spinemri.atomic import write_csv
 from spinemri.serving.classifier import SpineClassifier
 from spinemri.serving.inputs import SUFFIXES
 from spinemri.serving.requests import probabilities_frame

@@ -36,7 +36,7 @@ from spinemri.data.schema import (
 )
 from spinemri.data.studies import Study
 from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
-from spinemri.files import write_csv
+from spinemri.atomic import write_csv
 from spinemri.serving.localizer import SpineLocalizer, load_localizer
 from spinemri.localization.sites import get_task, site_of
 from spinemri.metrics.prior import prior_at, weighted_prior
