@@ -11,7 +11,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
 from spinemri.data import schema
-from spinemri.data.dicom import (DicomReadError, ImageReadError, read_dicom, read_frames, read_image,
+from spinemri.errors import DicomReadError, ImageReadError
+from spinemri.data.dicom import (read_dicom, read_frames, read_image,
                                  read_series, series_order)
 
 MR_SMALL_VARIANTS = [  # the same 64x64 image in every encoding the pydicom wheel ships
@@ -206,7 +207,7 @@ def test_a_series_mixing_image_sizes_is_refused_naming_its_folder(phantom_copy):
 
 
 def test_a_series_decodes_each_slice_when_it_is_read_and_keeps_only_a_few(phantom_dir, monkeypatch):
-    from spinemri.data import dicom
+    from spinemri.data.dicom import series as dicom
     from spinemri.data.preprocess import PreprocessConfig
     from spinemri.localization.dataset import series_inputs
 

@@ -11,7 +11,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from spinemri.data import limits
-from spinemri.data.dicom import (DicomReadError, ImageTooLarge, decode_bitmap_bytes, decode_dicom_bytes,
+from spinemri.errors import DicomReadError, ImageTooLarge
+from spinemri.data.dicom import (decode_bitmap_bytes, decode_dicom_bytes,
                                  encode_dicom, read_dicom, read_header, read_image)
 from tests import hostile
 

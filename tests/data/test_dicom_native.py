@@ -16,8 +16,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from spinemri.data import dicom, native_dicom
-from spinemri.data.dicom import DicomReadError, decode_dicom_bytes, read_dicom
+from spinemri.data.dicom import decode as dicom
+from spinemri.data.dicom import native as native_dicom
+from spinemri.data.dicom import decode_dicom_bytes, read_dicom
+from spinemri.errors import DicomReadError
 
 
 @pytest.fixture
