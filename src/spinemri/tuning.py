@@ -54,6 +54,7 @@ class TuneResult:
     best_params: dict[str, Any]
     counts: dict[str, int]
     final: Any  # the TrainResult of the best configuration
+    monitor: str = ""  # what the trials were judged on (train.monitor)
 
 
 def suggest(trial: optuna.Trial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -181,7 +182,7 @@ def tune(config: ExperimentConfig) -> TuneResult:
         final = train(with_values(config, best.params), nested=True)
         mlflow.set_tag("final_run_id", final.run_id)
         mlflow.log_metrics({f"final_{k}": v for k, v in final.metrics.items() if k.startswith("test_")})
-    return TuneResult(name, parent.info.run_id, best.value, best.params, counts, final)
+    return TuneResult(name, parent.info.run_id, best.value, best.params, counts, final, config.train.monitor)
 
 
 def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, storage_url: str, worker_index: int) -> None:

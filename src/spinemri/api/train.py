@@ -1,0 +1,49 @@
+"""``run_experiment(config)``: the one entry point of every training, whatever the experiment asks for.
+
+    task localize, split.folds K   a nested run per fold of the localizer, out-of-fold point errors
+    task localize                  one localizer, registered
+    tuning.trials N                an Optuna study, then the best configuration retrained and registered
+    otherwise                      one classifier (or, with split.folds K, its cross-validation), registered
+
+The outcome says which it was and carries the library's own result, for the caller to print or use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from spinemri.config import ExperimentConfig
+from spinemri.errors import ConfigError
+from spinemri.training.localizer import train_localizer
+from spinemri.training.localizer_cv import cross_validate_localizer
+from spinemri.training.train import train
+from spinemri.tuning import tune
+
+KINDS = ("localizer_cv", "localizer", "tuned", "trained")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :func:`run_experiment` did: its ``kind`` (one of KINDS), the training's result (``run_id``,
+    ``metrics``, and for a model ``model_uri``, ``epochs_trained``; a classifier's ``verdict``) and, when
+    tuned, the Optuna study's summary."""
+
+    kind: str
+    result: Any
+    study: Any = None
+
+
+def run_experiment(config: ExperimentConfig) -> Outcome:
+    """Train what ``config`` describes, in MLflow runs of its experiment (see the module docstring)."""
+    if config.task == "localize":
+        if config.tuning.trials > 0:
+            raise ConfigError("tuning a localizer (--task localize with --trials) is not implemented; train it with "
+                              "--trials 0 and set its hyperparameters with --set")
+        if config.split.folds:
+            return Outcome("localizer_cv", cross_validate_localizer(config))
+        return Outcome("localizer", train_localizer(config))
+    if config.tuning.trials > 0:
+        study = tune(config)
+        return Outcome("tuned", study.final, study)
+    return Outcome("trained", train(config))
