@@ -139,3 +139,10 @@ def test_the_floor_check_finds_an_upward_import(tmp_path):
         path.write_text("")
     (package / "data" / "source.py").write_text("def f():\n    from spinemri import config  # a lazy import\n")
     assert upward_imports(import_graph(package)) == [("spinemri.data.source", "spinemri.config")]
+
+
+def test_no_module_is_over_500_lines_and_no_command_module_over_250():
+    lengths = {path.relative_to(PACKAGE.parent).as_posix(): len(path.read_text().splitlines())
+               for path in PACKAGE.rglob("*.py")}
+    assert {p: n for p, n in lengths.items() if n > 500} == {}
+    assert {p: n for p, n in lengths.items() if p.startswith("spinemri/cli/") and n >= 250} == {}

@@ -11,11 +11,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss, precision_score,
+                             recall_score, roc_auc_score)
 
 from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, LEVELS
+from spinemri.metrics.scores import HEAD_METRICS
 from spinemri.metrics.heads import (
-    HEAD_METRICS,
+
     METRICS,
     evaluate_predictions,
     head_metrics,
@@ -32,8 +34,36 @@ from spinemri.metrics.report import (
 )
 
 HEADS = tuple(HEAD_CLASSES)
-# head_metrics clips probabilities to 1e-7, so exact zeros or tiny Dirichlet draws no longer sum to one.
+# The oracle clips probabilities to 1e-7, so exact zeros or tiny Dirichlet draws no longer sum to one.
 pytestmark = pytest.mark.filterwarnings("ignore:The y_prob values do not sum to one")
+
+
+def sklearn_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """The oracle: scikit-learn's accuracy, log loss, macro one-vs-rest ROC-AUC over the classes with positive and
+    negative rows, macro F1/precision/recall and balanced accuracy of the labelled rows."""
+    keep = y >= 0
+    y, p = y[keep], p[keep]
+    predicted = p.argmax(axis=1)
+    aucs = [roc_auc_score(y == k, p[:, k]) for k in range(p.shape[1]) if 0 < (y == k).sum() < len(y)]
+    return {
+        "accuracy": accuracy_score(y, predicted),
+        "loss": log_loss(y, np.clip(p, 1e-7, 1), labels=list(range(p.shape[1]))),
+        "roc_auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "f1_macro": f1_score(y, predicted, average="macro", zero_division=0),
+        "precision_macro": precision_score(y, predicted, average="macro", zero_division=0),
+        "recall_macro": recall_score(y, predicted, average="macro", zero_division=0),
+        "balanced_accuracy": balanced_accuracy_score(y, predicted),
+    }
+
+
+def oracle_weighted_log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """The competition's formula written out: -sum w_i log p_i(y_i) / sum w_i, w = 1/2/4, p clipped to 1e-15 and
+    renormalised."""
+    keep = y >= 0
+    y, p = y[keep], np.clip(p[keep], 1e-15, 1)
+    p = p / p.sum(axis=1, keepdims=True)
+    w = np.array([1.0, 2.0, 4.0])[y]
+    return float(-(w * np.log(p[np.arange(len(y)), y])).sum() / w.sum())
 
 
 def synthetic(n_studies: int, per_study: int = 10, seed: int = 0, sharpen: float = 1.0):
@@ -86,9 +116,9 @@ def test_resampled_scores_equal_scikit_learn_on_the_resample_written_out():
             rows = np.repeat(np.arange(len(y)), counts[b])
             yy, pp = y[rows], p[rows]
             predicted = pp.argmax(axis=1)
-            expected = dict(head_metrics(yy, pp), balanced_accuracy=balanced_accuracy_score(yy, predicted))
+            expected = sklearn_metrics(yy, pp)
             if head == "severity":
-                expected["weighted_log_loss"] = weighted_log_loss(yy, pp)
+                expected["weighted_log_loss"] = oracle_weighted_log_loss(yy, pp)
             for name, value in expected.items():
                 assert scores[name][b] == pytest.approx(value, abs=1e-12, nan_ok=True), (head, b, name)
             labels = list(range(p.shape[1]))
@@ -105,11 +135,14 @@ def test_point_values_are_exactly_what_training_logs():
     proba = {h: p.astype(np.float32) for h, p in proba.items()}  # what Keras returns
     report = evaluate_predictions(samples, targets, proba, n_boot=20)
     for head in HEADS:
-        expected = head_metrics(targets[head], proba[head])
+        expected, oracle = head_metrics(targets[head], proba[head]), sklearn_metrics(targets[head], proba[head])
         for name in METRICS:
             assert report["heads"][head]["metrics"][name]["value"] == expected[name], (head, name)
+            assert expected[name] == pytest.approx(oracle[name], abs=1e-6), (head, name)  # float32 inputs
     assert report["heads"]["severity"]["metrics"]["weighted_log_loss"]["value"] == \
         weighted_log_loss(targets["severity"], proba["severity"])
+    assert weighted_log_loss(targets["severity"], proba["severity"]) == pytest.approx(
+        oracle_weighted_log_loss(targets["severity"], proba["severity"]), abs=1e-6)
 
 
 # --- confidence intervals ----------------------------------------------------------------------
@@ -284,8 +317,8 @@ def test_unknown_targets_are_left_out_and_breakdowns_count_their_rows():
             rows = labelled[labelled[column] == group]
             assert result["n_samples"] == len(rows) > 0, (column, group)
             assert result["n_studies"] == rows["study_id"].nunique()
-            expected = head_metrics(targets["severity"][rows.index], proba["severity"][rows.index])
-            assert result["metrics"]["accuracy"]["value"] == expected["accuracy"]
+            expected = sklearn_metrics(targets["severity"][rows.index], proba["severity"][rows.index])
+            assert result["metrics"]["accuracy"]["value"] == pytest.approx(expected["accuracy"], abs=1e-12)
     assert sum(r["n_samples"] for r in breakdowns["level"].values()) == report["heads"]["severity"]["n_samples"]
 
 

@@ -30,7 +30,10 @@ from spinemri.cli import main
 from spinemri.data.schema import CONDITIONS, LEVELS, PROBABILITY_COLUMNS, SAGITTAL_T1, SEVERITIES, row_id
 from spinemri.pacs.report import read_report
 from spinemri.errors import StudyError
-from spinemri.pacs.worker import PassResult, _header, _value, remember_pass, to_remember, window_start
+from spinemri.pacs.worker import PassResult
+from spinemri.pacs.study import metadata_header
+from spinemri.pacs.server import value_of
+from spinemri.pacs.state import remember_pass, to_remember, window_start
 from tests.services import orthanc_server
 
 pytestmark = pytest.mark.xdist_group("study")
@@ -271,18 +274,18 @@ def test_the_window_overlaps_the_last_pass_by_a_day_and_waits_for_a_study_worth_
 ])
 def test_metadata_that_is_not_dicom_json_is_a_malformed_study_and_quotes_no_value(metadata):
     with pytest.raises(StudyError, match="malformed: a series' metadata is not DICOM JSON") as raised:
-        _header(metadata)
+        metadata_header(metadata)
     assert "DOE" not in str(raised.value)
 
 
 def test_a_study_search_answer_that_is_not_dicom_json_has_no_value():
-    assert _value({"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}, "study") == "1.2.3"
+    assert value_of({"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}, "study") == "1.2.3"
     for item in ({"0020000D": "1.2.3"}, {"0020000D": {"Value": [{"a": 1}]}}, {"0020000D": {"Value": []}}, [], None):
-        assert _value(item, "study") is None
+        assert value_of(item, "study") is None
 
 
 def test_more_studies_than_a_page_are_all_found_on_an_orthanc_whose_paging_stops_after_one_page(tmp_path):
-    from spinemri.pacs.worker import PAGE, Settings, _search_studies, client_for
+    from spinemri.pacs.server import PAGE, Settings, search_studies, client_for
 
     template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     with orthanc_server() as orthanc:
@@ -292,5 +295,5 @@ def test_more_studies_than_a_page_are_all_found_on_an_orthanc_whose_paging_stops
             template.save_as(tmp_path / "one.dcm")
             orthanc.upload(tmp_path / "one.dcm")
         settings = Settings(url=orthanc.dicomweb, retry_for=10)
-        found = _search_studies(settings, client_for(settings), {"ModalitiesInStudy": "MR"})
+        found = search_studies(settings, client_for(settings), {"ModalitiesInStudy": "MR"})
     assert len(found) == PAGE + 3

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from spinemri.pacs.worker import study_key
+from spinemri.pacs.study import study_key
 from tests.hostile import deflated_dicom
 from tests.services import orthanc_server
 from tests.study.dicomweb_server import SERIES, STUDY, hostile_dicomweb

@@ -48,7 +48,8 @@ def pacs(url, model_uri, once, poll_seconds, since, until, days, all_dates, retr
     """
     import logging
 
-    from spinemri.pacs.worker import Settings, work
+    from spinemri.pacs.server import Settings
+    from spinemri.pacs.worker import work
 
     if all_dates and (since or until):
         raise click.UsageError("--all-dates takes every date; leave out --since and --until")

@@ -3,11 +3,8 @@ severity breakdowns: pure functions of labels and probabilities (no MLflow, no f
 
 Definitions (rows whose target is -1 are left out per head):
 
-- ``accuracy``, ``loss``, ``roc_auc``, ``f1_macro``, ``precision_macro``, ``recall_macro`` and severity's
-  ``weighted_log_loss`` are exactly :func:`head_metrics` / :func:`weighted_log_loss`, the numbers training logs as ``test_<head>_<metric>``.
-  ``roc_auc`` is the mean one-vs-rest AUC over the classes that have both positive and negative rows; the macro
-  F1/precision/recall average over the classes present in the labels or the predictions (``zero_division=0``).
-- ``balanced_accuracy``: the mean recall over the classes present in the labels (scikit-learn's definition).
+- Every metric is a function of :data:`spinemri.metrics.scores.REGISTRY` (defined there), the same function for
+  the value, each resample of the interval and the numbers training logs as ``test_<head>_<metric>``.
 - Per class: F1, precision (0 when the class is never predicted) and recall; undefined (null) where the class has
   no labelled row.
 - ``ece``: expected calibration error on the top-class probability, 15 equal-width bins on [0, 1]:
@@ -26,67 +23,39 @@ from __future__ import annotations
 from collections.abc import Mapping
 import math
 from typing import Any
-import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    accuracy_score,
-    classification_report,
-    f1_score,
-    log_loss,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from sklearn.metrics import classification_report
 
-from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, LEVELS, SEVERITY_WEIGHTS
+from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, LEVELS
+from spinemri.metrics import scores
+from spinemri.metrics.scores import ECE_BINS, PER_CLASS_METRICS, resample_scores
 
-HEAD_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "precision_macro", "recall_macro", "loss")
-SEVERITY_METRICS = (*HEAD_METRICS, "weighted_log_loss")
-PER_CLASS_METRICS = ("f1", "precision", "recall")
 BREAKDOWNS = ("condition", "level")  # sample-table columns the severity metrics are broken down by
-ECE_BINS = 15
 CONFIDENCE = 0.95
 MIN_STUDIES_FOR_CI = 2  # one study resampled is always itself: a zero-width interval that would mislead
 _BOOT_CELLS = 4_000_000  # resamples x rows per chunk: bounds the memory of the weight matrices (~32 MB each)
 
-METRICS = ("accuracy", "loss", "roc_auc", "f1_macro", "precision_macro", "recall_macro")
+METRICS = ("accuracy", "loss", "roc_auc", "f1_macro", "precision_macro", "recall_macro")  # per fold
 
 
 def head_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """accuracy, loss (cross-entropy), roc_auc (macro one-vs-rest), f1/precision/recall (macro).
-
-    Rows with y_true < 0 (unknown) are left out. ROC-AUC averages over the classes that have
-    both positive and negative rows (NaN if none has); the macro scores average over the
-    classes present in y_true or in the predictions.
-    """
+    """accuracy, loss (cross-entropy), roc_auc (macro one-vs-rest), f1/precision/recall (macro) of the rows with
+    a label (y_true >= 0), by the registered metrics (spinemri.metrics.scores); NaN for every one without rows."""
     keep = y_true >= 0
-    y, p = y_true[keep], proba[keep]
-    if len(y) == 0:
+    if not keep.any():
         return {name: float("nan") for name in METRICS}
-    n_classes = p.shape[1]
-    predicted = p.argmax(axis=1)
-    aucs = [roc_auc_score(y == k, p[:, k]) for k in range(n_classes) if 0 < (y == k).sum() < len(y)]
-    return {
-        "accuracy": float(accuracy_score(y, predicted)),
-        "loss": float(log_loss(y, np.clip(p, 1e-7, 1), labels=list(range(n_classes)))),
-        "roc_auc": float(np.mean(aucs)) if aucs else float("nan"),
-        "f1_macro": float(f1_score(y, predicted, average="macro", zero_division=0)),
-        "precision_macro": float(precision_score(y, predicted, average="macro", zero_division=0)),
-        "recall_macro": float(recall_score(y, predicted, average="macro", zero_division=0)),
-    }
+    values = scores.point_scores(y_true[keep], proba[keep])
+    return {name: values[name] for name in METRICS}
 
 
 def weighted_log_loss(severity: np.ndarray, proba: np.ndarray) -> float:
     """The competition's severity loss: log loss with sample weights 1/2/4 (Normal/Mild, Moderate, Severe)."""
     keep = severity >= 0
-    y, p = severity[keep], np.clip(proba[keep], 1e-15, 1)
-    if len(y) == 0:
+    if not keep.any():
         return float("nan")
-    p = p / p.sum(axis=1, keepdims=True)
-    weights = SEVERITY_WEIGHTS[y]
-    return float(-(weights * np.log(p[np.arange(len(y)), y])).sum() / weights.sum())
+    return scores.point_scores(severity[keep], proba[keep], severity=True)["weighted_log_loss"]
 
 
 def classification_text(y_true: np.ndarray, proba: np.ndarray, class_names) -> str:
@@ -116,56 +85,6 @@ def study_resamples(study_ids, n_boot: int, seed: int = 0) -> tuple[np.ndarray, 
     offsets = (np.arange(n_boot) * n_studies)[:, None]
     per_study = np.bincount((draws + offsets).ravel(), minlength=n_boot * n_studies).reshape(n_boot, n_studies)
     return per_study, codes
-
-
-def resample_scores(y: np.ndarray, proba: np.ndarray, weights: np.ndarray, *, severity: bool = False
-                    ) -> dict[str, np.ndarray]:
-    """Every metric of one head for many resamples at once.
-
-    ``y`` int (n,) class indices >= 0; ``proba`` float (n, K); ``weights`` (B, n): how many times each row is in
-    each resample (a row of ones is the rows as they are). Returns float64 (B,) per metric of
-    :data:`HEAD_METRICS` (+ ``weighted_log_loss`` when ``severity``) and ``ece``, and (B, K) under
-    ``f1_per_class``/``precision_per_class``/``recall_per_class``; NaN where undefined for a resample.
-    """
-    weights = np.asarray(weights, dtype=np.float64)
-    n, n_classes = proba.shape
-    predicted = proba.argmax(axis=1)
-    cells = np.zeros((n, n_classes * n_classes))
-    cells[np.arange(n), y * n_classes + predicted] = 1.0
-    confusion = (weights @ cells).reshape(-1, n_classes, n_classes)  # [resample, true, predicted]
-    total = confusion.sum(axis=(1, 2))
-    hits = np.diagonal(confusion, axis1=1, axis2=2)
-    support, predicted_count = confusion.sum(axis=2), confusion.sum(axis=1)
-    present = (support > 0) | (predicted_count > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        recall = np.where(support > 0, hits / support, np.nan)
-        precision = np.where(predicted_count > 0, hits / predicted_count, 0.0)
-        f1 = np.where(present, 2 * hits / (support + predicted_count), np.nan)
-        n_present = present.sum(axis=1)
-
-        def macro(per_class):
-            return np.where(n_present > 0, np.where(present, np.nan_to_num(per_class), 0).sum(axis=1) / n_present,
-                            np.nan)
-
-        out = {
-            "accuracy": hits.sum(axis=1) / total,
-            "balanced_accuracy": np.nansum(recall, axis=1) / (support > 0).sum(axis=1),
-            "roc_auc": _macro_auc(y, proba, weights),
-            "f1_macro": macro(f1),
-            "precision_macro": macro(precision),
-            "recall_macro": macro(recall),
-            "loss": weights @ _sample_log_loss(y, proba) / total,
-        }
-        if severity:
-            sample_weight = SEVERITY_WEIGHTS[y].astype(np.float64)
-            out["weighted_log_loss"] = weights @ (sample_weight * _sample_weighted_log_loss(y, proba)) / (
-                weights @ sample_weight)
-        out["ece"] = _ece(y, proba, weights, total)
-        has_class = support > 0
-        out["f1_per_class"] = np.where(has_class, f1, np.nan)
-        out["precision_per_class"] = np.where(has_class, precision, np.nan)
-        out["recall_per_class"] = recall
-    return out
 
 
 def evaluate_predictions(samples: pd.DataFrame, targets: Mapping[str, np.ndarray], proba: Mapping[str, np.ndarray],
@@ -253,7 +172,7 @@ def _entries(head: str, y: np.ndarray, proba: np.ndarray, counts: np.ndarray, pr
     severity = head == "severity"
     if n_studies < MIN_STUDIES_FOR_CI:
         counts = counts[:0]
-    names = (*(SEVERITY_METRICS if severity else HEAD_METRICS), "ece")
+    names = scores.headline_metrics(head)
     value = point_scores(head, y, proba)
     majority = point_scores(head, y, np.tile(np.eye(len(prior))[prior.argmax()], (len(y), 1)))
     baseline = point_scores(head, y, np.tile(prior, (len(y), 1)))
@@ -270,15 +189,8 @@ def _entries(head: str, y: np.ndarray, proba: np.ndarray, counts: np.ndarray, pr
 
 
 def point_scores(head: str, y: np.ndarray, proba: np.ndarray) -> dict:
-    """The scores of the rows as they are; the metrics training logs come from the same functions it uses."""
-    scores = {k: v[0] for k, v in resample_scores(y, proba, np.ones((1, len(y))), severity=head == "severity").items()}
-    with warnings.catch_warnings():
-        # head_metrics clips to 1e-7, so a one-hot baseline no longer sums to one; the loss is still what we want
-        warnings.filterwarnings("ignore", message="The y_prob values do not sum to one")
-        scores.update(head_metrics(y, proba))
-    if head == "severity":
-        scores["weighted_log_loss"] = weighted_log_loss(y, proba)
-    return scores
+    """The scores of the rows as they are: the registered metrics, the numbers training logs."""
+    return scores.point_scores(y, proba, severity=head == "severity")
 
 
 def _bootstrap(y: np.ndarray, proba: np.ndarray, counts: np.ndarray, severity: bool) -> dict[str, np.ndarray]:
@@ -317,55 +229,6 @@ def _severity_breakdowns(samples: pd.DataFrame, severity: np.ndarray, proba: np.
             entries = _entries("severity", severity[keep], np.asarray(proba)[keep], counts[:, keep], prior, n_studies)
             out[column][group] = {"n_samples": len(keep), "n_studies": n_studies, "metrics": entries["metrics"]}
     return out
-
-
-def _macro_auc(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Mean one-vs-rest AUC over the classes with positive and negative rows in each resample (NaN if none).
-
-    A resampled AUC is the Mann-Whitney statistic with each row counted ``weight`` times (ties count half),
-    which is what roc_auc_score gives on the resample written out row by row.
-    """
-    aucs = []
-    for k in range(proba.shape[1]):
-        score = proba[:, k]
-        order = np.argsort(score, kind="stable")
-        sorted_score = score[order]
-        starts = np.flatnonzero(np.r_[True, sorted_score[1:] != sorted_score[:-1]])  # groups of tied scores
-        w = weights[:, order]
-        pos = w * (y == k)[order]
-        neg = w - pos
-        if len(starts) < len(score):
-            pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
-        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-        ranked = (pos * (np.cumsum(neg, axis=1) - 0.5 * neg)).sum(axis=1)
-        aucs.append(np.where((n_pos > 0) & (n_neg > 0), ranked / (n_pos * n_neg), np.nan))
-    aucs = np.stack(aucs, axis=1)
-    defined = np.isfinite(aucs).sum(axis=1)
-    return np.where(defined > 0, np.nansum(aucs, axis=1) / np.maximum(defined, 1), np.nan)
-
-
-def _sample_log_loss(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
-    """Per-row cross-entropy, clipped as head_metrics (1e-7) and then scikit-learn (dtype eps) clip it."""
-    eps = np.finfo(proba.dtype).eps if np.issubdtype(proba.dtype, np.floating) else np.finfo(np.float64).eps
-    picked = np.clip(np.clip(proba, 1e-7, 1), eps, 1 - eps)[np.arange(len(y)), y]
-    return -np.log(picked).astype(np.float64)
-
-
-def _sample_weighted_log_loss(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
-    """Per-row cross-entropy as weighted_log_loss computes it (clip to 1e-15, renormalise)."""
-    p = np.clip(proba, 1e-15, 1)
-    p = p / p.sum(axis=1, keepdims=True)
-    return -np.log(p[np.arange(len(y)), y]).astype(np.float64)
-
-
-def _ece(y: np.ndarray, proba: np.ndarray, weights: np.ndarray, total: np.ndarray) -> np.ndarray:
-    confidence = proba.max(axis=1).astype(np.float64)
-    correct = (proba.argmax(axis=1) == y).astype(np.float64)
-    index = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
-    in_bin = np.zeros((len(y), ECE_BINS))
-    in_bin[np.arange(len(y)), index] = 1.0
-    gap = weights @ (in_bin * correct[:, None]) - weights @ (in_bin * confidence[:, None])
-    return np.abs(gap).sum(axis=1) / total
 
 
 def _plain(value):

@@ -24,7 +24,8 @@ import pandas as pd
 
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.metrics.goals import lower_is_better
-from spinemri.metrics.heads import resample_scores, study_resamples
+from spinemri.metrics.heads import study_resamples
+from spinemri.metrics.scores import PAIRED_METRICS, pairable, resample_scores
 
 PREDICTIONS_ARTIFACT = "evaluation/test_predictions.csv"
 KEY_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level")
@@ -33,11 +34,6 @@ RESAMPLES_AT_ONCE = 100  # rows x this many int64 counts in memory at a time (40
 # Below this many studies a bootstrap interval is not a 95 % interval: 1 study gives a zero-width one,
 # and 2-4 studies better by chance all look "significant" about as often as a coin says so.
 MIN_PAIRED_STUDIES = 5
-# The per-head metrics a paired bootstrap can recompute on a resample (those of resample_scores).
-PAIRED_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "precision_macro", "recall_macro",
-                  "loss", "weighted_log_loss", "ece")
-
-
 @dataclass(frozen=True)
 class PairedDifference:
     """``candidate`` − ``reference`` on ``metric`` over the same ``studies``, with its 95 % bootstrap interval."""
@@ -84,9 +80,7 @@ def head_metric(metric: str) -> tuple[str, str] | None:
     if not metric.startswith("test_"):
         return None
     head, _, name = metric[len("test_"):].partition("_")
-    if head not in HEAD_CLASSES or name not in PAIRED_METRICS:
-        return None
-    if name == "weighted_log_loss" and head != "severity":
+    if head not in HEAD_CLASSES or not pairable(head, name):
         return None
     return head, name
 
