@@ -231,6 +231,9 @@ BAD_SETTINGS = [
     ("SPINEMRI_MAX_IMAGE_MB", "abc", "SPINEMRI_MAX_IMAGE_MB='abc' is not a number"),
     ("SPINEMRI_MAX_IMAGE_MB", "-1", "SPINEMRI_MAX_IMAGE_MB='-1' must be > 0"),
     ("SPINEMRI_MAX_IMAGE_PIXELS", "0", "SPINEMRI_MAX_IMAGE_PIXELS='0' must be > 0"),
+    ("SPINEMRI_MAX_IMAGE_MB", "inf", "SPINEMRI_MAX_IMAGE_MB='inf' must be > 0 and finite"),
+    ("SPINEMRI_MAX_STUDY_FILES", "1e400", "SPINEMRI_MAX_STUDY_FILES='1e400' must be > 0 and finite"),
+    ("SPINEMRI_MAX_IMAGE_PIXELS", "0.5", "SPINEMRI_MAX_IMAGE_PIXELS='0.5' must be a whole number >= 1"),
     ("SPINEMRI_MAX_ANSWER_MB", "many", "SPINEMRI_MAX_ANSWER_MB='many' is not a number"),
     ("SPINEMRI_DICOM_READER", "nosuch", "SPINEMRI_DICOM_READER='nosuch' is not a reader"),
 ]
@@ -263,6 +266,8 @@ def test_every_command_that_reads_images_refuses_a_bad_setting_at_its_start(vari
     (["--img-size", "48", "--set", "preprocess.img_size=99999999"], "(from --set preprocess.img_size=99999999)",
      "--img-size 48"),
     (["--epochs", "2"], None, "(from"),  # the bad value is the experiment file's: no flag is blamed
+    (["--set", "no.such.key=1"], "unknown setting 'no.such.key'", "quick.yaml"),
+    (["--set", "train.nosuch=1"], "(from --set train.nosuch=1)", "quick.yaml"),
 ])
 def test_a_refused_setting_names_the_source_that_gave_it(args, blamed, not_blamed, tmp_path):
     experiment = tmp_path / "broken.yaml"
@@ -273,6 +278,14 @@ def test_a_refused_setting_names_the_source_that_gave_it(args, blamed, not_blame
     if blamed:
         assert blamed in result.output
     assert not_blamed not in result.output
+
+
+def test_a_bad_value_in_the_experiment_file_names_the_file(tmp_path):
+    experiment = tmp_path / "mine.yaml"
+    experiment.write_text("train:\n  epochs: -1\n")
+    result = CliRunner().invoke(cli, ["train", "--experiment", str(experiment)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "epochs must be an integer >= 1; got -1" in result.output and f"(in {experiment})" in result.output
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])

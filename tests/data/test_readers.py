@@ -670,6 +670,9 @@ def test_check_finds_what_decoding_will_refuse_from_the_headers(phantom_copy):
     assert f"{frames} is a multi-frame file with 5 frames" in text
     assert f"{colour} is a RGB image; spinemri reads grayscale MR" in text
     assert f"{tiny} is a 1 x 1 image, smaller than 16 pixels a side" in text
+    checked = CliRunner().invoke(cli, ["data", "check", str(phantom_copy)])  # its last line says prepare will stop
+    last = checked.output.strip().splitlines()[-1]
+    assert "4 labelled file(s) do not read: `data prepare` stops at the first" in last and last != "OK", last
     # what prepare then refuses, file by file
     result = CliRunner().invoke(cli, ["data", "prepare", str(phantom_copy), "--img-size", "32", "--cache-dir",
                                       str(phantom_copy.parent / "cache")])

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
-import io
-import time
 from concurrent.futures import ThreadPoolExecutor
+import io
+import os
 from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -16,11 +20,11 @@ import pytest
 from spinemri.data.dicom import encode_dicom
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.serving.inputs import file_row
-
-from tests.conftest import no_pixels_dicom_b64
 from tests import hostile
+from tests.conftest import no_pixels_dicom_b64
 
-from .server import PeakRss, post as _post, serve_model
+from .server import PeakRss, serve_model
+from .server import post as _post
 
 # One worker runs all serving tests: one trained model and one server instead of two of each.
 pytestmark = pytest.mark.xdist_group("serving")
@@ -92,6 +96,7 @@ BAD_REQUESTS = {
     "missing column": ({"file": "scan.dcm"}, "missing column: give dicom_b64"),
     "x/y outside": ("outside", "lies outside the"),
     "x without y": ("x-only", "give both x and y"),
+    "boolean coordinates": ("boolean", "row 0: x must be a number of pixels, got True"),
 }
 
 
@@ -104,11 +109,41 @@ def test_bad_requests_get_400_with_a_clear_message_and_the_server_keeps_answerin
         row = {"dicom_b64": good["dicom_b64"], "x": 5000.0, "y": 10.0}
     elif row == "x-only":
         row = {"dicom_b64": good["dicom_b64"], "x": 5.0}
+    elif row == "boolean":  # MLflow's schema would make them 1.0 and 0.0
+        row = {"dicom_b64": good["dicom_b64"], "x": True, "y": False}
     status, body = _post(url, {"dataframe_records": [row]})
     assert status == 400, body
     assert expected in body["message"], body["message"]
     status, body = _post(url, {"dataframe_records": [good]})
     assert status == 200 and process.poll() is None
+
+
+def test_boolean_coordinates_are_a_400_in_the_split_payload_too(server, trained):
+    url, _ = server
+    good = _site(trained.data_dir)
+    status, body = _post(url, {"dataframe_split": {"columns": ["dicom_b64", "x", "y"],
+                                                   "data": [[good["dicom_b64"], 10.0, 12.0],
+                                                            [good["dicom_b64"], 10.0, False]]}})
+    assert status == 400 and "row 1: y must be a number of pixels, got False" in body["message"], body
+
+
+def test_a_bad_setting_stops_the_server_at_its_start_with_the_setting_named(trained, tmp_path):
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env.update(MLFLOW_TRACKING_URI=trained.tracking_uri, SPINEMRI_MAX_IMAGE_MB="abc",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                                    "models:/spinemri@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p",
+                                    "0", "-w", "1"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    try:
+        process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the server kept running with a bad setting:\n{log.read_text()[-3000:]}")
+    text = log.read_text()
+    assert process.returncode != 0 and "SPINEMRI_MAX_IMAGE_MB='abc' is not a number" in text, text[-3000:]
 
 
 def test_malformed_json_is_a_400_too(server, trained):

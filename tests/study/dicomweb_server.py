@@ -12,7 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 
 STUDY = "1.2.826.0.1.3680043.10.999.1"
 SERIES = "1.2.826.0.1.3680043.10.999.2"
-MODES = ("not_json", "dict", "junk", "hang", "endless", "big_search", "big_metadata", "empty")
+MODES = ("not_json", "dict", "junk", "hang", "endless", "big_search", "big_metadata", "empty", "deep", "two_arrays",
+         "drip", "bad_gzip", "redirect_loop", "redirect_file", "many_parts")
 
 
 def _study(uid: str) -> dict:
@@ -25,12 +26,52 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
-    def _send(self, body: bytes, status: int = 200, content_type: str = "application/dicom+json") -> None:
+    def _send(self, body: bytes, status: int = 200, content_type: str = "application/dicom+json",
+              headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _drip(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for start in range(0, len(body), 20):
+                if self.server.stop.is_set():
+                    return
+                self.wfile.write(body[start:start + 20])
+                self.wfile.flush()
+                time.sleep(0.5)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _parts(self, count: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            block = b"--b\r\nContent-Type: application/dicom\r\n\r\n\r\n" * 1000
+            for _ in range(count // 1000):
+                if self.server.stop.is_set():
+                    return
+                self._chunk(block)
+            self._chunk(b"--b--\r\n")
+            self._chunk(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _stream(self, head: bytes, item: bytes, count: int, tail: bytes) -> None:
         """A chunked answer of ``head``, ``count`` times ``item`` (comma separated) and ``tail``, written lazily."""
@@ -66,7 +107,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             while time.monotonic() < deadline and not self.server.stop.is_set():
                 time.sleep(0.1)
             return self._send(b"[]")
+        if mode == "redirect_loop":
+            return self._redirect(self.path)
+        if mode == "redirect_file":
+            return self._redirect("file:///etc/passwd")
+        if mode == "many_parts" and "/series/" in path.path:  # a million empty parts
+            return self._parts(1_000_000)
         if path.path.endswith("/studies"):
+            if mode == "deep":  # nested deeper than Python's parser goes
+                return self._send(b"[" * 200_000 + b"]" * 200_000)
+            if mode == "two_arrays":
+                return self._send(b"[] []")
+            if mode == "drip":  # 20 bytes every half second, announced by Content-Length
+                return self._drip(b"[" + b" " * 2_000_000 + b"]")
+            if mode == "bad_gzip":
+                return self._send(b"this is not gzip", headers={"Content-Encoding": "gzip"})
             if mode == "not_json":
                 return self._send(b"<html>Service temporarily moved</html>", content_type="text/html")
             if mode == "dict":

@@ -81,3 +81,20 @@ def test_a_tracking_server_that_does_not_answer_is_named_within_seconds(tmp_path
         assert done.returncode == 1, done.stderr[-2000:]
         assert "cannot reach the MLflow tracking server at http://reader:***@127.0.0.1:1" in done.stderr
         assert "s3cret" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_tracking_server_that_accepts_but_never_answers_is_named_within_its_timeout():
+    import socket
+    import time
+
+    from spinemri.tracking.store import REACH_TIMEOUT_S, check_server
+
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog) and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        uri = f"http://user:secret@127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(UserError) as caught:
+            check_server(uri)
+    assert time.monotonic() - started < REACH_TIMEOUT_S + 2
+    assert "secret" not in str(caught.value) and "127.0.0.1" in str(caught.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from spinemri.config import SHORTCUTS, ExperimentConfig, load_experiment, parse_override
+from spinemri.config import SHORTCUTS, ExperimentConfig, load_experiment, parse_override, resolve_experiment
 from spinemri.errors import ConfigError
 
 
@@ -29,16 +29,26 @@ def experiment_config(experiment: str, flags: dict, settings, shortcuts: dict[st
     try:
         return load_experiment(experiment, changes)
     except ConfigError as exc:
-        raise ConfigError(_with_origin(str(exc), changes, origin, key_of)) from None
+        raise ConfigError(_with_origin(str(exc), changes, origin, key_of, experiment)) from None
 
 
-def _with_origin(message: str, changes: dict, origin: dict[str, str], key_of: dict[str, str]) -> str:
-    """A settings error with the flag or --set that gave the refused value: the one whose setting the message
-    names and whose value it quotes (an error in the experiment file itself names no flag)."""
+def _with_origin(message: str, changes: dict, origin: dict[str, str], key_of: dict[str, str],
+                 experiment: str = "") -> str:
+    """A settings error with where the refused value came from: the flag or --set whose setting the message names
+    and whose value it quotes, else the experiment file (a message about the file itself already names it)."""
+    unknown = re.match(r"unknown setting '([^']+)'", message)
+    if unknown:
+        sources = [source for key, source in origin.items() if key == unknown.group(1)]
+        return f"{message} (from {', '.join(sources)})" if sources else message
     if not re.search(r"[;,] got ", message):  # not a refused value (a YAML syntax error, an unknown experiment)
         return message
     values = {key_of.get(k, k): v for k, v in changes.items()}
     named = [key for key in origin if key in message or f"{key.rsplit('.', 1)[-1]} " in message]
     quoted = [key for key in named if repr(values.get(key)) in message or str(values.get(key)) in message]
     sources = [origin[key] for key in (quoted or named)]
-    return f"{message} (from {', '.join(sources)})" if sources else message
+    if sources:
+        return f"{message} (from {', '.join(sources)})"
+    try:
+        return f"{message} (in {resolve_experiment(experiment)})" if experiment else message
+    except ConfigError:
+        return message

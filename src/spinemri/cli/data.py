@@ -112,7 +112,14 @@ def check(path, as_json, decode, workers) -> None:
             click.echo(f"warning: {line}")
         for line in report.problems:
             click.echo(f"error: {line}", err=True)
-        click.echo("OK" if report.ok else f"{len(report.problems)} problem line(s): fix them and run check again")
+        unreadable = report.summary.get("files_unreadable", 0)
+        if not report.ok:
+            click.echo(f"{len(report.problems)} problem line(s): fix them and run check again")
+        elif unreadable:
+            click.echo(f"OK in structure, but {unreadable} labelled file(s) do not read: `data prepare` stops at the "
+                       "first of them unless --on-bad-file=skip leaves their samples out")
+        else:
+            click.echo("OK")
     sys.exit(0 if report.ok else 1)
 
 

@@ -54,12 +54,31 @@ def load_experiment(experiment: str | Path = "quick", overrides: Mapping[str, An
     if (overrides.get("task") or raw.get("task")) == "localize" and "img_size" in overrides:
         overrides["localize.img_size"] = overrides.pop("img_size")  # a localizer's input is localize.img_size
     for key, value in overrides.items():
+        check_setting(SHORTCUTS.get(key, key))
         _set_dotted(raw, SHORTCUTS.get(key, key), value, path)
     preprocess = raw.get("preprocess") or {}
     if isinstance(preprocess, dict) and str(preprocess.get("img_size", "")).strip() in ("0", "native"):
         preprocess["img_size"] = get_spec((raw.get("model") or {}).get("arch", ModelConfig.arch)).native_size
     config = from_dict(raw, source=str(path))
     return config.validate()
+
+
+def check_setting(key: str) -> None:
+    """An override's dotted key names a setting, or ConfigError naming the key (not the experiment file, which
+    does not hold it) and the settings there are."""
+    defaults = ExperimentConfig()
+    section, _, name = key.partition(".")
+    sections = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    if section not in sections:
+        raise ConfigError(f"unknown setting {key!r}: there is no section or setting {section!r}; the sections and "
+                          f"top-level settings are {', '.join(sections)}")
+    value = getattr(defaults, section)
+    if name and dataclasses.is_dataclass(value):
+        head = name.split(".")[0]
+        names = [f.name for f in dataclasses.fields(value)]
+        if head not in names:
+            raise ConfigError(f"unknown setting {key!r}: section {section} has no setting {head!r}; its settings are "
+                              f"{', '.join(names)}")
 
 
 def from_dict(raw: Mapping[str, Any], source: str = "config") -> ExperimentConfig:

@@ -24,6 +24,7 @@ environment it was started with.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from spinemri.errors import LimitError
@@ -49,9 +50,15 @@ class Limit:
         except ValueError:
             raise LimitError(f"{self.variable}={raw!r} is not a number; set it to a positive number "
                              f"({self.what}, default {self.default})") from None
-        if not number > 0:
-            raise LimitError(f"{self.variable}={raw!r} must be > 0 ({self.what}, default {self.default})")
-        return int(number * self.unit)
+        if not (number > 0 and math.isfinite(number)):
+            raise LimitError(f"{self.variable}={raw!r} must be > 0 and finite ({self.what}, default "
+                             f"{self.default})")
+        value = int(number * self.unit)
+        if value < 1 or (self.unit == 1 and number != int(number)):
+            raise LimitError(f"{self.variable}={raw!r} must be a whole number >= 1 ({self.what}, default "
+                             f"{self.default})" if self.unit == 1 else
+                             f"{self.variable}={raw!r} is below one byte ({self.what}, default {self.default})")
+        return value
 
     def describe(self) -> str:
         """'the limit of 128 MB per file (SPINEMRI_MAX_IMAGE_MB; raise it to accept more)'."""

@@ -103,6 +103,8 @@ class DicomWeb:
             boundary = _boundary(response.headers.get("Content-Type", ""))
             chunks = self._read(response, limits.STUDY_BYTES, "the series")
             for k, part in enumerate(_parts(chunks, boundary)):
+                if k >= limits.STUDY_FILES.value:
+                    raise AnswerTooLarge(f"the series has more parts than {limits.STUDY_FILES.describe()}")
                 path = folder / f"{k:05d}.dcm"
                 written = 0
                 with open(path, "wb") as out:
@@ -155,9 +157,21 @@ class DicomWeb:
         """The answer's bytes as they arrive, within ``budget`` and within the deadline of one timeout per
         answer megabyte on top of the first (a trickling server is cut off like a hanging one)."""
         import requests
+        import urllib3
 
         started, total = time.monotonic(), 0
-        for chunk in response.iter_content(CHUNK):
+        while True:
+            # read1: what has arrived, at most a chunk; a server trickling bytes cannot hold one read open
+            try:
+                chunk = response.raw.read1(CHUNK, decode_content=True)
+            except urllib3.exceptions.DecodeError:  # as requests' own reading of a body names them
+                raise requests.exceptions.ContentDecodingError(f"{what}: the body does not decode") from None
+            except urllib3.exceptions.ReadTimeoutError:
+                raise requests.Timeout(f"{what}: no byte within the read timeout") from None
+            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.SSLError, OSError):
+                raise requests.exceptions.ChunkedEncodingError(f"{what}: the transfer was cut") from None
+            if not chunk:
+                return
             total += len(chunk)
             if total > budget.value:
                 raise AnswerTooLarge(f"the server's answer to {what} is over {budget.describe()}")
@@ -182,11 +196,13 @@ def _entries(text: str, what: str, max_entries: int | None, slim) -> list:
     if text[at] != "[":
         try:
             found = type(_DECODER.raw_decode(text, at)[0]).__name__
-        except ValueError:
+        except (ValueError, RecursionError):
             found = None
         raise malformed(f"a JSON {found}" if found else f"something that is not JSON ({len(text):,} characters)")
     items, at = [], _SPACE.match(text, at + 1).end()
     if text.startswith("]", at):
+        if text[at + 1:].strip():
+            raise malformed("JSON that does not parse (more after the list)")
         return items
     while True:
         if max_entries is not None and len(items) >= max_entries:
@@ -195,6 +211,8 @@ def _entries(text: str, what: str, max_entries: int | None, slim) -> list:
             item, at = _DECODER.raw_decode(text, at)
         except ValueError:
             raise malformed("JSON that does not parse") from None
+        except RecursionError:
+            raise malformed("JSON nested too deeply to parse") from None
         items.append(slim(len(items), item) if slim else item)
         at = _SPACE.match(text, at).end()
         if text.startswith("]", at) and not text[at + 1:].strip():

@@ -81,7 +81,8 @@ def check_url(url: str) -> None:
 
 # Libraries whose log lines quote UIDs, header values or request paths (which hold UIDs), and decoders that log
 # tracebacks: silenced with every logger below them (a child logger inherits the level, not the disabled flag).
-QUIET_LOGGERS = ("highdicom", "pydicom", "pylibjpeg", "openjpeg", "libjpeg", "rle", "urllib3", "requests")
+QUIET_LOGGERS = ("highdicom", "pydicom", "pylibjpeg", "openjpeg", "libjpeg", "rle", "urllib3", "requests", "tensorflow",
+                 "absl", "keras")
 
 
 def quiet_libraries() -> None:
@@ -135,6 +136,18 @@ def with_retry(settings: Settings, what: str, call: Callable[[], T]) -> T:
             log.warning("%s: %s failed (%s); retrying in %.0f s", redact(settings.url), what, reason, delay)
             time.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
+        except (requests.exceptions.TooManyRedirects, requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
+            # A redirect the worker will not follow (a loop, another scheme, a bad address): the server is
+            # misconfigured for every request; where it pointed is not repeated.
+            raise PacsUnavailable(f"{redact(settings.url)} answered {what} with a redirect the worker does not "
+                                  f"follow ({type(exc).__name__}); point --url at the DICOMweb root itself") from None
+        except requests.exceptions.ContentDecodingError:
+            raise ServerAnswer(f"the server answered {what} with a body its Content-Encoding does not decode",
+                               None, transient=True) from None
+        except requests.RequestException as exc:
+            raise ServerAnswer(f"the server's answer to {what} could not be read ({type(exc).__name__})", None,
+                               transient=True) from None
 
 
 PAGE = 100  # studies per QIDO-RS page

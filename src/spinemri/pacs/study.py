@@ -44,7 +44,7 @@ def process_study(settings, client, study_uid, predictor, model_name, model_vers
     try:
         study, skipped = _fetch(settings, client, study_uid, series, workdir)
         if not study.series:  # every MR series is of a type no model reads: nothing to grade, nothing to report
-            return dict(status="skipped", reason=f"none of its {len(skipped)} MR series is of a type the models read "
+            return dict(status="unread", reason=f"none of its {len(skipped)} MR series is of a type the models read "
                                                  f"({', '.join(SERIES_DESCRIPTIONS)}): {'; '.join(skipped)}")
         prediction = predictor.predict(study)
         missing_types = [d for d in SERIES_DESCRIPTIONS if d not in {s.description for s in study.series}]
@@ -84,8 +84,9 @@ def process_study(settings, client, study_uid, predictor, model_name, model_vers
 
 
 def _no_paths(reason: str) -> str:
-    """A reason without the worker's temporary file paths (a file is 'a file')."""
-    return re.sub(r"\S*spinemri-pacs-\S+?\.dcm", "a file", str(reason))
+    """A reason without the worker's temporary paths (a file is 'a file', a series folder 'a series')."""
+    reason = re.sub(r"[^\s'\"(]*spinemri-pacs-[^\s'\"]*?\.dcm", "a file", str(reason))
+    return re.sub(r"[^\s'\"(]*spinemri-pacs-[^\s'\",;:)]*", "a series", reason)
 
 
 def _patient_header(study: Study) -> Dataset:

@@ -98,7 +98,8 @@ def load_study_model(uri: str):
 
 
 def run_pass(settings: Settings, predictor, model_name: str, model_version: str) -> PassResult:
-    """Every MR study of the window: reported, skipped (already reported), or failed with its reason."""
+    """Every MR study of the window: reported, skipped (already reported), unread (no series of a type the
+    models read) or failed, with its reason."""
     client = client_for(settings)
     filters = {"ModalitiesInStudy": "MR"}
     if settings.since or settings.until:
@@ -176,14 +177,17 @@ def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | Non
                 result = None
             if result is not None:
                 mlflow.log_metrics({"studies_found": result.found, "reported": result.count("reported"),
-                                    "skipped": result.count("skipped"), "failed": result.count("failed"),
+                                    "skipped": result.count("skipped"), "unread": result.count("unread"),
+                                    "failed": result.count("failed"),
                                     "seconds": round(time.perf_counter() - started, 2)})
                 mlflow.log_text(pd.DataFrame(result.rows, columns=["study", "status", "reason", "report", "from_prior"])
                                 .to_csv(index=False), "pacs/studies.csv")
                 if not every_date and settings.since is None:
                     remember_pass(settings.url, to_remember(today, result, days))
                 echo(f"pass: {result.found} MR studies, {result.count('reported')} reported, "
-                     f"{result.count('skipped')} already reported, {result.count('failed')} failed")
+                     f"{result.count('skipped')} already reported, "
+                     + (f"{result.count('unread')} of no series type the models read, " if result.count("unread") else "")
+                     + f"{result.count('failed')} failed")
                 results.append(result)
         if once:
             return results

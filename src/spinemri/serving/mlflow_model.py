@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+import re
 import tempfile
 import warnings
 
@@ -15,7 +16,8 @@ from mlflow.exceptions import MlflowException
 
 from spinemri.data import limits
 from spinemri.errors import UserError
-from spinemri.serving.requests import InputError
+from spinemri.data.environment import check_environment
+from spinemri.serving.inputs import InputError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/spinemri, logged with every model as its code
 
@@ -25,8 +27,9 @@ def guard_scoring_server() -> None:
 
     MLflow's scoring server reads any body and hands it to ``json.loads``: a body over
     ``SPINEMRI_MAX_REQUEST_MB`` is answered 413 before it is parsed, and JSON nested too deep for
-    Python's parser (which MLflow answers with a 500) gets a 400 that says so. Outside the server
-    (``mlflow.pyfunc.load_model`` in a script) this does nothing.
+    Python's parser (which MLflow answers with a 500) gets a 400 that says so; a boolean where a row's
+    coordinate goes (which MLflow's schema would turn into 1.0 or 0.0) gets a 400 naming the row. Outside the
+    server (``mlflow.pyfunc.load_model`` in a script) this does nothing.
     """
     import sys
 
@@ -43,6 +46,8 @@ def guard_scoring_server() -> None:
             return server.InvocationsResponse(json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": message}),
                                               413, "application/json")
         try:
+            if isinstance(data, (bytes, str)) and _BOOLEAN.search(data if isinstance(data, bytes) else data.encode()):
+                _refuse_boolean_coordinates(json.loads(data))  # only a body with a JSON true/false is read twice
             return original(data, content_type, model, input_schema)
         except RecursionError:
             raise InputError("the request's JSON is nested too deeply to parse; send a flat dataframe_split or "
@@ -52,12 +57,44 @@ def guard_scoring_server() -> None:
     server.invocations = invocations
 
 
+# A JSON true/false where a value starts (base64 and the site names never hold ":", "," or "[").
+_BOOLEAN = re.compile(rb"[:,\[]\s*(?:true|false)\b")
+COORDINATES = ("x", "y")
+
+
+def _refuse_boolean_coordinates(body) -> None:
+    """InputError naming the first row whose x or y is a boolean, in any of the payloads MLflow takes."""
+    if not isinstance(body, dict):
+        return
+    for key in ("dataframe_records", "inputs", "instances", "dataframe_split"):
+        payload = body.get(key)
+        if key == "dataframe_split" and isinstance(payload, dict):
+            columns = payload.get("columns") or []
+            rows = [dict(zip(columns, row)) for row in payload.get("data") or [] if isinstance(row, list)]
+        elif isinstance(payload, dict):  # columns of values
+            rows = [dict(zip(payload, values)) for values in zip(*[v if isinstance(v, list) else [v]
+                                                                  for v in payload.values()])]
+        else:
+            rows = payload if isinstance(payload, list) else []
+        for index, row in enumerate(rows):
+            for column in COORDINATES:
+                if isinstance(row, dict) and isinstance(row.get(column), bool):
+                    raise InputError(f"row {index}: {column} must be a number of pixels, got {row[column]!r}")
+
+
+def check_settings_at_load() -> None:
+    """A served model refuses to start on a bad environment setting (a limit, the series rules), instead of
+    answering every request with it."""
+    check_environment()
+
+
 class KerasWithMeta(mlflow.pyfunc.PythonModel):
     """A pyfunc whose artifacts are a Keras file and meta.json (preprocessing, classes, ...)."""
 
     def load_context(self, context) -> None:
         import keras
 
+        check_settings_at_load()
         guard_scoring_server()
 
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)

@@ -26,7 +26,7 @@ from spinemri.localization.locate import register_layers
 from spinemri.serving.classifier import SpineClassifier
 from spinemri.serving.inputs import InputError
 from spinemri.serving.localizer import SpineLocalizer
-from spinemri.serving.mlflow_model import guard_scoring_server
+from spinemri.serving.mlflow_model import check_settings_at_load, guard_scoring_server
 from spinemri.serving.study_predictor import StudyPredictor
 
 INPUT_SCHEMA = Schema([ColSpec(DataType.string, "study_zip_b64"), ColSpec(DataType.string, "study_id", required=False)])
@@ -44,6 +44,7 @@ class SpineStudyModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import keras
 
+        check_settings_at_load()
         guard_scoring_server()
         register_layers()
 

@@ -43,7 +43,7 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-REACH_TIMEOUT_S = 10.0  # how long a command waits for a tracking server to answer at all
+REACH_TIMEOUT_S = 5.0  # seconds: connect, then the answer; MLflow alone retries for minutes
 
 
 def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:

@@ -214,7 +214,8 @@ def _dcmread(path: str | Path, *, stop_before_pixels: bool = False, data: bytes 
                 path, "is not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
             ) from None
         except Exception as exc:  # noqa: BLE001 - pydicom signals a damaged file in many ways
-            raise DicomReadError(path, f"is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+            # The library's own text can run over lines and quote the file's values: its kind is enough.
+            raise DicomReadError(path, f"is truncated or corrupt ({type(exc).__name__})") from None
     truncated = any("End of file" in str(w.message) for w in caught)
     if not stop_before_pixels and not _has_pixels(ds):
         if truncated:
@@ -245,10 +246,10 @@ def _decode(ds: Dataset, path: str | Path, *, voi: bool, frames: list[int]) -> l
         name = getattr(syntax, "name", str(syntax))
         if _decoder_available(syntax):
             raise DicomReadError(path, f"has '{name}' pixel data that its installed decoder cannot read: the "
-                                 f"compressed data is corrupt or truncated ({exc})") from None
+                                 "compressed data is corrupt or truncated") from None
         raise DicomReadError(
             path,
-            f"uses transfer syntax '{name}', which no installed decoder can read ({exc})",
+            f"uses transfer syntax '{name}', which no installed decoder can read",
             "install the pylibjpeg plugins (pip install pylibjpeg pylibjpeg-libjpeg "
             f"pylibjpeg-openjpeg) or {SKIP_HINT}",
         ) from None
