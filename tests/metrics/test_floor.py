@@ -9,14 +9,8 @@ import pytest
 from spinemri.data.schema import LEVELS, SEVERITY_WEIGHTS, SITES, label_column
 from spinemri.metrics import floor as floors
 from spinemri.metrics.paired import PairedDifference
-from spinemri.metrics.prior import (
-    prior_at,
-    prior_from_labels,
-    prior_from_samples,
-    prior_grid,
-    prior_rows,
-    prior_submission,
-)
+from spinemri.metrics.prior import (prior_at, prior_from_labels, prior_from_samples, prior_grid, prior_rows,
+    prior_submission)
 from spinemri.training.data import encode_targets
 
 FORAMEN = "left_neural_foraminal_narrowing"

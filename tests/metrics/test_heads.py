@@ -25,13 +25,8 @@ from spinemri.metrics.heads import (
     study_bootstrap_counts,
     weighted_log_loss,
 )
-from spinemri.metrics.report import (
-    breakdown_figure,
-    evaluation_markdown,
-    evaluation_metrics,
-    evaluation_table,
-    reliability_figure,
-)
+from spinemri.metrics.report import (breakdown_figure, evaluation_markdown, evaluation_metrics, evaluation_table,
+    reliability_figure)
 
 HEADS = tuple(HEAD_CLASSES)
 # The oracle clips probabilities to 1e-7, so exact zeros or tiny Dirichlet draws no longer sum to one.

@@ -12,42 +12,13 @@ the settings typed most a command-line flag (``--epochs``) and an MLproject para
 config is logged with every run, so a run can be reproduced from its own record.
 """
 
-from spinemri.config.experiment import (
-                                        PREPARE_SHORTCUTS,
-                                        SHORTCUTS,
-                                        TASK_SECTIONS,
-                                        ExperimentConfig,
-                                        param_name,
-                                        run_params,
-                                        setting_field,
-                                        setting_help,
-)
-from spinemri.config.load import (
-                                        EXPERIMENTS_DIR,
-                                        from_dict,
-                                        load_experiment,
-                                        parse_override,
-                                        resolve_experiment,
-                                        with_values,
-)
-from spinemri.config.sections import (
-                                        CALIBRATIONS,
-                                        DISTRIBUTIONS,
-                                        MIXED_PRECISION,
-                                        OPTIMIZERS,
-                                        PRUNERS,
-                                        STRATEGIES,
-                                        TASKS,
-                                        AugmentConfig,
-                                        CompareConfig,
-                                        DataConfig,
-                                        LocalizeConfig,
-                                        MlflowConfig,
-                                        ModelConfig,
-                                        SplitConfig,
-                                        TrainConfig,
-                                        TuningConfig,
-)
+from spinemri.config.experiment import (PREPARE_SHORTCUTS, SHORTCUTS, TASK_SECTIONS, ExperimentConfig, param_name,
+    run_params, setting_field, setting_help)
+from spinemri.config.load import (EXPERIMENTS_DIR, from_dict, load_experiment, parse_override, resolve_experiment,
+    with_values)
+from spinemri.config.sections import (CALIBRATIONS, DISTRIBUTIONS, MIXED_PRECISION, OPTIMIZERS, PRUNERS, STRATEGIES,
+    TASKS, AugmentConfig, CompareConfig, DataConfig, LocalizeConfig, MlflowConfig, ModelConfig, SplitConfig,
+    TrainConfig, TuningConfig)
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.data.schema import HEADS
 

@@ -8,21 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from spinemri.config.sections import (
-    TASKS,
-    CompareConfig,
-    DataConfig,
-    LocalizeConfig,
-    MlflowConfig,
-    ModelConfig,
-    SplitConfig,
-    TrainConfig,
-    TuningConfig,
-    check,
-    plain,
-    setting,
-    validate_search_space,
-)
+from spinemri.config.sections import (TASKS, CompareConfig, DataConfig, LocalizeConfig, MlflowConfig, ModelConfig,
+    SplitConfig, TrainConfig, TuningConfig, check, plain, setting, validate_search_space)
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.errors import ConfigError
 from spinemri.models.catalog import severity_head

@@ -28,17 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinemri.data.schema import (
-    CONDITIONS,
-    LABEL_COLUMNS,
-    LEVELS,
-    PROBABILITY_COLUMNS,
-    SEVERITIES,
-    SEVERITY_WEIGHTS,
-    SUBMISSION_COLUMNS,
-    parse_label_column,
-    row_id,
-)
+from spinemri.data.schema import (CONDITIONS, LABEL_COLUMNS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS,
+    SUBMISSION_COLUMNS, parse_label_column, row_id)
 from spinemri.errors import MetricError
 
 GROUPS: dict[str, tuple[str, ...]] = {

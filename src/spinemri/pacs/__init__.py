@@ -1,0 +1,1 @@
+"""The hospital loop: MR studies from a DICOMweb server graded and reported back as DICOM SR."""

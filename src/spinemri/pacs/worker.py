@@ -36,20 +36,8 @@ import pandas as pd
 
 from spinemri.data.series_types import site_rules
 from spinemri.errors import ConfigError, ImageReadError, StudyError
-from spinemri.pacs.server import (
-    DEFAULT_MODEL,
-    PacsUnavailable,
-    ServerAnswer,
-    Settings,
-    check_url,
-    client_for,
-    date_text,
-    log,
-    reason_of,
-    search_studies,
-    study_date,
-    value_of,
-)
+from spinemri.pacs.server import (DEFAULT_MODEL, PacsUnavailable, ServerAnswer, Settings, check_url, client_for,
+    date_text, log, reason_of, search_studies, study_date, value_of)
 from spinemri.pacs.state import last_pass, remember_pass, to_remember, window_start
 from spinemri.pacs.study import PartialStudy, process_study, study_key
 from spinemri.redact import redact

@@ -43,18 +43,8 @@ from spinemri.models.calibration import Temperatures
 from spinemri.models.severity import severity_at
 from spinemri.serving.inputs import IMAGE_COLUMNS, decode_value
 from spinemri.serving.mlflow_model import KerasWithMeta, load_python_model, log_keras_pyfunc
-from spinemri.serving.requests import (
-    INPUT_SCHEMA,
-    InputError,
-    coordinate,
-    output_schema,
-    present,
-    probabilities_frame,
-    request_frame,
-    require_sites,
-    row_conditions,
-    row_levels,
-)
+from spinemri.serving.requests import (INPUT_SCHEMA, InputError, coordinate, output_schema, present,
+    probabilities_frame, request_frame, require_sites, row_conditions, row_levels)
 
 
 class SpineClassifier(KerasWithMeta):

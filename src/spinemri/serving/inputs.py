@@ -25,14 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 
-from spinemri.data.dicom import (
-    BITMAP_SUFFIXES,
-    DicomImage,
-    SeriesStack,
-    decode_bitmap_bytes,
-    decode_dicom_bytes,
-    read_series,
-)
+from spinemri.data.dicom import (BITMAP_SUFFIXES, DicomImage, SeriesStack, decode_bitmap_bytes, decode_dicom_bytes,
+                                 read_dicom, read_image, read_series)
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.errors import ImageReadError
 
@@ -52,12 +46,15 @@ class InputKind:
     holds: str  # what it is, for messages
     suffixes: tuple[str, ...]  # files of this kind on disk (lower case); the DICOM kind also takes any other name
     decode: Callable[[bytes, str, PreprocessConfig], DicomImage]  # (bytes, name for errors, preprocessing)
+    read: Callable[[Path, PreprocessConfig], DicomImage]  # a file of this kind on disk (spinemri predict)
 
 
 DICOM = InputKind("dicom_b64", "a base64 DICOM file", (".dcm",),
-                  lambda data, name, config: decode_dicom_bytes(data, name, voi=config.dicom_window))
+                  lambda data, name, config: decode_dicom_bytes(data, name, voi=config.dicom_window),
+                  lambda path, config: read_dicom(path, voi=config.dicom_window))
 BITMAP = InputKind("image_b64", "a base64 PNG/JPEG", BITMAP_SUFFIXES,
-                   lambda data, name, config: decode_bitmap_bytes(data, name))
+                   lambda data, name, config: decode_bitmap_bytes(data, name),
+                   lambda path, config: read_image(path))
 INPUT_KINDS = (DICOM, BITMAP)
 KINDS = {kind.column: kind for kind in INPUT_KINDS}
 IMAGE_COLUMNS = tuple(KINDS)
@@ -68,6 +65,11 @@ def kind_of_path(path: str | Path) -> InputKind:
     """The input kind of a file on disk, by its suffix (DICOM for any name no other kind claims)."""
     suffix = Path(path).suffix.lower()
     return next((kind for kind in INPUT_KINDS if suffix in kind.suffixes), DICOM)
+
+
+def read_file(path: str | Path, config: PreprocessConfig) -> DicomImage:
+    """An image file on disk, read as its kind reads it (what ``spinemri predict`` does with each file)."""
+    return kind_of_path(path).read(Path(path), config)
 
 
 def file_row(path: str | Path, x: float | None = None, y: float | None = None, condition: str | None = None,

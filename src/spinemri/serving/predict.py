@@ -21,7 +21,7 @@ from spinemri.data.preprocess import stack_neighbours
 from spinemri.errors import ImageReadError, PredictError
 from spinemri.atomic import write_csv
 from spinemri.serving.classifier import SpineClassifier
-from spinemri.serving.inputs import SUFFIXES
+from spinemri.serving.inputs import SUFFIXES, read_file
 from spinemri.serving.requests import probabilities_frame
 
 ON_BAD_FILE = ("stop", "skip")
@@ -143,7 +143,7 @@ def predict_files(classifier: SpineClassifier, input_path: str | Path, out: str 
         for file in files:
             for site in site_of.get(str(file.resolve()), [Site()]):
                 try:
-                    batch.append(classifier.prepare_image(read_image(file, voi=classifier.preprocessing.dicom_window),
+                    batch.append(classifier.prepare_image(read_file(file, classifier.preprocessing),
                                                           _neighbours(classifier, file, orders), site.x, site.y))
                     names.append(str(file))
                     asked.append(site)

@@ -23,17 +23,8 @@ import pandas as pd
 
 from spinemri.data.dicom import DicomImage, read_series
 from spinemri.data.preprocess import stack_neighbours
-from spinemri.data.schema import (
-    CONDITIONS,
-    LEVELS,
-    PROBABILITY_COLUMNS,
-    RSNA_SEVERITY_FREQUENCIES,
-    SERIES_TYPES,
-    SITES,
-    SUBMISSION_COLUMNS,
-    label_column,
-    row_id,
-)
+from spinemri.data.schema import (CONDITIONS, LEVELS, PROBABILITY_COLUMNS, RSNA_SEVERITY_FREQUENCIES, SERIES_TYPES,
+    SITES, SUBMISSION_COLUMNS, label_column, row_id)
 from spinemri.data.studies import Study
 from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
 from spinemri.atomic import write_csv

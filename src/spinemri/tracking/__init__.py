@@ -1,0 +1,1 @@
+"""MLflow: the store, a run's life, reports logged into runs, the registry policy, dataset lineage, UI links."""

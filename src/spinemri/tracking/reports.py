@@ -14,13 +14,8 @@ import mlflow
 import pandas as pd
 
 from spinemri.metrics import competition, paired
-from spinemri.metrics.report import (
-    breakdown_figure,
-    evaluation_markdown,
-    evaluation_metrics,
-    evaluation_table,
-    reliability_figure,
-)
+from spinemri.metrics.report import (breakdown_figure, evaluation_markdown, evaluation_metrics, evaluation_table,
+    reliability_figure)
 from spinemri.tracking.runs import log_figure, logged_table
 
 

@@ -42,15 +42,8 @@ from spinemri.tracking.runs import TrainResult, describe_run, log_figure, log_sp
 from spinemri.training.data import SplitData, encode_targets, split_data
 from spinemri.training.fit import check_devices, seed_everything
 from spinemri.training.jitter import site_jitter
-from spinemri.training.steps import (
-    calibration_effect,
-    fit_model,
-    log_floor,
-    log_held_out,
-    log_site_score,
-    log_trained_model,
-    predict_split,
-)
+from spinemri.training.steps import (calibration_effect, fit_model, log_floor, log_held_out, log_site_score,
+    log_trained_model, predict_split)
 
 OOF_ARTIFACT = "evaluation/oof_predictions.csv"
 FOLDS_ARTIFACT = "data/folds.csv"

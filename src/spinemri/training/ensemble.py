@@ -27,16 +27,8 @@ from spinemri.tracking import lineage
 from spinemri.serving.ensemble import SpineEnsemble, log_ensemble
 from spinemri.serving.classifier import load_classifier
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import (
-    TrainResult,
-    describe_run,
-    log_split,
-    pip_requirements,
-    register_and_tag,
-    run_config,
-    run_tags,
-    training_run,
-)
+from spinemri.tracking.runs import (TrainResult, describe_run, log_split, pip_requirements, register_and_tag,
+    run_config, run_tags, training_run)
 from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT
 from spinemri.training.data import encode_targets, split_data
 from spinemri.training.steps import log_floor, log_held_out, log_site_score, predict_cached, request_example

@@ -38,15 +38,8 @@ from spinemri.localization.sites import SeriesTask, SliceFrame, get_task
 from spinemri.metrics.paired import terms_artifact
 from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import (
-    TrainResult,
-    log_figure,
-    log_split,
-    pip_requirements,
-    register_and_tag,
-    run_tags,
-    training_run,
-)
+from spinemri.tracking.runs import (TrainResult, log_figure, log_split, pip_requirements, register_and_tag, run_tags,
+    training_run)
 from spinemri.training import fit
 from spinemri.training.data import read_rows
 from spinemri.training.fit import best_weights, check_finite, seed_everything

@@ -31,30 +31,15 @@ from spinemri.models.backbones import get_backbone
 from spinemri.models.gradcam import gradcam_grid
 from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import (
-    TrainResult,
-    describe_run,
-    log_figure,
-    log_split,
-    register_and_tag,
-    run_tags,
-    training_run,
-)
+from spinemri.tracking.runs import (TrainResult, describe_run, log_figure, log_split, register_and_tag, run_tags,
+    training_run)
 from spinemri.training.cluster import Cluster, check_same_data, data_digest, join, read_cluster
 from spinemri.training.cv import cross_validate
 from spinemri.training.data import SplitData, read_rows, split_data
 from spinemri.training.fit import check_devices, seed_everything, weights_digest
 from spinemri.training.jitter import site_jitter
-from spinemri.training.steps import (
-    calibration_effect,
-    fit_calibration,
-    fit_model,
-    log_floor,
-    log_held_out,
-    log_site_score,
-    log_trained_model,
-    predict_split,
-)
+from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_floor, log_held_out,
+    log_site_score, log_trained_model, predict_split)
 
 
 def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_model: bool = True,

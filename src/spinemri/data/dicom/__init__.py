@@ -11,17 +11,8 @@ Every error a user can cause with a bad file is raised as :class:`DicomReadError
 file, the reason and what to do about it; no pydicom traceback reaches the user.
 """
 
-from spinemri.data.dicom.decode import (
-                                        BITMAP_SUFFIXES,
-                                        READERS,
-                                        decode_bitmap_bytes,
-                                        decode_dicom_bytes,
-                                        dicom_reader,
-                                        read_dicom,
-                                        read_frames,
-                                        read_header,
-                                        read_image,
-)
+from spinemri.data.dicom.decode import (BITMAP_SUFFIXES, READERS, decode_bitmap_bytes, decode_dicom_bytes, dicom_reader,
+    read_dicom, read_frames, read_header, read_image)
 from spinemri.data.dicom.encode import encode_dicom
 from spinemri.data.dicom.guards import MIN_SIDE, bitmap_geometry, check_header, check_spacing, header_tags
 from spinemri.data.dicom.image import SKIP_HINT, DicomImage, SeriesStack, rescale

@@ -21,16 +21,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from spinemri.data.dicom import native as native_dicom
-from spinemri.data.dicom.guards import (
-    HEADER_TAGS,
-    LARGEST_SCANNED_FILE,
-    check_bitmap_size,
-    check_header,
-    check_inflated_size,
-    check_side,
-    floats,
-    header_tags,
-)
+from spinemri.data.dicom.guards import (HEADER_TAGS, LARGEST_SCANNED_FILE, check_bitmap_size, check_header,
+    check_inflated_size, check_side, floats, header_tags)
 from spinemri.data.dicom.image import SKIP_HINT, DicomImage, rescale
 from spinemri.errors import ConfigError, DicomReadError, ImageReadError
 
