@@ -242,3 +242,23 @@ def test_booleans_are_not_coordinates(x, y):
     b64 = base64.b64encode(encode_dicom(np.random.default_rng(0).random((40, 40)) * 100)).decode()
     with pytest.raises(InputError, match=r"must be a number of pixels, got (np\.)?(True|False)"):
         classifier.prepare_row({"dicom_b64": b64, "x": x, "y": y}, 0)
+
+
+def test_a_model_whose_classes_are_gone_is_named_as_logged_by_an_earlier_version(tmp_path, monkeypatch):
+    import sys
+
+    from spinemri.errors import UserError
+    from spinemri.serving.mlflow_model import load_python_model
+
+    (tmp_path / "spinemri_gone.py").write_text("import mlflow\n\nclass Old(mlflow.pyfunc.PythonModel):\n"
+                                               "    def predict(self, context, model_input, params=None):\n"
+                                               "        return model_input\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import spinemri_gone
+
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=spinemri_gone.Old())
+    (tmp_path / "spinemri_gone.py").unlink()  # as an earlier version's module is, after an upgrade
+    sys.modules.pop("spinemri_gone")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    with pytest.raises(UserError, match="logged by an earlier spinemri version.*log it again"):
+        load_python_model(str(tmp_path / "model"), object, "classifier", "train one")

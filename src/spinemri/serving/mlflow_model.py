@@ -18,6 +18,7 @@ from spinemri.data import limits
 from spinemri.errors import UserError
 from spinemri.data.environment import check_environment
 from spinemri.serving.inputs import InputError
+from spinemri.tracking.store import check_server
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/spinemri, logged with every model as its code
 
@@ -119,11 +120,13 @@ def load_python_model(model_uri: str, cls: type, what: str, hint: str):
     """The ``cls`` instance behind a logged model URI, or a UserError naming the URI and the fix."""
     tracking_uri = mlflow.get_tracking_uri()
     if tracking_uri.startswith(("http://", "https://")) and not Path(model_uri).exists():
-        from spinemri.tracking.store import check_server
-
         check_server(tracking_uri)  # within seconds, not after MLflow's minutes of retries
     try:
         model = mlflow.pyfunc.load_model(model_uri)
+    except (ModuleNotFoundError, AttributeError) as exc:  # its classes are where an earlier version kept them
+        raise UserError(f"{what} {model_uri!r} was logged by an earlier spinemri version, whose classes this one "
+                        f"keeps elsewhere ({exc}); serve it with `mlflow models serve` (it brings its own copy of "
+                        f"spinemri), or log it again with this version; {hint}") from None
     except MlflowException as exc:
         raise UserError(f"cannot load {what} {model_uri!r} from {mlflow.get_tracking_uri()}: {exc.message}; "
                         f"{hint}") from None
