@@ -174,14 +174,14 @@ def test_site_jitter_reads_each_localizers_held_out_error(study_store):
     from spinemri.training.jitter import site_jitter
 
     config = load_experiment("quick", {"train.site_jitter_from": "models:/spinemri-localizer", "preprocess.slices": 5})
-    jitter = site_jitter(config)
+    jitter = site_jitter(config.train, config.preprocess)
     for series, description in SERIES_TYPES.items():
         run = MlflowClient().get_run(study_store.localizers[series].run_id).data.metrics
         assert jitter.sigma_mm[description] == pytest.approx(run[f"test_{series}_point_error_mm"] / np.sqrt(np.pi / 2))
         assert jitter.slice_move[description] == pytest.approx(1 - run[f"test_{series}_slice_exact"])
     assert 0 < min(jitter.sigma_mm.values()) and "spinemri-localizer" in jitter.source
     with pytest.raises(ConfigError, match="has none of the aliases sagittal_t2, sagittal_t1, axial_t2"):
-        site_jitter(load_experiment("quick", {"train.site_jitter_from": "models:/spinemri"}))
+        site_jitter_of(load_experiment("quick", {"train.site_jitter_from": "models:/spinemri"}))
 
 
 def test_held_out_score_beats_the_prior_baseline_and_is_logged(study_store, tmp_path):
@@ -361,3 +361,10 @@ def test_mlflow_run_trains_a_localizer(study_store, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["localize.series"] == "sagittal_t1" and run.data.params["img_size"] == "48"
     assert "test_sagittal_t1_point_error_mm" in run.data.metrics
+
+
+def site_jitter_of(config):
+    """The site jitter an experiment's training and preprocessing settings ask for."""
+    from spinemri.training.jitter import site_jitter
+
+    return site_jitter(config.train, config.preprocess)

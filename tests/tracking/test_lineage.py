@@ -47,12 +47,13 @@ def test_a_cache_without_a_recorded_digest_gets_one_once(phantom_dir, tmp_path):
 
 def test_each_split_is_one_dataset_input_named_after_the_data(phantom_dir, tracking):
     config = load_experiment("quick", {"data_dir": str(phantom_dir)})
-    assert data_name(config) == phantom_dir.name
-    assert data_name(load_experiment("quick", {"data.phantom_studies": 12})) == "phantom-12-studies-seed0"
+    assert data_name(config.data) == phantom_dir.name
+    assert data_name(load_experiment("quick", {"data.phantom_studies": 12}).data) == "phantom-12-studies-seed0"
     rows = pd.DataFrame({"study_id": [1, 1, 2, 3], "x": range(4)})
     mlflow.set_experiment("lineage")
     with mlflow.start_run() as run:
-        log_splits(config, str(phantom_dir), "0123456789abcdef0123", {"train": rows[:3], "test": rows[3:]})
+        log_splits(config.data, config.split, str(phantom_dir), "0123456789abcdef0123",
+                   {"train": rows[:3], "test": rows[3:]})
     inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     found = {i.tags[0].value: i.dataset for i in inputs}
     assert set(found) == {"training", "test"}

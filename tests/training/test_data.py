@@ -159,15 +159,22 @@ def test_site_jitter_from_the_config_and_its_limits():
     from spinemri.errors import ConfigError
     from spinemri.training.jitter import site_jitter
 
-    assert site_jitter(load_experiment("quick")) is None
+    assert site_jitter_of(load_experiment("quick")) is None
     config = load_experiment("quick", {"train.site_jitter_mm": 4.0, "train.site_jitter_slices": 0.3,
                                        "preprocess.slices": 3})
-    jitter = site_jitter(config)
+    jitter = site_jitter(config.train, config.preprocess)
     samples = pd.DataFrame({"series_description": ["Axial T2", "Sagittal T1", "Unknown"]})
     sigma, move = jitter.per_sample(samples, pixels_per_mm=2.0)
     assert sigma.tolist() == [8.0, 8.0, 0.0] and np.allclose(move, [0.3, 0.3, 0.0])
-    assert site_jitter(load_experiment("quick", {"train.site_jitter_slices": 0.3})).slice_move["Axial T2"] == 0
+    assert site_jitter_of(load_experiment("quick", {"train.site_jitter_slices": 0.3})).slice_move["Axial T2"] == 0
     with pytest.raises(ConfigError, match="preprocess.mode slice has no site to move"):
-        site_jitter(load_experiment("quick", {"train.site_jitter_mm": 4.0, "mode": "slice"}))
+        site_jitter_of(load_experiment("quick", {"train.site_jitter_mm": 4.0, "mode": "slice"}))
     with pytest.raises(ConfigError, match="train.site_jitter_slices must be a probability"):
         load_experiment("quick", {"train.site_jitter_slices": 2})
+
+
+def site_jitter_of(config):
+    """The site jitter an experiment's training and preprocessing settings ask for."""
+    from spinemri.training.jitter import site_jitter
+
+    return site_jitter(config.train, config.preprocess)

@@ -19,7 +19,7 @@ import pandas as pd
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-from spinemri.config import ExperimentConfig
+from spinemri.config import DataConfig, SplitConfig
 
 # The split a run reads -> the context MLflow shows beside the dataset.
 CONTEXTS = {"train": "training", "val": "validation", "test": "test", "cv": "cross-validation"}
@@ -52,22 +52,22 @@ class SplitDataset(Dataset):
         return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
 
-def data_name(config: ExperimentConfig) -> str:
+def data_name(data: DataConfig) -> str:
     """What the data is: the phantom with its studies and seed, or the data folder's name."""
-    if not config.data.data_dir:
-        return f"phantom-{config.data.phantom_studies}-studies-seed{config.data.phantom_seed}"
-    return Path(config.data.data_dir).resolve().name or str(config.data.data_dir)
+    if not data.data_dir:
+        return f"phantom-{data.phantom_studies}-studies-seed{data.phantom_seed}"
+    return Path(data.data_dir).resolve().name or str(data.data_dir)
 
 
-def log_splits(config: ExperimentConfig, source_dir: str, digest: str, parts: dict[str, pd.DataFrame],
-               *, unit: str = "samples") -> list[SplitDataset]:
+def log_splits(data: DataConfig, split_settings: SplitConfig, source_dir: str, digest: str,
+               parts: dict[str, pd.DataFrame], *, unit: str = "samples") -> list[SplitDataset]:
     """Log one dataset input per split of ``parts`` (split -> its rows, each with a ``study_id``) into the
     active run; ``unit`` names what a row is (samples, slices). Returns the datasets."""
-    base = data_name(config)
+    base = data_name(data)
     datasets = []
     for split, rows in parts.items():
         profile = {"split": split, "studies": int(rows["study_id"].nunique()), unit: int(len(rows)),
-                   "split_fractions": list(config.split.fractions), "split_seed": config.split.seed}
+                   "split_fractions": list(split_settings.fractions), "split_seed": split_settings.seed}
         dataset = SplitDataset(f"{base}-{split}", source_dir, digest, profile)
         mlflow.log_input(dataset, context=CONTEXTS.get(split, split))
         datasets.append(dataset)

@@ -78,7 +78,7 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_ta
         raise ValueError("cross_validate needs split.folds >= 2")
     check_devices(config.train)
     get_backbone(config.model.arch).check_size(config.preprocess.img_size)
-    jitter = site_jitter(config)  # a jitter that cannot apply fails here, before any run starts
+    jitter = site_jitter(config.train, config.preprocess)  # one that cannot apply fails here, before any run
     dataset, samples = prepare_data(config)
     table = folds_table if folds_table is not None else fold_studies(
         samples, folds, test_fraction=config.split.fractions[2], seed=config.split.seed)
@@ -101,7 +101,7 @@ def cross_validate(config: ExperimentConfig, *, log_model: bool = True, folds_ta
                       tags=tags, run_name=f"{config.model.arch}-cv{folds}-{datetime.now():%Y%m%d-%H%M%S}",
                       nested=nested) as run:
         mlflow.log_text(table.to_csv(index=False), FOLDS_ARTIFACT)
-        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+        lineage.log_splits(config.data, config.split, dataset.manifest["data_dir"], dataset.content_digest,
                            {"cv": samples[samples["fold"] >= 0], "test": samples[samples["fold"] < 0]})
         results = [_fold(config, dataset, samples, k, log_model) for k in range(folds)]
         if log_model:
@@ -131,7 +131,7 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params={},
                       tags=tags, run_name=f"fold-{k}", nested=True) as run:
         log_split(fold_samples[["study_id", "split"]].drop_duplicates().sort_values("study_id"))
-        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+        lineage.log_splits(config.data, config.split, dataset.manifest["data_dir"], dataset.content_digest,
                            {name: part.samples for name, part in splits.items()})
         model, history, seconds = fit_model(config, dataset, splits)
         held = splits["val"]

@@ -79,7 +79,8 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
     with training_run(experiment=config.mlflow.experiment, config=config.to_dict(redacted=True), params=params,
                       tags=tags, run_name=f"ensemble-{len(members)}-{datetime.now():%Y%m%d-%H%M%S}") as run:
         log_split(dataset.splits(config.split.fractions, config.split.seed))
-        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest, {"test": test.samples})
+        lineage.log_splits(config.data, config.split, dataset.manifest["data_dir"], dataset.content_digest,
+                           {"test": test.samples})
         proba = predict_cached(ensemble, dataset.path / "images.npy", test, config.train.batch_size)
         evaluation = log_held_out(test.samples, test.targets, proba, split_data(samples, "train").targets, "test")
         predictions = paired.prediction_table(test.samples, test.targets, proba)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from spinemri.config import ExperimentConfig
+from spinemri.config import PreprocessConfig, TrainConfig
 from spinemri.data.schema import SERIES_TYPES
 from spinemri.errors import ConfigError
 
@@ -60,12 +60,12 @@ class SiteJitter:
         return out
 
 
-def site_jitter(config: ExperimentConfig) -> SiteJitter | None:
-    """The jitter ``config`` asks for, or None; ConfigError where it cannot apply."""
-    cfg = config.train
+def site_jitter(train: TrainConfig, preprocess: PreprocessConfig) -> SiteJitter | None:
+    """The jitter the training settings ask for, or None; ConfigError where it cannot apply (``preprocess``)."""
+    cfg = train
     if not (cfg.site_jitter_from or cfg.site_jitter_mm > 0 or cfg.site_jitter_slices > 0):
         return None
-    if config.preprocess.mode != "roi":
+    if preprocess.mode != "roi":
         raise ConfigError("train.site_jitter_* moves ROI crops; preprocess.mode slice has no site to move "
                           "(set the jitter to 0 or use mode roi)")
     if cfg.site_jitter_from:
@@ -73,7 +73,7 @@ def site_jitter(config: ExperimentConfig) -> SiteJitter | None:
     else:
         jitter = SiteJitter({d: cfg.site_jitter_mm for d in SERIES_TYPES.values()},
                             {d: cfg.site_jitter_slices for d in SERIES_TYPES.values()}, "config")
-    if config.preprocess.slices == 1 and any(p > 0 for p in jitter.slice_move.values()):
+    if preprocess.slices == 1 and any(p > 0 for p in jitter.slice_move.values()):
         print(f"site jitter: a 1-slice crop cannot move across slices; only in-plane jitter applies "
               f"({jitter.source})", flush=True)
         jitter = SiteJitter(jitter.sigma_mm, {d: 0.0 for d in jitter.slice_move}, jitter.source)

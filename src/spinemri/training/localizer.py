@@ -218,7 +218,7 @@ def train_localizer(config: ExperimentConfig, *, nested: bool = False) -> TrainR
                       nested=nested) as run:
         log_split(pd.concat([pd.DataFrame({"study_id": sorted(s.slices["study_id"].unique()), "split": n})
                              for n, s in splits.items()], ignore_index=True))  # predict-study checks it for leaks
-        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+        lineage.log_splits(config.data, config.split, dataset.manifest["data_dir"], dataset.content_digest,
                            {n: s.slices for n, s in splits.items()}, unit="slices")
         result, _ = train_in_run(config, task, dataset, splits)
     result.run_id = run.info.run_id

@@ -82,7 +82,7 @@ def cross_validate_localizer(config: ExperimentConfig, *, folds_table: pd.DataFr
         mlflow.log_text(table.to_csv(index=False), FOLDS_ARTIFACT)
         slices = dataset.slices()
         fold = slices["study_id"].astype(str).map(fold_of)
-        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+        lineage.log_splits(config.data, config.split, dataset.manifest["data_dir"], dataset.content_digest,
                            {"cv": slices[fold >= 0], "test": slices[fold < 0]}, unit="slices")
         errors, models = [], {}
         for k, (split_of, splits) in enumerate(fold_splits):
@@ -92,7 +92,7 @@ def cross_validate_localizer(config: ExperimentConfig, *, folds_table: pd.DataFr
             fold_tags.pop("folds")
             with training_run(experiment=experiment_name(config), config=config.to_dict(redacted=True),
                               params={}, tags=fold_tags, run_name=f"{task.name}-fold-{k}", nested=True) as fold_run:
-                lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+                lineage.log_splits(config.data, config.split, dataset.manifest["data_dir"], dataset.content_digest,
                                    {n: s.slices for n, s in splits.items()}, unit="slices")
                 log_split(pd.DataFrame([(s, n) for s, n in sorted(split_of.items()) if n in splits],
                                        columns=["study_id", "split"]))

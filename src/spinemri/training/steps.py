@@ -64,7 +64,7 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     model = _build(config, severity_start(config, splits["train"].samples))
     per_site = config.severity_head == "per_site"
     images_path = dataset.path / "images.npy"
-    jitter = site_jitter(config)
+    jitter = site_jitter(config.train, config.preprocess)
     if jitter is not None and tracked:
         mlflow.log_params(jitter.params())
     per_sample = None if jitter is None else \

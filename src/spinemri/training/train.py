@@ -62,7 +62,7 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
         strategy = join(workers, config.train.worker_timeout_s)
     check_devices(config.train)
     get_backbone(config.model.arch).check_size(config.preprocess.img_size)
-    site_jitter(config)  # a jitter that cannot apply fails here, before any run starts
+    site_jitter(config.train, config.preprocess)  # a jitter that cannot apply fails here, before any run starts
     dataset, samples = prepare_data(config)
     splits = {name: split_data(samples, name) for name in SPLITS}
     for name, part in splits.items():
@@ -81,7 +81,7 @@ def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_m
                       tags=run_tags(dataset.fingerprint, config.model.arch, config.task), run_name=run_name,
                       nested=nested, own_run=own_run) as run:
         log_split(dataset.splits(config.split.fractions, config.split.seed))
-        lineage.log_splits(config, dataset.manifest["data_dir"], dataset.content_digest,
+        lineage.log_splits(config.data, config.split, dataset.manifest["data_dir"], dataset.content_digest,
                            {name: part.samples for name, part in splits.items()})
         try:
             result = _train_in_run(config, dataset, splits, callbacks, log_model, evaluate_test)
