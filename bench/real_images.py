@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the recipe (repeatable), e.g. model.arch=tiny")
     args = parser.parse_args()
-    data = Path(args.data)
+    data = Path(args.data).resolve()  # the private store below runs in a folder of its own
     table = data / "labels.csv"
     if not table.is_file():
         print(f"bench/real_images.py: {table} not found; --data must be a folder of real slices with a labels.csv "
