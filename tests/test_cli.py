@@ -295,3 +295,12 @@ def test_infinite_and_undefined_numbers_are_refused_by_name(value):
         result = CliRunner().invoke(cli, ["train", "--set", f"{key}={shown}"])
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert f"{key} must be a" in result.output and "finite" in result.output or "whole number" in result.output
+
+
+def test_a_refused_setting_is_refused_before_tensorflow_is_imported():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom spinemri.cli import main\n"
+            "result = CliRunner().invoke(main, ['train', '--set', 'no.such.key=1'])\n"
+            "assert result.exit_code == 1 and 'unknown setting' in result.output, result.output\n"
+            "print('tensorflow' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr[-2000:]

@@ -30,9 +30,10 @@ def train(experiment, settings, **flags) -> None:
     runs first. The tracking store is $MLFLOW_TRACKING_URI (default: ./mlflow.db). Prints the run
     id and the test metrics.
     """
+    config = experiment_config(experiment, flags, settings)  # refused before TensorFlow is imported
     from spinemri.api.train import run_experiment
 
-    echo_outcome(run_experiment(experiment_config(experiment, flags, settings)))
+    echo_outcome(run_experiment(config))
 
 
 def echo_outcome(outcome) -> None:
@@ -79,11 +80,12 @@ def tune(experiment, trials, settings, **flags) -> None:
     until --trials trials have finished. The best configuration is then trained and logged with
     its model like `spinemri train`.
     """
-    from spinemri.api.train import run_experiment
-
     settings = (*settings, *(f"tuning.{k}={flags.pop(k)}" for k in ("study_name", "pruner") if flags.get(k)))
     flags = {k: v for k, v in flags.items() if k not in ("study_name", "pruner")}
-    echo_outcome(run_experiment(experiment_config(experiment, {**flags, "trials": str(trials)}, settings)))
+    config = experiment_config(experiment, {**flags, "trials": str(trials)}, settings)
+    from spinemri.api.train import run_experiment
+
+    echo_outcome(run_experiment(config))
 
 
 @click.command()
