@@ -52,8 +52,8 @@ def test_overrides_from_the_command_line_are_typed():
     ({"model.dropout": "1.5"}, "model.dropout must be within"),
     ({"train.monitor": "loss"}, "train.monitor must be a validation metric"),
     ({"weights": "/nowhere/w.h5"}, "weights must be 'imagenet', 'none' or the path"),
-    ({"train.colour": "1"}, "unknown key(s) colour in section 'train'"),
-    ({"preprocess.colour": "1"}, "unknown key(s) colour in section 'preprocess'"),
+    ({"train.colour": "1"}, "unknown setting 'train.colour': section train has no setting 'colour'"),
+    ({"preprocess.colour": "1"}, "unknown setting 'preprocess.colour': section preprocess has no setting 'colour'"),
     ({"split.fractions": [0.9, 0.1, 0.0]}, "split.fractions"),
     ({"tuning.heartbeat_interval": "0"}, "tuning.heartbeat_interval must be a whole number of seconds >= 1"),
     ({"tuning.heartbeat_interval": "5", "tuning.grace_period": "5"}, "tuning.grace_period must be a whole number of "

@@ -181,7 +181,7 @@ def test_the_paired_policy_moves_the_champion_only_for_a_significant_improvement
     import numpy as np
 
     from spinemri.metrics.paired import paired_difference, prediction_table
-    from tests.evaluation.test_paired import _reference, _sharpen
+    from tests.metrics.test_paired import _reference, _sharpen
 
     name, metric = _name(), "test_severity_weighted_log_loss"
     samples, targets, proba = _reference()  # 40 held-out studies
@@ -234,7 +234,7 @@ def test_the_paired_policy_moves_the_champion_only_for_a_significant_improvement
 def test_a_paired_decision_needs_enough_studies(store):
     import numpy as np
 
-    from tests.evaluation.test_paired import _reference, _sharpen
+    from tests.metrics.test_paired import _reference, _sharpen
 
     name, metric = _name(), "test_severity_weighted_log_loss"
     samples, targets, proba = _reference()
@@ -301,7 +301,7 @@ def test_no_decision_suggests_promoting_a_version_shown_worse(store):
     import numpy as np
 
     from spinemri.metrics.paired import prediction_table
-    from tests.evaluation.test_paired import _reference, _sharpen
+    from tests.metrics.test_paired import _reference, _sharpen
 
     name, metric = _name(), "test_severity_weighted_log_loss"
     samples, targets, proba = _reference()
