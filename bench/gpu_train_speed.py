@@ -36,14 +36,14 @@ def train_rate(arch: str, img_size: int, slices: int, batch_size: int, warmup: i
     from spinemri.config import load_experiment
     from spinemri.data.schema import HEAD_CLASSES
     from spinemri.models.network import build_model
-    from spinemri.training.steps import compile_model
+    from spinemri.training.classifier import compile_model
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("mixed_float16")
     config = load_experiment("quick", {"arch": arch, "img_size": img_size, "batch_size": batch_size})
     model = build_model(arch, img_size, slices, weights="none", dense_units=config.model.dense_units,
                         dropout=config.model.dropout, bn_momentum=config.model.bn_momentum)
-    compile_model(model, config, config.train.lr)
+    compile_model(model, config.classifier, config.train.lr)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch_size, img_size, img_size, slices)).astype(np.float32)
     y = {h: np.eye(len(c), dtype=np.float32)[rng.integers(0, len(c), batch_size)] for h, c in HEAD_CLASSES.items()}

@@ -61,11 +61,11 @@ def memory_dataset(images_path, split, batch_size: int, seed: int):
 def measure(arch: str, img_size: int, batch_size: int, steps: int, rounds: int, data_dir) -> dict:
     import keras
 
+    from spinemri.api.source import prepare_data
     from spinemri.config import load_experiment
     from spinemri.models.network import build_model
     from spinemri.training.data import make_dataset, split_data
-    from spinemri.training.source import prepare_data
-    from spinemri.training.steps import compile_model
+    from spinemri.training.classifier import compile_model
 
     config = load_experiment("quick", {"arch": arch, "img_size": img_size, "batch_size": batch_size,
                                        "data_dir": str(data_dir)})
@@ -78,7 +78,7 @@ def measure(arch: str, img_size: int, batch_size: int, steps: int, rounds: int, 
     }
     keras.utils.set_random_seed(0)
     model = build_model(arch, img_size, 1, dense_units=config.model.dense_units, dropout=config.model.dropout)
-    compile_model(model, config, config.train.lr)
+    compile_model(model, config.classifier, config.train.lr)
     clock = BatchClock()
     for feed in feeds.values():  # warm-up: tracing, thread pools, first reads
         model.fit(feed, epochs=1, steps_per_epoch=min(steps, 4), verbose=0)

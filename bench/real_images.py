@@ -18,9 +18,9 @@ Targets: never worse than the floor (upper end of the CI <= +0.01) and, the aim,
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 
 from _common import emit, log, private_store, stdout_to_stderr, verdict
 
@@ -56,8 +56,8 @@ def main() -> int:
         print(f"bench/real_images.py: {exc}", file=sys.stderr)
         return 2
     with private_store() as tmp:
+        from spinemri.api.classifier import train
         from spinemri.data.site_table import write_flat_csv
-        from spinemri.training.train import train
 
         try:
             flat = write_flat_csv(table, tmp / "flat.csv")

@@ -34,10 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
 import _common
 
@@ -91,7 +91,7 @@ print(json.dumps(since(started, slices=slices)))
 TRAIN = CLOCK + """
 import keras
 from spinemri.config import load_experiment
-from spinemri.training.train import train
+from spinemri.api.classifier import train
 data_dir, workers, img_size, split = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 epochs = []
 class EpochClock(keras.callbacks.Callback):
@@ -109,7 +109,7 @@ LOCALIZER_MODELS = """
 import json, sys
 from spinemri.config import load_experiment
 from spinemri.data.schema import SERIES_TYPES
-from spinemri.training.localizer import train_localizer
+from spinemri.api.localizer import train_localizer
 data_dir, workers, img_size, split = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 uris = {}
 for series in SERIES_TYPES:

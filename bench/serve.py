@@ -2,7 +2,7 @@
 and errors under 8 concurrent clients.
 
 A model (default mobilenet_v2, 128 px, 1 epoch on a 10-study phantom) is trained and logged into a
-private sqlite store by ``spinemri.training.train.train``; then, with one labelled DICOM slice as the
+private sqlite store by ``spinemri.api.classifier.train``; then, with one labelled DICOM slice as the
 request row (``file_row``: base64 DICOM + site x/y):
 
 * in-process: ``load_classifier(uri).predict(None, frame)`` — the served pyfunc's own code (DICOM
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import signal
 import socket
 import subprocess
@@ -28,7 +29,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import _common
 
@@ -113,10 +113,10 @@ def main() -> None:
     data_dir = _common.phantom(10)
     with _common.private_store() as tmp:
         with _common.stdout_to_stderr():
+            from spinemri.api.classifier import train
             from spinemri.config import load_experiment
-            from spinemri.serving.inputs import file_row
             from spinemri.serving.classifier import load_classifier
-            from spinemri.training.train import train
+            from spinemri.serving.inputs import file_row
 
             config = load_experiment("quick", {"arch": args.arch, "img_size": args.img_size, "epochs": 1,
                                                "batch_size": 32, "data_dir": str(data_dir)})

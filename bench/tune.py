@@ -1,6 +1,6 @@
 """Epochs trained by a 12-trial Optuna study with pruning vs without pruning, same seed.
 
-Both studies run ``spinemri.tuning.tune`` (what `spinemri tune` runs) on the quick experiment's
+Both studies run ``spinemri.api.tune.tune`` (what `spinemri tune` runs) on the quick experiment's
 search space with the same TPE sampler seed, the tiny backbone at 64 px, up to 12 epochs per trial
 with early stopping (patience 3), on a 40-study phantom, each in its own journal storage; the
 best configuration's final retraining is not counted. Epochs per trial = the values the pruning
@@ -26,8 +26,8 @@ TOLERANCE = 0.05
 def run_study(pruner: str, args, data_dir, storage: str) -> dict:
     import optuna
 
+    from spinemri.api.tune import open_storage, tune
     from spinemri.config import load_experiment
-    from spinemri.tuning import open_storage, tune
 
     config = load_experiment("quick", {
         "arch": args.arch, "img_size": args.img_size, "epochs": args.epochs, "data_dir": str(data_dir),

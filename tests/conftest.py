@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+from dataclasses import dataclass
 import io
 import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
+import shutil
 
 import mlflow
 import numpy as np
@@ -160,7 +160,7 @@ def trained(tmp_path_factory, store_template) -> TrainedModel:
     assert add_patient_tags(data_dir / "train_images") > 100
     uri = copy_store(store_template, root / "mlflow.db")
     with isolated_tracking(uri, root / "cache"):
-        from spinemri.training.train import train
+        from spinemri.api.classifier import train
 
         # 10 studies leave 1 held-out study, too few to show any model better than its floor: the served model
         # of these tests is allowed below it (tests/tracking/test_registry.py checks that the decision says so).

@@ -102,7 +102,7 @@ FLOORS = (
     ("spinemri.training",),  # fitting the classifier and the localizers
     ("spinemri.evaluation",),  # evaluation runs and comparisons of trained models
     ("spinemri.study",),  # the two-stage pipeline's products
-    ("spinemri.tuning", "spinemri.pacs"),
+    ("spinemri.api.tune", "spinemri.pacs"),
     ("spinemri.api",),  # the library run layer that the CLI, MLproject and tests call
     ("spinemri.cli", "spinemri.__main__"),
 )
@@ -146,3 +146,33 @@ def test_no_module_is_over_500_lines_and_no_command_module_over_250():
                for path in PACKAGE.rglob("*.py")}
     assert {p: n for p, n in lengths.items() if n > 500} == {}
     assert {p: n for p, n in lengths.items() if p.startswith("spinemri/cli/") and n >= 250} == {}
+
+
+WHOLE_CONFIG_READERS = ("spinemri.api", "spinemri.cli", "spinemri.config")
+
+
+def modules_naming(name: str, package: Path = PACKAGE) -> list[str]:
+    """The modules that import ``name`` from a spinemri module (or refer to it as an attribute of one)."""
+    found = []
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        if any(isinstance(node, ast.ImportFrom) and (node.module or "").startswith("spinemri")
+               and any(a.name == name for a in node.names) for node in ast.walk(tree)) \
+                or any(isinstance(node, ast.Attribute) and node.attr == name for node in ast.walk(tree)):
+            found.append(_module_name(path, package))
+    return sorted(found)
+
+
+def test_only_the_run_layer_and_the_cli_read_a_whole_experiment():
+    readers = modules_naming("ExperimentConfig")
+    assert "spinemri.api.classifier" in readers  # the check reads the tree
+    below = [m for m in readers if not any(m == p or m.startswith(p + ".") for p in WHOLE_CONFIG_READERS)]
+    assert below == [], "modules below the run layer that take the whole experiment config: " + ", ".join(below)
+
+
+def test_the_config_check_finds_a_module_below_the_run_layer(tmp_path):
+    package = tmp_path / "spinemri"
+    (package / "training").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "training" / "fit.py").write_text("from spinemri.config import ExperimentConfig\n")
+    assert modules_naming("ExperimentConfig", package) == ["spinemri.training.fit"]

@@ -1,4 +1,4 @@
-"""spinemri.evaluation.logged_model: study-level bootstrap CIs, baselines, calibration and breakdowns on synthetic predictions,
+"""spinemri.api.evaluate: study-level bootstrap CIs, baselines, calibration and breakdowns on synthetic predictions,
 then evaluate_run on a real tiny training run in a private MLflow store."""
 
 from __future__ import annotations
@@ -11,22 +11,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss, precision_score,
-                             recall_score, roc_auc_score)
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss, precision_score, recall_score,
+    roc_auc_score)
 
 from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, LEVELS
-from spinemri.metrics.scores import HEAD_METRICS
-from spinemri.metrics.heads import (
-
-    METRICS,
-    evaluate_predictions,
-    head_metrics,
-    resample_scores,
-    study_bootstrap_counts,
-    weighted_log_loss,
-)
+from spinemri.metrics.heads import (METRICS, evaluate_predictions, head_metrics, resample_scores,
+    study_bootstrap_counts, weighted_log_loss)
 from spinemri.metrics.report import (breakdown_figure, evaluation_markdown, evaluation_metrics, evaluation_table,
     reliability_figure)
+from spinemri.metrics.scores import HEAD_METRICS
 
 HEADS = tuple(HEAD_CLASSES)
 # The oracle clips probabilities to 1e-7, so exact zeros or tiny Dirichlet draws no longer sum to one.

@@ -15,15 +15,15 @@ import pandas as pd
 import pydicom
 import pytest
 
+from spinemri.api.source import prepare_data
 from spinemri.data.dicom import encode_dicom, read_dicom
 from spinemri.data.preprocess import PreprocessConfig, preprocess
 from spinemri.data.schema import HEAD_CLASSES
-from spinemri.training.source import prepare_data
 from spinemri.models import calibration
 from spinemri.models.network import build_model
-from spinemri.serving.inputs import InputError, file_row
 from spinemri.serving.classifier import SpineClassifier, load_classifier
-from spinemri.tracking.runs import run_config
+from spinemri.serving.inputs import InputError, file_row
+from spinemri.api.evaluate import run_config
 from spinemri.training.data import read_rows, split_data
 from tests.conftest import CANARIES, no_pixels_dicom_b64
 

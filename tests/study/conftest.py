@@ -10,8 +10,8 @@ import mlflow
 import pytest
 
 from spinemri.config import load_experiment
-from tests.conftest import copy_store, isolated_tracking
 from spinemri.phantom import PhantomConfig, synthesize
+from tests.conftest import copy_store, isolated_tracking
 
 # 40 studies, a fifth of them held out (8): enough for every series type and a held-out score that
 # is steady from run to run; second axial series made common.
@@ -51,8 +51,8 @@ def two_stage(tmp_path_factory, store_template) -> TwoStage:
     uri = copy_store(store_template, root / "mlflow.db")
     system = TwoStage(uri, data_dir, root / "cache")
     with isolated_tracking(uri, root / "cache"):
-        from spinemri.training.localizer import train_localizer
-        from spinemri.training.train import train
+        from spinemri.api.classifier import train
+        from spinemri.api.localizer import train_localizer
 
         for series in ("sagittal_t2", "sagittal_t1", "axial_t2"):
             config = load_experiment("localize", {**LOCALIZER, "train.epochs": LOCALIZER_EPOCHS[series],

@@ -24,9 +24,9 @@ from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SEVERITIES, parse_label_column
 from spinemri.data.studies import find_studies
 from spinemri.errors import ConfigError
-from spinemri.serving.localizer import load_localizer
 from spinemri.metrics.competition import PROBABILITY_COLUMNS
 from spinemri.serving.classifier import load_classifier
+from spinemri.serving.localizer import load_localizer
 from spinemri.tracking.reports import prior_site_score
 from tests import hostile
 
@@ -227,8 +227,8 @@ def test_evaluate_study_on_labels_of_the_submitted_studies_only(study_store, tmp
 
 
 def test_predict_study_refuses_localizers_that_trained_on_the_held_out_studies(study_store, tmp_path):
+    from spinemri.api.localizer import train_localizer
     from spinemri.config import load_experiment
-    from spinemri.training.localizer import train_localizer
     from tests.study.conftest import LOCALIZER
 
     config = load_experiment("localize", {**LOCALIZER, "train.epochs": 1, "data_dir": str(study_store.data_dir),

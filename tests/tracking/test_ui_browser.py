@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+from dataclasses import dataclass
 import fcntl
 import json
 import os
+from pathlib import Path
 import select
 import shutil
 import socket
@@ -27,10 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
+import urllib.request
 
 import mlflow
 import pytest
@@ -137,7 +137,7 @@ class UiStore:
 @pytest.fixture(scope="module")
 def ui_store(browser, phantom_dir, tmp_path_factory, store_template) -> Iterator[UiStore]:
     """Two finished training runs (lr 1e-3 and 2e-3) in a private store, served by `mlflow server`."""
-    from spinemri.training.train import train
+    from spinemri.api.classifier import train
 
     root = tmp_path_factory.mktemp("ui")
     uri = copy_store(store_template, root / "mlflow.db")  # the tables exist before the server opens the store

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import mlflow
@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spinemri.api.classifier import train
 from spinemri.config import TrainConfig, load_experiment
-from spinemri.errors import ConfigError
 from spinemri.data.schema import HEAD_CLASSES
+from spinemri.errors import ConfigError
 from spinemri.models.network import build_model
 from spinemri.training.fit import distribution
-from spinemri.training.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 # Logical devices must be declared before TensorFlow initialises: a fresh interpreter does it.
@@ -50,8 +50,8 @@ def test_mirrored_training_on_two_logical_devices_logs_replicas_and_serves(phant
     assert run.data.tags["mixed_precision"] == "off"  # no GPU here: auto stays float32
     assert run.data.params["strategy"] == "mirrored"
 
-    from spinemri.serving.inputs import file_row
     from spinemri.serving.classifier import load_classifier
+    from spinemri.serving.inputs import file_row
 
     classifier = load_classifier(f"runs:/{run.info.run_id}/model")
     samples = pd.read_csv(phantom_dir / "train_label_coordinates.csv").iloc[:2]

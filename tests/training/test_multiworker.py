@@ -4,13 +4,13 @@ both, one MLflow run (the chief's), a killed worker named on the chief's FAILED 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from spinemri.api.classifier import train
 from spinemri.config import load_experiment
 from spinemri.errors import ConfigError
 from spinemri.training.cluster import Cluster, read_cluster, stopped_worker
 from spinemri.training.data import make_dataset, split_data
-from spinemri.training.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--arch", "tiny", "--img-size", "32", "--batch-size", "16", "--strategy", "multiworker",

@@ -14,8 +14,8 @@ import pytest
 
 from spinemri.config import load_experiment
 from spinemri.data import schema
-from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.data.readers import load_samples
+from spinemri.phantom import PhantomConfig, synthesize
 
 GRADE_BY_LEVEL = {"L1/L2": "Normal/Mild", "L2/L3": "Normal/Mild", "L3/L4": "Moderate", "L4/L5": "Severe",
                   "L5/S1": "Moderate"}
@@ -42,7 +42,7 @@ def level_graded(tmp_path_factory):
 @pytest.fixture(scope="module")
 def per_site_model(level_graded, store_template, tmp_path_factory):
     """A per-site model trained one epoch on the level-graded slices, in a store of its own: its model URI."""
-    from spinemri.training.train import train
+    from spinemri.api.classifier import train
     from tests.conftest import copy_store, isolated_tracking
 
     root = tmp_path_factory.mktemp("per_site_store")
@@ -63,7 +63,7 @@ def _use(store, monkeypatch) -> str:
 
 
 def test_one_image_with_different_grades_per_level_is_learned_per_site(level_graded, tracking):
-    from spinemri.training.train import train
+    from spinemri.api.classifier import train
 
     per_site = train(load_experiment("quick", {**SETTINGS, "data_dir": str(level_graded)}))
     single = train(load_experiment("quick", {**SETTINGS, "data_dir": str(level_graded),
@@ -81,8 +81,8 @@ def test_one_image_with_different_grades_per_level_is_learned_per_site(level_gra
 def test_the_served_per_site_model_needs_the_site_and_grades_it(level_graded, per_site_model, monkeypatch):
     import base64
 
-    from spinemri.serving.inputs import InputError
     from spinemri.serving.classifier import load_classifier
+    from spinemri.serving.inputs import InputError
 
     classifier = load_classifier(_use(per_site_model, monkeypatch))
     assert classifier.per_site and classifier.meta["severity_head"] == "per_site"

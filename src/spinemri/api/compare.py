@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spinemri.config import load_experiment, parse_override, resolve_experiment
+from spinemri.api.classifier import train
+from spinemri.config import ExperimentConfig, load_experiment, parse_override, resolve_experiment, with_values
 from spinemri.errors import ConfigError
-from spinemri.evaluation.compare import Comparison, build_table, compare_link, log_table, train_all, verdicts
+from spinemri.evaluation.compare import Comparison, build_table, compare_link, latest_runs, log_table, verdicts
 
 
 @dataclass(frozen=True)
@@ -49,3 +50,17 @@ def compare_runs(experiment: str, *, train: bool = False, skip_existing: bool = 
     link = compare_link(comparison, config.mlflow.ui_url if config else "")
     run_id = log_table(comparison, link)
     return CompareOutcome(comparison, mlflow_experiment, run_id, link, verdicts(comparison.table))
+
+
+def train_all(config: ExperimentConfig, *, skip_existing: bool = False) -> list[str]:
+    """Train each backbone in ``config.compare.archs`` with otherwise identical settings; returns run ids."""
+    done = set(latest_runs(config.mlflow.experiment, config.split.folds)) if skip_existing else set()
+    run_ids = []
+    for arch in config.compare.archs:
+        if arch in done:
+            print(f"{arch}: a finished run exists, skipped (--skip-existing)", flush=True)
+            continue
+        print(f"== training {arch} ({len(run_ids) + 1}/{len(config.compare.archs)}) ==", flush=True)
+        result = train(with_values(config, {"model.arch": arch}))
+        run_ids.append(result.run_id)
+    return run_ids

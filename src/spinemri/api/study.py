@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spinemri.api.ablation import AblationResult, ablation_configs, run_ablation
 from spinemri.api.settings import experiment_config
 from spinemri.config import load_experiment, parse_override
 from spinemri.errors import ConfigError, MetricError
-from spinemri.study.ablation import AblationResult, ablation_configs, run_ablation
 from spinemri.study.evaluate import evaluate_study_files, log_study_evaluation
 
 
@@ -45,7 +45,7 @@ def evaluate_study(data_dir: str | Path, submission: str | Path, *, sites: str |
 def ablation(experiment: str, localizer_experiment: str, *, flags: dict | None = None, settings: tuple[str, ...] = (),
              localizer_settings: tuple[str, ...] = (), studies: int | None = None, slices: int = 5, members: int = 2,
              mlflow_experiment: str = "spinemri-ablation") -> AblationResult:
-    """Cross-validate the study pipeline and each addition on the same folds (spinemri.study.ablation): the
+    """Cross-validate the study pipeline and each addition on the same folds (spinemri.api.ablation): the
     classifier's experiment with its flags and ``settings``, the localizers' with ``localizer_settings``."""
     if studies is not None:
         settings = (*settings, f"data.phantom_studies={studies}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from spinemri.api.classifier import train
+from spinemri.api.localizer import train_localizer
+from spinemri.api.localizer_cv import cross_validate_localizer
+from spinemri.api.tune import tune
 from spinemri.config import ExperimentConfig
 from spinemri.errors import ConfigError
-from spinemri.training.localizer import train_localizer
-from spinemri.training.localizer_cv import cross_validate_localizer
-from spinemri.training.train import train
-from spinemri.tuning import tune
 
 KINDS = ("localizer_cv", "localizer", "tuned", "trained")
 

@@ -63,7 +63,7 @@ def evaluate_command(run_id, split, n_boot, as_json) -> None:
     with reliability diagrams; severity per condition and per level. Training runs this on the test
     split automatically.
     """
-    from spinemri.evaluation.logged_model import evaluate_run
+    from spinemri.api.evaluate import evaluate_run
     from spinemri.metrics.report import evaluation_markdown
 
     report = evaluate_run(run_id, split, n_boot=n_boot)

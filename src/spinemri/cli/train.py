@@ -105,7 +105,7 @@ def ensemble(run_ids, name, no_register, policy) -> None:
     the runs' experiment and registered like any classifier; `mlflow models serve`, `spinemri
     predict` and `predict-study` take it unchanged.
     """
-    from spinemri.training.ensemble import build_ensemble
+    from spinemri.api.ensemble import build_ensemble
 
     result = build_ensemble(list(run_ids), registered_model=name, register=not no_register, policy=policy)
     click.echo(f"run {result.run_id}: ensemble {result.model_uri}")

@@ -1,7 +1,7 @@
 """Experiment configuration, the one home of every setting: YAML under experiments/ -> validated dataclasses.
 
     sections     one dataclass per section (DataConfig, SplitConfig, ModelConfig, TrainConfig, ...), defaults and help
-    experiment   ExperimentConfig (all sections), SHORTCUTS (the flags), the names runs log settings under
+    experiment   ExperimentConfig (all sections; ClassifierSettings, the three a classifier's fit reads), SHORTCUTS (the flags), the names runs log settings under
     load         load_experiment / from_dict / parse_override / with_values: YAML and overrides to a validated config
 
 An experiment file has the sections of :class:`ExperimentConfig` (data, preprocess, split, model,
@@ -12,8 +12,8 @@ the settings typed most a command-line flag (``--epochs``) and an MLproject para
 config is logged with every run, so a run can be reproduced from its own record.
 """
 
-from spinemri.config.experiment import (PREPARE_SHORTCUTS, SHORTCUTS, TASK_SECTIONS, ExperimentConfig, param_name,
-    run_params, setting_field, setting_help)
+from spinemri.config.experiment import (PREPARE_SHORTCUTS, SHORTCUTS, TASK_SECTIONS, ClassifierSettings,
+    ExperimentConfig, param_name, run_params, setting_field, setting_help)
 from spinemri.config.load import (EXPERIMENTS_DIR, from_dict, load_experiment, parse_override, resolve_experiment,
     with_values)
 from spinemri.config.sections import (CALIBRATIONS, DISTRIBUTIONS, MIXED_PRECISION, OPTIMIZERS, PRUNERS, STRATEGIES,
@@ -23,7 +23,7 @@ from spinemri.data.preprocess import PreprocessConfig
 from spinemri.data.schema import HEADS
 
 __all__ = ["CALIBRATIONS", "DISTRIBUTIONS", "EXPERIMENTS_DIR", "HEADS", "MIXED_PRECISION", "OPTIMIZERS", "PREPARE_SHORTCUTS",
-           "PRUNERS", "SHORTCUTS", "STRATEGIES", "TASKS", "TASK_SECTIONS", "AugmentConfig", "CompareConfig", "DataConfig",
+           "PRUNERS", "SHORTCUTS", "STRATEGIES", "TASKS", "TASK_SECTIONS", "AugmentConfig", "ClassifierSettings", "CompareConfig", "DataConfig",
            "ExperimentConfig", "LocalizeConfig", "MlflowConfig", "ModelConfig", "PreprocessConfig", "SplitConfig",
            "TrainConfig", "TuningConfig", "from_dict", "load_experiment", "param_name", "parse_override",
            "resolve_experiment", "run_params", "setting_field", "setting_help", "with_values"]

@@ -16,6 +16,20 @@ from spinemri.models.catalog import severity_head
 from spinemri.redact import redact_values
 
 
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """What fitting a classifier reads of an experiment: how its inputs are made, the network, the training."""
+
+    preprocess: PreprocessConfig
+    model: ModelConfig
+    train: TrainConfig
+
+    @property
+    def severity_head(self) -> str:
+        """The classifier's severity output, ``single`` or ``per_site`` (model.severity_head, auto resolved)."""
+        return severity_head(self.model.severity_head, self.preprocess.mode)
+
+
 @dataclass
 class ExperimentConfig:
     name: str = setting("default", "experiment name (the YAML file's)")
@@ -32,9 +46,13 @@ class ExperimentConfig:
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
 
     @property
+    def classifier(self) -> ClassifierSettings:
+        """The sections a classifier's fit reads (spinemri.training.classifier)."""
+        return ClassifierSettings(self.preprocess, self.model, self.train)
+
+    @property
     def severity_head(self) -> str:
-        """The classifier's severity output, ``single`` or ``per_site`` (model.severity_head, auto resolved)."""
-        return severity_head(self.model.severity_head, self.preprocess.mode)
+        return self.classifier.severity_head
 
     @property
     def localizer_preprocessing(self) -> PreprocessConfig:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from spinemri.data import schema
 from spinemri.errors import DatasetError
-from spinemri.atomic import write_csv
+from spinemri.atomic import check_target, write_csv
 
 COLUMNS = ("study_id", "condition_level", "severity", "file")
 MAX_LISTED = 10
@@ -82,11 +82,8 @@ def flat_from_site_table(table_csv: str | Path, *, scan_type: str = schema.SAGIT
 def write_flat_csv(table_csv: str | Path, out: str | Path, *, scan_type: str = schema.SAGITTAL_T1,
                    overwrite: bool = False) -> pd.DataFrame:
     """:func:`flat_from_site_table` written to ``out`` (complete or not at all); returns the rows."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DatasetError([f"{out} already exists; choose another file or pass --overwrite"])
-    if not out.parent.is_dir():
-        raise DatasetError([f"the folder of {out} does not exist; create it first"])
+    out = check_target(out, overwrite=overwrite, error=lambda message: DatasetError([message]), label=str(out),
+                       what="the CSV file to write")
     flat = flat_from_site_table(table_csv, scan_type=scan_type)
     write_csv(flat, out)
     return flat

@@ -1,1 +1,1 @@
-"""Evaluation runs above training: a logged model evaluated again on its split, and `compare` of trained backbones."""
+"""Comparisons of trained runs: the thesis's Table 3.1 rebuilt from MLflow runs, floors and paired differences beside."""

@@ -7,7 +7,7 @@ and ``log_table`` writes the table as Markdown, CSV and a PNG chart into a summa
 (tag ``role=summary``) of the same experiment.
 
 With ``folds=K`` (``spinemri compare --folds K``) each backbone is cross-validated instead
-(spinemri.training.cv) and the table holds each one's out-of-fold study-level score with its 95 % CI
+(spinemri.api.cv) and the table holds each one's out-of-fold study-level score with its 95 % CI
 over all CV studies, and its paired difference to the best backbone's score on the same studies.
 """
 
@@ -22,16 +22,14 @@ from mlflow.tracking import MlflowClient
 import numpy as np
 import pandas as pd
 
-from spinemri.config import ExperimentConfig, param_name, with_values
+from spinemri.config import param_name
 from spinemri.data.schema import HEADS
 from spinemri.errors import CompareError
 from spinemri.metrics.paired import paired_difference, terms_artifact
 from spinemri.metrics.plots import plt
 from spinemri.tracking import lineage, links
 from spinemri.tracking.reports import prior_site_score, table_artifact
-from spinemri.tracking.runs import log_figure, logged_table, start_run
-from spinemri.training.cv import CV_ROLE, CV_SCORE, FOLD_ROLE
-from spinemri.training.train import train
+from spinemri.tracking.runs import CV_ROLE, CV_SCORE, FOLD_ROLE, log_figure, logged_table, start_run
 
 NON_TRAINING_ROLES = ("trial", "study", "summary", CV_ROLE, FOLD_ROLE, "ensemble")
 
@@ -46,25 +44,11 @@ class Comparison:
         return markdown_table(self.table, self.head)
 
 
-def train_all(config: ExperimentConfig, *, skip_existing: bool = False) -> list[str]:
-    """Train each backbone in ``config.compare.archs`` with otherwise identical settings; returns run ids."""
-    done = set(_latest_runs(config.mlflow.experiment, config.split.folds)) if skip_existing else set()
-    run_ids = []
-    for arch in config.compare.archs:
-        if arch in done:
-            print(f"{arch}: a finished run exists, skipped (--skip-existing)", flush=True)
-            continue
-        print(f"== training {arch} ({len(run_ids) + 1}/{len(config.compare.archs)}) ==", flush=True)
-        result = train(with_values(config, {"model.arch": arch}))
-        run_ids.append(result.run_id)
-    return run_ids
-
-
 def build_table(experiment: str, head: str = "condition", archs: tuple[str, ...] | None = None,
                 folds: int = 0) -> Comparison:
     if head not in HEADS:
         raise CompareError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    runs = _latest_runs(experiment, folds)
+    runs = latest_runs(experiment, folds)
     if archs:
         runs = {arch: run for arch, run in runs.items() if arch in archs}
     if not runs:
@@ -314,7 +298,7 @@ def log_table(comparison: Comparison, link: str = "") -> str:
     return run.info.run_id
 
 
-def _latest_runs(experiment: str, folds: int = 0) -> dict[str, mlflow.entities.Run]:
+def latest_runs(experiment: str, folds: int = 0) -> dict[str, mlflow.entities.Run]:
     """The latest finished run per backbone: single-split training runs, or with ``folds`` the parent
     runs of cross-validations with that many folds."""
     client = MlflowClient()

@@ -45,7 +45,7 @@ from spinemri.data.cache import prepare
 from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.errors import ExportError
-from spinemri.atomic import atomic_path
+from spinemri.atomic import atomic_path, check_target
 from spinemri.serving.classifier import load_classifier
 
 if TYPE_CHECKING:
@@ -115,13 +115,8 @@ def check_request(fmt: str, out: str | Path, overwrite: bool = False) -> Path:
     """The output path, after checking the format, its folder and an existing file (and the format's packages)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise ExportError(f"the folder {out.parent} does not exist; create it first or choose another output path")
-    if out.is_dir():
-        raise ExportError(f"{out} is a folder; give a file path such as {out / ('model' + SUFFIXES[fmt])}")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; choose another path or pass --overwrite")
+    out = check_target(out, overwrite=overwrite, error=ExportError, label=str(out),
+                       what=f"a file path such as {Path(out) / ('model' + SUFFIXES[fmt])}")
     _backend(fmt)
     return out
 

@@ -19,7 +19,7 @@ from spinemri.data.dicom import read_image, series_order
 from spinemri.data.schema import CONDITIONS, LEVELS, condition_key, level_name
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.errors import ImageReadError, PredictError
-from spinemri.atomic import write_csv
+from spinemri.atomic import check_target, write_csv
 from spinemri.serving.classifier import SpineClassifier
 from spinemri.serving.inputs import SUFFIXES, read_file
 from spinemri.serving.requests import probabilities_frame
@@ -95,15 +95,7 @@ def read_sites(path: str | Path, root: Path) -> dict[str, list[Site]]:
 
 def check_out(out: str | Path, overwrite: bool) -> Path:
     """The output CSV, if it may be written: its folder exists, and it does not (or ``overwrite``)."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise PredictError(f"--out {out}: folder {out.parent} does not exist; create it first")
-    if out.is_dir():
-        raise PredictError(f"--out {out} is a folder; give the CSV file to write")
-    if out.exists() and not overwrite:
-        raise PredictError(f"--out {out} already exists; choose another file or pass --overwrite (it is then "
-                           "replaced only once every prediction has succeeded)")
-    return out
+    return check_target(out, overwrite=overwrite, error=PredictError, label=f"--out {out}", what="the CSV file to write")
 
 
 def predict_files(classifier: SpineClassifier, input_path: str | Path, out: str | Path, *,

@@ -1,1 +1,1 @@
-"""The two-stage pipeline's products: predict-study, its evaluation, the packaged study model, the ablation."""
+"""The two-stage pipeline's products: predict-study, its evaluation, the packaged study model."""

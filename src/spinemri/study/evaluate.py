@@ -13,8 +13,8 @@ from spinemri.errors import StudyError, UserError
 from spinemri.metrics.competition import label_rows, rsna_score
 from spinemri.metrics.floor import compare_submissions
 from spinemri.metrics.prior import prior_from_labels, prior_submission
-from spinemri.serving.study_predictor import classifier_prior
 from spinemri.serving.classifier import load_classifier
+from spinemri.serving.study_predictor import classifier_prior
 from spinemri.tracking.reports import log_competition_score
 from spinemri.tracking.runs import start_run
 
@@ -104,7 +104,7 @@ def log_study_evaluation(report: Mapping, labels_path: Path, submission_path: Pa
                          tags: Mapping[str, str]) -> str:
     """One MLflow run in ``spinemri-study`` with the score under the names every run uses
     (``test_rsna_score`` with its CI, ``test_rsna_<term>``; the terms' CIs and the prior baseline in
-    ``evaluation/test_rsna_score_table.json``: spinemri.evaluation.logged_model.log_competition_score) and the files."""
+    ``evaluation/test_rsna_score_table.json``: spinemri.api.evaluate.log_competition_score) and the files."""
     labels = _read_labels(labels_path, "labels")
     submission = _read_table(submission_path, "submission", dtype={"row_id": str})
     studies = sorted(submission["row_id"].astype(str).str.split("_", n=1).str[0].unique())

@@ -29,14 +29,13 @@ from typing import Any, Iterator, Mapping
 import mlflow
 from mlflow.exceptions import MlflowException
 import pandas as pd
-import yaml
 
-from spinemri.config import ExperimentConfig, from_dict
-from spinemri.errors import ConfigError, EvaluationError
 from spinemri.metrics.floor import FLOOR, Verdict
 from spinemri.processes import HOST, process_gone, process_id
 from spinemri.tracking import registry
 
+CV_ROLE, FOLD_ROLE = "cv", "fold"  # the tag `role` of a cross-validation's parent run and of each fold's run
+CV_SCORE = "cv_rsna_score"  # a cross-validation's headline: the RSNA score of its out-of-fold predictions
 PROCESS_TAG = "process"  # host:pid:start time of the process that owns a RUNNING run (spinemri.processes)
 
 
@@ -335,16 +334,3 @@ def log_figure(figure, path: str) -> None:
 
     mlflow.log_figure(figure, path)
     plt.close(figure)
-
-
-def run_config(run_id: str) -> ExperimentConfig:
-    """The experiment config a training run logged (its ``config.yaml``), validated by this version."""
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
-    except (MlflowException, OSError):
-        raise EvaluationError(f"run {run_id} has no config.yaml artifact, so its data cannot be rebuilt; only runs "
-                              "logged by `spinemri train` can be evaluated") from None
-    try:
-        return from_dict(yaml.safe_load(text) or {}, source=f"run {run_id} config.yaml").validate()
-    except ConfigError as exc:
-        raise EvaluationError(f"run {run_id} config.yaml no longer loads with this version: {exc}") from None

@@ -1,6 +1,6 @@
 """The fit loop's parts shared by every trainer: seeding, devices, the callback stack, the best weights.
 
-Both the classifier (spinemri.training.train) and the localizers (spinemri.training.localizer)
+Both the classifier (spinemri.training.classifier) and the localizers (spinemri.training.localizer)
 fit with :func:`callbacks` — NaN stop, best checkpoint, early stopping and LR schedule watching one
 monitor whose direction :func:`spinemri.metrics.goals.metric_goal` decides, and per-epoch MLflow
 metrics — inside :func:`best_weights`, and check the result with :func:`check_finite`.

@@ -2,7 +2,7 @@
 
 The same function serves `spinemri train`, the MLproject `main` entry point and (logging into the
 trial's run, with a pruning callback) every Optuna trial; with ``split.folds`` it cross-validates
-instead (spinemri.training.cv). With ``train.strategy: multiworker`` every worker of the cluster runs
+instead (spinemri.api.cv). With ``train.strategy: multiworker`` every worker of the cluster runs
 it and only the chief (worker 0) opens the run (spinemri.training.cluster).
 """
 
@@ -17,10 +17,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from spinemri.api.cv import cross_validate
+from spinemri.api.source import prepare_data
 from spinemri.config import HEADS, ExperimentConfig, run_params
 from spinemri.data import cache
 from spinemri.data.schema import HEAD_CLASSES, SPLITS
-from spinemri.training.source import prepare_data
 from spinemri.errors import ConfigError, DatasetError, TrainingError
 from spinemri.metrics import floor as floors
 from spinemri.metrics import paired, plots
@@ -31,14 +32,20 @@ from spinemri.models.backbones import get_backbone
 from spinemri.models.gradcam import gradcam_grid
 from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import (TrainResult, describe_run, log_figure, log_split, register_and_tag, run_tags,
-    training_run)
+from spinemri.tracking.runs import (
+    TrainResult,
+    describe_run,
+    log_figure,
+    log_split,
+    register_and_tag,
+    run_tags,
+    training_run,
+)
 from spinemri.training.cluster import Cluster, check_same_data, data_digest, join, read_cluster
-from spinemri.training.cv import cross_validate
 from spinemri.training.data import SplitData, read_rows, split_data
 from spinemri.training.fit import check_devices, seed_everything, weights_digest
 from spinemri.training.jitter import site_jitter
-from spinemri.training.steps import (calibration_effect, fit_calibration, fit_model, log_floor, log_held_out,
+from spinemri.training.classifier import (calibration_effect, fit_calibration, fit_model, log_floor, log_held_out,
     log_site_score, log_trained_model, predict_split)
 
 
@@ -97,7 +104,7 @@ def _train_as_worker(config: ExperimentConfig, dataset: cache.PreparedDataset, s
     """A multi-worker training on a worker other than the chief: the same fit, without any MLflow run
     and without evaluation (the chief logs, evaluates and registers the model). Prints the digest of
     its weights, which the chief's run records as the tag ``weights_sha256``."""
-    model, history, _ = fit_model(config, dataset, splits, tracked=False)
+    model, history, _ = fit_model(config.classifier, dataset, splits, tracked=False)
     epochs = len(history.get("loss", []))
     print(f"worker {workers.index} ({workers.address}) finished {epochs} epoch(s) without a run of its own (the "
           f"chief, {workers.workers[0]}, logs it): weights_sha256 {weights_digest(model)}", flush=True)
@@ -107,11 +114,11 @@ def _train_as_worker(config: ExperimentConfig, dataset: cache.PreparedDataset, s
 def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
                   extra_callbacks, log_model: bool, evaluate_test: bool) -> TrainResult:
     cfg = config.train
-    model, history, training_time = fit_model(config, dataset, splits, extra_callbacks)
+    model, history, training_time = fit_model(config.classifier, dataset, splits, extra_callbacks)
     mlflow.set_tag("weights_sha256", weights_digest(model))
     images_path = dataset.path / "images.npy"
     epochs_trained = len(history.get("loss", []))
-    temperatures = fit_calibration(model, config, images_path, splits["val"])
+    temperatures = fit_calibration(model, config.classifier, images_path, splits["val"])
     metrics, predictions, verdict = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"],
                                               temperatures, explain=config.model.slice_pooling == "channels",
                                               metric=config.mlflow.champion_metric) \
@@ -127,7 +134,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
 
     model_uri, decision = None, None
     if log_model:
-        model_uri = log_trained_model(model, config, dataset, splits, temperatures)
+        model_uri = log_trained_model(model, config.classifier, dataset, splits, temperatures)
         if config.mlflow.register and evaluate_test:
             test = splits["test"].samples
             metric = config.mlflow.champion_metric

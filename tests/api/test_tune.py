@@ -8,17 +8,16 @@ import subprocess
 import sys
 import time
 
+from click.testing import CliRunner
 import mlflow
 import optuna
-import pytest
-from click.testing import CliRunner
 from optuna.trial import TrialState
+import pytest
 
+from spinemri.api.tune import open_storage, tune
 from spinemri.cli import main as cli
-from spinemri.config import load_experiment
+from spinemri.config import load_experiment, param_name
 from spinemri.errors import ConfigError
-from spinemri.config import param_name
-from spinemri.tuning import open_storage, tune
 
 SMALL_SPACE = {
     "train.lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True},
@@ -117,7 +116,7 @@ def _env(tracking):
 
 
 # Slow set: a worker killed mid-trial with the study still ending at exactly N finished trials is
-# tests/training/test_tuning_postgres.py's (heartbeats); this is the journal's own recovery on resume.
+# tests/api/test_tune_postgres.py's (heartbeats); this is the journal's own recovery on resume.
 @pytest.mark.slow
 def test_kill_and_resume_finishes_exactly_n_trials(phantom_dir, tmp_path, tracking):
     command = _tune_command(phantom_dir, tmp_path, 2, 8)
@@ -202,7 +201,7 @@ def test_bad_trials_and_storage_fail_with_one_line(tmp_path, tracking):
 def test_hyperband_is_the_default_pruner_and_spans_the_epochs(phantom_dir, tmp_path):
     """bench/tune.py measured hyperband saving 48 % of the epochs with the best value kept, where the
     median pruner lost the best trial; it is the default, its resource being the epoch."""
-    from spinemri.tuning import _load_study
+    from spinemri.api.tune import _load_study
 
     study = _load_study(_config(phantom_dir, tmp_path, 2, epochs=12), str(tmp_path / "journal.log"))
     assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)

@@ -1,6 +1,6 @@
 """`spinemri ensemble`: the fold models of one or more cross-validations, served as one model.
 
-Every fold model of a cross-validation run (spinemri.training.cv) is a member, calibrated by its own
+Every fold model of a cross-validation run (spinemri.api.cv) is a member, calibrated by its own
 temperatures (fitted on its held-out fold); the ensemble averages the members' calibrated
 probabilities (:class:`spinemri.serving.ensemble.SpineEnsemble`). Runs of several backbones mix,
 as long as they share the data, the split and the preprocessing, so that one request row means
@@ -18,20 +18,21 @@ from datetime import datetime
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from spinemri.training.source import prepare_data
+from spinemri.api.cv import FOLD_MODELS_ARTIFACT
+from spinemri.api.source import prepare_data
 from spinemri.errors import EnsembleError
 from spinemri.metrics import floor as floors
 from spinemri.metrics import paired
 from spinemri.metrics.prior import prior_from_samples, prior_submission
-from spinemri.tracking import lineage
-from spinemri.serving.ensemble import SpineEnsemble, log_ensemble
 from spinemri.serving.classifier import load_classifier
+from spinemri.serving.ensemble import SpineEnsemble, log_ensemble
+from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import (TrainResult, describe_run, log_split, pip_requirements, register_and_tag,
-    run_config, run_tags, training_run)
-from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT
+from spinemri.api.evaluate import run_config
+from spinemri.tracking.runs import (CV_ROLE, TrainResult, describe_run, log_split, pip_requirements, register_and_tag,
+    run_tags, training_run)
 from spinemri.training.data import encode_targets, split_data
-from spinemri.training.steps import log_floor, log_held_out, log_site_score, predict_cached, request_example
+from spinemri.training.classifier import log_floor, log_held_out, log_site_score, predict_cached, request_example
 
 ENSEMBLE_ROLE = "ensemble"
 # What members must share for one request row to be the same input to all of them.

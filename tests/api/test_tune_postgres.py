@@ -12,11 +12,11 @@ import time
 
 import mlflow
 import optuna
-import pytest
 from optuna.trial import TrialState
+import pytest
 
+from spinemri.api.tune import study_lock
 from spinemri.errors import TuningError
-from spinemri.tuning import study_lock
 
 TRIALS = 3
 

@@ -42,22 +42,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from spinemri.api.cv import FOLD_MODELS_ARTIFACT, FOLDS_ARTIFACT, cross_validate
+from spinemri.api.localizer_cv import cross_validate_localizer
+from spinemri.api.source import prepare_data, resolve_data_dir
 from spinemri.config import ExperimentConfig, with_values
 from spinemri.data.readers import detect_layout
-from spinemri.training.source import prepare_data, resolve_data_dir
 from spinemri.data.splits import fold_studies
 from spinemri.data.studies import find_studies
 from spinemri.errors import ConfigError
-from spinemri.training.localizer_cv import cross_validate_localizer
-from spinemri.serving.localizer import load_localizer
 from spinemri.metrics import competition, heads, paired
 from spinemri.metrics.prior import prior_submission
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
-from spinemri.serving.study_predictor import StudyPredictor, check_submission, classifier_prior
 from spinemri.serving.classifier import load_classifier
+from spinemri.serving.localizer import load_localizer
+from spinemri.serving.study_predictor import StudyPredictor, check_submission, classifier_prior
 from spinemri.tracking.runs import log_figure, run_tags, training_run
-from spinemri.training.cv import FOLD_MODELS_ARTIFACT, FOLDS_ARTIFACT, cross_validate
 from spinemri.training.fit import check_devices
 
 ABLATION_ROLE = "ablation"

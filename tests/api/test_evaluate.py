@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spinemri.api.evaluate import evaluate_run
 from spinemri.config import load_experiment
-from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import EvaluationError
-from spinemri.evaluation.logged_model import evaluate_run
 from spinemri.metrics.heads import METRICS
+from spinemri.phantom import PhantomConfig, synthesize
 from spinemri.tracking import lineage
 from tests.conftest import copy_store
 
@@ -34,7 +34,7 @@ def trained(tmp_path_factory, store_template):
     data_dir = root / "data"
     synthesize(data_dir, PhantomConfig(studies=8, seed=3), workers=1)
     uri, cache_dir = copy_store(store_template, root / "mlflow.db"), root / "cache"
-    from spinemri.training.train import train
+    from spinemri.api.classifier import train
 
     with pytest.MonkeyPatch.context() as patch:
         _private_store(patch, uri, cache_dir)

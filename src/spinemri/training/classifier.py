@@ -1,6 +1,7 @@
-"""The steps every classifier training shares, whether one split (spinemri.training.train) or one fold
-of a cross-validation (spinemri.training.cv): fit under the distribution strategy, predict a split,
-fit the calibration on held-out predictions, log a held-out evaluation, log the servable model.
+"""A classifier's fit and what follows it, given the sections it reads (ClassifierSettings), whether for one
+split (spinemri.api.classifier) or one fold of a cross-validation (spinemri.api.cv): fit under the
+distribution strategy, predict a split, fit the calibration on held-out predictions, log a held-out
+evaluation, log the servable model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from spinemri.config import HEADS, ExperimentConfig
+from spinemri.config import HEADS, ClassifierSettings
 from spinemri.data import cache
 from spinemri.data.dicom import series_order
 from spinemri.data.preprocess import stack_neighbours
@@ -36,35 +37,35 @@ from spinemri.training.fit import best_weights, check_finite, distribution
 from spinemri.training.jitter import site_jitter
 
 
-def fit_model(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
+def fit_model(settings: ClassifierSettings, dataset: cache.PreparedDataset, splits: dict[str, SplitData],
               extra_callbacks=(), *, tracked: bool = True) -> tuple[keras.Model, dict[str, list[float]], float]:
     """Fit on ``splits["train"]``, watching ``splits["val"]``, under the configured distribution strategy
     (its tags and the epochs' metrics go to the active run; ``tracked=False``: to no run at all): the
     model with its best weights on one device, the history and the seconds it took."""
-    with distribution(config.train) as (strategy, tags):
+    with distribution(settings.train) as (strategy, tags):
         if tracked:
             mlflow.set_tags(tags)
         replicas = strategy.num_replicas_in_sync
         with strategy.scope():
-            model, history, training_time = _fit(config, dataset, splits, extra_callbacks, strategy, tracked)
-            if config.train.strategy == "multiworker":
+            model, history, training_time = _fit(settings, dataset, splits, extra_callbacks, strategy, tracked)
+            if settings.train.strategy == "multiworker":
                 average_statistics(strategy, model)
         if replicas > 1:
             # Evaluation, Grad-CAM and the logged model run on one device: a mirrored model cannot
             # predict a batch smaller than its replica count, and serving has one device anyway.
-            model = _single_device_copy(model, config)
+            model = _single_device_copy(model, settings)
     return model, history, training_time
 
 
-def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[str, SplitData], extra_callbacks,
+def _fit(settings: ClassifierSettings, dataset: cache.PreparedDataset, splits: dict[str, SplitData], extra_callbacks,
          strategy, tracked: bool):
     """Build, compile and fit (in ``strategy``'s scope): the model with its best weights, the
     history, and the seconds it took. With ``train.freeze_epochs`` the backbone is first frozen."""
-    cfg, pre = config.train, config.preprocess
-    model = _build(config, severity_start(config, splits["train"].samples))
-    per_site = config.severity_head == "per_site"
+    cfg, pre = settings.train, settings.preprocess
+    model = _build(settings, severity_start(settings, splits["train"].samples))
+    per_site = settings.severity_head == "per_site"
     images_path = dataset.path / "images.npy"
-    jitter = site_jitter(config.train, config.preprocess)
+    jitter = site_jitter(settings.train, settings.preprocess)
     if jitter is not None and tracked:
         mlflow.log_params(jitter.params())
     per_sample = None if jitter is None else \
@@ -72,11 +73,11 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     replicas = strategy.num_replicas_in_sync
     train_ds = distribute(strategy, lambda part: make_dataset(
         images_path, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
-        severity_weights=config.model.severity_sample_weights, min_batch=replicas, jitter=per_sample,
+        severity_weights=settings.model.severity_sample_weights, min_batch=replicas, jitter=per_sample,
         replica_batches=part, per_site=per_site))
     val_ds = distribute(strategy, lambda part: make_dataset(
         images_path, splits["val"], cfg.batch_size, shuffle=False, seed=cfg.seed,
-        severity_weights=config.model.severity_sample_weights, min_batch=replicas, replica_batches=part,
+        severity_weights=settings.model.severity_sample_weights, min_batch=replicas, replica_batches=part,
         per_site=per_site))
     stages = []
     if cfg.freeze_epochs > 0:
@@ -89,11 +90,11 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     with best_weights(model) as best:
         # The untrained model predicts the prior (its severity output starts there): where it watches a
         # severity metric, it is the first candidate for the best weights, so that training never ends below it.
-        initial = _untrained_value(model, config, val_ds, best, stages[0], tracked)
+        initial = _untrained_value(model, settings, val_ds, best, stages[0], tracked)
         stack = fit.callbacks(cfg, cfg.monitor, best, extra=extra_callbacks, tracked=tracked, initial=initial)
         for trainable, lr, first, last in stages:
             set_backbone_trainable(model, trainable)
-            compile_model(model, config, lr)
+            compile_model(model, settings, lr)
             fitted = model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
                                callbacks=stack, verbose=2, shuffle=False)  # the dataset shuffles
             for key, values in fitted.history.items():
@@ -104,15 +105,15 @@ def _fit(config: ExperimentConfig, dataset: cache.PreparedDataset, splits: dict[
     return model, history, time.perf_counter() - started
 
 
-def _untrained_value(model: keras.Model, config: ExperimentConfig, val_ds, best: Path, stage, tracked: bool
+def _untrained_value(model: keras.Model, settings: ClassifierSettings, val_ds, best: Path, stage, tracked: bool
                      ) -> float | None:
     """With a severity monitor (``val_severity_loss``, ...): the monitor's value before training, with the
     untrained weights saved at ``best`` and the value logged as ``<monitor>_untrained``; else None."""
-    monitor = config.train.monitor
+    monitor = settings.train.monitor
     if not monitor.startswith("val_severity_"):
         return None
     set_backbone_trainable(model, stage[0])
-    compile_model(model, config, stage[1])
+    compile_model(model, settings, stage[1])
     value = model.evaluate(val_ds, return_dict=True, verbose=0).get(monitor.removeprefix("val_"))
     if value is None or not np.isfinite(value):
         return None
@@ -122,23 +123,23 @@ def _untrained_value(model: keras.Model, config: ExperimentConfig, val_ds, best:
     return float(value)
 
 
-def severity_start(config: ExperimentConfig, train_samples: pd.DataFrame) -> np.ndarray:
+def severity_start(settings: ClassifierSettings, train_samples: pd.DataFrame) -> np.ndarray:
     """Where the severity output starts: the training rows' weight-aware prior, per site (25, 3) for a
     per-site output, pooled over every graded row (3,) for a single one."""
-    if config.severity_head == "per_site":
+    if settings.severity_head == "per_site":
         return prior_grid(prior_from_samples(train_samples))
     return pooled_prior(train_samples)
 
 
-def _build(config: ExperimentConfig, severity_prior: np.ndarray | None = None) -> keras.Model:
-    pre, m = config.preprocess, config.model
+def _build(settings: ClassifierSettings, severity_prior: np.ndarray | None = None) -> keras.Model:
+    pre, m = settings.preprocess, settings.model
     return build_model(m.arch, pre.img_size, pre.channels, weights=m.weights, dense_units=m.dense_units,
                        dropout=m.dropout, bn_momentum=m.bn_momentum, slice_pooling=m.slice_pooling,
-                       severity_head=config.severity_head, severity_prior=severity_prior, pooling=m.pooling)
+                       severity_head=settings.severity_head, severity_prior=severity_prior, pooling=m.pooling)
 
 
-def compile_model(model: keras.Model, config: ExperimentConfig, lr: float) -> None:
-    cfg = config.train
+def compile_model(model: keras.Model, settings: ClassifierSettings, lr: float) -> None:
+    cfg = settings.train
     if cfg.optimizer == "adam":
         optimizer = keras.optimizers.Adam(lr)
     elif cfg.optimizer == "adamw":
@@ -153,14 +154,14 @@ def compile_model(model: keras.Model, config: ExperimentConfig, lr: float) -> No
     model.compile(
         optimizer=optimizer,
         loss=loss,
-        loss_weights={h: float(config.model.loss_weights[h]) for h in HEADS},
+        loss_weights={h: float(settings.model.loss_weights[h]) for h in HEADS},
         weighted_metrics=metrics,
     )
 
 
-def _single_device_copy(model: keras.Model, config: ExperimentConfig) -> keras.Model:
+def _single_device_copy(model: keras.Model, settings: ClassifierSettings) -> keras.Model:
     """The same network with the same weights, built outside any distribution strategy."""
-    copy = _build(config)
+    copy = _build(settings)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -179,15 +180,15 @@ def predict_split(model: keras.Model, images_path: Path, split: SplitData, batch
             for h in HEADS}
 
 
-def fit_calibration(model: keras.Model, config: ExperimentConfig, images_path: Path, held_out: SplitData
+def fit_calibration(model: keras.Model, settings: ClassifierSettings, images_path: Path, held_out: SplitData
                     ) -> calibration.Temperatures | None:
     """With ``model.calibration: temperature``, temperatures fitted on ``held_out`` (the validation split, never
     test) and logged as the table ``calibration/temperatures.json``; else None."""
-    if config.model.calibration != "temperature":
+    if settings.model.calibration != "temperature":
         return None
-    proba = predict_split(model, images_path, held_out, config.train.batch_size)
+    proba = predict_split(model, images_path, held_out, settings.train.batch_size)
     temperatures = calibration.fit(held_out.targets, proba, held_out.samples["condition"].tolist(),
-                                   severity_weights=config.model.severity_sample_weights)
+                                   severity_weights=settings.model.severity_sample_weights)
     mlflow.log_table(temperatures.table(), calibration.TABLE_ARTIFACT)
     return temperatures
 
@@ -228,13 +229,13 @@ def log_held_out(samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: d
     return evaluation
 
 
-def log_trained_model(model: keras.Model, config: ExperimentConfig, dataset: cache.PreparedDataset,
+def log_trained_model(model: keras.Model, settings: ClassifierSettings, dataset: cache.PreparedDataset,
                       splits: dict[str, SplitData], temperatures: calibration.Temperatures | None = None) -> str:
     """Log ``model`` as the run's pyfunc with what serving needs (meta.json: preprocessing, classes, the
     prior, the temperatures); returns its URI."""
-    pre = config.preprocess
-    meta = {"arch": config.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
-            "severity_head": config.severity_head,
+    pre = settings.preprocess
+    meta = {"arch": settings.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
+            "severity_head": settings.severity_head,
             "preprocess": pre.to_dict(), "classes": {h: list(c) for h, c in HEAD_CLASSES.items()},
             "data_fingerprint": dataset.fingerprint,
             # the fallback of study-level prediction where no site can be seen (spinemri.serving.study_predictor)
@@ -294,7 +295,7 @@ def log_site_score(samples: pd.DataFrame, severity: np.ndarray, prior: pd.DataFr
     (with its 95 % bootstrap CI over studies, ``_ci_low``/``_ci_high``) and ``<split>_rsna_<term>``. Every
     term's CI and (``prior``: a submission of the same rows) the prior's score and terms go to the table
     ``evaluation/<split>_rsna_score_table.json``, the per-study terms to
-    ``evaluation/<split>_rsna_score.terms.csv`` (:func:`spinemri.evaluation.logged_model.log_competition_score`)."""
+    ``evaluation/<split>_rsna_score.terms.csv`` (:func:`spinemri.api.evaluate.log_competition_score`)."""
     labels, submission = competition.site_predictions(samples, severity)
     try:
         return log_competition_score(labels, submission, prior, split)

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import math
 
+from click.testing import CliRunner
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
+from spinemri.api.ablation import cross_fitted
 from spinemri.cli import main as cli
 from spinemri.phantom import PhantomConfig, synthesize
-from spinemri.study.ablation import cross_fitted
 from tests.conftest import copy_store, isolated_tracking
 
 pytestmark = pytest.mark.xdist_group("ablation")

@@ -2,7 +2,7 @@
 
 ``tune(config)`` opens (or resumes) the study ``<experiment>-<arch>``, runs trials until
 ``tuning.trials`` have finished (COMPLETE or PRUNED) — each trial one nested MLflow run calling the
-same :func:`spinemri.training.train.train` as the train command, watched by Optuna's
+same :func:`spinemri.api.classifier.train` as the train command, watched by Optuna's
 ``KerasPruningCallback`` on the same monitor as early stopping — then logs the study to the parent
 run and trains the best configuration as a normal run with its model.
 """
@@ -29,8 +29,9 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from spinemri.api.classifier import train
+from spinemri.api.source import prepare_data
 from spinemri.config import ExperimentConfig, TuningConfig, run_params, with_values
-from spinemri.training.source import prepare_data
 from spinemri.errors import ConfigError, TuningError
 from spinemri.metrics.goals import best_value, metric_goal
 from spinemri.models.catalog import get_spec
@@ -38,7 +39,6 @@ from spinemri.processes import die_with_parent, process_gone, process_id
 from spinemri.redact import redact
 from spinemri.tracking.runs import ending_run, start_run
 from spinemri.tracking.store import LOCK_SUFFIX, exclusive_lock, sqlite_path
-from spinemri.training.train import train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_RETRIES = 3  # a trial whose workers die this many times is left FAIL

@@ -16,12 +16,12 @@ import mlflow
 import numpy as np
 import pytest
 
+from spinemri.api.classifier import train
 from spinemri.cli import main as cli
 from spinemri.config import SHORTCUTS, load_experiment
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.metrics.heads import METRICS
 from spinemri.tracking.store import open_tracking_store
-from spinemri.training.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADS = tuple(HEAD_CLASSES)
@@ -149,7 +149,7 @@ def test_deterministic_training_repeats_its_run_exactly(phantom_dir, tracking):
     assert len(digests[0]) == 64 and digests[0] == digests[1]  # the same weights, bit for bit
     params = client.get_run(first.run_id).data.params
     assert params["train.deterministic"] == "True" and params["seed"] == "0"
-    # A password in a URL setting is masked in the logged config.yaml (a tuning study's params: test_tuning).
+    # A password in a URL setting is masked in the logged config.yaml (a tuning study's params: tests/api/test_tune.py).
     assert "s3cret" not in mlflow.artifacts.load_text(f"runs:/{first.run_id}/config.yaml")
 
 

@@ -25,16 +25,16 @@ import math
 import mlflow
 import pandas as pd
 
+from spinemri.api.cv import FOLD_MODELS_ARTIFACT, FOLDS_ARTIFACT
+from spinemri.api.localizer import experiment_name, localizer_samples, make_splits, train_in_run
 from spinemri.config import ExperimentConfig, run_params
 from spinemri.data.splits import fold_studies
 from spinemri.errors import DatasetError
 from spinemri.localization.locate import error_terms, summarize_errors
 from spinemri.localization.sites import get_task
-from spinemri.training.localizer import experiment_name, localizer_samples, make_splits, train_in_run
 from spinemri.metrics.paired import score_intervals, terms_artifact
 from spinemri.tracking import lineage
-from spinemri.tracking.runs import log_split, run_tags, training_run
-from spinemri.training.cv import CV_ROLE, FOLD_MODELS_ARTIFACT, FOLD_ROLE, FOLDS_ARTIFACT
+from spinemri.tracking.runs import CV_ROLE, FOLD_ROLE, log_split, run_tags, training_run
 from spinemri.training.fit import seed_everything
 
 OOF_ERRORS_ARTIFACT = "localize/oof_errors.csv"

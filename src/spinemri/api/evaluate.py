@@ -1,5 +1,5 @@
-"""Evaluate the model a training run logged: the run's data rebuilt from its own config.yaml, one of its
-splits predicted with the logged model, the report logged into that run (spinemri.tracking.reports).
+"""Evaluate the model a training run logged: the run's data rebuilt from its own config.yaml (:func:`run_config`),
+one of its splits predicted with the logged model, the report logged into that run (spinemri.tracking.reports).
 """
 
 from __future__ import annotations
@@ -10,16 +10,31 @@ import warnings
 import mlflow
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
+import yaml
 
+from spinemri.api.source import prepare_data
+from spinemri.config import ExperimentConfig, from_dict
 from spinemri.data.schema import SPLITS
-from spinemri.training.source import prepare_data
-from spinemri.errors import DatasetError, EvaluationError, ImageReadError, PrepareError
+from spinemri.errors import ConfigError, DatasetError, EvaluationError, ImageReadError, PrepareError
 from spinemri.metrics.heads import evaluate_predictions
 from spinemri.serving.classifier import load_classifier
 from spinemri.tracking.reports import log_evaluation
-from spinemri.tracking.runs import PROCESS_TAG, RESUMED_FROM_TAG, run_config, start_run
+from spinemri.tracking.runs import PROCESS_TAG, RESUMED_FROM_TAG, start_run
+from spinemri.training.classifier import predict_cached
 from spinemri.training.data import split_data
-from spinemri.training.steps import predict_cached
+
+
+def run_config(run_id: str) -> ExperimentConfig:
+    """The experiment config a training run logged (its ``config.yaml``), validated by this version."""
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except (MlflowException, OSError):
+        raise EvaluationError(f"run {run_id} has no config.yaml artifact, so its data cannot be rebuilt; only runs "
+                              "logged by `spinemri train` can be evaluated") from None
+    try:
+        return from_dict(yaml.safe_load(text) or {}, source=f"run {run_id} config.yaml").validate()
+    except ConfigError as exc:
+        raise EvaluationError(f"run {run_id} config.yaml no longer loads with this version: {exc}") from None
 
 
 def evaluate_run(run_id: str, split: str = "test", *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

@@ -27,9 +27,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from spinemri.api.source import prepare_data
 from spinemri.config import HEADS, ExperimentConfig, run_params
 from spinemri.data import cache
-from spinemri.training.source import prepare_data
 from spinemri.data.splits import fold_studies
 from spinemri.errors import DatasetError
 from spinemri.metrics import competition, heads, paired, plots, prior
@@ -38,18 +38,26 @@ from spinemri.metrics.goals import best_value
 from spinemri.models import calibration
 from spinemri.models.backbones import get_backbone
 from spinemri.tracking import lineage
-from spinemri.tracking.runs import TrainResult, describe_run, log_figure, log_split, run_tags, training_run
+from spinemri.tracking.runs import (
+    CV_ROLE,
+    CV_SCORE,
+    FOLD_ROLE,
+    TrainResult,
+    describe_run,
+    log_figure,
+    log_split,
+    run_tags,
+    training_run,
+)
 from spinemri.training.data import SplitData, encode_targets, split_data
 from spinemri.training.fit import check_devices, seed_everything
 from spinemri.training.jitter import site_jitter
-from spinemri.training.steps import (calibration_effect, fit_model, log_floor, log_held_out, log_site_score,
+from spinemri.training.classifier import (calibration_effect, fit_model, log_floor, log_held_out, log_site_score,
     log_trained_model, predict_split)
 
 OOF_ARTIFACT = "evaluation/oof_predictions.csv"
 FOLDS_ARTIFACT = "data/folds.csv"
 FOLD_MODELS_ARTIFACT = "cv/fold_models.json"  # what `spinemri ensemble` packages
-CV_SCORE = "cv_rsna_score"
-CV_ROLE, FOLD_ROLE = "cv", "fold"  # the tag `role` of the parent run and of each fold's run
 
 
 @dataclass
@@ -133,7 +141,7 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
         log_split(fold_samples[["study_id", "split"]].drop_duplicates().sort_values("study_id"))
         lineage.log_splits(config.data, config.split, dataset.manifest["data_dir"], dataset.content_digest,
                            {name: part.samples for name, part in splits.items()})
-        model, history, seconds = fit_model(config, dataset, splits)
+        model, history, seconds = fit_model(config.classifier, dataset, splits)
         held = splits["val"]
         proba = predict_split(model, dataset.path / "images.npy", held, config.train.batch_size)
         metrics = {f"fold_{head}_{name}": value for head in HEADS
@@ -158,7 +166,7 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
             temperatures = calibration.fit(held.targets, proba, held.samples["condition"].tolist(),
                                            severity_weights=config.model.severity_sample_weights)
             mlflow.log_table(temperatures.table(), calibration.TABLE_ARTIFACT)
-        model_uri = log_trained_model(model, config, dataset, splits, temperatures) if log_model else None
+        model_uri = log_trained_model(model, config.classifier, dataset, splits, temperatures) if log_model else None
     return FoldResult(fold=k, run_id=run.info.run_id, samples=held.samples, proba=proba,
                       train_samples=splits["train"].samples, model_uri=model_uri,
                       epochs_trained=int(metrics["epochs_trained"]), training_time=seconds,
