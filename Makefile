@@ -30,13 +30,18 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 ARCH ?= densenet
 
 demo: venv
-	@# The phantom is written once; delete $(DEMO_DIR) to regenerate it.
+	@# The phantom is written once; delete $(DEMO_DIR) to regenerate it. The run logs the folder's
+	@# absolute path, as `spinemri train` does, so that runs from either compare equal in the UI.
+	@echo "[1/4] the phantom: $(STUDIES) synthetic studies in the RSNA layout ($(DEMO_DIR))"
 	test -f $(DEMO_DIR)/train.csv || $(BIN)/spinemri data synth --out $(DEMO_DIR) --studies $(STUDIES) --seed 0
+	@echo "[2/4] data check: the dataset read as training reads it"
 	$(BIN)/spinemri data check $(DEMO_DIR)
+	@echo "[3/4] data prepare: the preprocessed cache"
 	$(BIN)/spinemri data prepare $(DEMO_DIR) --experiment quick
+	@echo "[4/4] training $(ARCH) with mlflow run, judged against its floor and registered"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name spinemri-classify \
-		-P arch=$(ARCH) -P data_dir=$(DEMO_DIR)
-	@echo "See the run: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
+		-P arch=$(ARCH) -P data_dir=$(abspath $(DEMO_DIR))
+	@echo "See the runs: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI), then open the run link above"
 
 # Stage 1 localizers (one MLflow run per series type, through MLproject), then study-level
 # prediction on the classifier's held-out studies, the competition score against the prior

@@ -59,6 +59,33 @@ def test_data_group_help_lists_its_commands():
         assert re.search(rf"^\s+{name}\s+\S", result.output, re.MULTILINE), name
 
 
+HEAVY = ("tensorflow", "keras", "mlflow", "pydicom", "optuna")  # what no --help may import
+
+
+def command_paths(group: click.Group = cli, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and group under ``group``, as the words that invoke it."""
+    out = []
+    for name, sub in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(sub, click.Group):
+            out.extend(command_paths(sub, (*prefix, name)))
+    return out
+
+
+def test_no_help_imports_tensorflow_mlflow_or_pydicom():
+    paths = [()] + command_paths()
+    assert ("study", "predict") in paths and ("predict-study",) in paths and ("data", "synth") in paths
+    code = ("import json, sys\nfrom click.testing import CliRunner\nfrom spinemri.cli import main\n"
+            f"for words in {[list(p) for p in paths]!r}:\n"
+            "    result = CliRunner().invoke(main, [*words, '--help'])\n"
+            "    assert result.exit_code == 0 and 'Usage:' in result.output, (words, result.output)\n")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "spinemri.cli" in imported  # the import log was read
+    assert sorted(imported & set(HEAVY)) == []
+
 @pytest.mark.parametrize("name", ["synth", "check", "prepare"])
 def test_subcommand_help_describes_every_option(name):
     result = invoke("data", name, "--help")

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -49,6 +50,20 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
+    # A quiet terminal: nothing about CUDA on a machine without a GPU, no library warning, no download bar;
+    # a line per epoch; the summary opens on the verdict and ends on the run's page in the model-training view.
+    lines = (done.stdout + done.stderr).splitlines()
+    noise = [line for line in lines if re.search(r"cuInit|CUDA|cuda|oneDNN|Downloading artifacts|Warning|WARNING", line)]
+    assert noise == [], "\n".join(noise)
+    assert [line for line in lines if re.match(r"epoch \d/2: loss ", line)], lines
+    out = done.stdout.splitlines()
+    first = next(i for i, line in enumerate(out) if "the per-site prior" in line and line.split()[0] in
+                 ("Better", "Worse", "Not", "No"))
+    summary = out[first:]
+    assert len(summary) <= 12 and summary[1].startswith(f"run {run.info.run_id} finished"), summary
+    assert summary[-1].startswith("MLflow UI: http") and f"/runs/{run.info.run_id}?workflowType=machine_learning" \
+        in summary[-1], summary
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.tags["mlflow.runName"].startswith("tiny-")
     for tag in ("git_commit", "data_fingerprint", "device", "version.tensorflow", "version.mlflow", "version.keras"):
         assert run.data.tags.get(tag), tag

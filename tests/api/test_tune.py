@@ -44,13 +44,19 @@ def _runs(tracking_uri):
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_path, tracking):
+def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_path, tracking, capsys):
     # An aggressive median pruner: from the second trial on, worse than the median at any epoch = pruned.
     config = _config(phantom_dir, tmp_path, 6, **{"tuning.pruner": "median", "tuning.n_startup_trials": 1,
                                                    "tuning.n_warmup_steps": 0})
     result = tune(config)
     study = _study(tmp_path)
     states = [t.state for t in study.trials]
+    # one line per trial: its number and its value, or that it was pruned
+    printed = capsys.readouterr().out.splitlines()
+    for trial in study.trials:
+        line = [s for s in printed if s.startswith(f"trial {trial.number}: ")]
+        assert len(line) == 1, printed
+        assert ("pruned" in line[0]) == (trial.state == TrialState.PRUNED), line
     assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 6
     assert TrialState.PRUNED in states, "the aggressive median pruner should prune at least one trial"
     assert result.counts["complete"] + result.counts["pruned"] == 6
@@ -84,7 +90,7 @@ def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_pat
     # Only the retrained best configuration is registered, never a trial.
     versions = mlflow.MlflowClient().search_model_versions("name = 'spinemri'")
     assert [v.run_id for v in versions] == [final.info.run_id]
-    assert final.data.tags["registry_alias"] == "champion"
+    assert final.data.tags["alias_when_registered"] == "champion"
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(phantom_dir, tmp_path, tracking):

@@ -28,8 +28,11 @@ def test_an_explicit_ui_url_wins_without_its_trailing_slash():
 
 
 def test_run_and_runs_table_pages_are_hash_routes():
-    assert run_url("http://127.0.0.1:5000/", "3", "abc123") == "http://127.0.0.1:5000/#/experiments/3/runs/abc123"
-    assert experiment_runs_url("http://127.0.0.1:5000", "3") == "http://127.0.0.1:5000/#/experiments/3/runs"
+    # in the UI's model-training view (its GenAI view is the default)
+    assert run_url("http://127.0.0.1:5000/", "3", "abc123") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc123?workflowType=machine_learning"
+    assert experiment_runs_url("http://127.0.0.1:5000", "3") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
 
 
 def test_compare_runs_url_is_the_route_the_ui_builds_with_quotes_encoded_as_the_browser_does():
@@ -37,7 +40,7 @@ def test_compare_runs_url_is_the_route_the_ui_builds_with_quotes_encoded_as_the_
     # The UI: `/compare-runs?runs=${JSON.stringify(runs)}&experiments=${JSON.stringify(ids)}`; the
     # address bar then shows the quotes as %22 (the fragment's percent-encode set).
     assert url == ('http://127.0.0.1:5000/#/compare-runs?runs=[%22a1%22,%22b2%22]'
-                   '&experiments=[%2212%22,%227%22]')
+                   '&experiments=[%2212%22,%227%22]&workflowType=machine_learning')
     query = url.split("#/compare-runs?", 1)[1]
     params = dict(part.split("=", 1) for part in query.split("&"))
     assert json.loads(unquote(params["runs"])) == ["a1", "b2"]  # the page decodes, then JSON.parse-s
@@ -47,4 +50,4 @@ def test_compare_runs_url_is_the_route_the_ui_builds_with_quotes_encoded_as_the_
 
 def test_compare_runs_url_keeps_the_runs_order_and_accepts_integer_experiment_ids():
     url = compare_runs_url("http://h", ["z", "a"], [1])
-    assert url.endswith("runs=[%22z%22,%22a%22]&experiments=[%221%22]")
+    assert "runs=[%22z%22,%22a%22]&experiments=[%221%22]&" in url

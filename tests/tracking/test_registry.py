@@ -54,7 +54,7 @@ def test_training_registers_its_model_as_the_first_champion(store):
     assert tags["verdict"] == "indistinguishable" == run.data.tags["verdict"]
     assert champion.description.startswith(run.data.tags["verdict_sentence"])
     assert run.data.tags["mlflow.note.content"].startswith("Not distinguishable from the per-site prior")
-    assert run.data.tags["registry_alias"] == "champion"
+    assert run.data.tags["alias_when_registered"] == "champion"
     assert run.data.tags["registered_version"] == str(champion.version)
 
 

@@ -127,7 +127,7 @@ def test_the_first_model_is_champion_and_the_alias_moves_by_the_policy(trained_o
     first = client.get_model_version_by_alias(MODEL, "champion")
     assert first.version == "1" and first.tags["decision"].startswith("first version")
     assert f"{MODEL} version 1 -> champion" in trained_on_server.stdout
-    assert client.get_run(trained_on_server.run_id).data.tags["registry_alias"] == "champion"
+    assert client.get_run(trained_on_server.run_id).data.tags["alias_when_registered"] == "champion"
 
     # Later versions of the same model, judged as training judges them (no second training needed; like the
     # training above, allowed below their floor, which one held-out study cannot show them above).

@@ -36,7 +36,7 @@ import mlflow
 import pytest
 
 from spinemri.config import load_experiment
-from spinemri.tracking.links import compare_runs_url, experiment_runs_url
+from spinemri.tracking.links import compare_runs_url, experiment_runs_url, run_url
 from tests.conftest import copy_store, isolated_tracking
 
 pytestmark = pytest.mark.xdist_group("ui")
@@ -132,6 +132,7 @@ class UiStore:
     experiment_id: str
     runs: list[Any]  # mlflow.entities.Run
     dataset_name: str
+    uri: str = ""  # the tracking store
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def ui_store(browser, phantom_dir, tmp_path_factory, store_template) -> Iterator
             assert run.info.status == "FINISHED" and set(HEADLINE_METRICS) <= set(run.data.metrics), \
                 (run.info.status, sorted(run.data.metrics))
         wait_until_up()
-        yield UiStore(url=url, experiment_id=experiment_id, runs=runs, dataset_name=phantom_dir.name)
+        yield UiStore(url=url, experiment_id=experiment_id, runs=runs, dataset_name=phantom_dir.name, uri=uri)
 
 
 # --- a headless Chromium over the DevTools protocol ------------------------------------------------
@@ -363,3 +364,17 @@ def test_the_compare_page_shows_both_runs_and_the_headline_metrics(ui_store, chr
     assert set(table["names"]) == set(ui_store.runs[0].data.metrics) | set(ui_store.runs[1].data.metrics)
     assert HEADLINE_METRICS[1] in table["drawn"], table["drawn"]  # the second picture shows the score's row
     chromium.screenshot(tmp_path / "compare_runs_metrics.png")
+
+
+def test_a_printed_run_link_opens_the_run_in_the_model_training_view(ui_store, chromium, tmp_path):
+    run = ui_store.runs[0]
+    url = run_url(ui_store.url, ui_store.experiment_id, run.info.run_id)
+    chromium.open(url, ready=f"document.body.innerText.includes('{run.info.run_name}')")
+    text = eventually(lambda: chromium.evaluate("document.body.innerText"), lambda s: "Model registry" in s, timeout=10)
+    chromium.screenshot(tmp_path / "run_page.png")
+    # the model-training view's navigation (Runs, Models, Model registry), not the GenAI one's
+    assert "Model registry" in text and "Models" in text, text[:2000]
+    assert "Observability" not in text and "Prompts & versions" not in text, text[:2000]
+    assert "per-site prior" in text  # the run's description: its verdict
+    experiment = mlflow.MlflowClient(ui_store.uri).get_experiment(ui_store.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"

@@ -129,8 +129,8 @@ def train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerD
     monitor = ValidationErrors(task, images_path, splits["val"], cfg.batch_size)
     started = time.perf_counter()
     with best_weights(model) as best:
-        # The monitor first: it adds val_point_error_mm to the epoch logs the others read.
-        fitted = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=2,
+        # The monitor first: it adds val_point_error_mm to the epoch logs the others read. The dataset shuffles.
+        fitted = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=0, shuffle=False,
                            callbacks=fit.callbacks(cfg, MONITOR, best, first=[monitor], step_offset=1))
         history = {k: [float(v) for v in values] for k, values in fitted.history.items()}
         check_finite(history, "the localizer", cfg.lr)

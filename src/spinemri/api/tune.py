@@ -37,7 +37,7 @@ from spinemri.metrics.goals import best_value, metric_goal
 from spinemri.models.catalog import get_spec
 from spinemri.processes import die_with_parent, process_gone, process_id
 from spinemri.redact import redact
-from spinemri.tracking.runs import ending_run, start_run
+from spinemri.tracking.runs import ending_run, start_run, use_experiment
 from spinemri.tracking.store import LOCK_SUFFIX, exclusive_lock, sqlite_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -140,7 +140,7 @@ def tune(config: ExperimentConfig) -> TuneResult:
 
     name = study.study_name
     if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(config.mlflow.experiment)
+        use_experiment(config.mlflow.experiment)
     parent = start_run(run_name=f"{name}-study", system_metrics_interval=config.mlflow.system_metrics_interval,
                        tags={"optuna.study": name, "optuna.storage": redact(storage_url), "role": "study",
                              "arch": config.model.arch})
@@ -247,6 +247,7 @@ def _run_trial(config, study, trial, parent_run_id, worker_index) -> None:
             mlflow.set_tags({"optuna.state": "PRUNED", "pruned_reason": str(exc)})
             study.tell(trial, state=TrialState.PRUNED)
             mlflow.end_run("FINISHED")
+            print(f"trial {trial.number}: pruned ({exc})", flush=True)
         except KeyboardInterrupt:
             _fail(study, trial, "interrupted")
             mlflow.end_run("KILLED")
@@ -255,11 +256,14 @@ def _run_trial(config, study, trial, parent_run_id, worker_index) -> None:
             reason = f"{type(exc).__name__}: {exc}"[:500]
             _fail(study, trial, reason)
             mlflow.end_run("FAILED")
+            print(f"trial {trial.number}: failed ({reason})", flush=True)
         else:
             mlflow.log_metric("trial_value", value)
             mlflow.set_tag("optuna.state", "COMPLETE")
             study.tell(trial, value)
             mlflow.end_run("FINISHED")
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            print(f"trial {trial.number}: {monitor} {value:.4g} with {shown}", flush=True)
     except optuna.exceptions.UpdateFinishedTrialError:
         # Another worker found this trial's heartbeats late (a stalled or overloaded machine), failed it and
         # queued it again: that copy counts, this one ends here.

@@ -25,8 +25,8 @@ from spinemri.cli.registry import registry, runs
 from spinemri.cli.serve import export_command, predict, score
 from spinemri.cli.study import ablation, evaluate_study, package_study, predict_study, study
 from spinemri.cli.train import ensemble, train, tune
+from spinemri.quiet import quiet_libraries
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +41,7 @@ def main() -> None:
     # On a tracking server (never on a sqlite store) MLflow writes "View run … at: http://…" to stdout
     # whenever a run ends, the reaper's included: stdout stays the command's own, and --json stays JSON.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    quiet_libraries()
 
 
 for command in (data, train, tune, ensemble, compare, evaluate_command, predict, export_command, score, registry, runs,

@@ -49,7 +49,7 @@ def synth(out_dir, studies, seed, profile, workers, overwrite, force, as_json) -
     started = time.perf_counter()
     summary = phantom.synthesize(out_dir, phantom.profile(profile, studies=studies, seed=seed),
                                  workers=workers, overwrite=overwrite, force=force,
-                                 progress=not as_json and sys.stderr.isatty())
+                                 progress=not as_json)
     result = {**asdict(summary), "seconds": round(time.perf_counter() - started, 2)}
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -155,7 +155,7 @@ def prepare(path, experiment, img_size, mode, roi_mm, slices, equalize, dicom_wi
     started = time.perf_counter()
     dataset = prepare_cache(path, config.preprocess, cache_dir=cache_dir, workers=config.data.workers,
                             on_bad_file=on_bad_file, split_fractions=config.split.fractions,
-                            split_seed=config.split.seed, progress=not as_json and sys.stderr.isatty())
+                            split_seed=config.split.seed, progress=not as_json)
     result = {**dataset.summary(config.split.fractions, config.split.seed),
               "seconds": round(time.perf_counter() - started, 2)}
     if as_json:

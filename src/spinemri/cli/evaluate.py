@@ -8,6 +8,7 @@ import json
 import click
 
 from spinemri.cli.common import settings_checked, tracked, user_errors
+from spinemri.quiet import start_tensorflow
 
 
 @click.command()
@@ -33,6 +34,7 @@ def compare(experiment, do_train, skip_existing, head, folds, settings) -> None:
     """
     if folds == 1:
         raise click.BadParameter("cross-validation needs at least 2 folds (0: single-split runs)", param_hint="--folds")
+    start_tensorflow()
     from spinemri.api.compare import compare_runs
 
     outcome = compare_runs(experiment, train=do_train, skip_existing=skip_existing, head=head, folds=folds,
@@ -63,6 +65,7 @@ def evaluate_command(run_id, split, n_boot, as_json) -> None:
     with reliability diagrams; severity per condition and per level. Training runs this on the test
     split automatically.
     """
+    start_tensorflow()
     from spinemri.api.evaluate import evaluate_run
     from spinemri.metrics.report import evaluation_markdown
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from spinemri.cli.common import settings_checked, tracked, user_errors
+from spinemri.quiet import start_tensorflow
 
 
 @click.command()
@@ -48,6 +49,7 @@ def pacs(url, model_uri, once, poll_seconds, since, until, days, all_dates, retr
     """
     import logging
 
+    start_tensorflow()
     from spinemri.pacs.server import Settings
     from spinemri.pacs.worker import work
 

@@ -11,6 +11,7 @@ import time
 import click
 
 from spinemri.cli.common import settings_checked, user_errors
+from spinemri.quiet import start_tensorflow
 
 
 @click.command()
@@ -32,6 +33,7 @@ from spinemri.cli.common import settings_checked, user_errors
 @settings_checked
 def predict(model_uri, input_path, out, sites, on_bad_file, batch_size, overwrite) -> None:
     """Predict many image files locally with a logged model (the same code the served model runs)."""
+    start_tensorflow()
     from spinemri.serving.classifier import load_classifier
     from spinemri.serving.predict import check_out, predict_files
 
@@ -66,6 +68,7 @@ def export_command(model_uri, fmt, out, samples, tolerance, overwrite, as_json) 
     model's. Inputs are model-ready images (float32 N x S x S x C, 0..255): on the device, apply
     the preprocessing recorded in the model's meta.json first.
     """
+    start_tensorflow()
     from spinemri.serving.export import export_classifier
 
     result = export_classifier(model_uri, fmt, out, count=samples, tolerance=tolerance, overwrite=overwrite)

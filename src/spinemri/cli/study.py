@@ -11,6 +11,7 @@ import click
 
 from spinemri.cli.common import SET_OPTION, exit_on_interrupt, setting_options, settings_checked, tracked, user_errors
 from spinemri.config import SHORTCUTS
+from spinemri.quiet import start_tensorflow
 
 
 @click.group()
@@ -42,6 +43,7 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
     unreadable (or whose series type has no localizer) get the prior, the best constant under the
     competition metric; their number and reasons are printed and listed in <out>.sites.csv.
     """
+    start_tensorflow()
     from spinemri.study.submission import predict_submission
 
     started = time.perf_counter()
@@ -78,6 +80,7 @@ def evaluate_study(data_dir, submission, sites, prior_labels, classifier, no_log
     per condition), learnt from the labels of every study NOT in the submission (or --prior-labels;
     or, where no other study is labelled, the prior recorded with --classifier).
     """
+    start_tensorflow()
     from spinemri.api.study import evaluate_study as evaluate
 
     evaluation = evaluate(data_dir, submission, sites=sites, prior_labels=prior_labels, classifier=classifier,
@@ -121,6 +124,7 @@ def package_study(localizers, classifier, data_dir, split, name, no_register, po
 
     Serve it with `mlflow models serve -m models:/spinemri-study@champion --env-manager local`.
     """
+    start_tensorflow()
     from spinemri.study.package import package_study as package
 
     result = package(list(localizers), classifier, data_dir=data_dir, split=split, name=name,
@@ -166,6 +170,7 @@ def ablation(experiment, localizer_experiment, studies, slices, members, mlflow_
     sites, + an ensemble of seeds. Each is scored out of fold at the sites the fold's localizers
     find, with 95 % CIs and the paired difference to the current pipeline (docs/study.md).
     """
+    start_tensorflow()
     from spinemri.api.study import ablation as run
 
     result = run(experiment, localizer_experiment, flags=flags, settings=tuple(settings),

@@ -7,7 +7,8 @@ import click
 
 from spinemri.api.settings import experiment_config
 from spinemri.cli.common import SET_OPTION, exit_on_interrupt, setting_options, settings_checked, tracked, user_errors
-from spinemri.config import SHORTCUTS
+from spinemri.config import HEADS, SHORTCUTS
+from spinemri.quiet import start_tensorflow
 
 TRAIN_FLAGS = ("arch", "data_dir", "img_size", "mode", "epochs", "batch_size", "lr", "weights", "seed", "trials",
                "storage", "workers", "task", "series", "strategy", "mixed_precision", "folds")
@@ -31,35 +32,66 @@ def train(experiment, settings, **flags) -> None:
     id and the test metrics.
     """
     config = experiment_config(experiment, flags, settings)  # refused before TensorFlow is imported
+    start_tensorflow()
     from spinemri.api.train import run_experiment
 
     echo_outcome(run_experiment(config))
 
 
 def echo_outcome(outcome) -> None:
-    """A training's summary: the verdict first (a classifier), the run and its model, then its metrics."""
+    """A training's summary, at most a dozen lines: the verdict first (a classifier), the run, its headline
+    metrics rounded with their intervals and floors, and the run's page in the MLflow UI."""
     result = outcome.result
+    if not result.run_id:  # a worker of a multi-worker training other than the chief: the chief has the run
+        return
     if outcome.kind == "localizer_cv":
         click.echo(f"cross-validation run {result.run_id} finished: {len(result.fold_models)} fold localizers "
                    "(not registered)")
     elif outcome.kind == "localizer":
         click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), localizer {result.model_uri}")
     else:
-        if not result.run_id:  # a worker of a multi-worker training other than the chief: the chief has the run
-            return
         if outcome.study is not None:
             study = outcome.study
-            click.echo(f"study {study.study_name}: {study.counts}, best {study.monitor} {study.best_value:.4f} "
-                       f"with {study.best_params}")
-            click.echo(f"parent run {study.parent_run_id}; the best configuration retrained as run {result.run_id}")
+            click.echo(f"study {study.study_name}: {study.counts}, best {study.monitor} {study.best_value:.4g} "
+                       f"(parent run {study.parent_run_id}); the best configuration retrained:")
         _echo_verdict(result.verdict)
         click.echo(f"run {result.run_id} finished: {result.epochs_trained} epoch(s), model {result.model_uri}")
-    for key, value in sorted(result.metrics.items()):
-        click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    for line in headline_lines(result.metrics):
+        click.echo(f"  {line}")
+    if outcome.link:
+        click.echo(f"MLflow UI: {outcome.link} (every metric: its Model metrics tab)")
+
+
+def headline_lines(metrics: dict[str, float]) -> list[str]:
+    """The few numbers a training is judged by, rounded: a classifier's champion metrics with their 95 % CIs
+    beside the floor's, the difference to the floor, each head's ROC-AUC; a localizer's point error beside
+    its mean-position baseline."""
+    def ci(name: str) -> str:
+        low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+        return f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+
+    split = next((s for s in ("test", "cv", "val") if any(k.startswith(f"{s}_") for k in metrics)), None)
+    if split is None:
+        return []
+    lines = []
+    for name in (f"{split}_severity_weighted_log_loss", f"{split}_rsna_score"):
+        if name in metrics:
+            floor = metrics.get(name.replace(f"{split}_", f"{split}_floor_", 1))
+            lines.append(f"{name} {metrics[name]:.3f}{ci(name)}" + (f", floor {floor:.3f}" if floor is not None else ""))
+    if f"{split}_vs_floor" in metrics:
+        lines.append(f"difference to the floor {metrics[f'{split}_vs_floor']:+.3f}{ci(f'{split}_vs_floor')}")
+    aucs = [f"{head} {metrics[f'{split}_{head}_roc_auc']:.3f}" for head in HEADS
+            if f"{split}_{head}_roc_auc" in metrics]
+    if aucs:
+        lines.append("ROC-AUC " + ", ".join(aucs))
+    for name in sorted(k for k in metrics if k.endswith("_point_error_mm") and "_baseline_" not in k):
+        base = metrics.get(name.removesuffix("_point_error_mm") + "_baseline_point_error_mm")
+        lines.append(f"{name} {metrics[name]:.2f}" + (f", mean-position baseline {base:.2f}" if base is not None else ""))
+    return lines
 
 
 def _echo_verdict(verdict) -> None:
-    """The first line of a training's summary: how the model compares with its floor."""
+    """The first line of a classifier's summary: how the model compares with its floor."""
     click.echo(verdict.sentence if verdict is not None else "No verdict against the per-site prior (see above why).")
 
 
@@ -83,6 +115,7 @@ def tune(experiment, trials, settings, **flags) -> None:
     settings = (*settings, *(f"tuning.{k}={flags.pop(k)}" for k in ("study_name", "pruner") if flags.get(k)))
     flags = {k: v for k, v in flags.items() if k not in ("study_name", "pruner")}
     config = experiment_config(experiment, {**flags, "trials": str(trials)}, settings)
+    start_tensorflow()
     from spinemri.api.train import run_experiment
 
     echo_outcome(run_experiment(config))
@@ -105,6 +138,7 @@ def ensemble(run_ids, name, no_register, policy) -> None:
     the runs' experiment and registered like any classifier; `mlflow models serve`, `spinemri
     predict` and `predict-study` take it unchanged.
     """
+    start_tensorflow()
     from spinemri.api.ensemble import build_ensemble
 
     result = build_ensemble(list(run_ids), registered_model=name, register=not no_register, policy=policy)

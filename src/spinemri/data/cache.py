@@ -426,4 +426,4 @@ def _bar(enabled: bool, total: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="preprocessing", unit="sample")
+    return tqdm(total=total, desc="preprocessing", unit="sample", mininterval=1 if sys.stderr.isatty() else 10)

@@ -79,8 +79,9 @@ class Verdict:
     def tags(self) -> dict[str, str]:
         p = self.paired
         return {"verdict": self.outcome, "verdict_sentence": self.sentence, "verdict_metric": p.metric,
-                "floor_difference": repr(p.difference),
-                "floor_ci_low": repr(p.ci_low), "floor_ci_high": repr(p.ci_high), "floor_studies": str(p.studies)}
+                # rounded as shown (the exact values are the metrics above)
+                "floor_difference": f"{p.difference:+.4f}", "floor_ci_low": f"{p.ci_low:+.4f}",
+                "floor_ci_high": f"{p.ci_high:+.4f}", "floor_studies": str(p.studies)}
 
 
 def judge(difference: paired.PairedDifference) -> Verdict:

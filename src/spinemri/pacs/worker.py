@@ -72,9 +72,7 @@ def load_study_model(uri: str):
     client = mlflow.MlflowClient()
     try:
         version = client.get_model_version_by_alias(name, alias).version if alias else version
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
-            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     except MlflowException as exc:
         raise ConfigError(f"--model {uri}: {exc.message.splitlines()[0]}; register one with "
                           "`spinemri package-study` or name another") from None

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import json
 from pathlib import Path
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -142,4 +143,4 @@ def _progress(iterable, total, enabled):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc="phantom studies", unit="study")
+    return tqdm(iterable, total=total, desc="phantom studies", unit="study", mininterval=1 if sys.stderr.isatty() else 10)

@@ -53,7 +53,7 @@ class SpineClassifier(KerasWithMeta):
     def preprocessing(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.meta["preprocess"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = request_frame(model_input)
         conditions, levels = row_conditions(frame), row_levels(frame)
         if self.per_site:

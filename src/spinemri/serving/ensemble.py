@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 import tempfile
 from typing import Any, Sequence
-import warnings
 
 import mlflow
 from mlflow.models import ModelSignature
@@ -64,8 +63,7 @@ def log_ensemble(members: Sequence, meta: dict, example: dict[str, Any], pip_req
     ensemble.members, ensemble.model, ensemble.meta = list(members), members[0], meta
     example_frame = pd.DataFrame([example])
     signature = ModelSignature(inputs=INPUT_SCHEMA, outputs=output_schema(ensemble.predict(None, example_frame)))
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+    with tempfile.TemporaryDirectory() as tmp:
         artifacts = {}
         for i, member in enumerate(members):
             path = Path(tmp) / f"member_{i}.keras"

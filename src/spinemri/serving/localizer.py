@@ -73,7 +73,7 @@ class SpineLocalizer(KerasWithMeta):
             scores.append(s)
         return choose_sites(self.task, series, points, scores)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Rows with ``dicom_b64``: every slice of one series -> one row per site found."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "dicom_b64" not in frame.columns or frame.empty:

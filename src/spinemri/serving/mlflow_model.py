@@ -9,14 +9,13 @@ import json
 from pathlib import Path
 import re
 import tempfile
-import warnings
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
 from spinemri.data import limits
-from spinemri.errors import UserError
 from spinemri.data.environment import check_environment
+from spinemri.errors import UserError
 from spinemri.serving.inputs import InputError
 from spinemri.tracking.store import check_server
 
@@ -104,9 +103,7 @@ class KerasWithMeta(mlflow.pyfunc.PythonModel):
 
 def log_keras_pyfunc(python_model: KerasWithMeta, model, meta: dict, **log_model_kwargs):
     """Save ``model`` and ``meta`` as the artifacts of ``python_model`` and log it as ``model``."""
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # Schemas are given explicitly where needed; MLflow's hint about type-hinted predict() does not apply.
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+    with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
         model.save(keras_path)
         meta_path = Path(tmp) / "meta.json"

@@ -58,7 +58,7 @@ class SpineStudyModel(mlflow.pyfunc.PythonModel):
         localizers = {name: part(SpineLocalizer, f"localizer_{name}") for name in manifest["localizers"]}
         self.predictor = StudyPredictor(localizers, part(SpineClassifier, "classifier"), manifest["prior"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(
             [model_input] if isinstance(model_input, dict) else model_input)
         if "study_zip_b64" not in frame.columns or frame.empty:

@@ -16,7 +16,7 @@ from spinemri.metrics.prior import prior_from_labels, prior_submission
 from spinemri.serving.classifier import load_classifier
 from spinemri.serving.study_predictor import classifier_prior
 from spinemri.tracking.reports import log_competition_score
-from spinemri.tracking.runs import start_run
+from spinemri.tracking.runs import start_run, use_experiment
 
 
 def evaluate_submission(labels: pd.DataFrame, submission: pd.DataFrame, prior_labels: pd.DataFrame | None = None, *,
@@ -109,7 +109,7 @@ def log_study_evaluation(report: Mapping, labels_path: Path, submission_path: Pa
     submission = _read_table(submission_path, "submission", dtype={"row_id": str})
     studies = sorted(submission["row_id"].astype(str).str.split("_", n=1).str[0].unique())
     scored = labels[labels["study_id"].astype(str).isin(studies)]
-    mlflow.set_experiment("spinemri-study")
+    use_experiment("spinemri-study")
     with start_run(run_name=f"study-evaluation-{report['studies']}-studies") as run:
         mlflow.set_tags({"role": "study-evaluation", **tags, **_verdict_tags(report["verdict"]),
                          "mlflow.note.content": report["verdict"]["sentence"]})
@@ -135,5 +135,5 @@ def verdict_metrics(verdict: Mapping, split: str) -> dict[str, float]:
 
 def _verdict_tags(verdict: Mapping) -> dict[str, str]:
     return {"verdict": verdict["outcome"], "verdict_sentence": verdict["sentence"], "verdict_metric": verdict["metric"],
-            "floor_difference": repr(verdict["difference"]), "floor_ci_low": repr(verdict["ci_low"]),
-            "floor_ci_high": repr(verdict["ci_high"]), "floor_studies": str(verdict["studies"])}
+            "floor_difference": f"{verdict['difference']:+.4f}", "floor_ci_low": f"{verdict['ci_low']:+.4f}",
+            "floor_ci_high": f"{verdict['ci_high']:+.4f}", "floor_studies": str(verdict["studies"])}

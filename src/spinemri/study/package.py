@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 import tempfile
 from typing import Any, Sequence
-import warnings
 
 import mlflow
 from mlflow.models import ModelSignature
@@ -31,7 +30,7 @@ from spinemri.study.evaluate import evaluate_submission, verdict_metrics
 from spinemri.study.held_out import held_out
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.reports import log_competition_score
-from spinemri.tracking.runs import describe_run, pip_requirements, register_and_tag, start_run
+from spinemri.tracking.runs import describe_run, pip_requirements, register_and_tag, start_run, use_experiment
 
 
 def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_dir: str | None = None,
@@ -43,7 +42,7 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
     classifier = load_classifier(classifier_uri)
     prior, prior_source = classifier_prior(classifier)
     predictor = StudyPredictor(localizers, classifier, prior)
-    mlflow.set_experiment("spinemri-study")
+    use_experiment("spinemri-study")
     with start_run(run_name="study-model") as run, tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         mlflow.set_tags({"role": "study-model", "classifier": classifier_uri, "prior_source": prior_source,
@@ -80,12 +79,10 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
             part.model.save(tmp / f"{key}.keras")
             (tmp / f"{key}.json").write_text(json.dumps(part.meta, indent=2))
             artifacts.update({f"{key}_keras": str(tmp / f"{key}.keras"), f"{key}_meta": str(tmp / f"{key}.json")})
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
-            info = mlflow.pyfunc.log_model(name="model", python_model=SpineStudyModel(), artifacts=artifacts,
-                                           code_paths=[str(PACKAGE_DIR)],
-                                           signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
-                                           pip_requirements=pip_requirements())
+        info = mlflow.pyfunc.log_model(name="model", python_model=SpineStudyModel(), artifacts=artifacts,
+                                       code_paths=[str(PACKAGE_DIR)],
+                                       signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
+                                       pip_requirements=pip_requirements())
         result["model_uri"] = info.model_uri
         if register:
             decision = register_and_tag(info.model_uri, name, metric="test_rsna_score", value=metric_value,

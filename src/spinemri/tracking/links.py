@@ -11,6 +11,8 @@ import json
 from urllib.parse import quote
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` and `mlflow server` serve by default
+# The UI opens in its GenAI view unless a page's query names the model-training one (it then stays there).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def ui_base_url(tracking_uri: str, ui_url: str = "") -> str:
@@ -27,13 +29,13 @@ def ui_base_url(tracking_uri: str, ui_url: str = "") -> str:
 
 
 def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
-    """The UI page of one run."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The UI page of one run, in the model-training view."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def experiment_runs_url(base_url: str, experiment_id: str) -> str:
     """The UI's runs table of one experiment (its ``/runs`` tab; the bare experiment page may open elsewhere)."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
 
 
 def compare_runs_url(base_url: str, run_ids: list[str], experiment_ids: list[str]) -> str:
@@ -45,7 +47,7 @@ def compare_runs_url(base_url: str, run_ids: list[str], experiment_ids: list[str
     """
     runs = _json_param(list(run_ids))
     experiments = _json_param(sorted({str(v) for v in experiment_ids}))
-    return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}&{MODEL_TRAINING_VIEW}"
 
 
 def _json_param(values: list[str]) -> str:

@@ -201,6 +201,24 @@ class TrainResult:
     verdict: Any = None  # spinemri.metrics.floor.Verdict: how the model compares with its floor, if judged
 
 
+# The experiment tag MLflow's UI reads to open an experiment in its model-training view (runs, charts, the
+# registry) rather than the GenAI one (traces); spinemri's experiments are all model training.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def use_experiment(name: str):
+    """Make ``name`` the active experiment (created if need be), tagged as model training for the UI."""
+    experiment = mlflow.set_experiment(name)
+    mark_model_training(experiment)
+    return experiment
+
+
+def mark_model_training(experiment) -> None:
+    """Tag ``experiment`` (an MLflow Experiment) as model training, unless it is already."""
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 @contextlib.contextmanager
 def training_run(*, experiment: str, config: Mapping[str, Any], tags: Mapping[str, str], params: Mapping[str, Any],
                  run_name: str | None = None, nested: bool = False, own_run: bool = True
@@ -216,10 +234,13 @@ def training_run(*, experiment: str, config: Mapping[str, Any], tags: Mapping[st
     """
     with contextlib.ExitStack() as stack:
         if own_run:
-            if not nested and not os.environ.get("MLFLOW_RUN_ID"):
-                mlflow.set_experiment(experiment)
+            opened_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))  # mlflow.start_run takes it out
+            if not nested and not opened_by_mlflow_run:
+                use_experiment(experiment)
             interval = float((config.get("mlflow") or {}).get("system_metrics_interval", 0) or 0)
             run = start_run(run_name=run_name, nested=nested, system_metrics_interval=interval)
+            if opened_by_mlflow_run:  # `mlflow run` made the experiment, and the run
+                mark_model_training(mlflow.get_experiment(run.info.experiment_id))
             stack.enter_context(ending_run())
         else:
             run = mlflow.active_run()
@@ -257,8 +278,9 @@ def register_and_tag(model_uri: str, name: str, *, metric: str, value: float | N
     decision = registry.register(model_uri, name, metric=metric, value=value, eval_set=eval_set, tags=dict(tags),
                                  champion=champion, challenger=challenger, policy=policy, evidence=evidence,
                                  verdict=verdict, allow_below_floor=allow_below_floor, needs_floor=needs_floor)
+    # The alias the version got when registered, named as such: aliases move on, the registry has the current one.
     mlflow.set_tags({"registered_model": decision.name, "registered_version": decision.version,
-                     "registry_alias": decision.alias})
+                     "alias_when_registered": decision.alias})
     print(decision, flush=True)
     return decision
 

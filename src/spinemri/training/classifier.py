@@ -96,7 +96,7 @@ def _fit(settings: ClassifierSettings, dataset: cache.PreparedDataset, splits: d
             set_backbone_trainable(model, trainable)
             compile_model(model, settings, lr)
             fitted = model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
-                               callbacks=stack, verbose=2, shuffle=False)  # the dataset shuffles
+                               callbacks=stack, verbose=0, shuffle=False)  # the dataset shuffles
             for key, values in fitted.history.items():
                 history.setdefault(key, []).extend(float(v) for v in values)
             if model.stop_training or len(fitted.history.get("loss", [])) < last - first:

@@ -13,6 +13,7 @@ import hashlib
 import math
 from pathlib import Path
 import tempfile
+import time
 from typing import Iterator, Sequence
 
 import keras
@@ -34,12 +35,17 @@ def curve_metrics(logs: dict) -> dict[str, float]:
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs each epoch's :func:`curve_metrics` to the active run, and the whole epoch row (train and
-    validation, every output, the learning rate) to the table HISTORY_ARTIFACT."""
+    """Logs each epoch's :func:`curve_metrics` to the active run, and every epoch row (train and validation,
+    every output, the learning rate) to the table HISTORY_ARTIFACT when the fit ends (MLflow appends a table
+    by downloading it, so once per fit rather than once per epoch)."""
 
     def __init__(self, step_offset: int = 0):
         super().__init__()
         self.step_offset = step_offset
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_begin(self, logs=None):
+        self.rows = []
 
     def on_epoch_end(self, epoch, logs=None):
         row = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
@@ -49,7 +55,47 @@ class MlflowEpochLogger(keras.callbacks.Callback):
             pass
         step = epoch + self.step_offset
         mlflow.log_metrics(curve_metrics(row), step=step)
-        mlflow.log_table({"epoch": [step], **{k: [v] for k, v in row.items()}}, HISTORY_ARTIFACT)
+        self.rows.append({"epoch": step, **row})
+
+    def on_train_end(self, logs=None):
+        if self.rows:
+            columns = list(dict.fromkeys(k for row in self.rows for k in row))
+            mlflow.log_table({k: [row.get(k, math.nan) for row in self.rows] for k in columns}, HISTORY_ARTIFACT)
+            self.rows = []
+
+
+class ProgressLines(keras.callbacks.Callback):
+    """The terminal's view of a fit: a line per epoch (rounded losses, the monitor, seconds) and, within a
+    long epoch, a line at least every ``every_s`` seconds, so that no step looks stalled."""
+
+    def __init__(self, monitor: str, what: str = "", every_s: float = 10.0):
+        super().__init__()
+        self.monitor, self.what, self.every_s = monitor, what, every_s
+        self.epochs = self.steps = self.epoch = 0
+        self.started = self.last = 0.0
+
+    def on_train_begin(self, logs=None):
+        self.epochs = int(self.params.get("epochs") or 0)
+        self.steps = int(self.params.get("steps") or 0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.started = self.last = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            of = f"/{self.steps}" if self.steps else ""
+            print(f"  {self.what}epoch {self.epoch + 1}/{self.epochs}: batch {batch + 1}{of}, "
+                  f"{now - self.started:.0f} s", flush=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        shown = [k for k in ("loss", "val_loss", self.monitor) if k in logs]
+        values = ", ".join(f"{k} {float(logs[k]):.4g}" for k in dict.fromkeys(shown))
+        print(f"{self.what}epoch {epoch + 1}/{self.epochs}: {values} ({time.monotonic() - self.started:.0f} s)",
+              flush=True)
 
 
 @contextlib.contextmanager
@@ -70,7 +116,8 @@ def callbacks(cfg: TrainConfig, monitor: str, best: Path, *, first: Sequence[ker
     metrics (step = epoch + ``step_offset``; not with ``tracked=False``, a worker other than the chief
     of a multi-worker training), then ``extra`` (e.g. Optuna's pruning callback). ``initial``: the
     monitor's value of the weights already saved at ``best`` (the untrained model), which an epoch
-    must beat to replace them."""
+    must beat to replace them. The progress lines (:class:`ProgressLines`) take the place of Keras's own: fit
+    with ``verbose=0``."""
     mode = keras_mode(monitor)
     return [
         *first,
@@ -80,6 +127,7 @@ def callbacks(cfg: TrainConfig, monitor: str, best: Path, *, first: Sequence[ker
         keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, patience=cfg.reduce_lr_patience),
         *([MlflowEpochLogger(step_offset)] if tracked else []),
+        ProgressLines(monitor),
         *extra,
     ]
 

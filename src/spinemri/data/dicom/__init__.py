@@ -11,14 +11,27 @@ Every error a user can cause with a bad file is raised as :class:`DicomReadError
 file, the reason and what to do about it; no pydicom traceback reaches the user.
 """
 
-from spinemri.data.dicom.decode import (BITMAP_SUFFIXES, READERS, decode_bitmap_bytes, decode_dicom_bytes, dicom_reader,
-    read_dicom, read_frames, read_header, read_image)
-from spinemri.data.dicom.encode import encode_dicom
-from spinemri.data.dicom.guards import MIN_SIDE, bitmap_geometry, check_header, check_spacing, header_tags
-from spinemri.data.dicom.image import SKIP_HINT, DicomImage, SeriesStack, rescale
-from spinemri.data.dicom.series import SeriesPixels, read_series, series_order, slice_normal
+import importlib
 
-__all__ = ["BITMAP_SUFFIXES", "MIN_SIDE", "READERS", "SKIP_HINT", "DicomImage", "SeriesPixels", "SeriesStack",
-           "bitmap_geometry", "check_header", "check_spacing", "decode_bitmap_bytes", "decode_dicom_bytes",
-           "dicom_reader", "encode_dicom", "header_tags", "read_dicom", "read_frames", "read_header", "read_image",
-           "read_series", "rescale", "series_order", "slice_normal"]
+# Each name's module, imported on first use: preprocessing (and so every command's --help, through the
+# settings) needs only `rescale`, and pydicom is imported by the decoders alone.
+_HOMES = {
+    "decode": ("BITMAP_SUFFIXES", "READERS", "decode_bitmap_bytes", "decode_dicom_bytes", "dicom_reader", "read_dicom",
+               "read_frames", "read_header", "read_image"),
+    "encode": ("encode_dicom",),
+    "guards": ("MIN_SIDE", "bitmap_geometry", "check_header", "check_spacing", "header_tags"),
+    "image": ("SKIP_HINT", "DicomImage", "SeriesStack", "rescale"),
+    "series": ("SeriesPixels", "read_series", "series_order", "slice_normal"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(_MODULE_OF)
