@@ -56,8 +56,9 @@ def request_frame(model_input) -> pd.DataFrame:
         raise InputError(f"expected a table with a dicom_b64 or image_b64 column, got {type(model_input).__name__}")
     if not any(c in frame.columns for c in IMAGE_COLUMNS):
         kinds = " or ".join(f"{kind.column} ({kind.holds})" for kind in INPUT_KINDS)
-        raise InputError(f"missing column: give {kinds} in every row; got columns "
-                         f"{list(map(str, frame.columns)) or 'none'}")
+        got = list(map(str, frame.columns))
+        raise InputError(f"missing column: give {kinds} in every row; got " + (f"columns {got}" if got else
+                         "no column the model reads (a served model's input schema drops the others)"))
     if len(frame) == 0:
         raise InputError("the request has no rows; send one row per image with a dicom_b64 or image_b64 column")
     return frame
