@@ -89,12 +89,8 @@ def stderr_without(drop: re.Pattern) -> Iterator[None]:
 def start_tensorflow() -> None:
     """Import TensorFlow and list its devices (where CUDA start-up speaks), quietly on a machine without a GPU."""
     quiet_libraries()
-    if "tensorflow" in sys.modules or has_nvidia_gpu():
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()
-        return
-    with stderr_without(NO_GPU_LINES):
+    filtered = "tensorflow" not in sys.modules and not has_nvidia_gpu()
+    with stderr_without(NO_GPU_LINES) if filtered else contextlib.nullcontext():
         import tensorflow as tf
 
         tf.config.list_physical_devices()

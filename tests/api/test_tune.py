@@ -75,6 +75,9 @@ def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_pat
         assert {param_name(k): str(v) for k, v in sampled.items()}.items() <= run.data.params.items()
         assert not [k for k in run.data.params if k.startswith("trial.")] and "val_loss" in run.data.metrics
         assert not any(k.startswith("test_") for k in run.data.metrics)  # trials never look at the test split
+        # every trial keeps the epochs it ran, a pruned one too (it stops inside an epoch's end)
+        history = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/training/history.json")
+        assert history["data"] and "val_loss" in history["columns"], run.data.tags["optuna.state"]
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert {f"best.{k}" for k in SMALL_SPACE} <= set(parent.data.params)

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 
 from spinemri.config import TrainConfig
 from spinemri.errors import ConfigError, TrainingError
@@ -35,17 +36,14 @@ def curve_metrics(logs: dict) -> dict[str, float]:
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs each epoch's :func:`curve_metrics` to the active run, and every epoch row (train and validation,
-    every output, the learning rate) to the table HISTORY_ARTIFACT when the fit ends (MLflow appends a table
-    by downloading it, so once per fit rather than once per epoch)."""
+    """Logs each epoch's :func:`curve_metrics` to the active run, and every epoch row so far (train and
+    validation, every output, the learning rate; the stages of a fit that shares this callback together) to
+    the table HISTORY_ARTIFACT, so that a pruned or interrupted fit keeps the epochs it ran."""
 
     def __init__(self, step_offset: int = 0):
         super().__init__()
         self.step_offset = step_offset
         self.rows: list[dict[str, float]] = []
-
-    def on_train_begin(self, logs=None):
-        self.rows = []
 
     def on_epoch_end(self, epoch, logs=None):
         row = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
@@ -56,21 +54,20 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         step = epoch + self.step_offset
         mlflow.log_metrics(curve_metrics(row), step=step)
         self.rows.append({"epoch": step, **row})
-
-    def on_train_end(self, logs=None):
-        if self.rows:
-            columns = list(dict.fromkeys(k for row in self.rows for k in row))
-            mlflow.log_table({k: [row.get(k, math.nan) for row in self.rows] for k in columns}, HISTORY_ARTIFACT)
-            self.rows = []
+        table = pd.DataFrame(self.rows)
+        if len(self.rows) == 1:
+            mlflow.log_table(table, HISTORY_ARTIFACT)  # registers the run's table; nothing logged yet to append to
+        else:  # the whole table again, as log_table writes it: log_table would download the logged one to append
+            mlflow.log_text(table.to_json(orient="split", index=False), HISTORY_ARTIFACT)
 
 
 class ProgressLines(keras.callbacks.Callback):
     """The terminal's view of a fit: a line per epoch (rounded losses, the monitor, seconds) and, within a
     long epoch, a line at least every ``every_s`` seconds, so that no step looks stalled."""
 
-    def __init__(self, monitor: str, what: str = "", every_s: float = 10.0):
+    def __init__(self, monitor: str, every_s: float = 10.0):
         super().__init__()
-        self.monitor, self.what, self.every_s = monitor, what, every_s
+        self.monitor, self.every_s = monitor, every_s
         self.epochs = self.steps = self.epoch = 0
         self.started = self.last = 0.0
 
@@ -87,14 +84,14 @@ class ProgressLines(keras.callbacks.Callback):
         if now - self.last >= self.every_s:
             self.last = now
             of = f"/{self.steps}" if self.steps else ""
-            print(f"  {self.what}epoch {self.epoch + 1}/{self.epochs}: batch {batch + 1}{of}, "
+            print(f"  epoch {self.epoch + 1}/{self.epochs}: batch {batch + 1}{of}, "
                   f"{now - self.started:.0f} s", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         shown = [k for k in ("loss", "val_loss", self.monitor) if k in logs]
         values = ", ".join(f"{k} {float(logs[k]):.4g}" for k in dict.fromkeys(shown))
-        print(f"{self.what}epoch {epoch + 1}/{self.epochs}: {values} ({time.monotonic() - self.started:.0f} s)",
+        print(f"epoch {epoch + 1}/{self.epochs}: {values} ({time.monotonic() - self.started:.0f} s)",
               flush=True)
 
 
