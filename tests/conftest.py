@@ -28,6 +28,23 @@ from spinemri.phantom import PhantomConfig, synthesize
 QUIRKY = PhantomConfig(studies=8, seed=3, p_second_axial=0.4, p_missing_series=0.25, p_blank=0.03)
 
 
+@pytest.fixture(autouse=True)
+def temporary_files_removed_after_each_test(tmp_path_factory, monkeypatch):
+    """Every temporary file a test's code and its subprocesses make, removed when the test ends.
+
+    MLflow downloads a model or an artifact that is given no destination into a new temporary
+    folder and never removes it (a model is ~170 MB); over a suite that fills a disk. Fixtures of a
+    wider scope are set up before this one, so what they keep for later tests stays where it is.
+    """
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp", numbered=True)
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """A read-only-by-convention phantom dataset (copy it with `phantom_copy` before changing it)."""

@@ -33,7 +33,10 @@ def serve_model(model_uri: str, tracking_uri: str, log: Path, extra_env: dict | 
     """Yield (url, process) once the server answers /ping; stop its process group afterwards."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env.update(MLFLOW_TRACKING_URI=tracking_uri,
+    # `mlflow models serve` downloads the model into a temporary folder it never removes: keep it in the test's.
+    tmp = log.parent / f"{log.stem}-tmp"
+    tmp.mkdir(exist_ok=True)
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=str(tmp),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", **(extra_env or {}))
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     with open(log, "wb") as out:

@@ -28,6 +28,7 @@ from spinemri.errors import CompareError
 from spinemri.metrics.paired import paired_difference, terms_artifact
 from spinemri.metrics.plots import plt
 from spinemri.tracking import lineage, links
+from spinemri.tracking.artifacts import logged_csv
 from spinemri.tracking.reports import prior_site_score, table_artifact
 from spinemri.tracking.runs import CV_ROLE, CV_SCORE, FOLD_ROLE, log_figure, logged_table, start_run
 
@@ -154,10 +155,9 @@ def _baseline(run_id: str, split: str, head: str, metric: str, kind: str = "majo
 def _terms(run_id: str) -> pd.DataFrame | None:
     """The run's per-study terms of its CV score; None when it logged none (no score: a group was missing)."""
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=terms_artifact(CV_SCORE))
+        return logged_csv(run_id, terms_artifact(CV_SCORE))
     except (MlflowException, OSError):
         return None
-    return pd.read_csv(path)
 
 
 def _ci(row, name) -> str:

@@ -63,6 +63,8 @@ def load_study_model(uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from spinemri.tracking.artifacts import load_pyfunc
+
     path = uri[len("models:/"):] if uri.startswith("models:/") else ""
     name, _, version = path.partition("/")
     name, _, alias = name.partition("@")
@@ -72,7 +74,7 @@ def load_study_model(uri: str):
     client = mlflow.MlflowClient()
     try:
         version = client.get_model_version_by_alias(name, alias).version if alias else version
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        model = load_pyfunc(f"models:/{name}/{version}")
     except MlflowException as exc:
         raise ConfigError(f"--model {uri}: {exc.message.splitlines()[0]}; register one with "
                           "`spinemri package-study` or name another") from None

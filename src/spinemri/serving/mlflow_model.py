@@ -17,6 +17,7 @@ from spinemri.data import limits
 from spinemri.data.environment import check_environment
 from spinemri.errors import UserError
 from spinemri.serving.inputs import InputError
+from spinemri.tracking.artifacts import load_pyfunc
 from spinemri.tracking.store import check_server
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/spinemri, logged with every model as its code
@@ -119,7 +120,7 @@ def load_python_model(model_uri: str, cls: type, what: str, hint: str):
     if tracking_uri.startswith(("http://", "https://")) and not Path(model_uri).exists():
         check_server(tracking_uri)  # within seconds, not after MLflow's minutes of retries
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = load_pyfunc(model_uri)
     except (ModuleNotFoundError, AttributeError) as exc:  # its classes are where an earlier version kept them
         raise UserError(f"{what} {model_uri!r} was logged by an earlier spinemri version, whose classes this one "
                         f"keeps elsewhere ({exc}); serve it with `mlflow models serve` (it brings its own copy of "

@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from spinemri.data.studies import find_studies
 from spinemri.errors import StudyError
 from spinemri.serving.study_predictor import resolve_localizer_uris
+from spinemri.tracking.artifacts import logged_csv
 
 
 def held_out(data_dir: str, split: str, classifier_uri: str, localizer_uris: Sequence[str]):
@@ -42,9 +43,8 @@ def run_splits(model_uri: str) -> pd.DataFrame:
     """The study-level split (data/splits.csv) logged by the run that trained ``model_uri``."""
     try:
         run_id = mlflow.models.get_model_info(model_uri).run_id
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/splits.csv")
+        return logged_csv(run_id, "data/splits.csv", dtype={"study_id": str})
     except (MlflowException, OSError) as exc:
         raise StudyError(f"cannot read the training split of {model_uri}: {exc}; --split needs models trained by "
                          "spinemri (their runs log data/splits.csv)") from None
-    return pd.read_csv(path, dtype={"study_id": str})
 

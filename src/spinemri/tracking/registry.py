@@ -43,6 +43,7 @@ import pandas as pd
 from spinemri.errors import RegistryError
 from spinemri.metrics.floor import BETTER, FLOOR, WORSE, Verdict
 from spinemri.metrics.goals import is_better, lower_is_better, metric_goal
+from spinemri.tracking.artifacts import logged_csv
 from spinemri.metrics.paired import (MIN_PAIRED_STUDIES, PREDICTIONS_ARTIFACT, PairedDifference, head_metric,
     paired_difference, terms_artifact)
 
@@ -196,8 +197,8 @@ def _paired(champion, metric: str, evidence: pd.DataFrame | None) -> tuple[Paire
     if evidence is None:
         return None, f"this version has no per-study evidence to pair ({artifact})"
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=artifact)
-        theirs = pd.read_csv(path, dtype={c: str for c in ("study_id", "series_id", "instance_number")})
+        theirs = logged_csv(champion.run_id, artifact,
+                            dtype={c: str for c in ("study_id", "series_id", "instance_number")})
     except Exception:  # noqa: BLE001 - an older champion, a deleted run or artifact: the strict rule decides
         return None, f"champion v{champion.version} has no {artifact} to pair with"
     try:
