@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 import tempfile
+from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
@@ -25,9 +26,28 @@ def load_pyfunc(model_uri: str):
     """``mlflow.pyfunc.load_model`` with its download removed once loaded.
 
     spinemri's python models read every file they need while loading (weights, metadata), so
-    nothing refers to the folder afterwards. A local folder is loaded where it is.
+    nothing refers to the folder afterwards. A model on this machine's disk (a folder, or a run
+    or registry store kept in local files) is read where it is: MLflow copies nothing then.
     """
-    if Path(model_uri).exists():
+    if _on_local_disk(model_uri):
         return mlflow.pyfunc.load_model(model_uri)
     with tempfile.TemporaryDirectory(prefix="spinemri-model-") as folder:
         return mlflow.pyfunc.load_model(model_uri, dst_path=folder)
+
+
+def _on_local_disk(model_uri: str) -> bool:
+    """Whether the files behind ``model_uri`` are local files; False where that cannot be told (a
+    download into a removed folder is then the safe side)."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    if Path(model_uri).exists():
+        return True
+    try:
+        if model_uri.startswith("models:/"):
+            model_uri = ModelsArtifactRepository.get_underlying_uri(model_uri)
+        elif model_uri.startswith("runs:/"):
+            model_uri = RunsArtifactRepository.get_underlying_uri(model_uri)
+    except Exception:  # noqa: BLE001 - no such model or an unreachable store: load_model names it
+        return False
+    return urlparse(model_uri).scheme in ("", "file")

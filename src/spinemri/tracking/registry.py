@@ -43,9 +43,9 @@ import pandas as pd
 from spinemri.errors import RegistryError
 from spinemri.metrics.floor import BETTER, FLOOR, WORSE, Verdict
 from spinemri.metrics.goals import is_better, lower_is_better, metric_goal
-from spinemri.tracking.artifacts import logged_csv
 from spinemri.metrics.paired import (MIN_PAIRED_STUDIES, PREDICTIONS_ARTIFACT, PairedDifference, head_metric,
     paired_difference, terms_artifact)
+from spinemri.tracking.artifacts import logged_csv
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
