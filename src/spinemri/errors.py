@@ -34,6 +34,10 @@ class OutputExists(UserError, FileExistsError):
     """An output that would replace an existing file or folder without being asked to."""
 
 
+class WorkerDied(UserError, RuntimeError):
+    """A worker process that ended abruptly; the message names the usual causes and their fixes."""
+
+
 class DatasetError(UserError, ValueError):
     """A dataset that cannot be used as it is; the message lists every problem found, one per line."""
 

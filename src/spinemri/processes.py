@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import re
 import shutil
@@ -21,8 +22,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator
+
+from spinemri.errors import WorkerDied
 
 _PR_SET_PDEATHSIG = 1
 
@@ -65,11 +69,23 @@ def die_with_parent(parent: int) -> None:
 def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     """A process pool whose workers end when this process ends, even by SIGKILL.
 
+    Workers are started fresh ("spawn", as on macOS), never forked: a fork copies a process that
+    may hold TensorFlow's threads and gigabytes of heap, and such a child can die at random (a lock
+    held by a thread it lacks) or be killed for the memory its copy-on-write pages take.
     On an error (or Ctrl-C) in the block, work not yet started is cancelled rather than finished.
     """
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         yield pool
+    except BrokenProcessPool as error:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise WorkerDied(
+            f"a worker process ended abruptly ({workers} were started). The usual causes: the machine ran out "
+            "of memory (use fewer workers), the worker was killed, or a Python script that starts workers is "
+            "missing its `if __name__ == \"__main__\":` guard (workers are started fresh and import the main "
+            "script, so an unguarded script starts its work again in each of them). With one worker "
+            "(--workers 1) everything runs in this process.") from error
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from spinemri.data.schema import DEFAULT_SPLIT
 from spinemri.errors import ConfigError, DatasetError
@@ -50,6 +49,8 @@ def _count(n: int, fraction: float) -> int:
 
 
 def _split(studies: pd.DataFrame, n_out: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from sklearn.model_selection import train_test_split  # a second to import: workers that import this never split
+
     if n_out == 0:
         return studies, studies.iloc[0:0]
     for strata in (studies["worst_severity"], studies["worst_severity"].clip(upper=1), None):
@@ -85,6 +86,8 @@ def fold_studies(samples: pd.DataFrame, folds: int, test_fraction: float = DEFAU
     if len(pool) < folds:
         raise DatasetError([f"{len(pool)} studies outside the test split are too few for {folds} folds: every "
                             "fold needs at least one study; use more studies or fewer folds"])
+    from sklearn.model_selection import KFold, StratifiedKFold
+
     fold = np.full(len(pool), -1)
     for strata in (pool["worst_severity"], pool["worst_severity"].clip(upper=1), None):
         if strata is not None and strata.value_counts().min() < folds:
