@@ -26,6 +26,9 @@ NO_GPU_LINES = re.compile(r"cudart_stub\.cc|cuda_platform\.cc|failed call to cuI
                           r"absl::InitializeLog\(\) is called|Unable to register cu(DNN|FFT|BLAS) factory|"
                           r"computation_placer\.cc|cuda_executor\.cc|TF-TRT Warning")
 
+# MLflow's lines on registering a version, printed rather than logged; spinemri's decision line names the version.
+REGISTRATION_LINES = re.compile(r"^(Successfully registered model '|Created version '|Registered model '.*' already exists)")
+
 # (logger, text): log records spinemri cannot prevent, dropped by their text.
 DROPPED_RECORDS = (
     # a served model is an object of spinemri's own classes, logged with the package as its code

@@ -53,9 +53,13 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
     # A quiet terminal: nothing about CUDA on a machine without a GPU, no library warning, no download bar;
     # a line per epoch; the summary opens on the verdict and ends on the run's page in the model-training view.
     lines = (done.stdout + done.stderr).splitlines()
-    noise = [line for line in lines if re.search(r"cuInit|CUDA|cuda|oneDNN|Downloading artifacts|Warning|WARNING", line)]
+    noise = [line for line in lines if re.search(r"cuInit|CUDA|cuda|oneDNN|Downloading artifacts|Warning|WARNING|"
+                                                 r"Successfully registered model|Created version", line)]
     assert noise == [], "\n".join(noise)
     assert [line for line in lines if re.match(r"epoch \d/2: loss ", line)], lines
+    # the steps after the last epoch say what they do
+    assert [line for line in lines if line.startswith("  evaluating on the test split: ")], lines
+    assert "  logging the model" in lines, lines
     out = done.stdout.splitlines()
     first = next(i for i, line in enumerate(out) if "the per-site prior" in line and line.split()[0] in
                  ("Better", "Worse", "Not", "No"))
@@ -86,9 +90,14 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
     assert json.loads(inputs["test"].source)["uri"] == str(phantom40.resolve())
 
     # Headline metrics, not every breakdown: about a hundred (the model's, and its floor's headline beside
-    # them), plus MLflow's system metrics.
-    own = [k for k in run.data.metrics if not k.startswith("system/")]
+    # them), plus MLflow's system metrics, plus the run page's first group: rounded copies of the headline.
+    own = [k for k in run.data.metrics if not k.startswith(("system/", "headline/"))]
     assert 60 <= len(own) <= 105, sorted(own)
+    headline = {k.removeprefix("headline/"): v for k, v in run.data.metrics.items() if k.startswith("headline/")}
+    assert list(headline) and set(headline) <= set(own), sorted(headline)
+    assert {"test_severity_weighted_log_loss", "test_floor_severity_weighted_log_loss", "test_vs_floor",
+            *[f"test_{h}_roc_auc" for h in HEADS]} <= set(headline), sorted(headline)
+    assert all(value == round(run.data.metrics[name], 4) for name, value in headline.items())
     assert {"test_floor_severity_weighted_log_loss", "test_vs_floor", "test_vs_floor_ci_low"} <= set(own)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert "test_severity_weighted_log_loss_ci_low" in own and not [k for k in own if k.endswith(("_majority", "_prior"))]

@@ -31,10 +31,14 @@ pytestmark = pytest.mark.xdist_group("serving")
 
 
 @pytest.fixture(scope="module")
-def server(trained, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
+def serve_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(trained, serve_log):
     # A request body limit small enough to test cheaply, far above any request below.
-    with serve_model("models:/spinemri@champion", trained.tracking_uri, log,
+    with serve_model("models:/spinemri@champion", trained.tracking_uri, serve_log,
                      extra_env={"SPINEMRI_MAX_REQUEST_MB": "32"}) as (url, process):
         yield url, process
 
@@ -51,6 +55,16 @@ def _assert_probabilities(prediction: dict) -> None:
         assert np.all((values >= 0) & (values <= 1))
         assert values.sum() == pytest.approx(1.0, abs=1e-5)
         assert prediction[head] == classes[int(values.argmax())]
+
+
+def test_the_server_loads_the_model_without_cuda_lines_on_a_machine_without_a_gpu(server, serve_log):
+    from spinemri.quiet import NO_GPU_LINES, has_nvidia_gpu
+
+    if has_nvidia_gpu():
+        pytest.skip("this machine has an NVIDIA GPU: TensorFlow's CUDA lines are about it")
+    assert _post(server[0], {"dataframe_records": [{"image": "abc"}]})[0] == 400  # the model is loaded and answering
+    said = serve_log.read_text(errors="replace")
+    assert not [line for line in said.splitlines() if NO_GPU_LINES.search(line) or "cuInit" in line], said[-3000:]
 
 
 def test_a_phantom_dicom_gets_per_head_probabilities(server, trained):

@@ -45,6 +45,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 WINDOW = (1600, 1000)
 HEADLINE_METRICS = ("test_severity_weighted_log_loss", "test_rsna_score")
 EXPERIMENT = "spinemri-classify"
+REGISTERED = "spinemri-ui"
 SERVER_START_S = 180  # a cold `mlflow server` imports for 10-30 s on a busy 2-core machine
 PAGE_LOAD_S = 60  # the UI's first paint and fetches: about 6 s on a busy 2-core machine
 
@@ -137,7 +138,8 @@ class UiStore:
 
 @pytest.fixture(scope="module")
 def ui_store(browser, phantom_dir, tmp_path_factory, store_template) -> Iterator[UiStore]:
-    """Two finished training runs (lr 1e-3 and 2e-3) in a private store, served by `mlflow server`."""
+    """Two finished training runs (lr 1e-3 and 2e-3) in a private store, served by `mlflow server`; the first
+    one's model is registered, with its decision."""
     from spinemri.api.classifier import train
 
     root = tmp_path_factory.mktemp("ui")
@@ -148,9 +150,10 @@ def ui_store(browser, phantom_dir, tmp_path_factory, store_template) -> Iterator
         with isolated_tracking(uri, root / "cache"):
             run_ids = [train(load_experiment("quick", {
                 "arch": "tiny", "img_size": 32, "epochs": 1, "lr": lr, "data_dir": str(phantom_dir),
-                "data.workers": 1, "mlflow.register": False,
+                "data.workers": 1, "mlflow.register": registered, "mlflow.registered_model": REGISTERED,
                 # two test studies: one alone may lack a foraminal label, and then there is no test_rsna_score
-                "split.fractions": [0.6, 0.2, 0.2]}), log_model=False).run_id for lr in (1e-3, 2e-3)]
+                "split.fractions": [0.6, 0.2, 0.2]}), log_model=registered).run_id
+                for lr, registered in ((1e-3, True), (2e-3, False))]
         runs = [client.get_run(run_id) for run_id in run_ids]
         for run in runs:
             assert run.info.status == "FINISHED" and set(HEADLINE_METRICS) <= set(run.data.metrics), \
@@ -378,3 +381,45 @@ def test_a_printed_run_link_opens_the_run_in_the_model_training_view(ui_store, c
     assert "per-site prior" in text  # the run's description: its verdict
     experiment = mlflow.MlflowClient(ui_store.uri).get_experiment(ui_store.experiment_id)
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+def test_the_run_page_opens_on_the_headline_charts(ui_store, chromium, tmp_path):
+    run = ui_store.runs[0]
+    headline = sorted(k.removeprefix("headline/") for k in run.data.metrics if k.startswith("headline/"))
+    assert {"test_severity_weighted_log_loss", "test_floor_severity_weighted_log_loss", "test_vs_floor"} <= \
+        set(headline), sorted(run.data.metrics)
+    url = run_url(ui_store.url, ui_store.experiment_id, run.info.run_id).replace("?", "/model-metrics?", 1)
+    chromium.open(url, ready="document.body.innerText.includes('Add chart')")
+    lines = eventually(lambda: chromium.evaluate("document.body.innerText").splitlines(),
+                       lambda shown: all(name in shown for name in headline), timeout=20)
+    chromium.screenshot(tmp_path / "run_metrics.png")
+    # The first group of charts is the headline (MLflow titles each chart without its group's prefix), and
+    # its charts are the headline metrics, before any other group.
+    groups = [i for i, line in enumerate(lines) if line == "Add chart"]
+    assert len(groups) >= 2, lines[:80]
+    first, second = groups[0], groups[1]
+    assert lines[first - 2:first] == ["headline", f"({len(headline)})"], lines[:first + 1]
+    charts = [line for line in lines[first + 1:second] if line in set(run.data.metrics) | set(headline)]
+    assert sorted(charts) == headline, lines[first:second]
+    assert lines[second - 2] == "Model metrics", lines[second - 3:second + 1]  # everything else, after it
+
+
+def test_the_registry_shows_each_version_with_its_decision(ui_store, chromium, tmp_path):
+    client = mlflow.MlflowClient(ui_store.uri)
+    (found,) = client.search_model_versions(f"name = '{REGISTERED}'")
+    version = client.get_model_version(REGISTERED, found.version)  # with its aliases, which a search leaves out
+    decision = version.tags["decision"]
+    alias = version.aliases[0]
+    chromium.open(f"{ui_store.url}/#/models/{REGISTERED}?workflowType=machine_learning",
+                  ready=f"document.body.innerText.includes('Version {version.version}')")
+    text = eventually(lambda: chromium.evaluate("document.body.innerText"), lambda s: alias in s, timeout=10)
+    chromium.screenshot(tmp_path / "registered_model.png")
+    assert f"@\xa0{alias}" in text or f"@ {alias}" in text, text[:3000]  # the alias beside the version
+    assert decision in text, text[:3000]  # the decision, whole, among its tags
+    chromium.open(f"{ui_store.url}/#/models/{REGISTERED}/versions/{version.version}?workflowType=machine_learning",
+                  ready="document.body.innerText.includes('Description')")
+    text = eventually(lambda: chromium.evaluate("document.body.innerText"), lambda s: decision in s, timeout=10)
+    chromium.screenshot(tmp_path / "model_version.png")
+    # the version's description: how it compares with its floor, then the decision with the alias it got
+    assert version.description.startswith(version.tags["verdict_sentence"]), version.description
+    assert f"{alias}: {decision}" in text and version.tags["verdict_sentence"] in text, text[:3000]

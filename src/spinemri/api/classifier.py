@@ -35,6 +35,7 @@ from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.runs import (
     TrainResult,
     describe_run,
+    log_headline,
     log_figure,
     log_split,
     register_and_tag,
@@ -43,6 +44,7 @@ from spinemri.tracking.runs import (
 )
 from spinemri.training.cluster import Cluster, check_same_data, data_digest, join, read_cluster
 from spinemri.training.data import SplitData, read_rows, split_data
+from spinemri.training import fit
 from spinemri.training.fit import check_devices, seed_everything, weights_digest
 from spinemri.training.jitter import site_jitter
 from spinemri.training.classifier import (calibration_effect, fit_calibration, fit_model, log_floor, log_held_out,
@@ -134,6 +136,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
 
     model_uri, decision = None, None
     if log_model:
+        fit.step("logging the model")
         model_uri = log_trained_model(model, config.classifier, dataset, splits, temperatures)
         if config.mlflow.register and evaluate_test:
             test = splits["test"].samples
@@ -147,6 +150,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
                 allow_below_floor=config.mlflow.allow_below_floor)
     if evaluate_test:
         describe_run(verdict, str(decision) if decision else "")
+        log_headline(metrics, config.mlflow.champion_metric)
     return TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=epochs_trained, history=history,
                        registered=decision, verdict=verdict)
 
@@ -170,12 +174,15 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
     the comparison with the floor on ``metric`` (the per-site prior of the training rows, :func:`log_floor`).
     Returns the point values of the test_<head>_<metric> metrics, the predictions and the verdict.
     """
+    fit.step(f"evaluating on the test split: {len(test)} samples of {test.samples['study_id'].nunique()} studies, "
+             "with bootstrap CIs and the floor")
     proba = predict_split(model, images_path, test, batch_size)
     if temperatures is not None:  # what the logged model serves
         mlflow.log_metrics(calibration_effect(test.targets, proba, "test"))
         proba = temperatures.apply(proba, test.samples["condition"].tolist())
     evaluation = log_held_out(test.samples, test.targets, proba, train.targets, "test")
     if explain:  # Grad-CAM explains one backbone over the slices as channels, not a per-slice encoder
+        fit.step("Grad-CAM heatmaps of the test images")
         for head, figure in gradcam_grid(model, _Rows(images_path, test.rows), test.targets, proba,
                                          head=list(HEADS), sites=test.sites).items():
             log_figure(figure, f"gradcam/{head}.png")

@@ -44,6 +44,7 @@ from spinemri.tracking.runs import (
     FOLD_ROLE,
     TrainResult,
     describe_run,
+    log_headline,
     log_figure,
     log_split,
     run_tags,
@@ -159,6 +160,7 @@ def _fold(config: ExperimentConfig, dataset: cache.PreparedDataset, samples: pd.
         metrics.update(values)
         describe_run(verdict, f"Fold {k + 1} of {config.split.folds}: trained on the other folds, evaluated on "
                               "this fold's studies (which also chose its best epoch).")
+        log_headline(metrics, floors.held_out_name(config.mlflow.champion_metric, "fold"))
         if verdict is not None:
             print(f"fold {k + 1}/{config.split.folds}: {verdict.sentence}", flush=True)
         temperatures = None
@@ -212,6 +214,7 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig
     metrics.update(values)
     describe_run(verdict, f"Out of fold: {len(results)} fold models, each evaluated on the studies it never trained "
                           "on, against the per-site prior of its own training folds.")
+    log_headline(metrics, floors.held_out_name(config.mlflow.champion_metric, "cv"))
     return {**metrics, **before}, verdict
 
 

@@ -29,7 +29,7 @@ from spinemri.serving.ensemble import SpineEnsemble, log_ensemble
 from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.api.evaluate import run_config
-from spinemri.tracking.runs import (CV_ROLE, TrainResult, describe_run, log_split, pip_requirements, register_and_tag,
+from spinemri.tracking.runs import (CV_ROLE, TrainResult, describe_run, log_headline, log_split, pip_requirements, register_and_tag,
     run_tags, training_run)
 from spinemri.training.data import encode_targets, split_data
 from spinemri.training.classifier import log_floor, log_held_out, log_site_score, predict_cached, request_example
@@ -110,6 +110,7 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
                 allow_below_floor=config.mlflow.allow_below_floor)
         describe_run(verdict, f"An ensemble of {len(members)} fold models, evaluated on the locked test split.",
                      str(decision) if decision else "")
+        log_headline(metrics, config.mlflow.champion_metric)
     return TrainResult(run_id=run.info.run_id, metrics=metrics, model_uri=model_uri, epochs_trained=0,
                        registered=decision, verdict=verdict)
 

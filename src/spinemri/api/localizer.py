@@ -35,8 +35,8 @@ from spinemri.metrics.paired import terms_artifact
 from spinemri.serving.localizer import log_localizer
 from spinemri.tracking import lineage
 from spinemri.tracking.registry import eval_set_hash
-from spinemri.tracking.runs import (TrainResult, log_figure, log_split, pip_requirements, register_and_tag, run_tags,
-    training_run)
+from spinemri.tracking.runs import (TrainResult, log_figure, log_headline, log_split, pip_requirements, register_and_tag,
+    run_tags, training_run)
 from spinemri.training import fit
 from spinemri.training.fit import best_weights, check_finite, seed_everything
 from spinemri.training.localizer import (MONITOR, LocalizerSplit, ValidationErrors, baseline_outputs, curves_figure,
@@ -168,6 +168,7 @@ def train_in_run(config: ExperimentConfig, task: SeriesTask, dataset: LocalizerD
             policy=config.mlflow.champion_policy, evidence=terms, needs_floor=False,
             tags={"arch": config.model.arch, "series": task.name, "experiment": config.name,
                   "eval_set_studies": str(test.truth["study_id"].nunique())})
+    log_headline(metrics)
     result = TrainResult(run_id="", metrics=metrics, model_uri=model_uri, epochs_trained=metrics["epochs_trained"],
                          history={**history, "val_point_error_mm_by_step": [h.get("val_point_error_mm", math.nan)
                                                                             for h in monitor.history]},

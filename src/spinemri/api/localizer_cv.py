@@ -34,7 +34,7 @@ from spinemri.localization.locate import error_terms, summarize_errors
 from spinemri.localization.sites import get_task
 from spinemri.metrics.paired import score_intervals, terms_artifact
 from spinemri.tracking import lineage
-from spinemri.tracking.runs import CV_ROLE, FOLD_ROLE, log_split, run_tags, training_run
+from spinemri.tracking.runs import CV_ROLE, FOLD_ROLE, log_headline, log_split, run_tags, training_run
 from spinemri.training.fit import seed_everything
 
 OOF_ERRORS_ARTIFACT = "localize/oof_errors.csv"
@@ -105,6 +105,7 @@ def cross_validate_localizer(config: ExperimentConfig, *, folds_table: pd.DataFr
         if oof.groupby("study_id")["fold"].nunique().gt(1).any():  # a bug, not a user error
             raise AssertionError("a study was held out by more than one fold")
         metrics = log_out_of_fold(task.name, oof)
+        log_headline(metrics)
         mlflow.log_dict({"folds": [{"fold": k, "model_uri": uri} for k, uri in models.items()]}, FOLD_MODELS_ARTIFACT)
     print(f"localizer cross-validation run {run.info.run_id}: {task.name}, {folds} folds, point error "
           f"{metrics[f'cv_{task.name}_point_error_mm']:.2f} mm over {oof['study_id'].nunique()} studies", flush=True)

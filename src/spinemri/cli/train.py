@@ -7,7 +7,8 @@ import click
 
 from spinemri.api.settings import experiment_config
 from spinemri.cli.common import SET_OPTION, exit_on_interrupt, setting_options, settings_checked, tracked, user_errors
-from spinemri.config import HEADS, SHORTCUTS
+from spinemri.config import SHORTCUTS
+from spinemri.metrics.headline import POINT_ERROR, baseline_name, floor_name, headline, judged_split
 from spinemri.quiet import start_tensorflow
 
 TRAIN_FLAGS = ("arch", "data_dir", "img_size", "mode", "epochs", "batch_size", "lr", "weights", "seed", "trials",
@@ -63,30 +64,30 @@ def echo_outcome(outcome) -> None:
 
 
 def headline_lines(metrics: dict[str, float]) -> list[str]:
-    """The few numbers a training is judged by, rounded: a classifier's champion metrics with their 95 % CIs
-    beside the floor's, the difference to the floor, each head's ROC-AUC; a localizer's point error beside
-    its mean-position baseline."""
+    """The few numbers a training is judged by (spinemri.metrics.headline), rounded: a classifier's with their
+    95 % CIs beside the floor's, the difference to the floor, each head's ROC-AUC; a localizer's point error
+    beside its mean-position baseline."""
     def ci(name: str) -> str:
         low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
         return f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
 
-    split = next((s for s in ("test", "cv", "val") if any(k.startswith(f"{s}_") for k in metrics)), None)
-    if split is None:
-        return []
-    lines = []
-    for name in (f"{split}_severity_weighted_log_loss", f"{split}_rsna_score"):
-        if name in metrics:
-            floor = metrics.get(name.replace(f"{split}_", f"{split}_floor_", 1))
-            lines.append(f"{name} {metrics[name]:.3f}{ci(name)}" + (f", floor {floor:.3f}" if floor is not None else ""))
-    if f"{split}_vs_floor" in metrics:
-        lines.append(f"difference to the floor {metrics[f'{split}_vs_floor']:+.3f}{ci(f'{split}_vs_floor')}")
-    aucs = [f"{head} {metrics[f'{split}_{head}_roc_auc']:.3f}" for head in HEADS
-            if f"{split}_{head}_roc_auc" in metrics]
+    shown = headline(metrics)
+    split = judged_split(metrics)
+    lines, aucs = [], []
+    for name, value in shown.items():
+        if name.endswith("_roc_auc"):
+            aucs.append(f"{name.removeprefix(f'{split}_').removesuffix('_roc_auc')} {value:.3f}")
+        elif name.endswith(POINT_ERROR):
+            if "_baseline_" not in name:
+                base = shown.get(baseline_name(name))
+                lines.append(f"{name} {value:.2f}" + (f", mean-position baseline {base:.2f}" if base is not None else ""))
+        elif name == f"{split}_vs_floor":
+            lines.append(f"difference to the floor {value:+.3f}{ci(name)}")
+        elif not name.startswith(f"{split}_floor_"):
+            floor = shown.get(floor_name(name, split))
+            lines.append(f"{name} {value:.3f}{ci(name)}" + (f", floor {floor:.3f}" if floor is not None else ""))
     if aucs:
         lines.append("ROC-AUC " + ", ".join(aucs))
-    for name in sorted(k for k in metrics if k.endswith("_point_error_mm") and "_baseline_" not in k):
-        base = metrics.get(name.removesuffix("_point_error_mm") + "_baseline_point_error_mm")
-        lines.append(f"{name} {metrics[name]:.2f}" + (f", mean-position baseline {base:.2f}" if base is not None else ""))
     return lines
 
 

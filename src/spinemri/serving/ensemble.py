@@ -17,6 +17,7 @@ import pandas as pd
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.models.calibration import Temperatures
 from spinemri.models.severity import severity_at
+from spinemri.quiet import start_tensorflow
 from spinemri.serving.classifier import SpineClassifier
 from spinemri.serving.mlflow_model import PACKAGE_DIR, guard_scoring_server
 from spinemri.serving.requests import INPUT_SCHEMA, output_schema
@@ -31,6 +32,7 @@ class SpineEnsemble(SpineClassifier):
     """
 
     def load_context(self, context) -> None:
+        start_tensorflow()  # quietly: no CUDA start-up lines in a server without a GPU
         import keras
 
         guard_scoring_server()

@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from spinemri.data import limits
 from spinemri.data.environment import check_environment
 from spinemri.errors import UserError
+from spinemri.quiet import start_tensorflow
 from spinemri.serving.inputs import InputError
 from spinemri.tracking.artifacts import load_pyfunc
 from spinemri.tracking.store import check_server
@@ -93,6 +94,7 @@ class KerasWithMeta(mlflow.pyfunc.PythonModel):
     """A pyfunc whose artifacts are a Keras file and meta.json (preprocessing, classes, ...)."""
 
     def load_context(self, context) -> None:
+        start_tensorflow()  # quietly: no CUDA start-up lines in a server without a GPU
         import keras
 
         check_settings_at_load()

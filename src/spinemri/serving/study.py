@@ -23,6 +23,7 @@ import pandas as pd
 from spinemri.data.studies import study_from_zip
 from spinemri.errors import ImageReadError, StudyError
 from spinemri.localization.locate import register_layers
+from spinemri.quiet import start_tensorflow
 from spinemri.serving.classifier import SpineClassifier
 from spinemri.serving.inputs import InputError
 from spinemri.serving.localizer import SpineLocalizer
@@ -42,6 +43,7 @@ REGISTERED_MODEL = "spinemri-study"
 
 class SpineStudyModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        start_tensorflow()  # quietly: no CUDA start-up lines in a server without a GPU
         import keras
 
         check_settings_at_load()

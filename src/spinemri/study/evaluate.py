@@ -16,7 +16,7 @@ from spinemri.metrics.prior import prior_from_labels, prior_submission
 from spinemri.serving.classifier import load_classifier
 from spinemri.serving.study_predictor import classifier_prior
 from spinemri.tracking.reports import log_competition_score
-from spinemri.tracking.runs import start_run, use_experiment
+from spinemri.tracking.runs import log_headline, start_run, use_experiment
 
 
 def evaluate_submission(labels: pd.DataFrame, submission: pd.DataFrame, prior_labels: pd.DataFrame | None = None, *,
@@ -114,7 +114,7 @@ def log_study_evaluation(report: Mapping, labels_path: Path, submission_path: Pa
         mlflow.set_tags({"role": "study-evaluation", **tags, **_verdict_tags(report["verdict"]),
                          "mlflow.note.content": report["verdict"]["sentence"]})
         mlflow.set_tag("prior_source", report.get("prior_source", ""))
-        log_competition_score(scored, submission, prior_submission(studies, report["prior"]), "test")
+        scores = log_competition_score(scored, submission, prior_submission(studies, report["prior"]), "test")
         metrics = {"test_studies": report["studies"], "prior_studies": report["prior_studies"],
                    **verdict_metrics(report["verdict"], "test")}
         if sites_path is not None and sites_path.is_file():
@@ -122,6 +122,7 @@ def log_study_evaluation(report: Mapping, labels_path: Path, submission_path: Pa
             metrics["test_rows_from_prior"] = int((sites["source"] == "prior").sum())
             mlflow.log_artifact(str(sites_path), "study")
         mlflow.log_metrics(metrics)
+        log_headline({**scores, **metrics}, "test_rsna_score")
         mlflow.log_artifact(str(submission_path), "study")
         mlflow.log_text(json.dumps(report, indent=2), "study/evaluation.json")
         return run.info.run_id

@@ -30,7 +30,7 @@ from spinemri.study.evaluate import evaluate_submission, verdict_metrics
 from spinemri.study.held_out import held_out
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.reports import log_competition_score
-from spinemri.tracking.runs import describe_run, pip_requirements, register_and_tag, start_run, use_experiment
+from spinemri.tracking.runs import describe_run, log_headline, pip_requirements, register_and_tag, start_run, use_experiment
 
 
 def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_dir: str | None = None,
@@ -61,11 +61,12 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
             eval_set = eval_set_hash(scored)
             terms = score_terms(scored, submission).reset_index()  # what a paired champion decision compares
             floor = prior_submission([s.study_id for s in studies], report["prior"])
-            log_competition_score(scored, submission, floor, "test")
+            scores = log_competition_score(scored, submission, floor, "test")
             verdict = compare_submissions(scored, submission, floor)
             mlflow.set_tags(verdict.tags())
-            mlflow.log_metrics({"test_rows_from_prior": summary.from_prior, "test_studies": len(studies),
-                                **verdict_metrics(report["verdict"], "test")})
+            judged = verdict_metrics(report["verdict"], "test")
+            mlflow.log_metrics({"test_rows_from_prior": summary.from_prior, "test_studies": len(studies), **judged})
+            log_headline({**scores, **judged}, "test_rsna_score")
             result["verdict"] = report["verdict"]
             mlflow.log_artifact(str(summary.out), "study")
             mlflow.log_artifact(str(summary.sites), "study")

@@ -45,6 +45,7 @@ from spinemri.metrics.floor import BETTER, FLOOR, WORSE, Verdict
 from spinemri.metrics.goals import is_better, lower_is_better, metric_goal
 from spinemri.metrics.paired import (MIN_PAIRED_STUDIES, PREDICTIONS_ARTIFACT, PairedDifference, head_metric,
     paired_difference, terms_artifact)
+from spinemri.quiet import REGISTRATION_LINES, stderr_without
 from spinemri.tracking.artifacts import logged_csv
 
 CHAMPION = "champion"
@@ -94,7 +95,8 @@ def register(model_uri: str, name: str, *, metric: str, value: float | None, eva
     usable = value is not None and math.isfinite(value)
     if usable:
         version_tags["metric_value"] = repr(float(value))
-    version = mlflow.register_model(model_uri, name, tags=version_tags).version
+    with stderr_without(REGISTRATION_LINES):
+        version = mlflow.register_model(model_uri, name, tags=version_tags).version
     if str(version) == "1" and not client.get_registered_model(name).description:
         client.update_registered_model(name, description="spinemri lumbar-spine classifiers: champion = best held-out "
                                        f"{metric} (see the spinemri docs, serving.md)")

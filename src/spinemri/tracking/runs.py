@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 import pandas as pd
 
 from spinemri.metrics.floor import FLOOR, Verdict
+from spinemri.metrics.headline import headline_metrics
 from spinemri.processes import HOST, process_gone, process_id
 from spinemri.tracking import registry
 
@@ -261,6 +262,15 @@ def describe_run(verdict: "Verdict | None", *lines: str) -> str:
     text = "\n\n".join([first, *[line for line in lines if line]])
     mlflow.set_tag("mlflow.note.content", text)
     return text
+
+
+def log_headline(metrics: Mapping[str, float], champion_metric: str | None = None) -> dict[str, float]:
+    """Log the run's headline (spinemri.metrics.headline) as ``headline/<name>``, rounded, into the active run:
+    the first charts of its page in the MLflow UI. Returns what was logged."""
+    logged = headline_metrics(metrics, champion_metric)
+    if logged:
+        mlflow.log_metrics(logged)
+    return logged
 
 
 def log_split(table: pd.DataFrame) -> None:

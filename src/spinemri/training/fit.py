@@ -13,6 +13,7 @@ import hashlib
 import math
 from pathlib import Path
 import tempfile
+import threading
 import time
 from typing import Iterator, Sequence
 
@@ -62,30 +63,49 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
 
 class ProgressLines(keras.callbacks.Callback):
-    """The terminal's view of a fit: a line per epoch (rounded losses, the monitor, seconds) and, within a
-    long epoch, a line at least every ``every_s`` seconds, so that no step looks stalled."""
+    """The terminal's view of a fit: a line per epoch (rounded losses, the monitor, seconds) and, while an
+    epoch runs, a line at least every ``every_s`` seconds, so that no step looks stalled: a watcher thread
+    speaks for a batch that takes long (the first one builds the graph) and for the validation pass."""
 
     def __init__(self, monitor: str, every_s: float = 10.0):
         super().__init__()
         self.monitor, self.every_s = monitor, every_s
-        self.epochs = self.steps = self.epoch = 0
+        self.epochs = self.steps = self.epoch = self.batches = 0
         self.started = self.last = 0.0
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def on_train_begin(self, logs=None):
         self.epochs = int(self.params.get("epochs") or 0)
         self.steps = int(self.params.get("steps") or 0)
+        self._stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="progress-lines", daemon=True)
+        self._watcher.start()
+
+    def on_train_end(self, logs=None):
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=1)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
+        self.epoch, self.batches = epoch, 0
         self.started = self.last = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            of = f"/{self.steps}" if self.steps else ""
-            print(f"  epoch {self.epoch + 1}/{self.epochs}: batch {batch + 1}{of}, "
-                  f"{now - self.started:.0f} s", flush=True)
+        self.batches = batch + 1
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.every_s)):
+            now = time.monotonic()
+            if self.started and now - self.last >= self.every_s:
+                self.last = now
+                print(f"  epoch {self.epoch + 1}/{self.epochs}: {self._where()}, {now - self.started:.0f} s", flush=True)
+
+    def _where(self) -> str:
+        if self.steps and self.batches >= self.steps:
+            return "validating"
+        of = f"/{self.steps}" if self.steps else ""
+        return f"batch {self.batches + 1}{of}"
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -93,6 +113,13 @@ class ProgressLines(keras.callbacks.Callback):
         values = ", ".join(f"{k} {float(logs[k]):.4g}" for k in dict.fromkeys(shown))
         print(f"epoch {epoch + 1}/{self.epochs}: {values} ({time.monotonic() - self.started:.0f} s)",
               flush=True)
+        self.last = time.monotonic()
+
+
+def step(text: str) -> None:
+    """A line as a step of a few seconds or more begins after the epochs (evaluation, Grad-CAM, logging
+    the model), in the style of the epoch lines."""
+    print(f"  {text}", flush=True)
 
 
 @contextlib.contextmanager
