@@ -5,6 +5,7 @@
     start_tensorflow()  TensorFlow imported and its devices listed; on a machine without an NVIDIA GPU its
                         start-up lines about missing CUDA drivers are dropped where C++ writes them, file
                         descriptor 2 (every other line passes, in order)
+    quietly(target)     a spawned process's entry point: start_tensorflow(), then the target imported and run
 
 Every command calls :func:`quiet_libraries` when it starts; the commands that fit or run a model call
 :func:`start_tensorflow` once their settings are checked.
@@ -13,6 +14,7 @@ Every command calls :func:`quiet_libraries` when it starts; the commands that fi
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -87,6 +89,14 @@ def stderr_without(drop: re.Pattern) -> Iterator[None]:
         os.dup2(saved, 2)  # the pipe's last write end closes: the pump reads to its end and stops
         thread.join(timeout=10)
         os.close(saved)
+
+
+def quietly(target: str, *args) -> None:
+    """The entry point of a spawned process that trains: TensorFlow started quietly (:func:`start_tensorflow`),
+    then ``target`` ("package.module:function", imported only now, with everything it imports) called."""
+    start_tensorflow()
+    module, name = target.split(":")
+    getattr(importlib.import_module(module), name)(*args)
 
 
 def start_tensorflow() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,14 +170,19 @@ def test_two_processes_share_one_study_and_stop_at_n(phantom_dir, tmp_path, trac
     copies = 2 if how == "two commands" else 1
     if how == "--workers 2":
         command += ["--workers", "2"]
-    processes = [subprocess.Popen(command, env=_env(tracking), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    processes = [subprocess.Popen(command, env=_env(tracking), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for _ in range(copies)]
+    said = []
     for process in processes:
-        _, err = process.communicate(timeout=600)
+        out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err.decode()[-3000:]
+        said += (out + err).decode().splitlines()
     study = _study(tmp_path)
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 4 and len(study.trials) == 4
+    # a line per trial, and no warning from Optuna, matplotlib or MLflow (the study's plots included)
+    assert sorted(int(line.split()[1].rstrip(":")) for line in said if re.match(r"trial \d+: ", line)) == [0, 1, 2, 3], said
+    assert not [line for line in said if re.search(r"Warning|WARNING|cuInit|CUDA", line)], said
     assert len({t.user_attrs["process"] for t in study.trials}) == 2, "both processes should have run trials"
 
 

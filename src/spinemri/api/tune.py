@@ -36,6 +36,7 @@ from spinemri.errors import ConfigError, TuningError
 from spinemri.metrics.goals import best_value, metric_goal
 from spinemri.models.catalog import get_spec
 from spinemri.processes import die_with_parent, process_gone, process_id
+from spinemri.quiet import quietly
 from spinemri.redact import redact
 from spinemri.tracking.runs import ending_run, start_run, use_experiment
 from spinemri.tracking.store import LOCK_SUFFIX, exclusive_lock, sqlite_path
@@ -154,8 +155,9 @@ def tune(config: ExperimentConfig) -> TuneResult:
         helpers = []
         context = multiprocessing.get_context("spawn")
         for index in range(1, tuning.workers):
-            process = context.Process(target=_worker_main, args=(config, storage_url, parent.info.run_id,
-                                                                  experiment_id, index, os.getpid()))
+            # The helper imports this module (and TensorFlow) only once quiet: no CUDA lines without a GPU.
+            process = context.Process(target=quietly, args=(f"{__name__}:_worker_main", config, storage_url,
+                                                            parent.info.run_id, experiment_id, index, os.getpid()))
             process.start()
             helpers.append(process)
         try:
@@ -198,7 +200,9 @@ def work(config: ExperimentConfig, study: optuna.Study, parent_run_id: str, stor
     poll = min(max(config.tuning.heartbeat_interval / 2, 1.0), 10.0)
     while True:
         with study_lock(storage_url, study.study_name):
-            optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
+            with warnings.catch_warnings():  # Optuna marks it experimental; it has been so since 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -427,7 +431,11 @@ def _log_study_plots(study: optuna.Study) -> None:
                        ("param_importances", ov.plot_param_importances),
                        ("parallel_coordinate", ov.plot_parallel_coordinate)):
         try:
-            axes = plot(study)
+            with warnings.catch_warnings():
+                # Optuna marks its matplotlib plots experimental; matplotlib warns of a flat axis (equal values)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.filterwarnings("ignore", message="Attempting to set identical", category=UserWarning)
+                axes = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. too few complete trials
             mlflow.log_text(f"{name} not drawn: {exc}\n", f"study/{name}.txt")
             continue
