@@ -71,6 +71,10 @@ def test_study_with_nested_trials_pruning_and_a_final_model(phantom_dir, tmp_pat
     assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == list(range(6))
     for run in trials:
         assert run.info.status == "FINISHED"
+        # a pruned trial says so where the runs table shows it, its name
+        pruned = run.data.tags["optuna.state"] == "PRUNED"
+        assert run.info.run_name == f"trial-{run.data.tags['optuna.trial']}" + ("-pruned" if pruned else "")
+        assert run.data.tags.get("mlflow.note.content", "").startswith("Pruned by Optuna") == pruned
         sampled = study.trials[int(run.data.tags["optuna.trial"])].params
         # The sampled values are the trial's settings, logged once under the setting's param name.
         assert {param_name(k): str(v) for k, v in sampled.items()}.items() <= run.data.params.items()

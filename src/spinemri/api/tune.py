@@ -248,7 +248,10 @@ def _run_trial(config, study, trial, parent_run_id, worker_index) -> None:
             if not math.isfinite(value):
                 raise TuningError(f"{monitor} was never finite in this trial")
         except optuna.TrialPruned as exc:
-            mlflow.set_tags({"optuna.state": "PRUNED", "pruned_reason": str(exc)})
+            # MLflow has no pruned status: the run ends FINISHED, named and described as pruned in the UI
+            mlflow.set_tags({"optuna.state": "PRUNED", "pruned_reason": str(exc),
+                             "mlflow.runName": f"trial-{trial.number}-pruned",
+                             "mlflow.note.content": f"Pruned by Optuna: {exc}"})
             study.tell(trial, state=TrialState.PRUNED)
             mlflow.end_run("FINISHED")
             print(f"trial {trial.number}: pruned ({exc})", flush=True)
