@@ -111,5 +111,9 @@ class PredictError(UserError):
     """A predict job that cannot run (no input files, output folder missing, a bad file with --on-bad-file=stop)."""
 
 
+class CardError(UserError):
+    """A model card that cannot be written from a version's record; the message names what is missing."""
+
+
 class ExportError(UserError, ValueError):
     """An export that cannot be made or does not match the Keras model."""

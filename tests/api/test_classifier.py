@@ -20,7 +20,8 @@ import pytest
 from spinemri.api.classifier import train
 from spinemri.cli import main as cli
 from spinemri.config import SHORTCUTS, load_experiment
-from spinemri.data.schema import HEAD_CLASSES
+from spinemri.data.schema import CONDITIONS, HEAD_CLASSES
+from spinemri.metrics import operating
 from spinemri.metrics.heads import METRICS
 from spinemri.tracking.store import open_tracking_store
 
@@ -130,6 +131,14 @@ def test_mlflow_run_trains_and_records_everything(phantom40, tracking):
     example = loaded.input_example
     predictions = loaded.predict(example)
     assert list(predictions.columns[:3]) == list(HEADS)
+    # the referral thresholds, chosen on the validation split, travel with the model: the served flag is
+    # them applied to the served probability of the row's condition
+    carried = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{operating.ARTIFACT}")
+    assert carried["fitted_on"] == "val" and set(carried["points"]) == set(operating.POINTS)
+    named = example["condition"].tolist() if "condition" in example else [None] * len(predictions)
+    graded = [c if c in CONDITIONS else p for c, p in zip(named, predictions["condition"])]
+    severity = predictions[[f"severity:{c}" for c in HEAD_CLASSES["severity"]]].to_numpy()
+    assert predictions["refer"].tolist() == operating.refer(carried["points"], graded, severity).tolist()
     for head, classes in HEAD_CLASSES.items():
         probabilities = predictions[[f"{head}:{c}" for c in classes]].to_numpy()
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)

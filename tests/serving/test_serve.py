@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from concurrent.futures import ThreadPoolExecutor
 import io
+import json
 import os
 from pathlib import Path
 import signal
@@ -12,13 +13,15 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
 
 from spinemri.data.dicom import encode_dicom
-from spinemri.data.schema import HEAD_CLASSES
+from spinemri.data.schema import CONDITIONS, HEAD_CLASSES
+from spinemri.metrics import operating
 from spinemri.serving.inputs import file_row
 from tests import hostile
 from tests.conftest import no_pixels_dicom_b64
@@ -67,7 +70,7 @@ def test_the_server_loads_the_model_without_cuda_lines_on_a_machine_without_a_gp
     assert not [line for line in said.splitlines() if NO_GPU_LINES.search(line) or "cuInit" in line], said[-3000:]
 
 
-def test_a_phantom_dicom_gets_per_head_probabilities(server, trained):
+def test_a_phantom_dicom_gets_per_head_probabilities(server, trained, tmp_path):
     url, _ = server
     row = _site(trained.data_dir)
     started = time.perf_counter()
@@ -76,6 +79,14 @@ def test_a_phantom_dicom_gets_per_head_probabilities(server, trained):
     assert status == 200, body
     assert len(body["predictions"]) == 1
     _assert_probabilities(body["predictions"][0])
+    # the referral flag is the thresholds the run chose, applied to the served probability
+    carried = mlflow.artifacts.download_artifacts(run_id=trained.run_id, artifact_path=operating.ARTIFACT,
+                                                  dst_path=str(tmp_path), tracking_uri=trained.tracking_uri)
+    points = json.loads(Path(carried).read_text())["points"]
+    served = body["predictions"][0]
+    severity = np.array([[served[f"severity:{c}"] for c in HEAD_CLASSES["severity"]]])
+    graded = row["condition"] if row.get("condition") in CONDITIONS else served["condition"]
+    assert served["refer"] is bool(operating.refer(points, [graded], severity)[0]), served
     print(f"one-DICOM request: {latency * 1000:.0f} ms")
 
     # dataframe_split, integer coordinates and two rows (the second at the image centre)

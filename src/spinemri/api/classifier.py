@@ -35,8 +35,8 @@ from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.runs import (
     TrainResult,
     describe_run,
-    log_headline,
     log_figure,
+    log_headline,
     log_split,
     register_and_tag,
     run_tags,
@@ -47,8 +47,8 @@ from spinemri.training.data import SplitData, read_rows, split_data
 from spinemri.training import fit
 from spinemri.training.fit import check_devices, seed_everything, weights_digest
 from spinemri.training.jitter import site_jitter
-from spinemri.training.classifier import (calibration_effect, fit_calibration, fit_model, log_floor, log_held_out,
-    log_site_score, log_trained_model, predict_split)
+from spinemri.training.classifier import (Graded, calibration_effect, fit_calibration, fit_model, log_floor,
+    log_held_out, log_operating_points, log_site_score, log_trained_model, predict_split)
 
 
 def train(config: ExperimentConfig, *, callbacks=(), nested: bool = False, log_model: bool = True,
@@ -121,10 +121,18 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     images_path = dataset.path / "images.npy"
     epochs_trained = len(history.get("loss", []))
     temperatures = fit_calibration(model, config.classifier, images_path, splits["val"])
-    metrics, predictions, verdict = _evaluate(model, images_path, splits["test"], cfg.batch_size, splits["train"],
-                                              temperatures, explain=config.model.slice_pooling == "channels",
-                                              metric=config.mlflow.champion_metric) \
-        if evaluate_test else ({}, None, None)
+    thresholds = None
+    if evaluate_test:
+        # the referral thresholds are chosen on the validation split, as the temperatures are
+        val_proba = predict_split(model, images_path, splits["val"], cfg.batch_size)
+        if temperatures is not None:
+            val_proba = temperatures.apply(val_proba, splits["val"].samples["condition"].tolist())
+        metrics, predictions, verdict, thresholds = _evaluate(
+            model, images_path, splits["test"], cfg.batch_size, splits["train"], temperatures,
+            explain=config.model.slice_pooling == "channels", metric=config.mlflow.champion_metric,
+            referral=(Graded.of(splits["val"], val_proba["severity"], splits["train"]), config.clinical.targets()))
+    else:
+        metrics, predictions, verdict = {}, None, None
     metrics.update(training_time_s=round(training_time, 2), epochs_trained=epochs_trained,
                    model_params=model.count_params())
     if evaluate_test:
@@ -137,7 +145,7 @@ def _train_in_run(config: ExperimentConfig, dataset: cache.PreparedDataset, spli
     model_uri, decision = None, None
     if log_model:
         fit.step("logging the model")
-        model_uri = log_trained_model(model, config.classifier, dataset, splits, temperatures)
+        model_uri = log_trained_model(model, config.classifier, dataset, splits, temperatures, thresholds)
         if config.mlflow.register and evaluate_test:
             test = splits["test"].samples
             metric = config.mlflow.champion_metric
@@ -166,13 +174,16 @@ def _inference_ms(model: keras.Model, images_path: Path, test: SplitData, batch_
 
 def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size: int, train: SplitData,
               temperatures: calibration.Temperatures | None = None, explain: bool = True,
-              metric: str = "test_severity_weighted_log_loss"
-              ) -> tuple[dict[str, float], pd.DataFrame, floors.Verdict | None]:
+              metric: str = "test_severity_weighted_log_loss",
+              referral: tuple[Graded, dict[str, float]] | None = None
+              ) -> tuple[dict[str, float], pd.DataFrame, floors.Verdict | None, dict | None]:
     """Predict the test split; log the figures and reports per head, the full evaluation
     (spinemri.metrics.heads: test_<head>_<metric> with bootstrap CIs over studies, baselines, calibration,
     breakdowns), Grad-CAM heatmaps, the per-row predictions (what a paired champion decision compares) and
     the comparison with the floor on ``metric`` (the per-site prior of the training rows, :func:`log_floor`).
-    Returns the point values of the test_<head>_<metric> metrics, the predictions and the verdict.
+    ``referral``: the rows the referral thresholds are chosen on (validation, with their calibrated severity
+    probabilities and the floor's) and the target sensitivities (:func:`log_operating_points`). Returns the point values of the
+    test_<head>_<metric> metrics, the predictions, the verdict and the thresholds (None without ``referral``).
     """
     fit.step(f"evaluating on the test split: {len(test)} samples of {test.samples['study_id'].nunique()} studies, "
              "with bootstrap CIs and the floor")
@@ -196,7 +207,12 @@ def _evaluate(model: keras.Model, images_path: Path, test: SplitData, batch_size
     floor = floors.floor_predictions(test.samples, train.samples, train.targets)
     verdict, values = log_floor("test", test.samples, test.targets, proba, floor, metric)
     metrics.update(values)
-    return metrics, predictions, verdict
+    thresholds = None
+    if referral is not None:
+        fitted_on, targets = referral
+        thresholds = log_operating_points(fitted_on, Graded(test.name, test.samples, test.targets["severity"],
+                                                            proba["severity"], floor["severity"]), targets, "test")
+    return metrics, predictions, verdict, thresholds
 
 
 class _Rows:

@@ -44,8 +44,8 @@ from spinemri.tracking.runs import (
     FOLD_ROLE,
     TrainResult,
     describe_run,
-    log_headline,
     log_figure,
+    log_headline,
     log_split,
     run_tags,
     training_run,
@@ -53,8 +53,8 @@ from spinemri.tracking.runs import (
 from spinemri.training.data import SplitData, encode_targets, split_data
 from spinemri.training.fit import check_devices, seed_everything
 from spinemri.training.jitter import site_jitter
-from spinemri.training.classifier import (calibration_effect, fit_model, log_floor, log_held_out, log_site_score,
-    log_trained_model, predict_split)
+from spinemri.training.classifier import (Graded, calibration_effect, fit_model, log_floor, log_held_out,
+    log_operating_points, log_site_score, log_trained_model, predict_split)
 
 OOF_ARTIFACT = "evaluation/oof_predictions.csv"
 FOLDS_ARTIFACT = "data/folds.csv"
@@ -212,6 +212,9 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig
     floor = {h: np.concatenate([r.floor[h] for r in results]) for h in HEADS}  # each fold's own prior
     verdict, values = log_floor("cv", samples, targets, proba, floor, config.mlflow.champion_metric)
     metrics.update(values)
+    # referral thresholds fitted on every out-of-fold row, each fold's rates by the other folds' thresholds
+    log_operating_points(Graded("out-of-fold", samples, targets["severity"], proba["severity"], floor["severity"]),
+                         None, config.clinical.targets(), "cv")
     describe_run(verdict, f"Out of fold: {len(results)} fold models, each evaluated on the studies it never trained "
                           "on, against the per-site prior of its own training folds.")
     log_headline(metrics, floors.held_out_name(config.mlflow.champion_metric, "cv"))

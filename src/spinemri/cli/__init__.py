@@ -4,7 +4,7 @@
     train, tune, ensemble                                   (spinemri.cli.train -> spinemri.api.train)
     compare, evaluate                                       (spinemri.cli.evaluate -> spinemri.api.compare)
     predict, export, score                                  (spinemri.cli.serve)
-    registry   list, promote; runs reap                     (spinemri.cli.registry)
+    registry   list, promote; card; runs reap               (spinemri.cli.registry)
     study      predict, evaluate, package, ablation         (spinemri.cli.study -> spinemri.api.study)
     pacs                                                    (spinemri.cli.pacs)
 
@@ -21,7 +21,7 @@ import click
 from spinemri.cli.data import data
 from spinemri.cli.evaluate import compare, evaluate_command
 from spinemri.cli.pacs import pacs
-from spinemri.cli.registry import registry, runs
+from spinemri.cli.registry import card, registry, runs
 from spinemri.cli.serve import export_command, predict, score
 from spinemri.cli.study import ablation, evaluate_study, package_study, predict_study, study
 from spinemri.cli.train import ensemble, train, tune
@@ -44,8 +44,8 @@ def main() -> None:
     quiet_libraries()
 
 
-for command in (data, train, tune, ensemble, compare, evaluate_command, predict, export_command, score, registry, runs,
-                study, pacs):
+for command in (data, train, tune, ensemble, compare, evaluate_command, predict, export_command, score, registry, card,
+                runs, study, pacs):
     main.add_command(command)
 for old_name, command in (("predict-study", predict_study), ("evaluate-study", evaluate_study),
                           ("package-study", package_study), ("ablation", ablation)):

@@ -72,6 +72,22 @@ def registry_promote(version, reason, name) -> None:
     click.echo(str(promote(name, version, reason)))
 
 
+@click.command()
+@click.argument("model_uri")
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for <name>-v<version>.model.json (RSNA ATLAS 2025-11) and <name>-v<version>.md.")
+@user_errors
+@tracked
+def card(model_uri, out_dir) -> None:
+    """Write the model card of a registered version (MODEL_URI: models:/NAME/VERSION or models:/NAME@ALIAS) from
+    its MLflow record: an RSNA ATLAS JSON card and a one-page Markdown card with a CLAIM-style checklist."""
+    from spinemri.tracking.card import build_card, write_card
+
+    made = build_card(model_uri)
+    for path in write_card(made, out_dir):
+        click.echo(str(path))
+
+
 @click.group()
 def runs() -> None:
     """MLflow runs of spinemri commands."""

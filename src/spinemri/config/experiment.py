@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from spinemri.config.sections import (TASKS, CompareConfig, DataConfig, LocalizeConfig, MlflowConfig, ModelConfig,
+from spinemri.config.sections import (TASKS, ClinicalConfig, CompareConfig, DataConfig, LocalizeConfig, MlflowConfig, ModelConfig,
     SplitConfig, TrainConfig, TuningConfig, check, plain, setting, validate_search_space)
 from spinemri.data.preprocess import PreprocessConfig
 from spinemri.errors import ConfigError
@@ -41,6 +41,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    clinical: ClinicalConfig = field(default_factory=ClinicalConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
@@ -67,6 +68,7 @@ class ExperimentConfig:
         self.train.validate()
         self.tuning.validate()
         self.mlflow.validate()
+        self.clinical.validate()
         self.compare.validate()
         self.localize.validate()
         check(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
@@ -116,7 +118,7 @@ _SHORT_NAME = {key: short for short, key in SHORTCUTS.items() if short != "task"
 
 
 # The settings a run of each task reads, by section; the MLflow params of its runs (:func:`run_params`).
-TASK_SECTIONS = {"classify": ("data", "preprocess", "split", "model", "train", "mlflow"),
+TASK_SECTIONS = {"classify": ("data", "preprocess", "split", "model", "train", "mlflow", "clinical"),
                  "localize": ("data", "preprocess", "split", "model", "train", "mlflow", "localize")}
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from spinemri.data.schema import DEFAULT_SPLIT, HEADS, SERIES_TYPES
+from spinemri.data.schema import ANY_LEVEL, CONDITIONS, DEFAULT_SPLIT, HEADS, REFERRAL_POINTS, SERIES_TYPES, SEVERE_SPINAL
 from spinemri.errors import ConfigError
 from spinemri.models.catalog import CATALOG, FEATURE_POOLING, SEVERITY_HEADS, SLICE_POOLING, THESIS_ARCHS
 
@@ -299,6 +299,30 @@ class MlflowConfig:
         if not self.champion_metric.startswith("test_"):
             raise ConfigError(f"mlflow.champion_metric must be a held-out test metric (test_...), "
                               f"got {self.champion_metric!r}")
+
+
+@dataclass
+class ClinicalConfig:
+    """Referral operating points (spinemri.metrics.operating): the sensitivity each threshold is chosen for."""
+
+    sensitivity: dict = field(default_factory=lambda: {**{c: 0.90 for c in CONDITIONS}, SEVERE_SPINAL: 0.95,
+                                                       ANY_LEVEL: 0.90},
+                              metadata={"help": "target sensitivity per referral point (each condition, "
+                                                f"{SEVERE_SPINAL}, {ANY_LEVEL}); its threshold is chosen on "
+                                                "validation or out-of-fold rows, never test"})
+
+    def validate(self) -> None:
+        check(isinstance(self.sensitivity, dict), "clinical.sensitivity", "must map referral points to "
+              "sensitivities", self.sensitivity)
+        unknown = sorted(set(self.sensitivity) - set(REFERRAL_POINTS))
+        check(not unknown, "clinical.sensitivity", f"knows the points {', '.join(REFERRAL_POINTS)}", unknown)
+        for name, value in self.sensitivity.items():
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1,
+                  f"clinical.sensitivity.{name}", "must be a sensitivity in (0, 1]", value)
+
+    def targets(self) -> dict[str, float]:
+        """Every point's target: the defaults, with those set here."""
+        return {**ClinicalConfig().sensitivity, **{k: float(v) for k, v in self.sensitivity.items()}}
 
 
 TASKS = ("classify", "localize")

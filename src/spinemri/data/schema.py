@@ -128,6 +128,12 @@ def label_column(condition: str, level: str) -> str:
     return f"{condition}_{level_slug(level)}"
 
 
+# What a referral can be about (spinemri.metrics.operating): each condition (a moderate or severe site), a
+# severe spinal canal stenosis, and a level with any moderate or severe site.
+SEVERE_SPINAL = "severe_spinal_canal_stenosis"
+ANY_LEVEL = "any_moderate_or_severe"
+REFERRAL_POINTS: tuple[str, ...] = (*CONDITIONS, SEVERE_SPINAL, ANY_LEVEL)
+
 LABEL_COLUMNS: tuple[str, ...] = tuple(label_column(c, lv) for c in CONDITIONS for lv in LEVELS)
 # The 25 graded sites (condition, level), in LABEL_COLUMNS order: what a per-site severity output is indexed by.
 SITES: tuple[tuple[str, str], ...] = tuple((c, lv) for c in CONDITIONS for lv in LEVELS)

@@ -68,3 +68,34 @@ def sample_predictions(images: np.ndarray, truths: list[str], predictions: list[
     grid_margins(fig, top_title=True)
     return fig
 
+
+
+def operating_point(name: str, event: np.ndarray, score: np.ndarray, threshold: float, target: float) -> plt.Figure:
+    """One referral point on held-out cases: the ROC curve with the point its threshold reaches, and the
+    sensitivity against the referral rate as the threshold moves, with the target sensitivity."""
+    from sklearn.metrics import roc_curve
+
+    event = np.asarray(event, bool)
+    fig, (roc, trade) = plt.subplots(1, 2, figsize=(10, 4.5))
+    if 0 < event.sum() < len(event):
+        fpr, tpr, _ = roc_curve(event, score)
+        roc.plot(fpr, tpr, label="model")
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    order = np.sort(np.unique(score))[::-1]
+    if len(order) and event.any():
+        sens = [(score[event] >= t).mean() for t in order]
+        rate = [(score >= t).mean() for t in order]
+        trade.plot(rate, sens, label="threshold moved")
+    if np.isfinite(threshold) and event.any() and (~event).any():
+        flag = score >= threshold
+        roc.plot([flag[~event].mean()], [flag[event].mean()], "o", color="C3", label=f"threshold {threshold:.3f}")
+        trade.plot([flag.mean()], [flag[event].mean()], "o", color="C3", label=f"threshold {threshold:.3f}")
+    trade.axhline(target, ls="--", color="grey", label=f"target sensitivity {target:.2f}")
+    roc.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{name}: ROC")
+    trade.set(xlabel="referral rate", ylabel="sensitivity", title=f"{name}: referrals vs sensitivity",
+              xlim=(0, 1), ylim=(0, 1.02))
+    for ax in (roc, trade):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig

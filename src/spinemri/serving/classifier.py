@@ -19,7 +19,9 @@ posted to ``mlflow models serve``):
 Each image goes through :func:`spinemri.data.preprocess.preprocess` with the configuration the
 model was trained with (stored in the model's ``meta.json``): the same function that built the
 training cache, not a copy. Output, one row per image: the predicted ``condition``, ``level`` and
-``severity``, and one probability column per class, ``<head>:<class>`` (e.g. ``severity:Moderate``).
+``severity``, one probability column per class, ``<head>:<class>`` (e.g. ``severity:Moderate``), and, for a
+model that carries referral thresholds (``meta.json`` ``operating_points``), ``refer``: whether the row's
+finding is referred at them (spinemri.metrics.operating).
 
 The input kinds are :data:`spinemri.serving.inputs.INPUT_KINDS`; a request is checked by
 :mod:`spinemri.serving.requests`, where a bad row raises ``InputError`` (HTTP 400) naming the row, the
@@ -39,6 +41,7 @@ import pandas as pd
 from spinemri.data.dicom import DicomImage, encode_dicom, read_image
 from spinemri.data.preprocess import PreprocessConfig, preprocess, with_centre
 from spinemri.data.schema import CONDITIONS, HEAD_CLASSES, LEVELS, site_indices
+from spinemri.metrics import operating
 from spinemri.models.calibration import Temperatures
 from spinemri.models.severity import severity_at
 from spinemri.serving.inputs import IMAGE_COLUMNS, decode_value
@@ -59,7 +62,18 @@ class SpineClassifier(KerasWithMeta):
         if self.per_site:
             require_sites(frame, conditions, levels)
         images = np.stack([self.prepare_row(row, i) for i, row in enumerate(frame.to_dict("records"))])
-        return probabilities_frame(self.predict_images(images, conditions=conditions, levels=levels))
+        proba = self.predict_images(images, conditions=conditions, levels=levels)
+        out = probabilities_frame(proba)
+        if self.meta.get("operating_points"):
+            out["refer"] = self.refer(proba["severity"], conditions, out["condition"])
+        return out
+
+    def refer(self, severity: np.ndarray, conditions: Sequence | None, predicted: Sequence) -> np.ndarray:
+        """The referral flag per row (spinemri.metrics.operating.refer) at the thresholds the model carries, for
+        the condition the row names, else the one the model predicts (``healthy``: not referred)."""
+        named = list(conditions) if conditions is not None else [None] * len(predicted)
+        graded = [c if isinstance(c, str) and c in CONDITIONS else p for c, p in zip(named, predicted)]
+        return operating.refer(self.meta["operating_points"], graded, severity)
 
     @property
     def per_site(self) -> bool:

@@ -40,8 +40,12 @@ def probabilities_frame(outputs: Mapping[str, np.ndarray]) -> pd.DataFrame:
 
 
 def output_schema(frame: pd.DataFrame) -> Schema:
-    return Schema([ColSpec(DataType.double if pd.api.types.is_float_dtype(frame[c]) else DataType.string, c)
-                   for c in frame.columns])
+    def kind(column: pd.Series) -> DataType:
+        if pd.api.types.is_bool_dtype(column):
+            return DataType.boolean
+        return DataType.double if pd.api.types.is_float_dtype(column) else DataType.string
+
+    return Schema([ColSpec(kind(frame[c]), c) for c in frame.columns])
 
 
 def request_frame(model_input) -> pd.DataFrame:

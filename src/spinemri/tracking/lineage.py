@@ -59,11 +59,22 @@ def data_name(data: DataConfig) -> str:
     return Path(data.data_dir).resolve().name or str(data.data_dir)
 
 
+DATA_KIND_TAG = "data_kind"  # phantom (a folder spinemri's generator wrote) or real
+
+
+def data_kind(source_dir: str) -> str:
+    """``phantom`` for a folder the phantom generator wrote (it carries the generator's marker file), else ``real``."""
+    from spinemri.phantom.settings import MARKER
+
+    return "phantom" if (Path(source_dir) / MARKER).is_file() else "real"
+
+
 def log_splits(data: DataConfig, split_settings: SplitConfig, source_dir: str, digest: str,
                parts: dict[str, pd.DataFrame], *, unit: str = "samples") -> list[SplitDataset]:
     """Log one dataset input per split of ``parts`` (split -> its rows, each with a ``study_id``) into the
     active run; ``unit`` names what a row is (samples, slices). Returns the datasets."""
     base = data_name(data)
+    mlflow.set_tag(DATA_KIND_TAG, data_kind(source_dir))
     datasets = []
     for split, rows in parts.items():
         profile = {"split": split, "studies": int(rows["study_id"].nunique()), unit: int(len(rows)),

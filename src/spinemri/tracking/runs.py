@@ -30,10 +30,12 @@ import mlflow
 from mlflow.exceptions import MlflowException
 import pandas as pd
 
+from spinemri.errors import CardError
 from spinemri.metrics.floor import FLOOR, Verdict
 from spinemri.metrics.headline import headline_metrics
 from spinemri.processes import HOST, process_gone, process_id
 from spinemri.tracking import registry
+from spinemri.tracking.card import attach_card
 
 CV_ROLE, FOLD_ROLE = "cv", "fold"  # the tag `role` of a cross-validation's parent run and of each fold's run
 CV_SCORE = "cv_rsna_score"  # a cross-validation's headline: the RSNA score of its out-of-fold predictions
@@ -292,6 +294,11 @@ def register_and_tag(model_uri: str, name: str, *, metric: str, value: float | N
     mlflow.set_tags({"registered_model": decision.name, "registered_version": decision.version,
                      "alias_when_registered": decision.alias})
     print(decision, flush=True)
+    if needs_floor:  # a model judged against its floor gets its card
+        try:
+            attach_card(decision.name, str(decision.version))
+        except CardError as exc:  # the model is registered all the same; the run says why it has no card
+            mlflow.set_tag("card", f"not written: {exc}")
     return decision
 
 

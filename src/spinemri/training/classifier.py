@@ -6,6 +6,7 @@ evaluation, log the servable model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import os
 from pathlib import Path
 import time
@@ -21,7 +22,7 @@ from spinemri.data.dicom import series_order
 from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import HEAD_CLASSES
 from spinemri.errors import MetricError
-from spinemri.metrics import competition, heads, paired, plots
+from spinemri.metrics import competition, heads, operating, paired, plots
 from spinemri.metrics import floor as floors
 from spinemri.metrics.prior import pooled_prior, prior_from_samples, prior_grid
 from spinemri.models import calibration
@@ -230,9 +231,10 @@ def log_held_out(samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: d
 
 
 def log_trained_model(model: keras.Model, settings: ClassifierSettings, dataset: cache.PreparedDataset,
-                      splits: dict[str, SplitData], temperatures: calibration.Temperatures | None = None) -> str:
+                      splits: dict[str, SplitData], temperatures: calibration.Temperatures | None = None,
+                      operating_points: dict[str, dict] | None = None) -> str:
     """Log ``model`` as the run's pyfunc with what serving needs (meta.json: preprocessing, classes, the
-    prior, the temperatures); returns its URI."""
+    prior, the temperatures, the referral thresholds); returns its URI."""
     pre = settings.preprocess
     meta = {"arch": settings.model.arch, "input_shape": [pre.img_size, pre.img_size, pre.channels],
             "severity_head": settings.severity_head,
@@ -242,6 +244,8 @@ def log_trained_model(model: keras.Model, settings: ClassifierSettings, dataset:
             "severity_prior": prior_from_samples(splits["train"].samples)}
     if temperatures is not None:
         meta["temperature"] = temperatures.to_dict()
+    if operating_points is not None:
+        meta["operating_points"] = operating_points
     shown = splits.get("test") if splits.get("test") is not None and len(splits["test"]) else splits["val"]
     example = request_example(shown.samples, dataset.manifest.get("dataset_root", ""), pre)
     return log_classifier(model, meta, example, pip_requirements()).model_uri
@@ -258,6 +262,52 @@ def request_example(samples: pd.DataFrame, root: str, pre) -> dict:
         if sample["path"] in order:
             neighbours = [order[j] for j in stack_neighbours(order.index(sample["path"]), len(order), pre.slices)]
     return example_row(sample, pre, neighbours)
+
+
+@dataclass(frozen=True)
+class Graded:
+    """Rows for the referral operating points: their samples (study_id, condition, level; ``fold`` out of
+    fold), true severity index (-1: unlabelled), the model's calibrated severity probabilities and the floor's."""
+
+    name: str
+    samples: pd.DataFrame
+    severity: np.ndarray
+    proba: np.ndarray
+    floor: np.ndarray
+
+    @classmethod
+    def of(cls, split: SplitData, proba: np.ndarray, train: SplitData) -> "Graded":
+        """A split with the floor of ``train`` (the per-site prior of its rows)."""
+        floor = floors.floor_predictions(split.samples, train.samples, train.targets)["severity"]
+        return cls(split.name, split.samples, split.targets["severity"], proba, floor)
+
+
+def log_operating_points(fit: Graded, held: Graded | None, targets: dict[str, float], split: str) -> dict[str, dict]:
+    """Referral operating points (spinemri.metrics.operating): thresholds on the ``fit`` rows (validation or out
+    of fold, never test) for ``targets``, the floor's fitted the same way, judged on ``held`` (None: on the
+    ``fit`` rows themselves, cross-fitted over their folds). Logged into the active run: :data:`operating.ARTIFACT`
+    (what the model carries), the table ``evaluation/<split>_operating_points.json`` of every rate with its CI
+    beside the floor's, a figure per point, and ``<split>_refer_any_<sensitivity|referral_rate>``. Returns the
+    thresholds."""
+    points = operating.fit_thresholds(fit.samples, fit.severity, fit.proba, targets)
+    floor_points = operating.fit_thresholds(fit.samples, fit.severity, fit.floor, targets)
+    if held is None:
+        held = fit
+        table = operating.evaluate_cross_fitted(points, fit.samples, fit.severity, fit.proba, floor_points, fit.floor)
+    else:
+        table = operating.evaluate(points, held.samples, held.severity, held.proba, floor_points, held.floor)
+    thresholds = {name: point.to_dict() for name, point in points.items()}
+    mlflow.log_dict({"fitted_on": fit.name, "points": thresholds}, operating.ARTIFACT)
+    mlflow.log_table(table, f"evaluation/{split}_operating_points.json")
+    for name, point in points.items():
+        judged = operating.cases(name, held.samples, held.severity, held.proba)
+        if len(judged):
+            log_figure(plots.operating_point(name, judged["event"].to_numpy(), judged["score"].to_numpy(),
+                                             point.threshold, point.target), f"clinical/{split}_{name}.png")
+    anywhere = table[table["point"] == operating.ANY_LEVEL].set_index("rate")["value"]
+    mlflow.log_metrics({f"{split}_refer_any_{rate}": float(anywhere[rate]) for rate in ("sensitivity", "referral_rate")
+                        if np.isfinite(anywhere.get(rate, np.nan))})
+    return thresholds
 
 
 def log_floor(split: str, samples: pd.DataFrame, targets: dict[str, np.ndarray], proba: dict[str, np.ndarray],

@@ -1,0 +1,189 @@
+"""Referral operating points: a threshold on a calibrated severity probability that decides whether a finding
+is referred, chosen on rows the model was tuned on (validation or out-of-fold) to reach a target
+sensitivity, and what it does on held-out rows — sensitivity, specificity, PPV, NPV and the referral rate,
+each with a 95 % bootstrap interval over studies.
+
+    <condition>                      a site of that condition is referable when moderate or severe; its score
+                                     is P(moderate) + P(severe)
+    severe_spinal_canal_stenosis     a spinal canal site is referable when severe; its score is P(severe)
+    any_moderate_or_severe           a level of a study is referable when any of its sites is moderate or
+                                     severe; its score is the highest P(moderate) + P(severe) among them
+
+The threshold never sees the rows it is judged on: :func:`fit_thresholds` takes the fitting rows only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+import math
+
+import numpy as np
+import pandas as pd
+
+from spinemri.data.schema import ANY_LEVEL, CONDITIONS, REFERRAL_POINTS, SEVERE_SPINAL, SEVERITY_INDEX
+from spinemri.metrics.paired import score_intervals
+
+MODERATE, SEVERE = SEVERITY_INDEX["Moderate"], SEVERITY_INDEX["Severe"]
+POINTS = REFERRAL_POINTS
+RATES: tuple[str, ...] = ("sensitivity", "specificity", "ppv", "npv", "referral_rate")
+ARTIFACT = "clinical/operating_points.json"  # the thresholds, as the logged model carries them
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A threshold on a point's score (refer at or above it), the sensitivity it was chosen for and what it
+    reached on its fitting rows (``fitted_on`` of them, ``events`` referable)."""
+
+    name: str
+    threshold: float
+    target: float
+    fitted_sensitivity: float
+    fitted_on: int
+    events: int
+
+    def to_dict(self) -> dict:
+        """As JSON: a threshold or sensitivity that could not be fitted (no referable case) is null."""
+        def finite(value: float) -> float | None:
+            return value if math.isfinite(value) else None
+
+        return {"threshold": finite(self.threshold), "target": self.target,
+                "fitted_sensitivity": finite(self.fitted_sensitivity), "fitted_on": self.fitted_on,
+                "events": self.events}
+
+
+def cases(point: str, samples: pd.DataFrame, severity: np.ndarray, proba: np.ndarray) -> pd.DataFrame:
+    """The cases a point judges, one row each: ``study_id``, ``event`` (referable by the reference standard)
+    and ``score``. ``samples`` has study_id, condition and level per row; ``severity`` the true grade index
+    (-1: unlabelled, left out); ``proba`` the (n, 3) severity probabilities."""
+    severity = np.asarray(severity)
+    proba = np.asarray(proba, dtype=np.float64)
+    frame = pd.DataFrame({"study_id": samples["study_id"].astype(str).to_numpy(),
+                          "condition": samples["condition"].to_numpy(), "level": samples["level"].to_numpy(),
+                          "fold": samples["fold"].to_numpy() if "fold" in samples else np.zeros(len(samples), int),
+                          "grade": severity, "p_severe": proba[:, SEVERE],
+                          "score": proba[:, MODERATE] + proba[:, SEVERE]})
+    frame = frame[frame["grade"] >= 0].assign(event=lambda f: f["grade"] >= MODERATE)
+    columns = ["study_id", "event", "score", "fold"]  # fold: a cross-validation's (a study is in one), else 0
+    if point == ANY_LEVEL:
+        grouped = frame.groupby(["study_id", "level"], sort=True).agg(event=("event", "any"), score=("score", "max"),
+                                                                       fold=("fold", "first"))
+        return grouped.reset_index()[columns]
+    if point == SEVERE_SPINAL:
+        spinal = frame[frame["condition"] == "spinal_canal_stenosis"]
+        return spinal.assign(event=spinal["grade"] == SEVERE, score=spinal["p_severe"])[columns].reset_index(drop=True)
+    if point not in CONDITIONS:
+        raise ValueError(f"unknown operating point {point!r}; the points are {', '.join(POINTS)}")
+    return frame[frame["condition"] == point][columns].reset_index(drop=True)
+
+
+def fit_threshold(judged: pd.DataFrame, target: float) -> tuple[float, float]:
+    """The highest threshold whose sensitivity on ``judged`` (:func:`cases`) is at least ``target``, and the
+    sensitivity it reaches there; (nan, nan) without a referable case."""
+    if not 0 < target <= 1:
+        raise ValueError(f"a target sensitivity must be in (0, 1], got {target}")
+    scores = np.sort(judged.loc[judged["event"].astype(bool), "score"].to_numpy(np.float64))[::-1]
+    if len(scores) == 0:
+        return math.nan, math.nan
+    threshold = float(scores[math.ceil(target * len(scores) - 1e-9) - 1])
+    return threshold, float(np.mean(scores >= threshold))
+
+
+def fit_thresholds(samples: pd.DataFrame, severity: np.ndarray, proba: np.ndarray,
+                   targets: Mapping[str, float]) -> dict[str, OperatingPoint]:
+    """Every point's threshold, fitted on these rows (validation or out-of-fold, never test) for its target
+    sensitivity (``targets``: point -> sensitivity, the setting clinical.sensitivity)."""
+    points = {}
+    for name in POINTS:
+        judged = cases(name, samples, severity, proba)
+        threshold, reached = fit_threshold(judged, targets[name])
+        points[name] = OperatingPoint(name, threshold, float(targets[name]), reached, len(judged),
+                                      int(judged["event"].sum()))
+    return points
+
+
+def rates(judged: pd.DataFrame, threshold: float, *, resamples: int = 1000, seed: int = 0
+          ) -> dict[str, tuple[float, float, float]]:
+    """What ``threshold`` does on ``judged`` (:func:`cases`): each of :data:`RATES` as (value, ci_low, ci_high),
+    the interval a 95 % bootstrap over studies; NaN where a rate has no denominator (no referable case, ...)."""
+    if not math.isfinite(threshold):
+        return {name: (math.nan, math.nan, math.nan) for name in RATES}
+    return rates_of(judged, judged["score"].to_numpy(np.float64) >= threshold, resamples=resamples, seed=seed)
+
+
+def rates_of(judged: pd.DataFrame, flag: np.ndarray, *, resamples: int = 1000, seed: int = 0
+             ) -> dict[str, tuple[float, float, float]]:
+    """:func:`rates` of given flags, one per case (cross-fitted ones: each fold's by the others' threshold)."""
+    if judged.empty:
+        return {name: (math.nan, math.nan, math.nan) for name in RATES}
+    flag = np.asarray(flag, bool)
+    event = judged["event"].to_numpy(bool)
+    counts = pd.DataFrame({
+        "study_id": judged["study_id"].to_numpy(),
+        "sensitivity:sum": flag & event, "sensitivity:weight": event,
+        "specificity:sum": ~flag & ~event, "specificity:weight": ~event,
+        "ppv:sum": flag & event, "ppv:weight": flag,
+        "npv:sum": ~flag & ~event, "npv:weight": ~flag,
+        "referral_rate:sum": flag, "referral_rate:weight": np.ones(len(flag), bool),
+    }).groupby("study_id", sort=True).sum().astype(np.float64).reset_index()
+    found = score_intervals(counts, resamples=resamples, seed=seed)
+    return {name: found[name] for name in RATES}
+
+
+def evaluate(points: Mapping[str, OperatingPoint], samples: pd.DataFrame, severity: np.ndarray,
+             proba: np.ndarray, floor_points: Mapping[str, OperatingPoint], floor_proba: np.ndarray,
+             *, resamples: int = 1000) -> pd.DataFrame:
+    """The table of every point on held-out rows: one row per point and rate with the model's value and CI,
+    and the floor's (the per-site prior, with its own thresholds fitted the same way) beside it."""
+    rows = []
+    for name, point in points.items():
+        model = rates(cases(name, samples, severity, proba), point.threshold, resamples=resamples)
+        floor = rates(cases(name, samples, severity, floor_proba), floor_points[name].threshold, resamples=resamples)
+        rows += _rows(point, floor_points[name], model, floor)
+    return pd.DataFrame(rows)
+
+
+def evaluate_cross_fitted(points: Mapping[str, OperatingPoint], samples: pd.DataFrame, severity: np.ndarray,
+                          proba: np.ndarray, floor_points: Mapping[str, OperatingPoint], floor_proba: np.ndarray,
+                          *, resamples: int = 1000) -> pd.DataFrame:
+    """:func:`evaluate` on out-of-fold rows (``samples["fold"]``) that the thresholds were also fitted on: each
+    fold's cases are flagged by the threshold fitted on the other folds' cases, so no case is judged by a
+    threshold it helped choose. ``points`` (fitted on every fold: what a model carries) give the table's
+    thresholds and targets."""
+    rows = []
+    for name, point in points.items():
+        judged = [cases(name, samples, severity, p) for p in (proba, floor_proba)]
+        flags = [np.zeros(len(j), bool) for j in judged]
+        for fold in np.unique(samples["fold"]):
+            for j, flag in zip(judged, flags):
+                threshold, _ = fit_threshold(j[j["fold"] != fold], point.target)
+                held = (j["fold"] == fold).to_numpy()
+                flag[held] = j["score"].to_numpy(np.float64)[held] >= threshold  # NaN: nothing flagged
+        model, floor = (rates_of(j, f, resamples=resamples) for j, f in zip(judged, flags))
+        rows += _rows(point, floor_points[name], model, floor)
+    return pd.DataFrame(rows)
+
+
+def _rows(point: OperatingPoint, floor_point: OperatingPoint, model: Mapping, floor: Mapping) -> list[dict]:
+    return [{"point": point.name, "rate": rate, "target": point.target, "threshold": point.threshold,
+             "value": model[rate][0], "ci_low": model[rate][1], "ci_high": model[rate][2],
+             "floor": floor[rate][0], "floor_ci_low": floor[rate][1], "floor_ci_high": floor[rate][2],
+             "floor_threshold": floor_point.threshold} for rate in RATES]
+
+
+def refer(points: Mapping[str, Mapping], conditions, proba: np.ndarray) -> np.ndarray:
+    """The served flag per row: P(moderate) + P(severe) at or above the threshold of the row's condition, or,
+    at a spinal canal site, P(severe) at or above the severe point's. ``points``: name -> {"threshold": ...}
+    (:data:`ARTIFACT`); a row of a condition without a finite threshold is never referred."""
+    def threshold(name) -> float:
+        value = (points.get(name) or {}).get("threshold") if isinstance(name, str) else None
+        return math.nan if value is None else float(value)
+
+    proba = np.asarray(proba, dtype=np.float64)
+    score = proba[:, MODERATE] + proba[:, SEVERE]
+    out = np.zeros(len(proba), dtype=bool)
+    for i, condition in enumerate(conditions):
+        out[i] = bool(score[i] >= threshold(condition))  # NaN compares False: never referred
+        if condition == "spinal_canal_stenosis":
+            out[i] |= bool(proba[i, SEVERE] >= threshold(SEVERE_SPINAL))
+    return out
