@@ -102,7 +102,8 @@ def test_evaluate_run_logs_into_the_finished_run(store):
                      "evaluation/test_predictions.csv",  # logged by training, for paired champion decisions
                      "evaluation/test_rsna_score.terms.csv",  # and its study score's per-study terms
                      "evaluation/test_floor_predictions.csv",  # and what its floor (the per-site prior) predicted
-                     "evaluation/test_table.json", "evaluation/test_rsna_score_table.json"}  # MLflow tables
+                     "evaluation/test_table.json", "evaluation/test_rsna_score_table.json",  # MLflow tables
+                     "evaluation/test_operating_points.json"}  # training's referral points
     logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/test.json")
     assert logged == report
     assert "| accuracy |" in mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/test.md")

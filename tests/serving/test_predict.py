@@ -44,6 +44,7 @@ def test_predict_a_folder_matches_the_pyfunc(store, tmp_path):
     served = mlflow.pyfunc.load_model(store.model_uri).predict(pd.DataFrame([file_row(f) for f in sorted(
         folder.glob("*.dcm"))]))
     np.testing.assert_allclose(table.iloc[:, 4:].to_numpy(float), served.iloc[:, 3:].to_numpy(float), atol=1e-5)
+    assert table["refer"].tolist() == served["refer"].tolist()  # the same referral flag
 
 
 def test_sites_move_the_crop(store, tmp_path):

@@ -33,6 +33,7 @@ def test_the_thresholds_never_see_the_held_out_labels(tracking):
     targets = load_experiment("quick", {}).clinical.targets()
     flipped = SplitData("test", test.rows, {**test.targets, "severity": 2 - test.targets["severity"]}, test.axial,
                         test.samples)
+    mlflow.set_experiment("operating-points")
     logged = []
     for held in (test, flipped):
         with mlflow.start_run() as run:
@@ -66,6 +67,7 @@ def test_out_of_fold_rates_are_cross_fitted_and_reach_the_target_within_their_in
     proba = np.concatenate([q for _, q in parts])
     floor = np.tile([0.6, 0.25, 0.15], (len(samples), 1))
     targets = load_experiment("quick", {}).clinical.targets()
+    mlflow.set_experiment("operating-points")
     with mlflow.start_run() as run:
         thresholds = log_operating_points(Graded("out-of-fold", samples, severity, proba, floor), None, targets, "cv")
     table = mlflow.MlflowClient().load_table(run.info.experiment_id, "evaluation/cv_operating_points.json",

@@ -62,7 +62,11 @@ class SpineClassifier(KerasWithMeta):
         if self.per_site:
             require_sites(frame, conditions, levels)
         images = np.stack([self.prepare_row(row, i) for i, row in enumerate(frame.to_dict("records"))])
-        proba = self.predict_images(images, conditions=conditions, levels=levels)
+        return self.answer(self.predict_images(images, conditions=conditions, levels=levels), conditions)
+
+    def answer(self, proba: Mapping[str, np.ndarray], conditions: Sequence | None = None) -> pd.DataFrame:
+        """The response rows for these probabilities: the classes, one column per class and, for a model that
+        carries referral thresholds, ``refer`` (:meth:`refer`)."""
         out = probabilities_frame(proba)
         if self.meta.get("operating_points"):
             out["refer"] = self.refer(proba["severity"], conditions, out["condition"])

@@ -22,7 +22,6 @@ from spinemri.errors import ImageReadError, PredictError
 from spinemri.atomic import check_target, write_csv
 from spinemri.serving.classifier import SpineClassifier
 from spinemri.serving.inputs import SUFFIXES, read_file
-from spinemri.serving.requests import probabilities_frame
 
 ON_BAD_FILE = ("stop", "skip")
 
@@ -125,9 +124,10 @@ def predict_files(classifier: SpineClassifier, input_path: str | Path, out: str 
     def flush():
         if batch:
             sites = asked[len(asked) - len(batch):]
-            frames.append(probabilities_frame(classifier.predict_images(
-                np.stack(batch), batch_size=batch_size, conditions=[s.condition or "" for s in sites],
-                levels=[s.level or "" for s in sites])))
+            conditions = [s.condition or "" for s in sites]
+            frames.append(classifier.answer(classifier.predict_images(
+                np.stack(batch), batch_size=batch_size, conditions=conditions,
+                levels=[s.level or "" for s in sites]), conditions))
             batch.clear()
 
     bar = _bar(progress, len(files))
