@@ -101,6 +101,8 @@ def test_the_card_of_a_registered_version_validates_and_quotes_the_run(store, tm
     assert run.data.tags["verdict_sentence"] in markdown and version.tags["decision"] in markdown
     assert "## Referral operating points" in markdown and "any_moderate_or_severe" in markdown
     assert "**phantom**" in markdown  # what the data was, from the run's record
+    beats = run.data.tags["verdict"] == "better"
+    assert ("**It beats its floor**" if beats else "**It does not beat its floor**") in markdown
     # the CLAIM checklist: answered from the run where the platform can, open where only a person can
     checklist = markdown.split("## CLAIM checklist", 1)[1]
     assert "| Reference standard |" in checklist and "| Ethics approval and data use agreements | open |" in checklist

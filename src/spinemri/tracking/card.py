@@ -166,11 +166,23 @@ class _Facts:
             self.inputs[context] = (entry.dataset.name, entry.dataset.digest, json.loads(entry.dataset.profile or "{}"))
 
     def quoted(self, name: str) -> str:
-        """A metric as the card quotes it: its value, its 95 % CI when logged, and its name."""
+        """A metric as the card quotes it: its value (signed for a difference), its 95 % CI when logged, its name."""
         value = self.metrics.get(name)
         low, high = self.metrics.get(f"{name}_ci_low"), self.metrics.get(f"{name}_ci_high")
         ci = f" [95 % CI {_number(low)}, {_number(high)}]" if low is not None and high is not None else ""
-        return f"{_number(value)}{ci} (`{name}`)"
+        shown = f"{value:+.3f}" if name.endswith("_vs_floor") and value is not None and math.isfinite(value) \
+            else _number(value)
+        return f"{shown}{ci} (`{name}`)"
+
+    @property
+    def beats_floor(self) -> bool:
+        return self.tags.get("verdict") == "better"
+
+    def floor_line(self) -> str:
+        if self.beats_floor:
+            return "**It beats its floor**: the paired difference's 95 % interval lies on the better side of zero."
+        return (f"**It does not beat its floor** (verdict: {self.tags.get('verdict', 'not recorded')}): as far as "
+                f"these held-out studies can tell, it predicts no better than {FLOOR}.")
 
     def data_lines(self) -> list[str]:
         about = {"phantom": "the synthetic phantom spinemri writes; it cannot show that a model learned anatomy",
@@ -259,7 +271,7 @@ class _Facts:
             "## Reference standard", "",
             "The dataset's own severity grades per site (Normal/Mild, Moderate, Severe); unlabelled sites are left out.", "",
             f"## Results on the held-out studies ({self.split})", "", *metric_lines, "",
-            f"## The floor: {FLOOR}", "", *floor_lines,
+            f"## The floor: {FLOOR}", "", self.floor_line(), "", *floor_lines,
             f"- difference to the floor: {self.quoted(f'{self.split}_vs_floor')}" if f"{self.split}_vs_floor" in self.metrics
             else "- difference to the floor: not recorded", "",
             f"Decision in the registry: {v.tags.get('decision', 'not recorded')}", "",
@@ -315,7 +327,7 @@ class _Facts:
                     "Output": {"Description": "per site: condition, level and severity probabilities, and a refer "
                                               "flag at the decision thresholds"}}),
                 "Decision threshold": thresholds,
-                "Limitations": " ".join(FIELD_LIMITS),
+                "Limitations": " ".join((self.floor_line().replace("**", ""), *FIELD_LIMITS)),
                 "Indications for use": "research only; not for diagnosis",
                 "Use": {"Intended": list(INTENDED), "Out-of-scope": list(NOT_INTENDED)},
                 "User": {"Intended": ["radiology AI researchers"]},
