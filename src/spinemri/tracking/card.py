@@ -213,11 +213,13 @@ class _Facts:
                  f"target sensitivity; rates on the held-out rows ({self.split}) with 95 % intervals over studies, "
                  f"from the run's table `evaluation/{self.split}_operating_points.json`; the floor with its own "
                  "thresholds refers every site of a kind or none.", "",
-                 "| point | target | threshold | sensitivity | specificity | PPV | NPV | referral rate | "
-                 "floor's sensitivity | floor's referral rate |", "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| point | target | threshold | fitted on (referable) | sensitivity | specificity | PPV | NPV | "
+                 "referral rate | floor's sensitivity | floor's referral rate |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name in REFERRAL_POINTS:
             point = self.points["points"].get(name, {})
             lines.append(f"| {name} | {_number(point.get('target'), 2)} | {_number(point.get('threshold'))} | "
+                         f"{point.get('fitted_on', '?')} ({point.get('events', '?')}) | "
                          + " | ".join(rate(name, r) for r in operating.RATES) + " | "
                          + " | ".join(rate(name, r, floor=True) for r in ("sensitivity", "referral_rate")) + " |")
         for rate in ("sensitivity", "referral_rate"):

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import math
 from pathlib import Path
+import sys
 import tempfile
 import threading
 import time
@@ -65,7 +66,9 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 class ProgressLines(keras.callbacks.Callback):
     """The terminal's view of a fit: a line per epoch (rounded losses, the monitor, seconds) and, while an
     epoch runs, a line at least every ``every_s`` seconds, so that no step looks stalled: a watcher thread
-    speaks for a batch that takes long (the first one builds the graph) and for the validation pass."""
+    speaks for a batch that takes long (the first one builds the graph) and for the validation pass. Keras
+    calls no callback when a fit raises, so the watcher also ends once the thread it watches is no longer
+    inside a Keras ``fit``."""
 
     def __init__(self, monitor: str, every_s: float = 10.0):
         super().__init__()
@@ -74,11 +77,13 @@ class ProgressLines(keras.callbacks.Callback):
         self.started = self.last = 0.0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._fitting = 0  # the thread running the fit
 
     def on_train_begin(self, logs=None):
         self.epochs = int(self.params.get("epochs") or 0)
         self.steps = int(self.params.get("steps") or 0)
         self._stop.clear()
+        self._fitting = threading.get_ident()
         self._watcher = threading.Thread(target=self._watch, name="progress-lines", daemon=True)
         self._watcher.start()
 
@@ -95,11 +100,20 @@ class ProgressLines(keras.callbacks.Callback):
         self.batches = batch + 1
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.every_s)):
+        while not self._stop.wait(min(1.0, self.every_s)) and self._inside_fit():
             now = time.monotonic()
             if self.started and now - self.last >= self.every_s:
                 self.last = now
                 print(f"  epoch {self.epoch + 1}/{self.epochs}: {self._where()}, {now - self.started:.0f} s", flush=True)
+
+    def _inside_fit(self) -> bool:
+        """Whether the thread that began the fit is still in Keras's ``fit`` (it is not once the fit raised)."""
+        frame = sys._current_frames().get(self._fitting)
+        while frame is not None:
+            if frame.f_code.co_name == "fit" and "keras" in frame.f_code.co_filename:
+                return True
+            frame = frame.f_back
+        return False
 
     def _where(self) -> str:
         if self.steps and self.batches >= self.steps:
