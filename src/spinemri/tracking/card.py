@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from spinemri.atomic import atomic_path
 from spinemri.data.schema import HEADS, REFERRAL_POINTS
@@ -119,20 +120,19 @@ def attach_card(name: str, version: str) -> str:
 
 
 def _version(client: mlflow.MlflowClient, model_uri: str):
+    """The registered version a models:/ URI names (by number, alias or stage, as MLflow resolves it)."""
     if not model_uri.startswith("models:/"):
         raise CardError(f"{model_uri!r} is not a registered version; give models:/<name>/<version> or "
                         "models:/<name>@<alias> (`spinemri registry list` shows them)")
-    name, _, rest = model_uri.removeprefix("models:/").partition("/")
     try:
-        if "@" in name and not rest:
-            name, alias = name.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        if rest.isdigit():
-            return client.get_model_version(name, rest)
+        found = get_model_name_and_version(client, model_uri)
+        if len(found) == 2:
+            return client.get_model_version(*found)
     except MlflowException as exc:
         raise CardError(f"{model_uri}: no such registered version ({exc.message}); `spinemri registry list` shows "
                         "the versions and aliases") from None
-    raise CardError(f"{model_uri!r} names no version; give models:/<name>/<version> or models:/<name>@<alias>")
+    raise CardError(f"{model_uri!r} names no version (a logged model, not a registered one); give "
+                    "models:/<name>/<version> or models:/<name>@<alias>")
 
 
 def _logged_dict(run_id: str, path: str) -> dict | None:
