@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from spinemri.tracking import lineage
 from spinemri.tracking.links import compare_runs_url
 from spinemri.cli import main as cli
+from spinemri.data.schema import SEVERITIES
 from spinemri.data.splits import split_studies
+from spinemri.metrics import operating
 from spinemri.serving.inputs import file_row
 from spinemri.serving.classifier import load_classifier
 from tests.conftest import copy_store, isolated_tracking
@@ -225,6 +227,24 @@ def test_an_ensemble_of_fold_models_is_served_as_one_model(cv_store, phantom_dir
     expected = np.mean([o[columns].to_numpy(np.float64) for o in outputs], axis=0)
     np.testing.assert_allclose(served[columns].to_numpy(np.float64), expected, atol=1e-6)
     assert all(m["temperature"] for m in members)  # each member calibrated on its own held-out fold
+
+    # Its referral thresholds: chosen on the runs' out-of-fold rows, averaged over the runs, never on test.
+    points = load_classifier(model_uri).meta["operating_points"]
+    assert mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/clinical/operating_points.json")["fitted_on"] == \
+        "out-of-fold"
+    keys = ["study_id", "series_id", "instance_number", "condition", "level"]
+    oof = [pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parents[arch], artifact_path=
+                                                           "evaluation/oof_predictions.csv",
+                                                           dst_path=str(tmp_path / arch))).fillna("-")
+           for arch in ("tiny", "vgg16")]
+    both = oof[0].merge(oof[1], on=keys, suffixes=("", "_b"), validate="one_to_one")
+    assert len(both) == len(oof[0]) == len(oof[1])
+    spinal = both[(both["condition"] == "spinal_canal_stenosis") & (both["severity:target"] >= 1)]
+    scores = np.sort(np.mean([spinal[f"severity:Moderate{s}"] + spinal[f"severity:Severe{s}"]
+                              for s in ("", "_b")], axis=0))[::-1]
+    assert points["spinal_canal_stenosis"]["threshold"] == pytest.approx(scores[int(np.ceil(0.9 * len(scores) - 1e-9)) - 1])
+    assert served["refer"].tolist() == operating.refer(
+        points, rows["condition"], served[[f"severity:{c}" for c in SEVERITIES]].to_numpy()).tolist()
 
 
 def test_folds_are_refused_where_they_do_not_apply(tracking):

@@ -24,14 +24,57 @@ def _rows(n: int = 400, seed: int = 0):
     return samples, grade, proba / proba.sum(axis=1, keepdims=True)
 
 
-def test_the_threshold_is_the_highest_that_reaches_the_target_on_the_fitting_rows():
-    judged = pd.DataFrame({"study_id": list("abcdefghij"), "event": [True] * 5 + [False] * 5,
-                           "score": [0.9, 0.8, 0.7, 0.6, 0.1, 0.5, 0.4, 0.3, 0.2, 0.05]})
-    assert operating.fit_threshold(judged, 0.8) == (0.6, 0.8)  # 4 of 5 events at or above 0.6
-    assert operating.fit_threshold(judged, 0.81) == (0.1, 1.0)  # a fifth needs every event
+def test_the_threshold_is_the_conformal_quantile_of_the_referable_scores():
+    # 10 referable scores 0.1 ... 1.0: the k-th lowest, k = floor((1 - target)(n + 1))
+    judged = pd.DataFrame({"study_id": list("abcdefghijklmno"), "event": [True] * 10 + [False] * 5,
+                           "score": [*np.linspace(0.1, 1.0, 10), 0.5, 0.4, 0.3, 0.2, 0.05]})
+    assert operating.fit_threshold(judged, 0.8) == (pytest.approx(0.2), 0.9)  # k = 2: 9 of 10 at or above
+    assert operating.fit_threshold(judged, 0.5) == (pytest.approx(0.5), 0.6)  # k = 5
+    assert operating.fit_threshold(judged, 0.95) == (pytest.approx(0.1), 1.0)  # k = 0: the lowest, uncertified
+    assert (operating.certifying_events(0.9), operating.certifying_events(0.95)) == (9, 19)
     assert all(math.isnan(v) for v in operating.fit_threshold(judged[~judged["event"]], 0.9))
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         operating.fit_threshold(judged, 0)
+
+
+def test_on_new_cases_the_threshold_reaches_its_target_on_average_where_the_plain_quantile_falls_short():
+    rng = np.random.default_rng(0)
+    reached, plain = [], []
+    for _ in range(400):  # 30 referable fitting cases from U(0, 1): a new case's score is U(0, 1) too
+        scores = rng.uniform(size=30)
+        threshold, _ = operating.fit_threshold(pd.DataFrame({"event": True, "score": scores}), 0.9)
+        reached.append(1 - threshold)
+        plain.append(1 - np.sort(scores)[::-1][math.ceil(0.9 * 30) - 1])  # the highest threshold that reaches 0.9
+    assert np.mean(reached) >= 0.895 > np.mean(plain)  # expected: 1 - 3/31 = 0.903 vs 1 - 4/31 = 0.871
+
+
+def test_out_of_fold_rates_judge_each_study_by_its_own_fold_model_s_other_studies():
+    # Two fold models that rank the sites alike but put them on different scales: a threshold from one fold's
+    # scores would refer nearly nothing of the other's; within its fold each reaches the target.
+    rng = np.random.default_rng(1)
+    frames, grades, scores = [], [], []
+    for fold in (0, 1):
+        samples = pd.DataFrame([(f"{fold}-{s}", SPINAL, lv) for s in range(60) for lv in ("L1/L2", "L2/L3", "L3/L4",
+                                                                                      "L4/L5", "L5/S1")],
+                               columns=["study_id", "condition", "level"]).assign(fold=fold)
+        grade = (rng.uniform(size=len(samples)) < 0.3).astype(int)
+        score = np.where(grade == 1, rng.uniform(0.3, 1.0, len(samples)), rng.uniform(0.0, 0.7, len(samples)))
+        frames.append(samples)
+        grades.append(grade)
+        scores.append(score if fold == 0 else 1 - (1 - score) * 0.01)  # fold 1's model: every score near 1
+    samples, grade, score = pd.concat(frames, ignore_index=True), np.concatenate(grades), np.concatenate(scores)
+    proba = np.stack([1 - score, score, np.zeros_like(score)], axis=1)
+    targets = {name: 0.9 for name in operating.POINTS}
+    points = operating.fit_thresholds(samples, grade, proba, targets)
+    floor = np.tile([0.7, 0.3, 0.0], (len(samples), 1))
+    table = operating.evaluate_cross_fitted(points, samples, grade, proba,
+                                            operating.fit_thresholds(samples, grade, floor, targets), floor,
+                                            resamples=200)
+    sensitivity = table[(table["point"] == SPINAL) & (table["rate"] == "sensitivity")].iloc[0]
+    assert sensitivity["ci_low"] <= 0.9 <= sensitivity["ci_high"] and 0.85 <= sensitivity["value"] <= 0.97
+    judged = operating.cases(SPINAL, samples, grade, proba)
+    other = operating.fit_threshold(judged[judged["fold"] == 1], 0.9)[0]  # fold 1's threshold on fold 0's scores
+    assert operating.rates(judged[judged["fold"] == 0], other, resamples=10)["sensitivity"][0] < 0.1
 
 
 def test_each_point_reaches_its_target_where_it_was_fitted():

@@ -24,11 +24,12 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from spinemri.cli import main
 from spinemri.data.schema import CONDITIONS, LEVELS, PROBABILITY_COLUMNS, SAGITTAL_T1, SEVERITIES, row_id
-from spinemri.pacs.report import read_report
+from spinemri.pacs.report import read_report, structured_report
 from spinemri.errors import StudyError
 from spinemri.pacs.worker import PassResult
 from spinemri.pacs.study import metadata_header
@@ -180,6 +181,7 @@ def test_studies_are_reported_once_as_an_sr_that_equals_predict_study(study_mode
             np.testing.assert_allclose(got, want, atol=1e-6, err_msg=rid)
             assert row.grade == SEVERITIES[int(np.argmax(want))]
             assert row.source == sites.loc[rid, "source"]
+            assert row.refer in (True, False) and row.refer == sites.loc[rid, "refer"], rid  # coded Yes / No, read back
             if row.source == "model":
                 assert row.x == pytest.approx(sites.loc[rid, "x"], abs=1e-3)
                 assert row.y == pytest.approx(sites.loc[rid, "y"], abs=1e-3)
@@ -297,3 +299,20 @@ def test_more_studies_than_a_page_are_all_found_on_an_orthanc_whose_paging_stops
         settings = Settings(url=orthanc.dicomweb, retry_for=10)
         found = search_studies(settings, client_for(settings), {"ModalitiesInStudy": "MR"})
     assert len(found) == PAGE + 3
+
+
+def test_a_report_carries_each_referral_as_yes_or_no_and_a_model_without_thresholds_says_nothing():
+    study = Dataset()
+    study.update({"StudyInstanceUID": generate_uid(), "SOPInstanceUID": generate_uid(), "SOPClassUID":
+                  "1.2.840.10008.5.1.4.1.1.4", "SeriesInstanceUID": generate_uid(), "Modality": "MR",
+                  "PatientID": "P1", "PatientName": "Test^Patient"})
+    ids = [row_id("1", c, lv) for c in CONDITIONS for lv in LEVELS]
+    rows = pd.DataFrame({"row_id": ids, "normal_mild": 0.5, "moderate": 0.3, "severe": 0.2})
+    refer = np.arange(25) % 3 == 0
+    sites = pd.DataFrame({"row_id": ids, "source": "prior", "reason": "no series", "refer": refer})
+    found = read_report(structured_report(rows, sites, {}, study, model_name="m", model_version="1"))
+    by_id = {row_id("1", r.condition, r.level): r.refer for r in found.itertuples()}
+    assert [by_id[i] for i in ids] == refer.tolist()
+    silent = read_report(structured_report(rows, sites.drop(columns="refer"), {}, study, model_name="m",
+                                           model_version="1"))
+    assert silent["refer"].isna().all()

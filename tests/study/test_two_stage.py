@@ -24,6 +24,7 @@ from spinemri.data.preprocess import stack_neighbours
 from spinemri.data.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SEVERITIES, parse_label_column
 from spinemri.data.studies import find_studies
 from spinemri.errors import ConfigError
+from spinemri.metrics import operating
 from spinemri.metrics.competition import PROBABILITY_COLUMNS
 from spinemri.serving.classifier import load_classifier
 from spinemri.serving.localizer import load_localizer
@@ -114,6 +115,12 @@ def test_predict_study_writes_25_rows_per_held_out_study(study_store, tmp_path):
     sites = pd.read_csv(out.with_name("submission.sites.csv"), dtype={"row_id": str})
     assert (sites["source"] == "model").all(), output  # every held-out study has its three series
     assert "0 row(s) from the prior" in output
+    # Each finding's referral is the classifier's threshold applied to its written probabilities.
+    points = load_classifier("models:/spinemri@champion").meta["operating_points"]
+    conditions = [parse_label_column(r.split("_", 1)[1])[0] for r in submission["row_id"]]
+    expected = operating.refer(points, conditions, submission[list(PROBABILITY_COLUMNS)].to_numpy(float))
+    assert sites["refer"].tolist() == expected.tolist()
+    assert f"{int(expected.sum())} of {len(submission)} finding(s) referred at the classifier's thresholds" in output
 
 
 def test_a_study_missing_a_series_or_with_two_axials_still_gets_25_rows(study_store, tmp_path):
@@ -305,6 +312,27 @@ def test_packaged_study_model_matches_predict_study(study_store, study_model, tm
     assert len(rows) == 25 and set(rows["source"]) == {"model"}
     got = rows.set_index("row_id")[list(PROBABILITY_COLUMNS)]
     assert np.allclose(got.to_numpy(float), expected.loc[got.index].to_numpy(float), atol=1e-5)
+    sites = pd.read_csv(out.with_name("submission.sites.csv"), dtype={"row_id": str}).set_index("row_id")
+    assert rows["refer"].tolist() == sites.loc[rows["row_id"], "refer"].tolist()
+
+    # The classifier's thresholds judged on the held-out studies as the study model flags them: the logged
+    # any-level sensitivity is the threshold applied to predict-study's probabilities against train.csv.
+    version = MlflowClient().get_model_version_by_alias("spinemri-study", "champion")
+    run = MlflowClient().get_run(version.run_id)
+    carried = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/clinical/operating_points.json")
+    assert carried["fitted_on"] == "classifier's val"
+    assert carried["points"] == load_classifier("models:/spinemri@champion").meta["operating_points"]
+    labels = pd.read_csv(study_store.data_dir / "train.csv", dtype={"study_id": str}).set_index("study_id")
+    cells = [(rid.split("_", 1)[0], *parse_label_column(rid.split("_", 1)[1]), rid) for rid in expected.index]
+    levels = pd.DataFrame({"study_id": [c[0] for c in cells], "level": [c[2] for c in cells],
+                           "grade": [labels.loc[c[0], c[3].split("_", 1)[1]] for c in cells],
+                           "score": expected["moderate"] + expected["severe"]})
+    levels = levels[levels["grade"].notna()].groupby(["study_id", "level"]).agg(
+        event=("grade", lambda g: g.isin(["Moderate", "Severe"]).any()), score=("score", "max"))
+    flagged = levels["score"] >= carried["points"]["any_moderate_or_severe"]["threshold"]
+    assert run.data.metrics["test_refer_any_sensitivity"] == pytest.approx(flagged[levels["event"]].mean())
+    card = mlflow.artifacts.load_text(f"runs:/{version.run_id}/card/spinemri-study-v{version.version}.md")
+    assert "## Referral operating points" in card and "`classifier's val` rows" in card
     version = MlflowClient().get_model_version_by_alias("spinemri-study", "champion")
     assert float(version.tags["metric_value"]) == pytest.approx(
         MlflowClient().get_run(version.run_id).data.metrics["test_rsna_score"])
@@ -327,6 +355,7 @@ def test_the_study_model_is_served_over_http(study_store, study_model, tmp_path)
         assert status == 200, body
         rows = pd.DataFrame(body["predictions"])
         _valid(rows, [study])
+        assert rows["refer"].map(type).eq(bool).all(), rows["refer"]  # JSON true / false per finding
         status, body = post(url, {"dataframe_records": [{"study_zip_b64": base64.b64encode(b"not a zip").decode()}]})
         assert status == 400 and "row 0: study_zip_b64 is not a zip archive" in body["message"]
         status, body = post(url, {"dataframe_records": [{"study_id": "1"}]})

@@ -12,6 +12,7 @@ import pytest
 
 from spinemri.cli import main as cli
 from spinemri.errors import CardError
+from spinemri.metrics import operating
 from spinemri.tracking.card import ATLAS_SCHEMA, build_card
 
 pytestmark = pytest.mark.xdist_group("serving")  # the serving tests' trained model, on their worker
@@ -101,6 +102,11 @@ def test_the_card_of_a_registered_version_validates_and_quotes_the_run(store, tm
     assert run.data.tags["verdict_sentence"] in markdown and version.tags["decision"] in markdown
     assert "## Referral operating points" in markdown and "any_moderate_or_severe" in markdown
     assert "**phantom**" in markdown  # what the data was, from the run's record
+    points = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/clinical/operating_points.json")["points"]
+    short = [name for name, p in points.items() if p["events"] < operating.certifying_events(p["target"])]
+    assert ("Too few referable cases to promise the target" in markdown) == bool(short)
+    for name in short:  # each point fitted on too few referable cases is named, with how many it had
+        assert f"{name} ({points[name]['events']} referable" in markdown
     beats = run.data.tags["verdict"] == "better"
     assert ("**It beats its floor**" if beats else "**It does not beat its floor**") in markdown
     # the CLAIM checklist: answered from the run where the platform can, open where only a person can

@@ -212,7 +212,7 @@ def log_out_of_fold(results: list[FoldResult], config: ExperimentConfig
     floor = {h: np.concatenate([r.floor[h] for r in results]) for h in HEADS}  # each fold's own prior
     verdict, values = log_floor("cv", samples, targets, proba, floor, config.mlflow.champion_metric)
     metrics.update(values)
-    # referral thresholds fitted on every out-of-fold row, each fold's rates by the other folds' thresholds
+    # referral thresholds fitted on every out-of-fold row; a study's rates by the threshold of its fold's other studies
     log_operating_points(Graded("out-of-fold", samples, targets["severity"], proba["severity"], floor["severity"]),
                          None, config.clinical.targets(), "cv")
     describe_run(verdict, f"Out of fold: {len(results)} fold models, each evaluated on the studies it never trained "

@@ -8,6 +8,10 @@ the same input to every member. Together the members trained on every study outs
 split, so the ensemble is judged on that split alone — in a run of its own (tag ``role=ensemble``) with
 the same ``test_*`` evaluation as a training run — and registered under the champion policy like any
 classifier: `mlflow models serve`, `spinemri predict` and `predict-study` take it unchanged.
+
+Its referral thresholds (spinemri.metrics.operating) are chosen on the cross-validations' out-of-fold
+predictions — each row by the fold model that never trained on it, averaged over the runs — and judged on
+the locked test split, which never chooses them.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from datetime import datetime
 
 import mlflow
 from mlflow.exceptions import MlflowException
+import numpy as np
+import pandas as pd
 
-from spinemri.api.cv import FOLD_MODELS_ARTIFACT
+from spinemri.api.cv import FOLD_MODELS_ARTIFACT, OOF_ARTIFACT
 from spinemri.api.source import prepare_data
 from spinemri.errors import EnsembleError
 from spinemri.metrics import floor as floors
 from spinemri.metrics import paired
-from spinemri.metrics.prior import prior_from_samples, prior_submission
+from spinemri.data.schema import HEAD_CLASSES
+from spinemri.metrics.prior import prior_from_samples, prior_rows, prior_submission
 from spinemri.serving.classifier import load_classifier
 from spinemri.serving.ensemble import SpineEnsemble, log_ensemble
 from spinemri.tracking import lineage
@@ -32,7 +39,8 @@ from spinemri.api.evaluate import run_config
 from spinemri.tracking.runs import (CV_ROLE, TrainResult, describe_run, log_headline, log_split, pip_requirements, register_and_tag,
     run_tags, training_run)
 from spinemri.training.data import encode_targets, split_data
-from spinemri.training.classifier import log_floor, log_held_out, log_site_score, predict_cached, request_example
+from spinemri.training.classifier import (Graded, log_floor, log_held_out, log_operating_points, log_site_score,
+    predict_cached, request_example)
 
 ENSEMBLE_ROLE = "ensemble"
 # What members must share for one request row to be the same input to all of them.
@@ -94,6 +102,10 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
         floor = floors.floor_predictions(test.samples, trained, encode_targets(trained))
         verdict, values = log_floor("test", test.samples, test.targets, proba, floor, config.mlflow.champion_metric)
         metrics.update(values)
+        meta["operating_points"] = log_operating_points(
+            out_of_fold([r for r, _ in configs], trained),
+            Graded(test.name, test.samples, test.targets["severity"], proba["severity"], floor["severity"]),
+            config.clinical.targets(), "test")
         example = request_example(test.samples, dataset.manifest.get("dataset_root", ""),
                                   ensemble.preprocessing)
         model_uri = log_ensemble(ensemble.members, meta, example, pip_requirements()).model_uri
@@ -113,6 +125,38 @@ def build_ensemble(run_ids: Sequence[str], *, registered_model: str | None = Non
         log_headline(metrics, config.mlflow.champion_metric)
     return TrainResult(run_id=run.info.run_id, metrics=metrics, model_uri=model_uri, epochs_trained=0,
                        registered=decision, verdict=verdict)
+
+
+def out_of_fold(run_ids: Sequence[str], trained: pd.DataFrame) -> Graded:
+    """The rows an ensemble's referral thresholds are chosen on: the out-of-fold predictions of the
+    cross-validations ``run_ids`` (of the same samples and folds), their severity probabilities averaged over
+    the runs, with each fold's floor the per-site prior of the other folds' rows of ``trained`` (the samples
+    outside the test split)."""
+    tables = []
+    for run_id in run_ids:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=OOF_ARTIFACT)
+        except (MlflowException, OSError):
+            raise EnsembleError(f"run {run_id} logged no out-of-fold predictions ({OOF_ARTIFACT}) to choose the "
+                                "referral thresholds on; ensemble a cross-validation that finished") from None
+        table = pd.read_csv(path, dtype={"study_id": str})
+        keys = [c for c in paired.KEY_COLUMNS if c in table.columns]
+        tables.append(table.set_index(table[keys].astype(str).agg("|".join, axis=1)))
+    first = tables[0]
+    for run_id, table in zip(run_ids[1:], tables[1:]):
+        if set(table.index) != set(first.index) or not table["fold"].reindex(first.index).equals(first["fold"]):
+            raise EnsembleError(f"the out-of-fold predictions of runs {run_ids[0]} and {run_id} are not of the same "
+                                "samples in the same folds; ensemble cross-validations of the same data and split")
+    columns = [f"severity:{c}" for c in HEAD_CLASSES["severity"]]
+    proba = np.mean([t.loc[first.index, columns].to_numpy(np.float64) for t in tables], axis=0)
+    samples = first.reset_index(drop=True)
+    floor = np.zeros_like(proba)
+    for fold in samples["fold"].unique():
+        held = (samples["fold"] == fold).to_numpy()
+        others = trained[trained["study_id"].astype(str).isin(set(samples.loc[~held, "study_id"]))]
+        floor[held] = prior_rows(prior_from_samples(others), samples.loc[held, "condition"].tolist(),
+                                 samples.loc[held, "level"].tolist())
+    return Graded("out-of-fold", samples, samples["severity:target"].to_numpy(np.int64), proba, floor)
 
 
 def _cross_validation(run_id: str) -> tuple:

@@ -41,7 +41,8 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
 
     Writes sample_submission.csv's format, 25 rows per study. Rows whose series is missing or
     unreadable (or whose series type has no localizer) get the prior, the best constant under the
-    competition metric; their number and reasons are printed and listed in <out>.sites.csv.
+    competition metric; their number and reasons are printed and listed in <out>.sites.csv. For a
+    classifier with referral thresholds, <out>.sites.csv also says of each finding whether it is referred.
     """
     start_tensorflow()
     from spinemri.study.submission import predict_submission
@@ -54,6 +55,11 @@ def predict_study(data_dir, study_ids, split, localizers, classifier, out) -> No
     click.echo(f"  {summary.from_prior} row(s) from the prior ({summary.prior_source})")
     for reason, count in sorted(summary.reasons.items(), key=lambda r: -r[1]):
         click.echo(f"    {count:>4}  {reason}")
+    if summary.referred is None:
+        click.echo("  no referral flags: the classifier carries no referral thresholds")
+    else:
+        click.echo(f"  {summary.referred} of {summary.rows} finding(s) referred at the classifier's thresholds "
+                   f"(the refer column of {summary.sites.name})")
 
 
 @click.command("evaluate-study")

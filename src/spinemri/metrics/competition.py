@@ -121,7 +121,7 @@ def label_rows(labels: pd.DataFrame) -> pd.DataFrame:
                          "severity": severity.to_numpy(float)}, index=long.index)
 
 
-def _probabilities(rows: pd.DataFrame, submission: pd.DataFrame) -> np.ndarray:
+def submission_probabilities(rows: pd.DataFrame, submission: pd.DataFrame) -> np.ndarray:
     """The submission's rows for ``rows.row_id``, checked, normalised and clipped: float64 (N, 3)."""
     missing = [c for c in SUBMISSION_COLUMNS if c not in submission.columns]
     if missing:
@@ -178,7 +178,7 @@ def score_terms(labels: pd.DataFrame, submission: pd.DataFrame) -> pd.DataFrame:
     rows = rows[rows["severity"].notna()].reset_index(drop=True)
     if rows.empty:
         raise MetricError("labels hold no labelled row (all blank) — nothing to score")
-    probs = _probabilities(rows, submission)
+    probs = submission_probabilities(rows, submission)
     severity = rows["severity"].to_numpy(dtype=int)
     weight = SEVERITY_WEIGHTS[severity].astype(np.float64)
     row_loss = -np.log(probs[np.arange(len(rows)), severity])

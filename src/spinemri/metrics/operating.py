@@ -21,7 +21,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from spinemri.data.schema import ANY_LEVEL, CONDITIONS, REFERRAL_POINTS, SEVERE_SPINAL, SEVERITY_INDEX
+from spinemri.data.schema import (ANY_LEVEL, CONDITIONS, REFERRAL_POINTS, SEVERE_SPINAL, SEVERITY_INDEX,
+    parse_label_column)
+from spinemri.metrics.competition import label_rows, submission_probabilities
 from spinemri.metrics.paired import score_intervals
 
 MODERATE, SEVERE = SEVERITY_INDEX["Moderate"], SEVERITY_INDEX["Severe"]
@@ -51,6 +53,15 @@ class OperatingPoint:
                 "fitted_sensitivity": finite(self.fitted_sensitivity), "fitted_on": self.fitted_on,
                 "events": self.events}
 
+    @classmethod
+    def from_dict(cls, name: str, entry: Mapping) -> "OperatingPoint":
+        """A point as :meth:`to_dict` wrote it (a model's ``meta.json`` ``operating_points``)."""
+        def number(key: str) -> float:
+            return math.nan if entry.get(key) is None else float(entry[key])
+
+        return cls(name, number("threshold"), float(entry["target"]), number("fitted_sensitivity"),
+                   int(entry.get("fitted_on", 0)), int(entry.get("events", 0)))
+
 
 def cases(point: str, samples: pd.DataFrame, severity: np.ndarray, proba: np.ndarray) -> pd.DataFrame:
     """The cases a point judges, one row each: ``study_id``, ``event`` (referable by the reference standard)
@@ -77,16 +88,45 @@ def cases(point: str, samples: pd.DataFrame, severity: np.ndarray, proba: np.nda
     return frame[frame["condition"] == point][columns].reset_index(drop=True)
 
 
+def submission_rows(labels: pd.DataFrame, submission: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """A study-level submission's labelled rows as :func:`cases` takes them: the samples (study_id, condition,
+    level), the true grade index and the (n, 3) probabilities. ``labels``: train.csv's layout (or row_id,severity)."""
+    rows = label_rows(labels)
+    rows = rows[rows["severity"].notna()].reset_index(drop=True)
+    proba = submission_probabilities(rows, submission)
+    sites = [parse_label_column(r.split("_", 1)[1]) for r in rows["row_id"]]
+    samples = pd.DataFrame({"study_id": rows["study_id"], "condition": [c for c, _ in sites],
+                            "level": [lv for _, lv in sites]})
+    return samples, rows["severity"].to_numpy(np.int64), proba
+
+
 def fit_threshold(judged: pd.DataFrame, target: float) -> tuple[float, float]:
-    """The highest threshold whose sensitivity on ``judged`` (:func:`cases`) is at least ``target``, and the
-    sensitivity it reaches there; (nan, nan) without a referable case."""
+    """The threshold for ``target`` on ``judged`` (:func:`cases`) and the sensitivity it reaches there; (nan, nan)
+    without a referable case.
+
+    Of the n referable scores it is the k-th lowest, k = floor((1 - target)(n + 1)) (at least the lowest): the
+    highest threshold at which a new referable case like these is referred with probability at least ``target``
+    (a split-conformal quantile), so on other rows the sensitivity lands on the target rather than below it, as
+    the plain quantile's does. With fewer than :func:`certifying_events` referable cases no threshold can
+    promise the target, and the lowest score is taken."""
     if not 0 < target <= 1:
         raise ValueError(f"a target sensitivity must be in (0, 1], got {target}")
-    scores = np.sort(judged.loc[judged["event"].astype(bool), "score"].to_numpy(np.float64))[::-1]
-    if len(scores) == 0:
-        return math.nan, math.nan
-    threshold = float(scores[math.ceil(target * len(scores) - 1e-9) - 1])
-    return threshold, float(np.mean(scores >= threshold))
+    scores = np.sort(judged.loc[judged["event"].astype(bool), "score"].to_numpy(np.float64))
+    threshold = _conformal(scores, target)
+    return threshold, (float(np.mean(scores >= threshold)) if len(scores) else math.nan)
+
+
+def _conformal(ascending: np.ndarray, target: float) -> float:
+    """:func:`fit_threshold`'s threshold from the referable scores sorted ascending; NaN for none."""
+    if len(ascending) == 0:
+        return math.nan
+    return float(ascending[max(1, math.floor((1 - target) * (len(ascending) + 1) + 1e-9)) - 1])
+
+
+def certifying_events(target: float) -> float:
+    """The fewest referable cases on which :func:`fit_threshold` can promise ``target``: n with
+    floor((1 - target)(n + 1)) >= 1 (9 for 0.90, 19 for 0.95)."""
+    return max(1, math.ceil(1 / (1 - target) - 1 - 1e-9)) if target < 1 else math.inf
 
 
 def fit_thresholds(samples: pd.DataFrame, severity: np.ndarray, proba: np.ndarray,
@@ -146,22 +186,33 @@ def evaluate(points: Mapping[str, OperatingPoint], samples: pd.DataFrame, severi
 def evaluate_cross_fitted(points: Mapping[str, OperatingPoint], samples: pd.DataFrame, severity: np.ndarray,
                           proba: np.ndarray, floor_points: Mapping[str, OperatingPoint], floor_proba: np.ndarray,
                           *, resamples: int = 1000) -> pd.DataFrame:
-    """:func:`evaluate` on out-of-fold rows (``samples["fold"]``) that the thresholds were also fitted on: each
-    fold's cases are flagged by the threshold fitted on the other folds' cases, so no case is judged by a
-    threshold it helped choose. ``points`` (fitted on every fold: what a model carries) give the table's
-    thresholds and targets."""
+    """:func:`evaluate` on out-of-fold rows (``samples["fold"]``) that the thresholds were also fitted on,
+    cross-fitted within each fold: a study's cases are flagged by the threshold fitted on the other studies of
+    its fold, scored by the same fold model — as a single split's test rows are judged by the threshold its
+    validation rows chose. No case is judged by a threshold it helped choose, nor by one fitted on another
+    model's scores (a fold model's probabilities need not sit where another's do). ``points`` (fitted on every
+    fold: what a model carries) give the table's thresholds and targets."""
     rows = []
     for name, point in points.items():
         judged = [cases(name, samples, severity, p) for p in (proba, floor_proba)]
-        flags = [np.zeros(len(j), bool) for j in judged]
-        for fold in np.unique(samples["fold"]):
-            for j, flag in zip(judged, flags):
-                threshold, _ = fit_threshold(j[j["fold"] != fold], point.target)
-                held = (j["fold"] == fold).to_numpy()
-                flag[held] = j["score"].to_numpy(np.float64)[held] >= threshold  # NaN: nothing flagged
-        model, floor = (rates_of(j, f, resamples=resamples) for j, f in zip(judged, flags))
+        model, floor = (rates_of(j, _left_out_flags(j, point.target), resamples=resamples) for j in judged)
         rows += _rows(point, floor_points[name], model, floor)
     return pd.DataFrame(rows)
+
+
+def _left_out_flags(judged: pd.DataFrame, target: float) -> np.ndarray:
+    """Each case flagged by the threshold (:func:`fit_threshold`) fitted on the other studies of its fold."""
+    score, event = judged["score"].to_numpy(np.float64), judged["event"].to_numpy(bool)
+    fold, study = judged["fold"].to_numpy(), judged["study_id"].to_numpy()
+    flag = np.zeros(len(judged), bool)
+    for k in np.unique(fold):
+        referable = np.flatnonzero((fold == k) & event)
+        referable = referable[np.argsort(score[referable], kind="stable")]
+        for one in np.unique(study[fold == k]):
+            threshold = _conformal(score[referable][study[referable] != one], target)
+            held = (fold == k) & (study == one)
+            flag[held] = score[held] >= threshold  # NaN: nothing flagged
+    return flag
 
 
 def _rows(point: OperatingPoint, floor_point: OperatingPoint, model: Mapping, floor: Mapping) -> list[dict]:

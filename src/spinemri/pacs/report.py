@@ -2,8 +2,9 @@
 
 One measurement group per condition and level. Each holds the grade (a coded qualitative evaluation,
 the most probable of the three), the three probabilities (numeric measurements without unit), where
-the grade came from (the model, or the prior where nothing could be seen) and, for a prior row whose
-series type the study lacks, that series type. A graded row is a planar ROI group (TID 1410) whose
+the grade came from (the model, or the prior where nothing could be seen), for a model with referral
+thresholds whether the finding is referred at them (a qualitative evaluation coded SNOMED CT Yes or No,
+spinemri.metrics.operating) and, for a prior row whose series type the study lacks, that series type. A graded row is a planar ROI group (TID 1410) whose
 region is the site: a POINT on the source image, referenced by its SOP Instance UID. A prior row is
 an image-level group (TID 1501). The algorithm identification holds the registered model's name and
 version; the observer is a device named after it.
@@ -49,6 +50,7 @@ SEVERITY_CODES = dict(zip(SEVERITIES, ("NORMAL-MILD", "MODERATE", "SEVERE")))
 SERIES_CODES = dict(zip(SERIES_DESCRIPTIONS, ("SAG-T1", "SAG-T2-STIR", "AX-T2")))
 SEVERITY, SOURCE, MISSING = ("SEVERITY", "Severity"), ("GRADE-SOURCE", "Grade source"), \
     ("MISSING-SERIES", "Series type not in the study")
+REFER = ("REFER", "Referred at the model's operating point")
 SOURCES = {"model": ("MODEL", "Graded by the model at the site"), "prior": ("PRIOR", "Prior: nothing could be seen")}
 PROBABILITY = {column: (f"P-{SEVERITY_CODES[s]}", f"Probability of {s}") for column, s in zip(PROBABILITY_COLUMNS,
                                                                                                SEVERITIES)}
@@ -81,6 +83,9 @@ def structured_report(rows: pd.DataFrame, sites: pd.DataFrame, sources: Mapping[
         grade = SEVERITIES[int(np.argmax(probabilities))]
         evaluations = [hd.sr.QualitativeEvaluation(_code(*SEVERITY), _code(SEVERITY_CODES[grade], grade)),
                        hd.sr.QualitativeEvaluation(_code(*SOURCE), _code(*SOURCES[str(site["source"])]))]
+        if "refer" in site.index and not pd.isna(site["refer"]):
+            answer = codes.SCT.Yes if bool(site["refer"]) else codes.SCT.No
+            evaluations.append(hd.sr.QualitativeEvaluation(_code(*REFER), hd.sr.CodedConcept.from_code(answer)))
         lacking = missing.get(str(row["row_id"]))
         if lacking:
             evaluations.append(hd.sr.QualitativeEvaluation(_code(*MISSING), _code(SERIES_CODES[lacking], lacking)))
@@ -159,8 +164,9 @@ def _valid(keyword: str, text: str) -> bool:
 
 def read_report(ds: Dataset) -> pd.DataFrame:
     """The findings of a report :func:`structured_report` wrote, one row per condition and level: condition,
-    level, grade, the three probabilities, source, missing (series type), and where graded the site
-    (sop_instance_uid, x, y in pixel indices)."""
+    level, grade, the three probabilities, source, refer (True or False; None where the report says
+    nothing of referral), missing (series type), and where graded the site (sop_instance_uid, x, y in
+    pixel indices)."""
     import highdicom as hd
 
     report = hd.sr.ComprehensiveSR.from_dataset(ds)
@@ -172,6 +178,7 @@ def read_report(ds: Dataset) -> pd.DataFrame:
         values = {e.name.value: e.value for e in group.get_qualitative_evaluations()}
         row = dict(condition=condition, level=level, grade=values[SEVERITY[0]].meaning,
                    source=next(k for k, v in SOURCES.items() if v[0] == values[SOURCE[0]].value),
+                   refer=_answer(values[REFER[0]]) if REFER[0] in values else None,
                    missing=values[MISSING[0]].meaning if MISSING[0] in values else "",
                    sop_instance_uid="", x=np.nan, y=np.nan)
         for measurement in group.get_measurements():
@@ -188,6 +195,14 @@ def read_report(ds: Dataset) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["condition", "level"], key=lambda s: s.map(
         {c: order.get((c, LEVELS[0]), 0) for c in CONDITIONS} if s.name == "condition" else
         {lv: k for k, lv in enumerate(LEVELS)})).reset_index(drop=True)
+
+
+def _answer(value) -> bool:
+    """A coded SNOMED CT Yes or No as True or False."""
+    for code, answer in ((codes.SCT.Yes, True), (codes.SCT.No, False)):
+        if (value.value, value.scheme_designator) == (code.value, code.scheme_designator):
+            return answer
+    raise ValueError(f"a referral is coded SCT Yes or No, got {value.scheme_designator} {value.value} ({value.meaning})")
 
 
 def _condition_level(row_id: str) -> tuple[str, str]:

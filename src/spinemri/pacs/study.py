@@ -72,6 +72,9 @@ def process_study(settings, client, study_uid, predictor, model_name, model_vers
             raise
         return dict(status="skipped", reason=f"reported by {model_name} v{model_version} already (HTTP 409)")
     reason = f"{25 - prediction.from_prior} rows from the model, {prediction.from_prior} from the prior"
+    referred = int(prediction.sites["refer"].sum()) if "refer" in prediction.sites else None
+    if referred is not None:
+        reason += f", {referred} referred"
     why = sorted({_no_paths(r) for r, src in zip(prediction.sites["reason"], prediction.sites["source"])
                   if src == "prior" and not r.startswith("no ")})  # beyond missing series: unreadable ones, ...
     if why:
@@ -80,7 +83,7 @@ def process_study(settings, client, study_uid, predictor, model_name, model_vers
         reason += f"; no {', '.join(missing_types)} series"
     if skipped:
         reason += f"; {len(skipped)} series skipped ({'; '.join(skipped)})"
-    return dict(status="reported", reason=reason, report=sop_uid, from_prior=prediction.from_prior)
+    return dict(status="reported", reason=reason, report=sop_uid, from_prior=prediction.from_prior, referred=referred)
 
 
 def _no_paths(reason: str) -> str:

@@ -42,6 +42,10 @@ from spinemri.pacs.state import last_pass, remember_pass, to_remember, window_st
 from spinemri.pacs.study import PartialStudy, process_study, study_key
 from spinemri.redact import redact
 
+# A pass's pacs/studies.csv: per study its status, reason, the report's SOP Instance UID, the rows graded from
+# the prior and the findings referred (empty for a model without referral thresholds)
+STUDY_COLUMNS = ("study", "status", "reason", "report", "from_prior", "referred")
+
 
 @dataclass
 class PassResult:
@@ -168,8 +172,8 @@ def work(settings: Settings, *, once: bool, poll_seconds: float, days: int | Non
                                     "skipped": result.count("skipped"), "unread": result.count("unread"),
                                     "failed": result.count("failed"),
                                     "seconds": round(time.perf_counter() - started, 2)})
-                mlflow.log_text(pd.DataFrame(result.rows, columns=["study", "status", "reason", "report", "from_prior"])
-                                .to_csv(index=False), "pacs/studies.csv")
+                mlflow.log_text(pd.DataFrame(result.rows, columns=list(STUDY_COLUMNS)).to_csv(index=False),
+                                "pacs/studies.csv")
                 if not every_date and settings.since is None:
                     remember_pass(settings.url, to_remember(today, result, days))
                 echo(f"pass: {result.found} MR studies, {result.count('reported')} reported, "

@@ -2,8 +2,9 @@
 
 Request rows: ``study_zip_b64`` (a base64 zip of one study's DICOM files, any folder layout) and
 optionally ``study_id`` (else the archive's top folder). Response: 25 rows per study with
-``row_id, normal_mild, moderate, severe`` and ``source`` (``model``, or ``prior`` where nothing
-could be seen: see :mod:`spinemri.serving.study_predictor`). The model bundles each localizer's and the
+``row_id, normal_mild, moderate, severe``, ``source`` (``model``, or ``prior`` where nothing
+could be seen: see :mod:`spinemri.serving.study_predictor`) and, when the classifier carries referral
+thresholds, ``refer`` (whether the finding is referred at them). The model bundles each localizer's and the
 classifier's Keras file and meta.json; :func:`spinemri.study.package.package_study` logs and registers it.
 """
 
@@ -35,7 +36,7 @@ INPUT_SCHEMA = Schema([ColSpec(DataType.string, "study_zip_b64"), ColSpec(DataTy
 
 OUTPUT_SCHEMA = Schema([ColSpec(DataType.string, "row_id"), ColSpec(DataType.double, "normal_mild"),
                         ColSpec(DataType.double, "moderate"), ColSpec(DataType.double, "severe"),
-                        ColSpec(DataType.string, "source")])
+                        ColSpec(DataType.string, "source"), ColSpec(DataType.boolean, "refer", required=False)])
 
 
 REGISTERED_MODEL = "spinemri-study"
@@ -85,5 +86,6 @@ class SpineStudyModel(mlflow.pyfunc.PythonModel):
                     raise InputError(str(exc)) from None
                 except ImageReadError as exc:  # only a file over a size limit gets here: the rest fall back
                     raise InputError(f"row {index}: study_zip_b64: {exc.reason}") from None
-            out.append(prediction.rows.assign(source=prediction.sites["source"].to_numpy()))
+            extra = [c for c in ("source", "refer") if c in prediction.sites]
+            out.append(prediction.rows.assign(**{c: prediction.sites[c].to_numpy() for c in extra}))
         return pd.concat(out, ignore_index=True)

@@ -9,6 +9,11 @@ for that type was given, or a site falls outside the image — the row gets the 
 constant prediction under the competition metric (spinemri.metrics.competition), from the class
 counts of the classifier's training labels. Every such row is counted and its reason kept in the
 sites table written next to the submission.
+
+A classifier that carries referral thresholds (spinemri.metrics.operating) adds ``refer`` to each site:
+the threshold of the row's condition applied to the row's probabilities, whatever their source. A prior row
+is referred where the prior alone reaches the threshold (where nothing could be seen and the level is
+likely enough to be graded moderate or severe); its ``source`` says that nothing was seen.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from spinemri.errors import ImageReadError, ImageTooLarge, StudyError
 from spinemri.atomic import write_csv
 from spinemri.serving.localizer import SpineLocalizer, load_localizer
 from spinemri.localization.sites import get_task, site_of
+from spinemri.metrics import operating
 from spinemri.metrics.prior import prior_at, weighted_prior
 from spinemri.serving.classifier import SpineClassifier
 
@@ -45,7 +51,8 @@ def classifier_prior(classifier: SpineClassifier) -> tuple[dict[str, list[float]
 @dataclass
 class StudyPrediction:
     rows: pd.DataFrame  # 25 rows: row_id, normal_mild, moderate, severe
-    sites: pd.DataFrame  # 25 rows: row_id, source (model|prior), reason, series_id, instance_number, x, y
+    sites: pd.DataFrame  # 25 rows: row_id, source (model|prior), reason, series_id, instance_number, x, y,
+    #                      slice_score and, for a classifier with referral thresholds, refer
 
     @property
     def from_prior(self) -> int:
@@ -170,7 +177,7 @@ class StudyPredictor:
                                                       levels=[lv for _, lv in keys])["severity"].astype(np.float64)
             for key, p in zip(keys, severity):
                 probs[key] = p
-        rows, sites = [], []
+        rows, sites, graded = [], [], []
         for condition in CONDITIONS:
             for level in LEVELS:
                 key = (condition, level)
@@ -185,9 +192,16 @@ class StudyPredictor:
                 rid = row_id(study_id, condition, level)
                 rows.append((rid, *p))
                 sites.append({"row_id": rid, **info})
-        sites_frame = pd.DataFrame(sites).reindex(columns=["row_id", "source", "reason", "series_id", "instance_number",
-                                                           "x", "y", "slice_score"])
-        return StudyPrediction(pd.DataFrame(rows, columns=list(SUBMISSION_COLUMNS)), sites_frame)
+                graded.append(condition)
+        frame = pd.DataFrame(rows, columns=list(SUBMISSION_COLUMNS))
+        sites_frame = pd.DataFrame(sites).reindex(columns=list(SITE_COLUMNS))
+        points = self.classifier.meta.get("operating_points")
+        if points:
+            sites_frame["refer"] = operating.refer(points, graded, frame[list(PROBABILITY_COLUMNS)].to_numpy(float))
+        return StudyPrediction(frame, sites_frame)
+
+
+SITE_COLUMNS = ("row_id", "source", "reason", "series_id", "instance_number", "x", "y", "slice_score")
 
 
 def _holds(stack, path) -> bool:
@@ -242,6 +256,7 @@ class PredictSummary:
     from_prior: int
     reasons: dict[str, int]
     prior_source: str
+    referred: int | None = None  # findings referred at the classifier's thresholds; None: it carries none
 
 
 def predict_studies(predictor: StudyPredictor, studies: Sequence[Study], out: str | Path, *,
@@ -266,8 +281,9 @@ def predict_studies(predictor: StudyPredictor, studies: Sequence[Study], out: st
     write_csv(submission, out, float_format="%.6f")
     write_csv(site_table, sites_path)
     reasons = Counter(r for r, src in zip(site_table["reason"], site_table["source"]) if src == "prior")
+    referred = int(site_table["refer"].sum()) if "refer" in site_table else None
     return PredictSummary(out, sites_path, len(studies), len(submission), int((site_table["source"] == "prior").sum()),
-                          dict(reasons), prior_source)
+                          dict(reasons), prior_source, referred)
 
 
 def check_submission(submission: pd.DataFrame, study_ids: Sequence) -> None:

@@ -5,7 +5,9 @@
 Keras file and meta.json with the spinemri package, and registers it as ``spinemri-study``. With
 held-out studies (``data_dir`` + ``split``) the package is first run on them: its competition score
 and the prior baseline's are logged, and the score decides the ``champion`` alias like any spinemri
-model (lower wins, same held-out studies).
+model (lower wins, same held-out studies). The classifier's referral thresholds (chosen on its validation
+rows) are then judged on those studies as the study model flags them, localization included, beside the
+floor's thresholds chosen on the prior's own studies.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mlflow
 from mlflow.models import ModelSignature
 import pandas as pd
 
+from spinemri.metrics import operating
 from spinemri.metrics.competition import score_terms
 from spinemri.metrics.floor import compare_submissions
 from spinemri.metrics.prior import prior_submission
@@ -31,6 +34,7 @@ from spinemri.study.held_out import held_out
 from spinemri.tracking.registry import eval_set_hash
 from spinemri.tracking.reports import log_competition_score
 from spinemri.tracking.runs import describe_run, log_headline, pip_requirements, register_and_tag, start_run, use_experiment
+from spinemri.training.classifier import Graded, log_point_rates
 
 
 def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_dir: str | None = None,
@@ -64,6 +68,9 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
             scores = log_competition_score(scored, submission, floor, "test")
             verdict = compare_submissions(scored, submission, floor)
             mlflow.set_tags(verdict.tags())
+            if classifier.meta.get("operating_points"):
+                log_study_operating_points(classifier.meta["operating_points"], scored, submission, floor,
+                                           prior_labels, report["prior"])
             judged = verdict_metrics(report["verdict"], "test")
             mlflow.log_metrics({"test_rows_from_prior": summary.from_prior, "test_studies": len(studies), **judged})
             log_headline({**scores, **judged}, "test_rsna_score")
@@ -94,3 +101,19 @@ def package_study(localizer_uris: Sequence[str], classifier_uri: str, *, data_di
             result["decision"] = str(decision)
         describe_run(verdict, result.get("decision", ""))
     return result
+
+
+def log_study_operating_points(carried: dict, labels: pd.DataFrame, submission: pd.DataFrame, floor: pd.DataFrame,
+                               prior_labels: pd.DataFrame, prior: dict) -> None:
+    """The classifier's referral thresholds (``carried``: its meta.json ``operating_points``) judged on the
+    held-out studies' submission, as the study model flags them; the floor (``floor``: the prior's submission)
+    at thresholds chosen on the studies whose labels made the prior (``prior_labels``), never the held-out ones."""
+    points = {name: operating.OperatingPoint.from_dict(name, entry) for name, entry in carried.items()}
+    held = Graded("test", *operating.submission_rows(labels, submission),
+                  operating.submission_rows(labels, floor)[2])
+    others = prior_labels["study_id"].astype(str).unique()
+    samples, severity, floor_proba = operating.submission_rows(prior_labels, prior_submission(others, prior))
+    floor_points = operating.fit_thresholds(samples, severity, floor_proba,
+                                            {name: point.target for name, point in points.items()})
+    table = operating.evaluate(points, held.samples, held.severity, held.proba, floor_points, held.floor)
+    log_point_rates(points, "classifier's val", table, held, "test")

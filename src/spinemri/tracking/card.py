@@ -216,12 +216,22 @@ class _Facts:
                  "| point | target | threshold | fitted on (referable) | sensitivity | specificity | PPV | NPV | "
                  "referral rate | floor's sensitivity | floor's referral rate |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        uncertified = []
         for name in REFERRAL_POINTS:
             point = self.points["points"].get(name, {})
-            lines.append(f"| {name} | {_number(point.get('target'), 2)} | {_number(point.get('threshold'))} | "
-                         f"{point.get('fitted_on', '?')} ({point.get('events', '?')}) | "
+            events, target = point.get("events"), point.get("target")
+            short = isinstance(events, int) and target is not None and events < operating.certifying_events(target)
+            if short:
+                uncertified.append(f"{name} ({events} referable, {operating.certifying_events(target):.0f} needed "
+                                   f"for {target:.2f})")
+            lines.append(f"| {name} | {_number(target, 2)} | {_number(point.get('threshold'))} | "
+                         f"{point.get('fitted_on', '?')} ({events if events is not None else '?'}{'*' if short else ''}) | "
                          + " | ".join(rate(name, r) for r in operating.RATES) + " | "
                          + " | ".join(rate(name, r, floor=True) for r in ("sensitivity", "referral_rate")) + " |")
+        if uncertified:
+            lines.append(f"\n\\* Too few referable cases to promise the target: {'; '.join(uncertified)}. "
+                         "Such a threshold is the lowest referable score it saw; its held-out sensitivity may fall "
+                         "well short.")
         for rate in ("sensitivity", "referral_rate"):
             name = f"{self.split}_refer_any_{rate}"
             if name in self.metrics:

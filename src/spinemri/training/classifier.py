@@ -6,6 +6,7 @@ evaluation, log the servable model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 import os
 from pathlib import Path
@@ -285,9 +286,7 @@ class Graded:
 def log_operating_points(fit: Graded, held: Graded | None, targets: dict[str, float], split: str) -> dict[str, dict]:
     """Referral operating points (spinemri.metrics.operating): thresholds on the ``fit`` rows (validation or out
     of fold, never test) for ``targets``, the floor's fitted the same way, judged on ``held`` (None: on the
-    ``fit`` rows themselves, cross-fitted over their folds). Logged into the active run: :data:`operating.ARTIFACT`
-    (what the model carries), the table ``evaluation/<split>_operating_points.json`` of every rate with its CI
-    beside the floor's, a figure per point, and ``<split>_refer_any_<sensitivity|referral_rate>``. Returns the
+    ``fit`` rows themselves, cross-fitted over their folds); logged by :func:`log_point_rates`. Returns the
     thresholds."""
     points = operating.fit_thresholds(fit.samples, fit.severity, fit.proba, targets)
     floor_points = operating.fit_thresholds(fit.samples, fit.severity, fit.floor, targets)
@@ -296,8 +295,17 @@ def log_operating_points(fit: Graded, held: Graded | None, targets: dict[str, fl
         table = operating.evaluate_cross_fitted(points, fit.samples, fit.severity, fit.proba, floor_points, fit.floor)
     else:
         table = operating.evaluate(points, held.samples, held.severity, held.proba, floor_points, held.floor)
+    return log_point_rates(points, fit.name, table, held, split)
+
+
+def log_point_rates(points: Mapping[str, operating.OperatingPoint], fitted_on: str, table: pd.DataFrame,
+                    held: Graded, split: str) -> dict[str, dict]:
+    """Log into the active run the thresholds ``points`` (chosen on the ``fitted_on`` rows) as
+    :data:`operating.ARTIFACT` (what the model carries), the ``table`` of their rates on ``held``
+    (:func:`operating.evaluate`) as ``evaluation/<split>_operating_points.json``, a figure per point and the
+    metrics ``<split>_refer_any_<sensitivity|referral_rate>``. Returns the thresholds as JSON."""
     thresholds = {name: point.to_dict() for name, point in points.items()}
-    mlflow.log_dict({"fitted_on": fit.name, "points": thresholds}, operating.ARTIFACT)
+    mlflow.log_dict({"fitted_on": fitted_on, "points": thresholds}, operating.ARTIFACT)
     mlflow.log_table(table, f"evaluation/{split}_operating_points.json")
     for name, point in points.items():
         judged = operating.cases(name, held.samples, held.severity, held.proba)
