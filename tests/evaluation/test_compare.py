@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from spinemri.tracking import lineage
 from spinemri.tracking.links import compare_runs_url
 from spinemri.cli import main as cli
-from spinemri.data.schema import SEVERITIES
+from spinemri.data.schema import SEVERITIES, condition_key
 from spinemri.data.splits import split_studies
 from spinemri.metrics import operating
 from spinemri.serving.inputs import file_row
@@ -243,8 +243,9 @@ def test_an_ensemble_of_fold_models_is_served_as_one_model(cv_store, phantom_dir
     scores = np.sort(np.mean([spinal[f"severity:Moderate{s}"] + spinal[f"severity:Severe{s}"]
                               for s in ("", "_b")], axis=0))[::-1]
     assert points["spinal_canal_stenosis"]["threshold"] == pytest.approx(scores[int(np.ceil(0.9 * len(scores) - 1e-9)) - 1])
+    named = [condition_key(c) for c in rows["condition"]]  # train_label_coordinates.csv's names, as served
     assert served["refer"].tolist() == operating.refer(
-        points, rows["condition"], served[[f"severity:{c}" for c in SEVERITIES]].to_numpy()).tolist()
+        points, named, served[[f"severity:{c}" for c in SEVERITIES]].to_numpy()).tolist()
 
 
 def test_folds_are_refused_where_they_do_not_apply(tracking):
