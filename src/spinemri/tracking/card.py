@@ -220,7 +220,8 @@ class _Facts:
         for name in REFERRAL_POINTS:
             point = self.points["points"].get(name, {})
             events, target = point.get("events"), point.get("target")
-            short = isinstance(events, int) and target is not None and events < operating.certifying_events(target)
+            short = (point.get("threshold") is not None and isinstance(events, int) and target is not None
+                     and events < operating.certifying_events(target))  # a point without a threshold refers nothing
             if short:
                 uncertified.append(f"{name} ({events} referable, {operating.certifying_events(target):.0f} needed "
                                    f"for {target:.2f})")
