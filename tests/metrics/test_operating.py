@@ -30,7 +30,10 @@ def test_the_threshold_is_the_conformal_quantile_of_the_referable_scores():
                            "score": [*np.linspace(0.1, 1.0, 10), 0.5, 0.4, 0.3, 0.2, 0.05]})
     assert operating.fit_threshold(judged, 0.8) == (pytest.approx(0.2), 0.9)  # k = 2: 9 of 10 at or above
     assert operating.fit_threshold(judged, 0.5) == (pytest.approx(0.5), 0.6)  # k = 5
-    assert operating.fit_threshold(judged, 0.95) == (pytest.approx(0.1), 1.0)  # k = 0: the lowest, uncertified
+    # k = 0: too few to promise 0.95 from the cases alone: a prediction bound, below the lowest referable score
+    threshold, reached = operating.fit_threshold(judged, 0.95)
+    assert threshold < 0.1 and reached == 1.0
+    assert operating.fit_threshold(judged.iloc[[3]], 0.95) == (pytest.approx(0.4), 1.0)  # one case: its score
     assert (operating.certifying_events(0.9), operating.certifying_events(0.95)) == (9, 19)
     assert all(math.isnan(v) for v in operating.fit_threshold(judged[~judged["event"]], 0.9))
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
@@ -46,6 +49,18 @@ def test_on_new_cases_the_threshold_reaches_its_target_on_average_where_the_plai
         reached.append(1 - threshold)
         plain.append(1 - np.sort(scores)[::-1][math.ceil(0.9 * 30) - 1])  # the highest threshold that reaches 0.9
     assert np.mean(reached) >= 0.895 > np.mean(plain)  # expected: 1 - 3/31 = 0.903 vs 1 - 4/31 = 0.871
+
+
+def test_on_few_referable_cases_the_prediction_bound_reaches_its_target_on_average():
+    rng = np.random.default_rng(0)
+    reached, lowest = [], []
+    for _ in range(400):  # 5 referable cases (9 would be needed for 0.90) whose logits are normal, N(2, 1)
+        logits = rng.normal(2.0, 1.0, 5)
+        threshold, _ = operating.fit_threshold(pd.DataFrame({"event": True, "score": 1 / (1 + np.exp(-logits))}), 0.9)
+        new = rng.normal(2.0, 1.0, 2000)
+        reached.append(np.mean(1 / (1 + np.exp(-new)) >= threshold))
+        lowest.append(np.mean(new >= logits.min()))
+    assert 0.88 <= np.mean(reached) <= 0.93 and np.mean(lowest) < 0.86  # the lowest of 5 covers 5/6 on average
 
 
 def test_out_of_fold_rates_judge_each_study_by_its_own_fold_model_s_other_studies():

@@ -59,9 +59,10 @@ def test_the_thresholds_never_see_the_held_out_labels(tracking):
 
 
 def test_out_of_fold_rates_are_cross_fitted_and_reach_the_target_within_their_interval(tracking):
-    # Five folds of 40 studies with a model that separates the grades: each fold is judged by the threshold
-    # the other four chose, and the sensitivity it reaches is the target's, within its interval.
-    parts = [_split(f"fold{k}", 40, k) for k in range(5)]
+    # Five folds of 70 studies (about 21 severe spinal sites each, enough to promise 0.95) with a model that
+    # separates the grades: each study is judged by the threshold its fold's other studies chose, and the
+    # sensitivity it reaches is the target's, within its interval.
+    parts = [_split(f"fold{k}", 70, k) for k in range(5)]
     samples = pd.concat([p.samples.assign(fold=k) for k, (p, _) in enumerate(parts)], ignore_index=True)
     severity = np.concatenate([p.targets["severity"] for p, _ in parts])
     proba = np.concatenate([q for _, q in parts])

@@ -104,28 +104,44 @@ def fit_threshold(judged: pd.DataFrame, target: float) -> tuple[float, float]:
     """The threshold for ``target`` on ``judged`` (:func:`cases`) and the sensitivity it reaches there; (nan, nan)
     without a referable case.
 
-    Of the n referable scores it is the k-th lowest, k = floor((1 - target)(n + 1)) (at least the lowest): the
-    highest threshold at which a new referable case like these is referred with probability at least ``target``
-    (a split-conformal quantile), so on other rows the sensitivity lands on the target rather than below it, as
-    the plain quantile's does. With fewer than :func:`certifying_events` referable cases no threshold can
-    promise the target, and the lowest score is taken."""
+    Of the n referable scores it is the k-th lowest, k = floor((1 - target)(n + 1)): the highest threshold at
+    which a new referable case like these is referred with probability at least ``target`` (a split-conformal
+    quantile), so on other rows the sensitivity lands on the target rather than below it, as the plain
+    quantile's does. With fewer than :func:`certifying_events` referable cases (k = 0) no threshold can promise
+    the target from the cases alone; then it is the lower prediction bound of a new referable score, assuming
+    the logits of the referable scores normal (Student's t with n - 1 degrees of freedom), and no higher than
+    the lowest referable score; with one referable case, that case's score."""
     if not 0 < target <= 1:
         raise ValueError(f"a target sensitivity must be in (0, 1], got {target}")
     scores = np.sort(judged.loc[judged["event"].astype(bool), "score"].to_numpy(np.float64))
-    threshold = _conformal(scores, target)
+    threshold = _threshold_of(scores, target)
     return threshold, (float(np.mean(scores >= threshold)) if len(scores) else math.nan)
 
 
-def _conformal(ascending: np.ndarray, target: float) -> float:
+LOGIT_CLIP = 1e-7  # scores of exactly 0 or 1 (saturated probabilities) have no logit: clipped this far in
+
+
+def _threshold_of(ascending: np.ndarray, target: float) -> float:
     """:func:`fit_threshold`'s threshold from the referable scores sorted ascending; NaN for none."""
-    if len(ascending) == 0:
+    n = len(ascending)
+    if n == 0:
         return math.nan
-    return float(ascending[max(1, math.floor((1 - target) * (len(ascending) + 1) + 1e-9)) - 1])
+    k = math.floor((1 - target) * (n + 1) + 1e-9)
+    if k >= 1:
+        return float(ascending[k - 1])
+    if n == 1 or target >= 1:
+        return float(ascending[0])
+    from scipy.stats import t as student
+
+    p = np.clip(ascending, LOGIT_CLIP, 1 - LOGIT_CLIP)
+    logits = np.log(p / (1 - p))
+    bound = logits.mean() - student.ppf(target, n - 1) * logits.std(ddof=1) * math.sqrt(1 + 1 / n)
+    return float(min(ascending[0], 1 / (1 + math.exp(-bound))))
 
 
 def certifying_events(target: float) -> float:
-    """The fewest referable cases on which :func:`fit_threshold` can promise ``target``: n with
-    floor((1 - target)(n + 1)) >= 1 (9 for 0.90, 19 for 0.95)."""
+    """The fewest referable cases on which :func:`fit_threshold` can promise ``target`` from the cases alone:
+    n with floor((1 - target)(n + 1)) >= 1 (9 for 0.90, 19 for 0.95)."""
     return max(1, math.ceil(1 / (1 - target) - 1 - 1e-9)) if target < 1 else math.inf
 
 
@@ -209,7 +225,7 @@ def _left_out_flags(judged: pd.DataFrame, target: float) -> np.ndarray:
         referable = np.flatnonzero((fold == k) & event)
         referable = referable[np.argsort(score[referable], kind="stable")]
         for one in np.unique(study[fold == k]):
-            threshold = _conformal(score[referable][study[referable] != one], target)
+            threshold = _threshold_of(score[referable][study[referable] != one], target)
             held = (fold == k) & (study == one)
             flag[held] = score[held] >= threshold  # NaN: nothing flagged
     return flag

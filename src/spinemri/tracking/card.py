@@ -230,9 +230,10 @@ class _Facts:
                          + " | ".join(rate(name, r) for r in operating.RATES) + " | "
                          + " | ".join(rate(name, r, floor=True) for r in ("sensitivity", "referral_rate")) + " |")
         if uncertified:
-            lines.append(f"\n\\* Too few referable cases to promise the target: {'; '.join(uncertified)}. "
-                         "Such a threshold is the lowest referable score it saw; its held-out sensitivity may fall "
-                         "well short.")
+            lines.append(f"\n\\* Too few referable cases to promise the target from the cases alone: "
+                         f"{'; '.join(uncertified)}. Such a threshold is a prediction bound that assumes the "
+                         "referable scores' logits normal (with one referable case, its score); its held-out "
+                         "sensitivity may fall well short of the target or overshoot it.")
         for rate in ("sensitivity", "referral_rate"):
             name = f"{self.split}_refer_any_{rate}"
             if name in self.metrics:
