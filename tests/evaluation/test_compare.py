@@ -240,9 +240,9 @@ def test_an_ensemble_of_fold_models_is_served_as_one_model(cv_store, phantom_dir
     both = oof[0].merge(oof[1], on=keys, suffixes=("", "_b"), validate="one_to_one")
     assert len(both) == len(oof[0]) == len(oof[1])
     spinal = both[(both["condition"] == "spinal_canal_stenosis") & (both["severity:target"] >= 1)]
-    scores = np.sort(np.mean([spinal[f"severity:Moderate{s}"] + spinal[f"severity:Severe{s}"]
-                              for s in ("", "_b")], axis=0))[::-1]
-    assert points["spinal_canal_stenosis"]["threshold"] == pytest.approx(scores[int(np.ceil(0.9 * len(scores) - 1e-9)) - 1])
+    scores = np.mean([spinal[f"severity:Moderate{s}"] + spinal[f"severity:Severe{s}"] for s in ("", "_b")], axis=0)
+    fitted, _ = operating.fit_threshold(pd.DataFrame({"event": True, "score": scores}), 0.9)  # the rule: test_operating
+    assert points["spinal_canal_stenosis"]["threshold"] == pytest.approx(fitted)
     named = [condition_key(c) for c in rows["condition"]]  # train_label_coordinates.csv's names, as served
     assert served["refer"].tolist() == operating.refer(
         points, named, served[[f"severity:{c}" for c in SEVERITIES]].to_numpy()).tolist()
