@@ -219,14 +219,16 @@ def evaluate_cross_fitted(points: Mapping[str, OperatingPoint], samples: pd.Data
 def _left_out_flags(judged: pd.DataFrame, target: float) -> np.ndarray:
     """Each case flagged by the threshold (:func:`fit_threshold`) fitted on the other studies of its fold."""
     score, event = judged["score"].to_numpy(np.float64), judged["event"].to_numpy(bool)
-    fold, study = judged["fold"].to_numpy(), judged["study_id"].to_numpy()
+    fold = judged["fold"].to_numpy()
+    study = pd.factorize(judged["study_id"])[0]  # whole numbers: one comparison per case, not per string
+    by_study = pd.Series(np.arange(len(judged))).groupby(study).indices
     flag = np.zeros(len(judged), bool)
     for k in np.unique(fold):
         referable = np.flatnonzero((fold == k) & event)
         referable = referable[np.argsort(score[referable], kind="stable")]
         for one in np.unique(study[fold == k]):
             threshold = _threshold_of(score[referable][study[referable] != one], target)
-            held = (fold == k) & (study == one)
+            held = by_study[one]  # a study is in one fold
             flag[held] = score[held] >= threshold  # NaN: nothing flagged
     return flag
 

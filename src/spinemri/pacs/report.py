@@ -4,9 +4,9 @@ One measurement group per condition and level. Each holds the grade (a coded qua
 the most probable of the three), the three probabilities (numeric measurements without unit), where
 the grade came from (the model, or the prior where nothing could be seen), for a model with referral
 thresholds whether the finding is referred at them (a qualitative evaluation coded SNOMED CT Yes or No,
-spinemri.metrics.operating) and, for a prior row whose series type the study lacks, that series type. A graded row is a planar ROI group (TID 1410) whose
-region is the site: a POINT on the source image, referenced by its SOP Instance UID. A prior row is
-an image-level group (TID 1501). The algorithm identification holds the registered model's name and
+spinemri.metrics.operating) and, for a prior row whose series type the study lacks, that series type.
+A graded row is a planar ROI group (TID 1410) whose region is the site: a POINT on the source image,
+referenced by its SOP Instance UID. A prior row is an image-level group (TID 1501). The algorithm identification holds the registered model's name and
 version; the observer is a device named after it.
 
 The concepts are coded in a local scheme (``99SPINEMRI``, as DICOM allows for codes no standard
